@@ -1,0 +1,139 @@
+"""Command line: run the daemon, check or print the config, make keys.
+
+Only argparse is imported before the arguments are parsed, so `--version` and `--help` start
+fast (the PyInstaller binary unpacks and imports on every start).
+
+Exit codes:
+    0   clean stop after draining; or the command succeeded
+    1   --check-config found errors (like `nginx -t`), or a command failed
+    2   bad command line
+    3   forced stop: a second SIGTERM/SIGINT cut the drain short
+    71  cannot listen (address in use, no permission)
+    78  the config is invalid at start (EX_CONFIG)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_CONFIG = "/etc/hxgwd/hxgwd.toml"
+EXIT_FORCED = 3
+EXIT_LISTEN = 71
+EXIT_CONFIG = 78
+
+
+def config_path(args: argparse.Namespace) -> str:
+    return args.config or os.environ.get("HXGWD_CONFIG") or DEFAULT_CONFIG
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hxgwd import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="hxgwd", description="HX gateway daemon: an OpenAI-compatible API gateway.",
+        epilog="Without a command, runs the daemon. Config: -c PATH, else $HXGWD_CONFIG, else "
+               f"{DEFAULT_CONFIG}. SIGHUP reloads the config; SIGTERM drains and stops.")
+    parser.add_argument("-c", "--config", metavar="PATH", help="config file")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the config, print a summary, exit 0 (valid) or 1 (errors)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective config (defaults filled in, secrets redacted)")
+    parser.add_argument("--version", action="version", version=f"hxgwd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    genkey = sub.add_parser("genkey", help="print a new random client key and its [[keys]] lines")
+    genkey.add_argument("--name", default="my-app", help="the key's name in the config")
+    for p in sub.choices.values():
+        p.add_argument("-c", "--config", metavar="PATH", default=argparse.SUPPRESS, help="config file")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "genkey":
+        return cmd_genkey(args.name)
+    if args.check_config:
+        return cmd_check_config(config_path(args))
+    if args.print_config:
+        return cmd_print_config(config_path(args))
+    return cmd_run(config_path(args))
+
+
+def cmd_genkey(name: str) -> int:
+    import hashlib
+    import secrets
+
+    key = "sk-hx-" + secrets.token_urlsafe(32)
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    print("# The new key, shown this once; give it to the client and do not store it elsewhere:")
+    print(key)
+    print("# Paste into hxgwd.toml, then reload (systemctl reload hxgwd, or SIGHUP):")
+    print("[[keys]]")
+    print(f'name = "{name}"')
+    print(f'sha256 = "{digest}"')
+    return 0
+
+
+def cmd_check_config(path: str) -> int:
+    from hxgwd.config.check import summary, warnings
+    from hxgwd.config.load import ConfigError
+    from hxgwd.runtime import build_runtime
+
+    try:
+        runtime = build_runtime(path, generation=0)
+    except ConfigError as exc:
+        print(f"hxgwd: {path}: {len(exc.problems)} error(s)", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  error: {problem}", file=sys.stderr)
+        return 1
+    for warning in warnings(path, runtime.config):
+        print(f"  warning: {warning}", file=sys.stderr)
+    print(summary(runtime))
+    print(f"hxgwd: {path}: configuration OK")
+    return 0
+
+
+def cmd_print_config(path: str) -> int:
+    from hxgwd.config.dump import dumps
+    from hxgwd.config.load import ConfigError, load_file
+
+    try:
+        config = load_file(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+    sys.stdout.write(dumps(config))
+    return 0
+
+
+def cmd_run(path: str) -> int:
+    import signal
+
+    # Until trio's handlers are in place, a SIGHUP would kill us and a SIGTERM skip the drain;
+    # open_signal_receiver restores these dispositions when it exits.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    import trio
+
+    from hxgwd.config.load import ConfigError
+    from hxgwd.lifecycle import Daemon, serve
+    from hxgwd.logs import Logger
+    from hxgwd.runtime import RuntimeHolder, build_runtime
+
+    log = Logger()
+    try:
+        runtime = build_runtime(path, generation=1)
+    except ConfigError as exc:
+        log.error("invalid config, not starting", path=path, problems=exc.problems)
+        return EXIT_CONFIG
+    log.configure(runtime.config.log.level, runtime.config.log.access_log)
+    daemon = Daemon(RuntimeHolder(runtime), log, config_path=path)
+    try:
+        life = trio.run(serve, daemon)
+    except OSError as exc:
+        log.error("cannot listen", error=exc.strerror or str(exc), addresses=list(runtime.config.server.listen))
+        return EXIT_LISTEN
+    return EXIT_FORCED if life.forced else 0

@@ -1,0 +1,49 @@
+"""What `hxgwd --check-config` prints besides errors: a one-screen summary, and warnings."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from hxgwd.config import model as m
+from hxgwd.runtime import Runtime
+
+
+def summary(rt: Runtime) -> str:
+    c = rt.config
+    lines = [f"listen:   {', '.join(c.server.listen)}"]
+    sources = {"sha256": 0, "key_env": 0, "key_file": 0}
+    for k in c.keys:
+        for s in sources:
+            if getattr(k, s):
+                sources[s] += 1
+    lines.append(f"keys:     {len(c.keys)} ({', '.join(f'{n} {s}' for s, n in sources.items() if n) or 'none'})"
+                 + (f", {sum(k.admin for k in c.keys)} admin" if any(k.admin for k in c.keys) else ""))
+    lines.append(f"backends: {len(c.backends)}")
+    for b in c.backends:
+        where = b.url if b.kind == "openai" else f"echo, {b.echo_dimensions} dims"
+        extras = [f"embeddings_input={b.embeddings_input}"] if b.embeddings_input != "input" else []
+        if b.api_key_env or b.api_key_file:
+            extras.append("api key set")
+        lines.append(f"  {b.name:<20} {where}" + (f"  ({', '.join(extras)})" if extras else ""))
+    lines.append(f"models:   {len({md.name for md in c.models})} ({len(c.models)} deployments)")
+    for dep in rt.deployments.values():
+        lines.append(f"  {dep.model:<20} -> {dep.backend.name}/{dep.upstream_model} [{dep.kind}]")
+    lines.append(f"groups:   {len(c.groups)}")
+    for g in c.groups:
+        lines.append(f"  {g.name:<20} {g.strategy}: {', '.join(g.models)}")
+    return "\n".join(lines)
+
+
+def warnings(path: str, config: m.Config) -> list[str]:
+    out = []
+    files = [("config file", path)] + [(f"key file of key {k.name!r}", k.key_file) for k in config.keys if k.key_file]
+    files += [(f"api key file of backend {b.name!r}", b.api_key_file) for b in config.backends if b.api_key_file]
+    for what, file in files:
+        try:
+            mode = os.stat(file).st_mode
+        except OSError:
+            continue
+        if mode & stat.S_IROTH:
+            out.append(f"{what} {file} is readable by other users (chmod o-r)")
+    return out

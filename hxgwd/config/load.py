@@ -1,0 +1,292 @@
+"""TOML text -> `Config`, or every error found, each naming its key path.
+
+Building is driven by the attrs field types of `model.py`, so a new key needs no code here.
+Unknown keys are errors (with a "did you mean" hint) because a silently ignored typo in a
+gateway config is an outage waiting for a reload.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import tomllib
+import types
+import typing
+import urllib.parse
+from typing import Any, Literal
+
+import attrs
+
+from hxgwd.config import model as m
+
+
+class ConfigError(Exception):
+    """Raised with every problem found; `problems` holds one "path: message" line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def load_file(path: str) -> m.Config:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return loads(data.decode("utf-8", errors="replace"), source=path)
+
+
+def loads(text: str, source: str = "<config>") -> m.Config:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: TOML syntax: {exc}"]) from None
+    return from_dict(doc)
+
+
+def from_dict(doc: dict[str, Any]) -> m.Config:
+    problems: list[str] = []
+    doc = dict(doc)
+    groups = doc.get("groups")
+    if isinstance(groups, dict):   # [groups.NAME] tables become Group records named NAME
+        doc["groups"] = [{"name": name, **g} if isinstance(g, dict) else g for name, g in groups.items()]
+    elif groups is not None:
+        problems.append("groups: expected a table of [groups.NAME] tables")
+        doc.pop("groups")
+    config = _build(m.Config, doc, "", problems, group_paths=isinstance(groups, dict) and list(groups))
+    if config is not None:
+        problems.extend(validate(config))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+# --- building by field types -------------------------------------------------------------------
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _build(cls: type, data: Any, path: str, problems: list[str], group_paths: Any = None) -> Any:
+    if not isinstance(data, dict):
+        problems.append(f"{path or '<root>'}: expected a table")
+        return None
+    attrs.resolve_types(cls)
+    fields = {f.name: f for f in attrs.fields(cls)}
+    for key in data:
+        if key not in fields:
+            hint = difflib.get_close_matches(key, list(fields), n=1)
+            problems.append(f"{_join(path, key)}: unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    kwargs: dict[str, Any] = {}
+    for name, field in fields.items():
+        if name not in data:
+            if field.default is attrs.NOTHING:
+                problems.append(f"{_join(path, name)}: required")
+            continue
+        if cls is m.Config and name == "groups" and group_paths:
+            value = tuple(g for g in (_build(m.Group, g, f"groups.{n}", problems)
+                                      for n, g in zip(group_paths, data[name])) if g is not None)
+        else:
+            value = _convert(field.type, data[name], _join(path, name), problems)
+        if value is not INVALID and value is not None:
+            kwargs[name] = value   # containers keep their valid parts, so later checks still run
+    if any(name not in kwargs and fields[name].default is attrs.NOTHING for name in fields):
+        return None
+    return cls(**kwargs)
+
+
+INVALID = object()   # a scalar of the wrong type: its field falls back to the default
+
+
+def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, path, problems)
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{path}: must be one of {', '.join(repr(a) for a in args)}")
+            return INVALID
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected an array")
+            return ()
+        items = (_convert(args[0], v, _join(path, i), problems) for i, v in enumerate(value))
+        return tuple(v for v in items if v is not INVALID and v is not None)
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a table")
+            return {}
+        items = {k: _convert(args[1], v, _join(path, k), problems) for k, v in value.items()}
+        return {k: v for k, v in items.items() if v is not INVALID and v is not None}
+    if attrs.has(tp):
+        return _build(tp, value, path, problems)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{path}: expected a number")
+            return INVALID
+        return float(value)
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        problems.append(f"{path}: expected an integer")
+        return INVALID
+    if tp in (str, bool) and not isinstance(value, tp):
+        problems.append(f"{path}: expected {'a string' if tp is str else 'true or false'}")
+        return INVALID
+    return value
+
+
+# --- checks that span fields or tables ---------------------------------------------------------
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
+HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def validate(c: m.Config) -> list[str]:
+    p: list[str] = []
+    s = c.server
+    if not s.listen:
+        p.append("server.listen: at least one address is required")
+    for i, addr in enumerate(s.listen):
+        try:
+            parse_listen(addr)
+        except ValueError as exc:
+            p.append(f"server.listen[{i}]: {exc}")
+    for name in ("max_connections", "backlog", "max_header_bytes", "max_body_bytes",
+                 "max_response_bytes", "max_sse_event_bytes"):
+        if getattr(s, name) < 1:
+            p.append(f"server.{name}: must be at least 1")
+    if s.max_header_bytes < 1024:
+        p.append("server.max_header_bytes: must be at least 1024")
+    for name in ("header_timeout", "body_timeout", "keepalive_timeout", "write_timeout", "shutdown_grace"):
+        if getattr(s, name) <= 0:
+            p.append(f"server.{name}: must be greater than 0")
+    p.extend(_check_timeouts(c.timeouts, "timeouts"))
+    if c.routing.max_attempts < 1:
+        p.append("routing.max_attempts: must be at least 1")
+
+    key_names: set[str] = set()
+    for i, k in enumerate(c.keys):
+        path = f"keys[{i}]"
+        if not NAME_RE.match(k.name):
+            p.append(f"{path}.name: use letters, digits and ._:/@- (up to 128)")
+        if k.name in key_names:
+            p.append(f"{path}.name: duplicate key name {k.name!r}")
+        key_names.add(k.name)
+        sources = [n for n in ("sha256", "key_env", "key_file") if getattr(k, n)]
+        if len(sources) != 1:
+            p.append(f"{path}: set exactly one of sha256, key_env, key_file")
+        if k.sha256 and not HEX64_RE.match(k.sha256):
+            p.append(f"{path}.sha256: must be 64 lowercase hex digits (sha256 of the key)")
+
+    backend_names: set[str] = set()
+    for i, b in enumerate(c.backends):
+        path = f"backends[{i}]"
+        if not NAME_RE.match(b.name):
+            p.append(f"{path}.name: use letters, digits and ._:/@- (up to 128)")
+        if b.name in backend_names:
+            p.append(f"{path}.name: duplicate backend name {b.name!r}")
+        backend_names.add(b.name)
+        if b.kind == "openai":
+            problem = check_url(b.url)
+            if problem:
+                p.append(f"{path}.url: {problem}")
+        elif b.url:
+            p.append(f"{path}.url: an echo backend has no url")
+        if b.api_key_env and b.api_key_file:
+            p.append(f"{path}: set at most one of api_key_env, api_key_file")
+        if b.max_connections < 1:
+            p.append(f"{path}.max_connections: must be at least 1")
+        if b.max_idle_connections < 0:
+            p.append(f"{path}.max_idle_connections: must be 0 or more")
+        if b.idle_timeout <= 0:
+            p.append(f"{path}.idle_timeout: must be greater than 0")
+        if not 1 <= b.echo_dimensions <= 65536:
+            p.append(f"{path}.echo_dimensions: must be between 1 and 65536")
+        if b.echo_delay < 0:
+            p.append(f"{path}.echo_delay: must be 0 or more")
+        for h in b.headers:
+            if h.lower() in ("host", "content-length", "transfer-encoding", "connection", "authorization"):
+                p.append(f"{path}.headers.{h}: set by the gateway, cannot be overridden")
+        if b.timeouts is not None:
+            p.extend(_check_timeouts(b.timeouts, f"{path}.timeouts"))
+
+    model_names: dict[str, str] = {}
+    for i, md in enumerate(c.models):
+        path = f"models[{i}]"
+        if not NAME_RE.match(md.name):
+            p.append(f"{path}.name: use letters, digits and ._:/@- (up to 128)")
+        if md.backend not in backend_names:
+            p.append(f"{path}.backend: no backend named {md.backend!r}")
+        if md.weight <= 0:
+            p.append(f"{path}.weight: must be greater than 0")
+        if model_names.setdefault(md.name, md.kind) != md.kind:
+            p.append(f"{path}.kind: deployments of {md.name!r} disagree on kind")
+
+    group_names: set[str] = set()
+    for g in c.groups:
+        path = f"groups.{g.name}"
+        group_names.add(g.name)
+        if not NAME_RE.match(g.name):
+            p.append(f"{path}: use letters, digits and ._:/@- in group names")
+        if g.name in model_names:
+            p.append(f"{path}: a model has the same name; a target must name one or the other")
+        if not g.models:
+            p.append(f"{path}.models: at least one model is required")
+        kinds = set()
+        for j, name in enumerate(g.models):
+            if name not in model_names:
+                p.append(f"{path}.models[{j}]: no model named {name!r}")
+            else:
+                kinds.add(model_names[name])
+        if len(kinds) > 1:
+            p.append(f"{path}.models: mixes chat and embedding models")
+    for i, k in enumerate(c.keys):
+        for j, name in enumerate(k.models):
+            if name not in model_names and name not in group_names:
+                p.append(f"keys[{i}].models[{j}]: no model or group named {name!r}")
+    return p
+
+
+def _check_timeouts(t: m.Timeouts, path: str) -> list[str]:
+    return [f"{path}.{f.name}: must be greater than 0"
+            for f in attrs.fields(m.Timeouts) if getattr(t, f.name) <= 0]
+
+
+def check_url(url: str) -> str | None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return "scheme must be http or https"
+    if not parts.hostname:
+        return "has no host"
+    try:
+        parts.port
+    except ValueError:
+        return "port must be a number from 1 to 65535"
+    if parts.query or parts.fragment:
+        return "must not have a query or fragment"
+    if parts.username or parts.password:
+        return "must not hold credentials; use api_key_env or api_key_file"
+    return None
+
+
+def parse_listen(addr: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (all interfaces) -> (host, port)."""
+    host, sep, port_text = addr.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"{addr!r}: expected HOST:PORT")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"{addr!r}: port must be 0 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    elif host and not re.match(r"^[A-Za-z0-9.-]+$", host):
+        raise ValueError(f"{addr!r}: bad host")
+    return host or "0.0.0.0", port

@@ -1,0 +1,140 @@
+"""Errors a client can see, drawn once; each class carries its HTTP status and OpenAI error type.
+
+    GatewayError                          status  type
+    ├── BadRequest                        400     invalid_request_error
+    │   ├── Unauthorized                  401     authentication_error
+    │   ├── Forbidden                     403     permission_error
+    │   ├── NotFound                      404     invalid_request_error   (model_not_found, ...)
+    │   ├── MethodNotAllowed              405     invalid_request_error
+    │   ├── RequestTimeout                408     invalid_request_error
+    │   ├── PayloadTooLarge               413     invalid_request_error
+    │   ├── HeadersTooLarge               431     invalid_request_error
+    │   └── RateLimited                   429     rate_limit_error        (+ Retry-After)
+    └── UpstreamError                     502     upstream_error
+        ├── UpstreamTimeout               504     upstream_error
+        └── Unavailable                   503     service_unavailable     (+ Retry-After)
+
+Messages are fixed texts chosen by the code that raises; exception text from libraries never
+reaches a client. `fault` says whose fault an error is (caller, policy, upstream, gateway): it goes
+to logs and usage records, so operators can tell our own 429 from a provider's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+    fault = "gateway"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.retry_after = retry_after
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        if self.retry_after is None:
+            return []
+        return [(b"retry-after", str(max(1, math.ceil(self.retry_after))).encode())]
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:
+    """OpenAI's error shape; every key present, as SDKs expect."""
+    return json.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}},
+        separators=(",", ":"),
+    ).encode()
+
+
+class BadRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    fault = "caller"
+
+
+class Unauthorized(BadRequest):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(BadRequest):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+    fault = "policy"
+
+
+class NotFound(BadRequest):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(BadRequest):
+    status = 405
+    code = "method_not_allowed"
+
+
+class RequestTimeout(BadRequest):
+    status = 408
+    code = "request_timeout"
+
+
+class PayloadTooLarge(BadRequest):
+    status = 413
+    code = "request_too_large"
+
+
+class HeadersTooLarge(BadRequest):
+    status = 431
+    code = "headers_too_large"
+
+
+class RateLimited(BadRequest):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+    fault = "policy"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "bad_gateway"
+    fault = "upstream"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class Unavailable(UpstreamError):
+    status = 503
+    type = "service_unavailable"
+    code = "no_deployment_available"
+
+
+STATUS_ERRORS: dict[int, type[GatewayError]] = {
+    cls.status: cls
+    for cls in (BadRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed, RequestTimeout,
+                PayloadTooLarge, HeadersTooLarge, RateLimited, UpstreamError, UpstreamTimeout,
+                Unavailable)
+}

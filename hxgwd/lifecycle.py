@@ -1,0 +1,175 @@
+"""The daemon's task tree and its choreography: start, reload, drain, stop.
+
+    serve()
+    ├── signal_loop        SIGHUP -> reload; SIGTERM/SIGINT -> drain; again -> force
+    ├── maintenance        closes pooled upstream connections past their idle timeout
+    └── connections        one task per client connection (two, with its reader)
+        └── accepting      the accept loops, one per listener; cancelled first on shutdown
+
+Shutdown order: stop accepting and close the listeners (new connects are refused by the kernel),
+mark draining (responses now say `Connection: close`), close idle keep-alive connections, then give
+in-flight requests `server.shutdown_grace` seconds before cancelling them.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Callable
+
+import attrs
+import trio
+
+from hxgwd import sdnotify
+from hxgwd.config.load import ConfigError
+from hxgwd.config.model import Config
+from hxgwd.logs import Logger
+from hxgwd.pipeline.connection import HttpConnection
+from hxgwd.pipeline.handle import Gateway
+from hxgwd.pipeline.listen import accept_loop, bound_addresses, open_listeners
+from hxgwd.pipeline.route import Router
+from hxgwd.runtime import Runtime, RuntimeHolder, build_runtime
+from hxgwd.upstream import Transports
+
+# A Ctrl-C reaches both processes of a PyInstaller onefile binary, and the bootloader forwards its
+# copy: the same signal again within this many seconds is that echo, not an operator insisting.
+SIGNAL_ECHO_WINDOW = 0.5
+
+
+@attrs.define
+class Lifecycle:
+    log: Logger
+    draining: bool = False
+    listening: bool = False
+    forced: bool = False
+    idle_scopes: set[trio.CancelScope] = attrs.field(factory=set)
+    accepting: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    connections: trio.CancelScope | None = None
+
+    def log_exception(self, where: str, exc: BaseException) -> None:
+        self.log.exception(f"unexpected error in {where}", exc)
+
+    def begin_shutdown(self) -> None:
+        if self.draining:
+            self.forced = True
+            if self.connections is not None:
+                self.connections.cancel()
+            return
+        self.draining = True
+        self.accepting.cancel()
+        for scope in list(self.idle_scopes):
+            scope.cancel()
+
+    def statistics(self) -> dict[str, object]:
+        return {"draining": self.draining, "listening": self.listening, "idle_connections": len(self.idle_scopes)}
+
+
+@attrs.define
+class Daemon:
+    """What lives for the whole process, across reloads."""
+
+    holder: RuntimeHolder
+    log: Logger
+    config_path: str | None = None
+    router: Router = attrs.field(factory=Router)
+    transports: Transports = attrs.field(factory=Transports)
+
+    async def reload(self) -> bool:
+        """Read, check and compile the config off the event loop; swap it in, or keep the old one."""
+        old = self.holder.current
+        sdnotify.reloading()
+        try:
+            new: Runtime = await trio.to_thread.run_sync(build_runtime, self.config_path, old.generation + 1)
+        except ConfigError as exc:
+            self.log.error("reload rejected, still serving the previous config",
+                           generation=old.generation, problems=exc.problems)
+            sdnotify.ready(f"serving generation {old.generation} (last reload rejected)")
+            return False
+        for setting in needs_restart(old.config, new.config):
+            self.log.warning("changed setting takes effect only after a restart", setting=setting)
+        self.holder.swap(new)
+        self.router.retain(new.deployments)
+        self.transports.retain(new.backends.values())
+        self.log.configure(new.config.log.level, new.config.log.access_log)
+        self.log.info("config reloaded", generation=new.generation)
+        sdnotify.ready(f"serving generation {new.generation}")
+        return True
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    return [f"server.{name}" for name in ("listen", "backlog", "max_connections")
+            if getattr(old.server, name) != getattr(new.server, name)]
+
+
+async def serve(daemon: Daemon, *, life: Lifecycle | None = None, handle_signals: bool = True,
+                task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> Lifecycle:
+    life = life or Lifecycle(daemon.log)
+    cfg = daemon.holder.current.config
+    gateway = Gateway(daemon.holder, daemon.router, daemon.transports, daemon.log,
+                      is_listening=lambda: life.listening)
+
+    def settings():
+        return daemon.holder.current.config.server
+
+    async def serve_connection(stream: trio.SocketStream) -> None:
+        await HttpConnection(stream, settings, gateway, life).run()
+
+    def on_resource_error(exc: OSError) -> None:
+        daemon.log.error("accept failed, backing off", error=exc.strerror)
+
+    try:
+        async with trio.open_nursery() as root:
+            if handle_signals:
+                await root.start(signal_loop, daemon, life)
+            root.start_soon(maintenance, daemon.transports)
+            async with trio.open_nursery() as connections:
+                life.connections = connections.cancel_scope
+                listeners = await open_listeners(cfg.server.listen, cfg.server.backlog)
+                addresses = bound_addresses(listeners)
+                with life.accepting:
+                    slots = trio.Semaphore(cfg.server.max_connections)
+                    async with trio.open_nursery() as acceptors:
+                        for listener in listeners:
+                            acceptors.start_soon(accept_loop, listener, slots, connections,
+                                                 serve_connection, on_resource_error)
+                        life.listening = True
+                        daemon.log.info("listening", addresses=addresses,
+                                        generation=daemon.holder.current.generation)
+                        sdnotify.ready(f"listening on {', '.join(addresses)}")
+                        task_status.started(addresses)
+                life.listening = False
+                for listener in listeners:
+                    await listener.aclose()
+                grace = daemon.holder.current.config.server.shutdown_grace
+                connections.cancel_scope.deadline = trio.current_time() + grace
+                daemon.log.info("draining", grace_seconds=grace)
+            root.cancel_scope.cancel()
+    finally:
+        daemon.transports.close()
+    daemon.log.info("stopped", forced=life.forced)
+    return life
+
+
+async def signal_loop(daemon: Daemon, life: Lifecycle,
+                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        last: tuple[int, float] | None = None
+        async for signum in signals:
+            now = trio.current_time()
+            if signum == signal.SIGHUP:
+                if daemon.config_path:
+                    await daemon.reload()
+                continue
+            if last is not None and last[0] == signum and now - last[1] < SIGNAL_ECHO_WINDOW:
+                continue
+            last = (signum, now)
+            daemon.log.info("shutdown requested" if not life.draining else "forced shutdown",
+                            signal=signal.Signals(signum).name)
+            sdnotify.stopping()
+            life.begin_shutdown()
+
+
+async def maintenance(transports: Transports, interval: float = 5.0) -> None:
+    while True:
+        await trio.sleep(interval)
+        transports.sweep()

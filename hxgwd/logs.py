@@ -1,0 +1,72 @@
+"""JSON lines on stderr: one per request (the access log) and one per operational event.
+
+journald stamps time itself, but files and pipes do not, so every line carries `time`. Nothing
+that could hold a secret is ever passed in: keys are logged by name, and neither headers nor
+bodies are logged.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from typing import Any, BinaryIO
+
+from hxgwd.pipeline.record import RequestRecord, log_line
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+class Logger:
+    def __init__(self, out: BinaryIO | None = None, level: str = "info", access_log: bool = True) -> None:
+        self._out = out if out is not None else sys.stderr.buffer
+        self.level = LEVELS[level]
+        self.access_log = access_log
+        self.write_errors = 0
+
+    def configure(self, level: str, access_log: bool) -> None:
+        self.level = LEVELS[level]
+        self.access_log = access_log
+
+    def event(self, level: str, msg: str, **fields: Any) -> None:
+        if LEVELS[level] < self.level:
+            return
+        self._write({"time": _now(), "level": level, "msg": msg, **fields})
+
+    def info(self, msg: str, **fields: Any) -> None:
+        self.event("info", msg, **fields)
+
+    def warning(self, msg: str, **fields: Any) -> None:
+        self.event("warning", msg, **fields)
+
+    def error(self, msg: str, **fields: Any) -> None:
+        self.event("error", msg, **fields)
+
+    def exception(self, msg: str, exc: BaseException) -> None:
+        # the traceback goes to the operator's log only; clients get a fixed message
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.event("error", msg, exception=type(exc).__name__, traceback=tb)
+
+    def access(self, record: RequestRecord) -> None:
+        if self.access_log:
+            self._write({"time": _stamp(record.ts), "level": "info", "msg": "request", **record.log_fields()})
+
+    def _write(self, fields: dict[str, Any]) -> None:
+        try:
+            self._out.write(log_line(fields))
+            self._out.flush()
+        except (OSError, ValueError):
+            self.write_errors += 1   # a closed or full stderr must not take requests down
+
+
+def _now() -> str:
+    return _stamp(time.time())
+
+
+def _stamp(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+def stderr_is_journal() -> bool:
+    return bool(os.environ.get("JOURNAL_STREAM"))

@@ -1,0 +1,278 @@
+"""One client connection: moves bytes between a socket and `parse.ServerConn`, applies each phase's
+deadline, and calls the handler once per request. Knows HTTP, not OpenAI.
+
+Two tasks per connection. The reader task receives only when given a permit: when the request
+loop needs more bytes, and once while a handler runs, so that a client hanging up cancels the
+request at once (its upstream call included) instead of being noticed at the end. At most one
+receive buffer is ever held, so a fast client cannot queue memory behind a slow handler.
+
+Phases and answers: idle keep-alive -> silent close; first byte to last header -> 408; between
+body pieces -> 408; body over the limit -> 413; one write not taken by the client within
+write_timeout -> connection dropped.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Awaitable, Callable, Protocol
+
+import trio
+
+from hxgwd.config.model import Server
+from hxgwd.errors import GatewayError, PayloadTooLarge, RequestTimeout
+from hxgwd.pipeline.parse import (END_OF_BODY, NEED_DATA, PEER_CLOSED, Headers, RequestHead,
+                                  ServerConn)
+
+RECEIVE_SIZE = 65536
+
+
+class ClientGone(Exception):
+    """The client closed the connection or stopped reading; nothing more can be sent."""
+
+
+class Lifecycle(Protocol):
+    draining: bool
+    idle_scopes: set[trio.CancelScope]
+
+    def log_exception(self, where: str, exc: BaseException) -> None: ...
+
+
+class Request:
+    """A request as the handler sees it: the head now, the body when asked for."""
+
+    __slots__ = ("head", "peer", "_conn", "_settings", "_received")
+
+    def __init__(self, head: RequestHead, peer: str, conn: "HttpConnection", settings: Server) -> None:
+        self.head = head
+        self.peer = peer
+        self._conn = conn
+        self._settings = settings
+        self._received = 0
+
+    async def body_chunks(self) -> AsyncIterator[bytes]:
+        limit = self._settings.max_body_bytes
+        if self.head.content_length is not None and self.head.content_length > limit:
+            raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
+        conn = self._conn
+        if conn.protocol.waiting_for_100_continue:
+            await conn.send(conn.protocol.response_continue())
+        while True:
+            event = await conn.next_event(self._settings.body_timeout, "body")
+            if event is END_OF_BODY:
+                conn.watch_for_hangup()
+                return
+            if type(event) is not bytes:
+                raise ClientGone()
+            self._received += len(event)
+            if self._received > limit:
+                raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
+            yield event
+
+    async def read_body(self) -> bytes:
+        return b"".join([chunk async for chunk in self.body_chunks()])
+
+
+class Response:
+    """Sends one response: whole (`send_full`) or streamed (`start`, `send`..., `end`)."""
+
+    __slots__ = ("_conn", "started", "_extra")
+
+    def __init__(self, conn: "HttpConnection", extra_headers: Headers) -> None:
+        self._conn = conn
+        self._extra = extra_headers
+        self.started = False
+
+    def add_header(self, name: bytes, value: bytes) -> None:
+        """A header for whatever response is sent, error answers included."""
+        self._extra.append((name, value))
+
+    async def send_full(self, status: int, headers: Headers, body: bytes) -> None:
+        self.started = True
+        await self._conn.send(self._conn.protocol.response_full(status, headers + self._extra, body))
+
+    async def start(self, status: int, headers: Headers) -> None:
+        self.started = True
+        await self._conn.send(self._conn.protocol.response_head(status, headers + self._extra))
+
+    async def send(self, data: bytes) -> None:
+        await self._conn.send(self._conn.protocol.response_body(data))
+
+    async def end(self) -> None:
+        await self._conn.send(self._conn.protocol.response_end())
+
+
+Handler = Callable[[Request, Response], Awaitable[None]]
+
+
+class HttpConnection:
+    def __init__(self, stream: trio.SocketStream, settings: Callable[[], Server], handler: Handler,
+                 life: Lifecycle) -> None:
+        self.stream = stream
+        self._settings = settings
+        self._handler = handler
+        self._life = life
+        first = settings()
+        self.protocol = ServerConn(first.max_header_bytes)
+        self._write_timeout = first.write_timeout
+        self._read_permit = trio.Event()
+        self._data_ready = trio.Event()
+        self._request_scope: trio.CancelScope | None = None
+        self.client_gone = False
+        try:
+            host, port = stream.socket.getpeername()[:2]
+            self.peer = f"{host}:{port}"
+        except (OSError, ValueError):
+            self.peer = "?"
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_loop)
+                await self._request_loop()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.move_on_after(1, shield=True):   # bounded, so a dead peer cannot hold shutdown
+                await self.stream.aclose()
+
+    # --- the two tasks -----------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        while True:
+            await self._read_permit.wait()
+            self._read_permit = trio.Event()
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            try:
+                self.protocol.feed(data)
+            except RuntimeError:   # h11 refuses data after the client's EOF; nothing more to read
+                data = b""
+            self._data_ready.set()
+            if not data:
+                self.client_gone = True
+                if self._request_scope is not None:
+                    self._request_scope.cancel()   # cancels the handler, its upstream call included
+                return
+
+    async def _request_loop(self) -> None:
+        while True:
+            settings = self._settings()
+            self._write_timeout = settings.write_timeout
+            if not await self._wait_for_request(settings):
+                return
+            try:
+                head = await self._read_head(settings)
+            except GatewayError as exc:     # 400, 408, 431: answer and close
+                await self._send_quietly(self.protocol.response_error(exc))
+                return
+            if head is None:
+                return
+            await self._serve_one(head, settings)
+            if self.client_gone or not self.protocol.response_complete:
+                return
+            if not self.protocol.request_complete and not await self._discard_body(settings):
+                return
+            if not self.protocol.reusable or self._life.draining:
+                return
+            self.protocol.start_next_cycle()
+
+    async def _wait_for_request(self, settings: Server) -> bool:
+        """Wait, up to the keep-alive timeout, for the first byte of the next request."""
+        if self.protocol.has_buffered_data:
+            return True
+        with trio.CancelScope(deadline=trio.current_time() + settings.keepalive_timeout) as idle:
+            self._life.idle_scopes.add(idle)
+            try:
+                if self._life.draining:
+                    return False
+                self._data_ready = trio.Event()
+                self._read_permit.set()
+                await self._data_ready.wait()
+            finally:
+                self._life.idle_scopes.discard(idle)
+        return not idle.cancelled_caught
+
+    async def _read_head(self, settings: Server) -> RequestHead | None:
+        event = await self.next_event(settings.header_timeout, "head")
+        if event is PEER_CLOSED:
+            return None
+        if type(event) is not RequestHead:
+            raise RequestTimeout("Incomplete request.")
+        return event
+
+    async def _serve_one(self, head: RequestHead, settings: Server) -> None:
+        extra: Headers = [(b"connection", b"close")] if (self._life.draining or not head.keep_alive) else []
+        response = Response(self, extra)
+        request = Request(head, self.peer, self, settings)
+        try:
+            with trio.CancelScope() as scope:
+                self._request_scope = scope
+                if self.protocol.request_complete or head.content_length == 0:
+                    self.watch_for_hangup()
+                await self._handler(request, response)
+        except ClientGone:
+            self.client_gone = True
+        except GatewayError as exc:
+            if not response.started:
+                await self._send_quietly(self.protocol.response_error(exc))
+        except Exception as exc:
+            self._life.log_exception("request handler", exc)
+            if not response.started:
+                await self._send_quietly(self.protocol.response_error(GatewayError("Internal error.")))
+        finally:
+            self._request_scope = None
+
+    async def _discard_body(self, settings: Server) -> bool:
+        """Read and drop what is left of a request body the handler did not want, if small."""
+        dropped = 0
+        try:
+            while dropped <= 65536:
+                event = await self.next_event(settings.body_timeout, "body")
+                if event is END_OF_BODY:
+                    return True
+                if type(event) is not bytes:
+                    return False
+                dropped += len(event)
+        except GatewayError:
+            pass
+        return False
+
+    # --- I/O helpers used by Request and Response ----------------------------------------------
+
+    def watch_for_hangup(self) -> None:
+        """Let the reader wait for the client while the handler works: EOF cancels the request."""
+        self._read_permit.set()
+
+    async def next_event(self, timeout: float, phase: str) -> object:
+        """The next protocol event, receiving as needed; RequestTimeout after `timeout`."""
+        deadline = trio.current_time() + timeout
+        while True:
+            event = self.protocol.next()
+            if event is not NEED_DATA:
+                return event
+            if self.client_gone:
+                return PEER_CLOSED
+            self._data_ready = trio.Event()
+            self._read_permit.set()
+            with trio.move_on_at(deadline):
+                await self._data_ready.wait()
+                continue
+            raise RequestTimeout(f"Request {phase} not received in time.")
+
+    async def send(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            with trio.fail_after(self._write_timeout):
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            self.client_gone = True
+            self.protocol.send_failed()
+            raise ClientGone() from None
+
+    async def _send_quietly(self, data: bytes) -> None:
+        try:
+            await self.send(data)
+        except ClientGone:
+            pass
+

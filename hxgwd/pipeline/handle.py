@@ -1,0 +1,197 @@
+"""The one place the stages meet: parse -> authenticate -> route -> transform -> proxy -> record.
+
+`Gateway` is the handler the HTTP layer calls for each request. It reads the config snapshot once
+(`holder.current`) and passes it down, so a reload mid-request changes nothing for that request.
+Stage logic lives in the stage modules; this module only sequences them and turns errors into
+answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import OrderedDict
+from typing import Any, Callable
+
+import trio
+
+from hxgwd import __version__
+from hxgwd.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
+from hxgwd.logs import Logger
+from hxgwd.pipeline import authenticate, proxy, record, route, transform
+from hxgwd.pipeline.connection import Request, Response
+from hxgwd.runtime import Principal, Runtime, RuntimeHolder
+from hxgwd.upstream import Transports
+
+JSON = (b"content-type", b"application/json")
+API_POST = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class Gateway:
+    def __init__(self, holder: RuntimeHolder, router: route.Router, transports: Transports, log: Logger,
+                 *, is_listening: Callable[[], bool] = lambda: True) -> None:
+        self.holder = holder
+        self.router = router
+        self.transports = transports
+        self.log = log
+        self.is_listening = is_listening
+        self._models_cache: OrderedDict[tuple, bytes] = OrderedDict()
+
+    async def __call__(self, request: Request, response: Response) -> None:
+        head = request.head
+        path = head.path
+        if path == "/healthz":
+            await self._health(response)
+            return
+        if path == "/readyz":
+            await self._ready(response)
+            return
+        rt = self.holder.current
+        rid = _request_id(head.header(b"x-request-id"))
+        response.add_header(b"x-request-id", rid.encode())
+        ex = proxy.Exchange(request_id=rid, started=trio.current_time(), ts=time.time(), endpoint=path,
+                            client_headers=head.headers)
+        try:
+            await self._api(rt, ex, request, response)
+        except GatewayError as exc:
+            ex.error, ex.status = exc, exc.status
+            if response.started:
+                raise
+            await response.send_full(exc.status, [JSON, *exc.headers()], exc.body())
+        except BaseException:
+            ex.client_gone = True     # cancelled by a hang-up (or a forced shutdown)
+            raise
+        finally:
+            self._record(rt, ex)
+
+    async def _api(self, rt: Runtime, ex: proxy.Exchange, request: Request, response: Response) -> None:
+        head = request.head
+        path = ex.endpoint
+        if path == "/v1/models" or path.startswith("/v1/models/"):
+            if head.method != "GET":
+                raise MethodNotAllowed("Use GET for this endpoint.")
+            principal = self._authenticate(rt, ex, head.headers)
+            await self._models(rt, principal, path, response)
+            ex.status = 200
+            return
+        if path not in API_POST:
+            raise NotFound(f"Unknown endpoint {path}.", code="unknown_url")
+        if head.method != "POST":
+            raise MethodNotAllowed("Use POST for this endpoint.")
+        principal = self._authenticate(rt, ex, head.headers)
+        body = await request.read_body()
+        ex.bytes_in = len(body)
+        payload = _payload(body)
+        name = _target_name(head.header(b"x-hx-model-group"), payload)
+        endpoint = path[3:]          # below /v1
+        ex.model = name
+        target = route.resolve(rt, name, transform.ENDPOINT_KINDS[endpoint], principal)
+        ex.group = target.group
+        features = route.RequestFeatures(prompt_bytes=len(body), max_tokens=_max_tokens(payload),
+                                         stream=payload.get("stream") is True)
+        plan = self.router.plan(target, features)
+        settings = proxy.ProxySettings(
+            max_attempts=rt.config.routing.max_attempts,
+            deadline=ex.started + rt.config.timeouts.total,
+            max_response_bytes=rt.config.server.max_response_bytes,
+            max_sse_event_bytes=rt.config.server.max_sse_event_bytes)
+        await proxy.forward(ex, plan, lambda dep: transform.plan_calls(endpoint, payload, dep, name),
+                            self.router, self.transports, settings, response)
+
+    def _authenticate(self, rt: Runtime, ex: proxy.Exchange, headers) -> Principal:
+        principal, _digest = authenticate.authenticate(headers, (rt.keys.get,))
+        ex.key = principal.key_name
+        return principal
+
+    async def _models(self, rt: Runtime, principal: Principal, path: str, response: Response) -> None:
+        names = [n for n in rt.targets if principal.may_use(n)]
+        if path != "/v1/models":
+            wanted = path[len("/v1/models/"):]
+            if wanted not in names:
+                raise NotFound(f"The model '{wanted}' does not exist.", code="model_not_found", param="model")
+            body = json.dumps(_model_entry(rt, wanted)).encode()
+        else:
+            cache_key = (rt.generation, principal.allowed)
+            body = self._models_cache.get(cache_key)
+            if body is None:
+                body = json.dumps({"object": "list", "data": [_model_entry(rt, n) for n in names]}).encode()
+                self._models_cache[cache_key] = body
+                if len(self._models_cache) > 256:
+                    self._models_cache.popitem(last=False)
+        await response.send_full(200, [JSON], body)
+
+    async def _health(self, response: Response) -> None:
+        rt = self.holder.current
+        body = {"ok": True, "version": __version__, "generation": rt.generation}
+        await response.send_full(200, [JSON], json.dumps(body).encode())
+
+    async def _ready(self, response: Response) -> None:
+        rt = self.holder.current
+        reason = None
+        if not self.is_listening():
+            reason = "not listening yet"
+        elif not self.router.usable(rt, trio.current_time()):
+            reason = "no usable backend"
+        body = {"ready": reason is None, "generation": rt.generation}
+        if reason:
+            body["reason"] = reason
+        await response.send_full(200 if reason is None else 503, [JSON], json.dumps(body).encode())
+
+    def _record(self, rt: Runtime, ex: proxy.Exchange) -> None:
+        err = ex.error
+        status = record.STATUS_CLIENT_CLOSED if ex.client_gone else ex.status
+        rec = record.RequestRecord(
+            ts=ex.ts, request_id=ex.request_id, key=ex.key, endpoint=ex.endpoint, model=ex.model,
+            group=ex.group, deployment=ex.deployment, backend=ex.backend, status=status,
+            error_type=err.type if err else ("client_closed" if ex.client_gone else None),
+            fault=err.fault if err else ("client" if ex.client_gone else None),
+            stream=ex.stream, **record.usage_tokens(ex.usage), bytes_in=ex.bytes_in,
+            bytes_out=ex.bytes_out, total_ms=(trio.current_time() - ex.started) * 1000,
+            upstream_ms=ex.upstream_time * 1000,
+            ttfb_ms=ex.ttfb * 1000 if ex.ttfb is not None else None,
+            attempts=ex.attempts, route=ex.route, generation=rt.generation)
+        self.log.access(rec)
+
+
+def _model_entry(rt: Runtime, name: str) -> dict[str, Any]:
+    target = rt.targets[name]
+    return {"id": name, "object": "model", "created": int(rt.loaded_at), "owned_by": "hxgwd",
+            "kind": target.kind, **({"group": True} if target.group else {})}
+
+
+def _request_id(given: bytes | None) -> str:
+    if given:
+        text = given.decode("latin-1")
+        if REQUEST_ID.match(text):
+            return text
+    return os.urandom(12).hex()
+
+
+def _payload(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        raise BadRequest("We could not parse the JSON body of your request.", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    return payload
+
+
+def _target_name(header: bytes | None, payload: dict[str, Any]) -> str:
+    if header:
+        return header.decode("latin-1").strip()
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("You must provide a model parameter.", param="model", code="missing_model")
+    return model
+
+
+def _max_tokens(payload: dict[str, Any]) -> int:
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = payload.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0

@@ -1,0 +1,176 @@
+"""Stage 2, parse: the sans-IO HTTP/1.1 server side of one connection, over h11.
+
+No sockets and no trio here: `feed()` bytes in, `next()` events out, and every `response_*`
+method returns the bytes to write. h11 errors are translated to `hxgwd.errors` once, here:
+headers over the limit -> 431, anything malformed -> 400. The caller (connection.py) decides the
+I/O and the timeouts.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from http import HTTPStatus
+
+import attrs
+import h11
+
+from hxgwd.errors import BadRequest, GatewayError, HeadersTooLarge
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@attrs.frozen(slots=True)
+class RequestHead:
+    method: str
+    target: str
+    headers: Headers                 # names lowercased by h11, in arrival order
+    content_length: int | None       # None: chunked, or no body
+    keep_alive: bool
+
+    @property
+    def path(self) -> str:
+        return self.target.partition("?")[0]
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+class EndOfBody:
+    """The request body is complete."""
+
+
+class PeerClosed:
+    """The client closed its side between requests."""
+
+
+REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+NEED_DATA = h11.NEED_DATA
+END_OF_BODY = EndOfBody()
+PEER_CLOSED = PeerClosed()
+
+
+class ServerConn:
+    """One client connection's protocol state. Not thread-safe; one task drives it."""
+
+    def __init__(self, max_header_bytes: int) -> None:
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+
+    def __repr__(self) -> str:
+        return f"<ServerConn client={self._h11.their_state} server={self._h11.our_state}>"
+
+    # --- input -------------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Bytes received from the client; b"" means the client closed its side."""
+        self._h11.receive_data(data)
+
+    def next(self) -> RequestHead | bytes | EndOfBody | PeerClosed | type[h11.NEED_DATA]:
+        """The next complete thing received: a head, a body piece (bytes), or NEED_DATA."""
+        try:
+            event = self._h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _translate(exc) from None
+        if type(event) is h11.Data:
+            return bytes(event.data)
+        if type(event) is h11.Request:
+            return _head(event, self._h11)
+        if type(event) is h11.EndOfMessage:
+            return END_OF_BODY
+        if type(event) is h11.ConnectionClosed:
+            return PEER_CLOSED
+        if event is h11.PAUSED:   # a pipelined request waits for the current response to finish
+            return NEED_DATA
+        return NEED_DATA if event is h11.NEED_DATA else self.next()
+
+    @property
+    def has_buffered_data(self) -> bool:
+        data, _closed = self._h11.trailing_data
+        return bool(data)
+
+    @property
+    def waiting_for_100_continue(self) -> bool:
+        return self._h11.they_are_waiting_for_100_continue
+
+    # --- output ------------------------------------------------------------------------------
+
+    def response_continue(self) -> bytes:
+        return self._h11.send(h11.InformationalResponse(status_code=100, headers=[]))
+
+    def response_head(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+        return self._h11.send(h11.Response(status_code=status, headers=list(headers),
+                                           reason=REASONS.get(status, b"")))
+
+    def response_body(self, data: bytes) -> bytes:
+        return self._h11.send(h11.Data(data=data)) if data else b""
+
+    def response_end(self) -> bytes:
+        return self._h11.send(h11.EndOfMessage())
+
+    def response_full(self, status: int, headers: Headers, body: bytes) -> bytes:
+        """A whole response with a Content-Length, as one write."""
+        headers = [*headers, (b"content-length", str(len(body)).encode())]
+        h = self._h11
+        return b"".join((h.send(h11.Response(status_code=status, headers=headers,
+                                             reason=REASONS.get(status, b""))),
+                         h.send(h11.Data(data=body)) if body else b"",
+                         h.send(h11.EndOfMessage())))
+
+    def response_error(self, exc: GatewayError, headers: Headers = ()) -> bytes:
+        """An error answer, closing the connection; b"" if a response was already begun."""
+        if not self.can_start_response:
+            return b""
+        head = [(b"content-type", b"application/json"), (b"connection", b"close"),
+                *exc.headers(), *headers]
+        try:
+            return self.response_full(exc.status, head, exc.body())
+        except h11.LocalProtocolError:
+            return b""
+
+    def send_failed(self) -> None:
+        self._h11.send_failed()
+
+    # --- state -------------------------------------------------------------------------------
+
+    @property
+    def can_start_response(self) -> bool:
+        return self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE)
+
+    @property
+    def response_complete(self) -> bool:
+        return self._h11.our_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+
+    @property
+    def request_complete(self) -> bool:
+        return self._h11.their_state is h11.DONE
+
+    @property
+    def reusable(self) -> bool:
+        return self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE
+
+    def start_next_cycle(self) -> None:
+        self._h11.start_next_cycle()
+
+
+def _head(event: h11.Request, conn: h11.Connection) -> RequestHead:
+    length = None
+    for name, value in event.headers:
+        if name == b"content-length":
+            length = int(value)
+    return RequestHead(
+        method=event.method.decode("ascii"),
+        target=event.target.decode("ascii", errors="replace"),
+        headers=list(event.headers),
+        content_length=length,
+        keep_alive=event.http_version == b"1.1"
+        and not any(n == b"connection" and b"close" in v.lower() for n, v in event.headers),
+    )
+
+
+def _translate(exc: h11.RemoteProtocolError) -> GatewayError:
+    if exc.error_status_hint == 431:
+        return HeadersTooLarge("Request headers are too large.")
+    return BadRequest("Malformed HTTP request.", code="bad_http")

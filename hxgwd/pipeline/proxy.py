@@ -1,0 +1,245 @@
+"""Stage 7, proxy: send a request to the deployments of a plan in order until one answers, and
+relay that answer to the client.
+
+Failover happens only before the first byte reaches the client: a transport failure (refused,
+reset, timeout before the response head), or an answer of 5xx, 429, 408 or 409, moves the request
+to the next deployment. Any other 4xx is the caller's fault and is returned as is. The last
+upstream answer is passed through when every attempt fails that way; a transport failure on the
+last attempt becomes our own 502 / 504.
+
+Non-streamed answers are read whole (bounded by `server.max_response_bytes`) before anything is
+sent, so a backend that breaks mid-body is still failed over. Streams are relayed event by event
+as they arrive; the client's pace sets the pace of upstream reads, so a slow client holds at most
+one event in memory, and a client that hangs up cancels the upstream read at once.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import attrs
+import trio
+
+from hxgwd.errors import GatewayError, UpstreamError, UpstreamTimeout
+from hxgwd.pipeline import transform
+from hxgwd.pipeline.connection import ClientGone, Response
+from hxgwd.pipeline.parse import Headers
+from hxgwd.pipeline.route import Outcome, Plan, Router
+from hxgwd.runtime import Deployment
+from hxgwd.upstream import Transports, UpstreamRequest, UpstreamResponse
+
+RETRY_STATUSES = frozenset((408, 409, 429))
+ERROR_BODY_LIMIT = 65536
+
+
+@attrs.define
+class Exchange:
+    """What one request has learned so far; `record` turns it into a RequestRecord at the end."""
+
+    request_id: str
+    started: float                       # trio clock
+    ts: float                            # unix time
+    endpoint: str
+    key: str | None = None
+    model: str | None = None
+    group: str | None = None
+    deployment: str | None = None
+    backend: str | None = None
+    status: int = 0
+    error: GatewayError | None = None
+    stream: bool = False
+    usage: dict[str, int] | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    upstream_time: float = 0.0
+    ttfb: float | None = None
+    attempts: int = 0
+    route: str | None = None
+    client_gone: bool = False
+    client_headers: Headers = attrs.field(factory=list, repr=False)
+
+
+@attrs.frozen
+class ProxySettings:
+    max_attempts: int
+    deadline: float                      # trio clock: the whole request, every attempt included
+    max_response_bytes: int
+    max_sse_event_bytes: int
+
+
+class _Retry(Exception):
+    """This attempt failed in a way the next deployment may not; carries what to answer if last."""
+
+    def __init__(self, error: GatewayError | None, answer: tuple[int, Headers, bytes] | None) -> None:
+        self.error = error
+        self.answer = answer
+
+
+async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], transform.CallPlan],
+                  router: Router, transports: Transports, settings: ProxySettings,
+                  response: Response) -> None:
+    last: _Retry | None = None
+    for dep in plan.order[: settings.max_attempts]:
+        calls = build(dep)       # BadRequest here is the caller's fault: no failover
+        ex.attempts += 1
+        ex.deployment, ex.backend = dep.id, dep.backend.name
+        ex.route = f"strategy={plan.strategy}; attempts={ex.attempts}"
+        router.started(dep)
+        began = trio.current_time()
+        outcome = Outcome(ok=False, status=0, ttfb=0.0, duration=0.0)
+        try:
+            with trio.move_on_at(settings.deadline) as overall:
+                outcome = await _attempt(ex, dep, calls, transports, settings, response)
+            if overall.cancelled_caught:
+                outcome = Outcome(ok=False, status=0, ttfb=0.0, duration=trio.current_time() - began)
+                if response.started:
+                    raise UpstreamTimeout("The request took longer than its total deadline.")
+                last = _Retry(UpstreamTimeout("The upstream did not answer within the request deadline.",
+                                              code="upstream_total_timeout"), None)
+                break
+            return
+        except _Retry as retry:
+            last = retry
+            outcome = Outcome(ok=False, status=retry.answer[0] if retry.answer else 0,
+                              ttfb=0.0, duration=trio.current_time() - began)
+        except (trio.Cancelled, ClientGone):
+            outcome = Outcome(ok=True, status=0, ttfb=0.0, duration=0.0, cancelled=True)
+            raise
+        finally:
+            ex.upstream_time += trio.current_time() - began
+            router.finished(dep, outcome, trio.current_time())
+    if last is None:
+        raise UpstreamError("No deployment could take the request.", code="no_deployment_available")
+    if last.answer is not None:
+        status, headers, body = last.answer
+        ex.status = status
+        await _send_whole(ex, response, status, headers, body)
+        return
+    assert last.error is not None
+    raise last.error
+
+
+async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, transports: Transports,
+                   settings: ProxySettings, response: Response) -> Outcome:
+    transport = transports.get(dep.backend)
+    timeouts = dep.backend.timeouts
+    headers = transform.upstream_headers(ex.client_headers, dep, ex.request_id.encode())
+    began = trio.current_time()
+    bodies: list[bytes] = []
+    first: UpstreamResponse | None = None
+    for body in calls.bodies:
+        req = UpstreamRequest("POST", dep.backend.path(calls.path), headers, body)
+        try:
+            up = await transport.request(req, timeouts)
+        except UpstreamError as exc:
+            raise _Retry(exc, None) from None
+        try:
+            if ex.ttfb is None:
+                ex.ttfb = trio.current_time() - ex.started
+            if up.status >= 500 or up.status in RETRY_STATUSES:
+                answer = await _read(up, ERROR_BODY_LIMIT, timeouts.between_chunks, tolerate=True)
+                raise _Retry(None, (up.status, transform.downstream_headers(up.headers), answer))
+            if calls.stream and up.status == 200 and _is_event_stream(up.headers):
+                await _relay_stream(ex, dep, calls, up, settings, response, timeouts.between_chunks)
+                return Outcome(ok=True, status=200, ttfb=ex.ttfb or 0.0,
+                               duration=trio.current_time() - began)
+            try:
+                bodies.append(await _read(up, settings.max_response_bytes, timeouts.between_chunks))
+            except UpstreamError as exc:
+                raise _Retry(exc, None) from None
+            if first is None:
+                first = up
+            if up.status != 200:    # a 4xx of the caller's making: returned as is
+                break
+        finally:
+            await up.aclose()
+    assert first is not None
+    status = first.status
+    body = bodies[-1]
+    if status == 200 and calls.path == "/embeddings":
+        body = transform.finish_embeddings(calls, bodies) or body
+    if status == 200:
+        ex.usage = transform.usage_from_body(body)
+    ex.status = status
+    headers_out = transform.downstream_headers(first.headers)
+    duration = trio.current_time() - began
+    await _send_whole(ex, response, status, headers_out, body, dep, upstream_so_far=duration)
+    return Outcome(ok=status < 500, status=status, ttfb=ex.ttfb or 0.0, duration=duration)
+
+
+async def _read(up: UpstreamResponse, limit: int, between_chunks: float, tolerate: bool = False) -> bytes:
+    parts, size = [], 0
+    try:
+        while True:
+            with trio.fail_after(between_chunks):
+                chunk = await up.receive()
+            if not chunk:
+                return b"".join(parts)
+            size += len(chunk)
+            if size > limit:
+                if tolerate:
+                    return b"".join(parts)
+                raise UpstreamError("The upstream answer is larger than the gateway accepts.")
+            parts.append(chunk)
+    except trio.TooSlowError:
+        if tolerate:
+            return b"".join(parts)
+        raise UpstreamTimeout("The upstream stopped sending mid-answer.", code="upstream_read_timeout") from None
+    except UpstreamError:
+        if tolerate:
+            return b"".join(parts)
+        raise
+
+
+async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan, up: UpstreamResponse,
+                        settings: ProxySettings, response: Response, between_chunks: float) -> None:
+    ex.stream = True
+    ex.status = 200
+    relay = transform.SseRelay(calls.strip_stream_usage, settings.max_sse_event_bytes)
+    headers = transform.downstream_headers(up.headers)
+    headers += [(b"x-accel-buffering", b"no"), *_gateway_headers(ex, dep, trio.current_time() - ex.started)]
+    await response.start(200, headers)
+    try:
+        while True:
+            with trio.fail_after(between_chunks):
+                chunk = await up.receive()
+            if not chunk:
+                break
+            out = relay.feed(chunk)
+            if out:
+                ex.bytes_out += len(out)
+                await response.send(out)
+        rest = relay.end()
+        if rest:
+            ex.bytes_out += len(rest)
+            await response.send(rest)
+        await response.end()
+    except trio.TooSlowError:
+        raise UpstreamTimeout("The upstream stream stalled.", code="upstream_read_timeout") from None
+    finally:
+        ex.usage = relay.usage
+
+
+async def _send_whole(ex: Exchange, response: Response, status: int, headers: Headers, body: bytes,
+                      dep: Deployment | None = None, upstream_so_far: float | None = None) -> None:
+    spent = ex.upstream_time + (upstream_so_far or 0.0)
+    headers = headers + _gateway_headers(ex, dep, spent)
+    ex.bytes_out = len(body)
+    await response.send_full(status, headers, body)
+
+
+def _gateway_headers(ex: Exchange, dep: Deployment | None, upstream_time: float) -> Headers:
+    overhead_ms = max(0.0, (trio.current_time() - ex.started - upstream_time) * 1000)
+    out = [(b"x-hx-overhead-ms", f"{overhead_ms:.3f}".encode())]
+    if ex.deployment:
+        out.append((b"x-hx-deployment", ex.deployment.encode()))
+    if ex.route:
+        out.append((b"x-hx-route", ex.route.encode()))
+    return out
+
+
+def _is_event_stream(headers: Headers) -> bool:
+    for name, value in headers:
+        if name == b"content-type":
+            return value.startswith(b"text/event-stream")
+    return False

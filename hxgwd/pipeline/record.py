@@ -1,0 +1,68 @@
+"""Stage 8, record: the facts of one finished request as an immutable `RequestRecord`.
+
+Pure: the record is built from values the handler passes in (times included), so it is tested
+without clocks. The same record feeds the JSON access-log line and the usage store.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+STATUS_CLIENT_CLOSED = 499   # nginx's code for "the client went away first"
+
+
+@attrs.frozen(kw_only=True)
+class RequestRecord:
+    ts: float                      # unix time the request started
+    request_id: str
+    key: str | None                # the key's name, never the key
+    endpoint: str
+    model: str | None              # what the client asked for
+    group: str | None
+    deployment: str | None         # what served it (the last attempt)
+    backend: str | None
+    status: int
+    error_type: str | None = None  # OpenAI error type of our answer, if an error
+    fault: str | None = None       # caller, policy, upstream, gateway, client
+    stream: bool = False
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cost_usd: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    total_ms: float = 0.0
+    upstream_ms: float = 0.0
+    ttfb_ms: float | None = None
+    attempts: int = 0
+    route: str | None = None
+    generation: int = 0
+
+    @property
+    def overhead_ms(self) -> float:
+        return max(0.0, self.total_ms - self.upstream_ms)
+
+    def log_fields(self) -> dict[str, Any]:
+        doc = attrs.asdict(self)
+        doc["overhead_ms"] = round(self.overhead_ms, 3)
+        for name in ("total_ms", "upstream_ms", "ttfb_ms"):
+            if doc[name] is not None:
+                doc[name] = round(doc[name], 3)
+        return {k: v for k, v in doc.items() if v is not None}
+
+
+def usage_tokens(usage: dict[str, int] | None) -> dict[str, int | None]:
+    usage = usage or {}
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens")
+    total = usage.get("total_tokens")
+    if total is None and prompt is not None:
+        total = prompt + (completion or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+
+
+def log_line(fields: dict[str, Any]) -> bytes:
+    return json.dumps(fields, separators=(",", ":"), default=str).encode() + b"\n"

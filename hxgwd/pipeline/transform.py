@@ -1,0 +1,224 @@
+"""Stage 6, transform: adapt a request to what a backend accepts, and its answer to what OpenAI
+clients expect. Pure: bytes and dicts in, bytes and dicts out; every backend quirk lives here.
+
+Per backend, from its config:
+- the public model name is replaced by the deployment's upstream name;
+- `embeddings_input = "prompt"`: `input` is renamed `prompt`; a list input becomes one call per
+  item (such backends embed one text per call) and the answers are merged in order;
+- an answer in the single-vector shape `{"embedding": [...]}` is normalised to OpenAI's list shape;
+- `encoding_format: "base64"` is honoured even when the backend answers with floats;
+- streamed chat asks for `stream_options.include_usage`, so token counts are exact without a
+  tokenizer; when the client did not ask for it, the extra usage chunk is removed on the way back.
+Anything else is relayed byte for byte.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import struct
+from typing import Any
+
+import attrs
+
+from hxgwd.errors import BadRequest, UpstreamError
+from hxgwd.pipeline.parse import Headers
+from hxgwd.runtime import Deployment
+
+ENDPOINT_KINDS = {"/chat/completions": "chat", "/completions": "chat", "/embeddings": "embedding"}
+
+HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+                        b"te", b"trailer", b"transfer-encoding", b"upgrade", b"proxy-connection"))
+# Client headers never forwarded: hop-by-hop, the client's own credentials, what we set ourselves.
+DROP_UPSTREAM = HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"api-key", b"x-api-key",
+                              b"x-request-id", b"cookie", b"accept-encoding", b"content-type",
+                              b"expect", b"x-hx-model-group"}
+DROP_DOWNSTREAM = HOP_BY_HOP | {b"content-length", b"server", b"x-request-id", b"set-cookie"}
+
+FLOAT_VECTOR = re.compile(rb'"embedding"\s*:\s*\[')
+
+
+@attrs.frozen
+class CallPlan:
+    path: str                        # endpoint below /v1, e.g. "/chat/completions"
+    bodies: tuple[bytes, ...]        # one upstream call each
+    stream: bool
+    strip_stream_usage: bool         # we asked for the usage chunk; the client did not
+    embeddings_merge: bool           # answers need parsing: single-vector shape or several calls
+    client_base64: bool
+    public_model: str
+
+
+def plan_calls(endpoint: str, payload: dict[str, Any], dep: Deployment, public_model: str) -> CallPlan:
+    backend = dep.backend.config
+    body = dict(payload)
+    body["model"] = dep.upstream_model
+    stream = body.get("stream") is True
+    strip_usage = False
+    if stream and endpoint in ("/chat/completions", "/completions") and backend.stream_usage:
+        options = body.get("stream_options")
+        options = dict(options) if isinstance(options, dict) else {}
+        if not options.get("include_usage"):
+            options["include_usage"] = True
+            body["stream_options"] = options
+            strip_usage = True
+    if endpoint != "/embeddings":
+        return CallPlan(endpoint, (_dumps(body),), stream, strip_usage, False, False, public_model)
+
+    client_base64 = body.get("encoding_format") == "base64"
+    if client_base64 and backend.embeddings_encoding == "float":
+        body["encoding_format"] = "float"
+    if backend.embeddings_input == "input":
+        return CallPlan(endpoint, (_dumps(body),), False, False, False, client_base64, public_model)
+    given = body.pop("input", None)
+    body.pop("encoding_format", None)    # single-prompt backends know floats only
+    items = [given] if isinstance(given, str) else given
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
+        raise BadRequest("This model takes text input: a string or an array of strings.", param="input")
+    bodies = tuple(_dumps({**body, "prompt": item}) for item in items)
+    return CallPlan(endpoint, bodies, False, False, True, client_base64, public_model)
+
+
+def upstream_headers(client: Headers, dep: Deployment, request_id: bytes) -> Headers:
+    out = [(n, v) for n, v in client if n not in DROP_UPSTREAM and not n.startswith(b"x-hx-")]
+    out.append((b"content-type", b"application/json"))
+    out.append((b"x-request-id", request_id))
+    backend = dep.backend
+    if backend.api_key:
+        out.append((b"authorization", b"Bearer " + backend.api_key.encode()))
+    for name, value in backend.config.headers.items():
+        out.append((name.lower().encode(), value.encode()))
+    return out
+
+
+def downstream_headers(upstream: Headers) -> Headers:
+    return [(n, v) for n, v in upstream if n not in DROP_DOWNSTREAM]
+
+
+# --- non-streamed answers ----------------------------------------------------------------------
+
+def finish_embeddings(plan: CallPlan, bodies: list[bytes]) -> bytes | None:
+    """The client's answer built from the backend's, or None to relay `bodies[0]` unchanged."""
+    if not plan.embeddings_merge and not (plan.client_base64 and FLOAT_VECTOR.search(bodies[0])):
+        return None
+    data: list[dict[str, Any]] = []
+    prompt_tokens = total_tokens = 0
+    model = plan.public_model
+    for body in bodies:
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            raise UpstreamError("The upstream sent an embeddings answer that is not JSON.") from None
+        vectors = _vectors(doc)
+        if vectors is None:
+            raise UpstreamError("The upstream sent an embeddings answer of an unknown shape.")
+        data.extend({"object": "embedding", "index": 0, "embedding": v} for v in vectors)
+        usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else {}
+        prompt_tokens += int(usage.get("prompt_tokens") or 0)
+        total_tokens += int(usage.get("total_tokens") or usage.get("prompt_tokens") or 0)
+    for i, item in enumerate(data):
+        item["index"] = i
+        if plan.client_base64 and isinstance(item["embedding"], list):
+            vec = item["embedding"]
+            item["embedding"] = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+    return _dumps({"object": "list", "data": data, "model": model,
+                   "usage": {"prompt_tokens": prompt_tokens, "total_tokens": total_tokens}})
+
+
+def _vectors(doc: Any) -> list[Any] | None:
+    if not isinstance(doc, dict):
+        return None
+    if isinstance(doc.get("data"), list):
+        items = sorted(doc["data"], key=lambda d: d.get("index", 0) if isinstance(d, dict) else 0)
+        return [d.get("embedding") for d in items if isinstance(d, dict)]
+    if isinstance(doc.get("embedding"), list):          # {"embedding": [...]}: one vector
+        return [doc["embedding"]]
+    if isinstance(doc.get("embeddings"), list):         # {"embeddings": [[...], ...]}
+        return list(doc["embeddings"])
+    return None
+
+
+def usage_from_body(body: bytes) -> dict[str, int] | None:
+    """The `usage` object of a JSON answer, found from its end so large answers are not parsed."""
+    at = body.rfind(b'"usage"')
+    if at < 0:
+        return None
+    start = body.find(b"{", at)
+    if start < 0:
+        return None
+    try:
+        usage, _ = json.JSONDecoder().raw_decode(body[start:].decode("utf-8", errors="replace"))
+    except ValueError:
+        return None
+    return _clean_usage(usage)
+
+
+def _clean_usage(usage: Any) -> dict[str, int] | None:
+    if not isinstance(usage, dict):
+        return None
+    out = {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+           if isinstance(usage.get(k), int)}
+    return out or None
+
+
+# --- streamed answers --------------------------------------------------------------------------
+
+class SseRelay:
+    """Splits an upstream event stream into whole events, relayed byte for byte; notes usage.
+
+    Holds at most one incomplete event, bounded by `max_event_bytes`.
+    """
+
+    __slots__ = ("_buf", "_strip_usage", "_max", "usage", "events")
+
+    def __init__(self, strip_usage: bool, max_event_bytes: int) -> None:
+        self._buf = b""
+        self._strip_usage = strip_usage
+        self._max = max_event_bytes
+        self.usage: dict[str, int] | None = None
+        self.events = 0
+
+    def feed(self, data: bytes) -> bytes:
+        """Bytes received -> bytes to send now (whole events only)."""
+        buf = self._buf + data if self._buf else data
+        out = []
+        start = 0
+        while True:
+            lf = buf.find(b"\n\n", start)
+            crlf = buf.find(b"\r\n\r\n", start)
+            if lf < 0 and crlf < 0:
+                break
+            end = lf + 2 if crlf < 0 or 0 <= lf < crlf else crlf + 4
+            event = buf[start:end]
+            start = end
+            self.events += 1
+            if b'"usage"' in event and self._keep(event) is False:
+                continue
+            out.append(event)
+        self._buf = buf[start:]
+        if len(self._buf) > self._max:
+            raise UpstreamError("The upstream sent a stream event that is too large.")
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        rest, self._buf = self._buf, b""
+        return rest
+
+    def _keep(self, event: bytes) -> bool:
+        payload = b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
+        if not payload.startswith(b"{"):
+            return True
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            return True
+        usage = _clean_usage(doc.get("usage")) if isinstance(doc, dict) else None
+        if usage is None:
+            return True
+        self.usage = usage
+        return not (self._strip_usage and not doc.get("choices"))
+
+
+def _dumps(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()

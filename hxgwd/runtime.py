@@ -1,0 +1,200 @@
+"""The running configuration as one immutable snapshot, compiled from `Config`.
+
+A `Runtime` bundles the config with what is derived from it once (key table, model registry,
+resolved backend secrets) and a generation number. SIGHUP builds a new one off the event loop and
+swaps `RuntimeHolder.current` in one assignment; a request reads `current` once when it starts and
+keeps that snapshot to its end, so a reload never changes a request halfway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import urllib.parse
+from typing import Callable, Mapping
+
+import attrs
+
+from hxgwd.config import load
+from hxgwd.config import model as m
+from hxgwd.config.load import ConfigError
+
+
+@attrs.frozen
+class Origin:
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    @property
+    def host_header(self) -> bytes:
+        default = 443 if self.tls else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return (host if self.port == default else f"{host}:{self.port}").encode()
+
+
+@attrs.frozen
+class BackendRuntime:
+    name: str
+    config: m.Backend
+    origin: Origin | None          # None for in-process backends (echo)
+    base_path: str                 # OpenAI paths go under it, e.g. "/v1"
+    timeouts: m.Timeouts
+    api_key: str | None = attrs.field(default=None, repr=False)
+
+    def path(self, endpoint: str) -> str:
+        """`endpoint` is an OpenAI path below /v1, e.g. "/chat/completions"."""
+        if endpoint == "/embeddings" and self.config.embeddings_path:
+            return self.config.embeddings_path
+        return self.base_path + endpoint
+
+
+@attrs.frozen
+class Deployment:
+    id: str                        # stable across reloads while name, backend and upstream name stay
+    model: str
+    backend: BackendRuntime
+    upstream_model: str
+    kind: str
+    weight: float
+
+
+@attrs.frozen
+class Target:
+    """What a request names: a model (its deployments) or a group (its models' deployments)."""
+
+    name: str
+    kind: str
+    group: str | None
+    strategy: str
+    deployments: tuple[Deployment, ...]
+
+
+@attrs.frozen
+class Principal:
+    key_name: str
+    allowed: frozenset[str] | None   # model and group names; None: all
+    admin: bool = False
+    digest: bytes = attrs.field(default=b"", repr=False)
+
+    def may_use(self, name: str) -> bool:
+        return self.allowed is None or name in self.allowed
+
+
+@attrs.frozen
+class Runtime:
+    config: m.Config
+    generation: int
+    source: str
+    keys: Mapping[bytes, Principal] = attrs.field(repr=False)   # sha256 digest -> principal
+    targets: Mapping[str, Target]
+    deployments: Mapping[str, Deployment]
+    backends: Mapping[str, BackendRuntime]
+    loaded_at: float
+
+
+class RuntimeHolder:
+    """Holds the current snapshot; the lifecycle owns it and passes it to what needs it."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.current = runtime
+
+    def swap(self, runtime: Runtime) -> None:
+        self.current = runtime
+
+
+def build_runtime(path: str, generation: int, environ: Mapping[str, str] | None = None) -> Runtime:
+    """Read, validate and compile a config file; raise ConfigError listing every problem."""
+    return compile_config(load.load_file(path), generation, path, environ)
+
+
+def compile_config(config: m.Config, generation: int, source: str = "<config>",
+                   environ: Mapping[str, str] | None = None,
+                   read_secret: Callable[[str], str] | None = None) -> Runtime:
+    env = os.environ if environ is None else environ
+    read = read_secret or _read_secret
+    problems: list[str] = []
+
+    def secret(path: str, env_name: str | None, file_name: str | None) -> str | None:
+        try:
+            if env_name:
+                if not env.get(env_name):
+                    problems.append(f"{path}: environment variable {env_name} is not set")
+                    return None
+                return env[env_name].strip()
+            if file_name:
+                value = read(file_name)
+                if not value:
+                    problems.append(f"{path}: {file_name} is empty")
+                return value or None
+        except OSError as exc:
+            problems.append(f"{path}: cannot read {file_name}: {exc.strerror}")
+        return None
+
+    keys: dict[bytes, Principal] = {}
+    for i, k in enumerate(config.keys):
+        if k.sha256:
+            digest = bytes.fromhex(k.sha256)
+        else:
+            field = "key_env" if k.key_env else "key_file"
+            value = secret(f"keys[{i}].{field}", k.key_env, k.key_file)
+            if value is None:
+                continue
+            digest = hashlib.sha256(value.encode()).digest()
+        if digest in keys:
+            problems.append(f"keys[{i}]: same key as {keys[digest].key_name!r}")
+        keys[digest] = Principal(k.name, frozenset(k.models) if k.models else None, k.admin, digest)
+
+    backends: dict[str, BackendRuntime] = {}
+    for i, b in enumerate(config.backends):
+        field = "api_key_env" if b.api_key_env else "api_key_file"
+        api_key = secret(f"backends[{i}].{field}", b.api_key_env, b.api_key_file)
+        origin, base = _split_url(b.url) if b.kind == "openai" else (None, "")
+        backends[b.name] = BackendRuntime(b.name, b, origin, base, b.timeouts or config.timeouts, api_key)
+
+    deployments: dict[str, Deployment] = {}
+    by_model: dict[str, list[Deployment]] = {}
+    for md in config.models:
+        base_id = f"{md.name}@{md.backend}"
+        upstream = md.upstream_model or md.name
+        dep_id = base_id if base_id not in deployments else f"{base_id}/{upstream}"
+        n = 2
+        while dep_id in deployments:
+            dep_id, n = f"{base_id}#{n}", n + 1
+        dep = Deployment(dep_id, md.name, backends[md.backend], upstream, md.kind, md.weight)
+        deployments[dep_id] = dep
+        by_model.setdefault(md.name, []).append(dep)
+
+    targets: dict[str, Target] = {
+        name: Target(name, deps[0].kind, None, "weighted", tuple(deps)) for name, deps in by_model.items()
+    }
+    for g in config.groups:
+        deps = tuple(d for name in g.models for d in by_model[name])
+        targets[g.name] = Target(g.name, deps[0].kind, g.name, g.strategy, deps)
+
+    if problems:
+        raise ConfigError(problems)
+    return Runtime(config, generation, source, keys, targets, deployments, backends, time.time())
+
+
+def _read_secret(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
+
+
+def _split_url(url: str) -> tuple[Origin, str]:
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    path = parts.path.rstrip("/")
+    if not path.endswith("/v1"):
+        path += "/v1"
+    return Origin(parts.scheme, parts.hostname or "", port), path
+
+
+def key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()

@@ -1,0 +1,100 @@
+"""Upstream transports: how a built request reaches a backend and its answer comes back.
+
+Two kinds share one small interface, so routing, transforms, retries and records treat them alike:
+`pool.Pool` (HTTP/1.1 over our h11 connection pool) and `echo.EchoBackend` (in-process, no network).
+`Transports` owns them across config reloads: a backend whose origin and pool settings are
+unchanged keeps its pool and its warm connections.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Protocol
+
+import attrs
+
+from hxgwd.config.model import Timeouts
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@attrs.frozen(slots=True)
+class UpstreamRequest:
+    method: str
+    path: str
+    headers: Headers      # without host and content-length: the transport sets those
+    body: bytes
+
+
+class UpstreamResponse(Protocol):
+    status: int
+    headers: Headers
+
+    async def receive(self) -> bytes:
+        """The next piece of the body, b"" at its end."""
+
+    async def aclose(self) -> None:
+        """Release the connection (kept for reuse only if the body was read to its end)."""
+
+
+class Transport(Protocol):
+    async def request(self, req: UpstreamRequest, timeouts: Timeouts) -> UpstreamResponse: ...
+
+
+class Transports:
+    def __init__(self) -> None:
+        self._by_key: dict[tuple, Transport] = {}
+
+    def get(self, backend) -> Transport:   # backend: runtime.BackendRuntime
+        from hxgwd.upstream.echo import EchoBackend
+        from hxgwd.upstream.pool import Pool
+
+        cfg = backend.config
+        if cfg.kind == "echo":
+            key: tuple = ("echo", cfg.echo_dimensions, cfg.echo_delay)
+        else:
+            key = ("http", backend.origin, cfg.max_connections, cfg.max_idle_connections,
+                   cfg.idle_timeout, cfg.tls_verify, cfg.ca_file)
+        transport = self._by_key.get(key)
+        if transport is None:
+            if cfg.kind == "echo":
+                transport = EchoBackend(cfg.echo_dimensions, cfg.echo_delay)
+            else:
+                ctx = _ssl_context(cfg.tls_verify, cfg.ca_file) if backend.origin.tls else None
+                transport = Pool(backend.origin, max_connections=cfg.max_connections,
+                                 max_idle=cfg.max_idle_connections, idle_timeout=cfg.idle_timeout,
+                                 ssl_context=ctx)
+            self._by_key[key] = transport
+        return transport
+
+    def pools(self) -> list:
+        from hxgwd.upstream.pool import Pool
+
+        return [t for t in self._by_key.values() if isinstance(t, Pool)]
+
+    def retain(self, backends) -> None:
+        """After a reload: forget transports no current backend uses, once they are idle."""
+        live = {id(self.get(b)) for b in backends}
+        for key, transport in list(self._by_key.items()):
+            if id(transport) not in live and getattr(transport, "in_flight", 0) == 0:
+                close = getattr(transport, "close_idle", None)
+                if close:
+                    close()
+                del self._by_key[key]
+
+    def sweep(self) -> None:
+        for pool in self.pools():
+            pool.sweep()
+
+    def close(self) -> None:
+        for pool in self.pools():
+            pool.close_idle()
+
+
+def _ssl_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=ca_file)
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
