@@ -87,6 +87,7 @@ class Daemon:
         for setting in needs_restart(old.config, new.config):
             self.log.warning("changed setting takes effect only after a restart", setting=setting)
         self.holder.swap(new)
+        self.router.configure(new.config.routing)
         self.router.retain(new.deployments)
         self.transports.retain(new.backends.values())
         self.log.configure(new.config.log.level, new.config.log.access_log)
@@ -104,6 +105,7 @@ async def serve(daemon: Daemon, *, life: Lifecycle | None = None, handle_signals
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> Lifecycle:
     life = life or Lifecycle(daemon.log)
     cfg = daemon.holder.current.config
+    daemon.router.configure(cfg.routing)
     gateway = Gateway(daemon.holder, daemon.router, daemon.transports, daemon.log,
                       is_listening=lambda: life.listening)
 

@@ -62,6 +62,7 @@ class Deployment:
     upstream_model: str
     kind: str
     weight: float
+    config: m.Model = attrs.field(repr=False, eq=False)
 
 
 @attrs.frozen
@@ -71,8 +72,12 @@ class Target:
     name: str
     kind: str
     group: str | None
-    strategy: str
+    policy: m.Group                  # strategy and its knobs
     deployments: tuple[Deployment, ...]
+
+    @property
+    def strategy(self) -> str:
+        return self.policy.strategy
 
 
 @attrs.frozen
@@ -81,6 +86,11 @@ class Principal:
     allowed: frozenset[str] | None   # model and group names; None: all
     admin: bool = False
     digest: bytes = attrs.field(default=b"", repr=False)
+    rpm: int | None = None
+    tpm: int | None = None
+    budget_usd: float | None = None
+    budget_period: str = "month"
+    source: str = "config"           # "config" or "store"
 
     def may_use(self, name: str) -> bool:
         return self.allowed is None or name in self.allowed
@@ -148,7 +158,8 @@ def compile_config(config: m.Config, generation: int, source: str = "<config>",
             digest = hashlib.sha256(value.encode()).digest()
         if digest in keys:
             problems.append(f"keys[{i}]: same key as {keys[digest].key_name!r}")
-        keys[digest] = Principal(k.name, frozenset(k.models) if k.models else None, k.admin, digest)
+        keys[digest] = Principal(k.name, frozenset(k.models) if k.models else None, k.admin, digest,
+                                 k.rpm, k.tpm, k.budget_usd, k.budget_period)
 
     backends: dict[str, BackendRuntime] = {}
     for i, b in enumerate(config.backends):
@@ -166,16 +177,18 @@ def compile_config(config: m.Config, generation: int, source: str = "<config>",
         n = 2
         while dep_id in deployments:
             dep_id, n = f"{base_id}#{n}", n + 1
-        dep = Deployment(dep_id, md.name, backends[md.backend], upstream, md.kind, md.weight)
+        dep = Deployment(dep_id, md.name, backends[md.backend], upstream, md.kind, md.weight, md)
         deployments[dep_id] = dep
         by_model.setdefault(md.name, []).append(dep)
 
+    # A model with several deployments is routed like a group with default settings.
     targets: dict[str, Target] = {
-        name: Target(name, deps[0].kind, None, "weighted", tuple(deps)) for name, deps in by_model.items()
+        name: Target(name, deps[0].kind, None, m.Group(name=name, models=(name,)), tuple(deps))
+        for name, deps in by_model.items()
     }
     for g in config.groups:
         deps = tuple(d for name in g.models for d in by_model[name])
-        targets[g.name] = Target(g.name, deps[0].kind, g.name, g.strategy, deps)
+        targets[g.name] = Target(g.name, deps[0].kind, g.name, g, deps)
 
     if problems:
         raise ConfigError(problems)

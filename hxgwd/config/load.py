@@ -229,6 +229,37 @@ def validate(c: m.Config) -> list[str]:
         if model_names.setdefault(md.name, md.kind) != md.kind:
             p.append(f"{path}.kind: deployments of {md.name!r} disagree on kind")
 
+    for i, md in enumerate(c.models):
+        path = f"models[{i}]"
+        for name in ("max_concurrency", "max_queue", "input_cost_per_1k", "output_cost_per_1k"):
+            if getattr(md, name) < 0:
+                p.append(f"{path}.{name}: must be 0 or more")
+        if md.queue_timeout <= 0:
+            p.append(f"{path}.queue_timeout: must be greater than 0")
+    for i, b in enumerate(c.backends):
+        if b.probe_path is not None and not b.probe_path.startswith("/"):
+            p.append(f"backends[{i}].probe_path: must start with /")
+        if b.probe_interval <= 0 or b.probe_timeout <= 0:
+            p.append(f"backends[{i}]: probe_interval and probe_timeout must be greater than 0")
+        if b.embeddings_path is not None and not b.embeddings_path.startswith("/"):
+            p.append(f"backends[{i}].embeddings_path: must start with /")
+    for i, k in enumerate(c.keys):
+        for name in ("rpm", "tpm"):
+            if getattr(k, name) is not None and getattr(k, name) < 1:
+                p.append(f"keys[{i}].{name}: must be at least 1")
+        if k.budget_usd is not None and k.budget_usd < 0:
+            p.append(f"keys[{i}].budget_usd: must be 0 or more")
+    r = c.routing
+    for name in ("breaker_failures", "breaker_min_requests"):
+        if getattr(r, name) < 1:
+            p.append(f"routing.{name}: must be at least 1")
+    if not 0 < r.breaker_error_rate <= 1:
+        p.append("routing.breaker_error_rate: must be above 0 and at most 1")
+    for name in ("breaker_window", "breaker_cooldown", "max_retry_after"):
+        if getattr(r, name) <= 0:
+            p.append(f"routing.{name}: must be greater than 0")
+    p.extend(_check_stores(c))
+
     group_names: set[str] = set()
     for g in c.groups:
         path = f"groups.{g.name}"
@@ -247,10 +278,41 @@ def validate(c: m.Config) -> list[str]:
                 kinds.add(model_names[name])
         if len(kinds) > 1:
             p.append(f"{path}.models: mixes chat and embedding models")
+        if g.cost_weight < 0:
+            p.append(f"{path}.cost_weight: must be 0 or more")
+        if not 0 <= g.exploration <= 0.5:
+            p.append(f"{path}.exploration: must be between 0 and 0.5")
     for i, k in enumerate(c.keys):
         for j, name in enumerate(k.models):
             if name not in model_names and name not in group_names:
                 p.append(f"keys[{i}].models[{j}]: no model or group named {name!r}")
+    return p
+
+
+def _check_stores(c: m.Config) -> list[str]:
+    p = []
+    db = c.database
+    if db.url and not (db.url.startswith("sqlite:///") or db.url.split("://")[0] in ("postgresql", "postgres")):
+        p.append("database.url: use sqlite:////absolute/path.db, sqlite:///relative.db or postgresql://user@host/db")
+    if db.url.startswith("sqlite:///") and len(db.url) == len("sqlite:///"):
+        p.append("database.url: the SQLite file path is missing")
+    if db.password_env and db.password_file:
+        p.append("database: set at most one of password_env, password_file")
+    for name in ("spool_max_bytes", "queue_size", "batch_size"):
+        if getattr(db, name) < 1:
+            p.append(f"database.{name}: must be at least 1")
+    for name in ("key_refresh", "connect_timeout", "statement_timeout"):
+        if getattr(db, name) <= 0:
+            p.append(f"database.{name}: must be greater than 0")
+    if c.redis.url is not None and not c.redis.url.startswith(("redis://", "rediss://", "unix://")):
+        p.append("redis.url: use redis://host:port/db")
+    if c.redis.timeout <= 0:
+        p.append("redis.timeout: must be greater than 0")
+    try:
+        import zoneinfo
+        zoneinfo.ZoneInfo(c.limits.timezone)
+    except (ValueError, LookupError):
+        p.append(f"limits.timezone: unknown time zone {c.limits.timezone!r}")
     return p
 
 

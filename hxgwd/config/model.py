@@ -53,6 +53,10 @@ class Key:
     key_file: str | None = None
     models: tuple[str, ...] = ()    # models and groups this key may use; empty: all
     admin: bool = False             # may call /admin/* endpoints
+    rpm: int | None = None          # requests per minute
+    tpm: int | None = None          # tokens per minute (prompt + completion)
+    budget_usd: float | None = None # spend per budget_period, calendar aligned in [limits] timezone
+    budget_period: Literal["day", "month"] = "month"
 
 
 @frozen
@@ -75,6 +79,9 @@ class Backend:
     timeouts: Timeouts | None = None  # per-phase overrides of [timeouts]
     echo_dimensions: int = 1024       # kind = "echo": embedding size
     echo_delay: float = 0.0           # kind = "echo": seconds before answering (smoke tests of timeouts)
+    probe_path: str | None = None     # active health probe, e.g. "/v1/models" or "/health"; None: passive only
+    probe_interval: float = 10.0
+    probe_timeout: float = 5.0
 
 
 @frozen
@@ -86,18 +93,63 @@ class Model:
     upstream_model: str | None = None
     kind: Literal["chat", "embedding"] = "chat"
     weight: float = 1.0
+    max_concurrency: int = 0          # requests in flight to this deployment; 0: no cap
+    max_queue: int = 64               # requests waiting for a slot when at the cap; more fail over
+    queue_timeout: float = 5.0        # longest wait for a slot before failing over
+    input_cost_per_1k: float = 0.0    # USD per 1000 prompt tokens (usage records, budgets, routing)
+    output_cost_per_1k: float = 0.0   # USD per 1000 completion tokens
+
+
+STRATEGIES = ("scored", "weighted", "priority", "least-busy", "least-latency")
 
 
 @frozen
 class Group:
     name: str
     models: tuple[str, ...]
-    strategy: Literal["weighted", "priority"] = "weighted"
+    strategy: Literal["scored", "weighted", "priority", "least-busy", "least-latency"] = "scored"
+    cost_weight: float = 0.0          # scored: seconds of predicted time one USD of predicted cost is worth
+    exploration: float = 0.05         # scored: share of requests that go to a deployment to measure it
 
 
 @frozen
 class Routing:
-    max_attempts: int = 3           # deployments tried per request before giving up
+    max_attempts: int = 3             # deployments tried per request before giving up
+    breaker_failures: int = 5         # consecutive failures that open a deployment's breaker
+    breaker_error_rate: float = 0.5   # ... or this error rate over breaker_window
+    breaker_min_requests: int = 10    # ... with at least this many requests in the window
+    breaker_window: float = 30.0      # seconds
+    breaker_cooldown: float = 15.0    # open -> half-open after this long (one probe request at a time)
+    max_retry_after: float = 300.0    # a longer upstream Retry-After is capped to this
+
+
+@frozen
+class Database:
+    url: str = "sqlite:////var/lib/hxgwd/hxgwd.db"   # "" disables the store; postgresql://user@host/db
+    password_env: str | None = None
+    password_file: str | None = None
+    spool_dir: str | None = None      # default: <state dir>/spool (beside the SQLite file, or /var/lib/hxgwd)
+    spool_max_bytes: int = 256 * MiB
+    spool_fsync: Literal["always", "batch", "never"] = "batch"   # "batch": fsync once per written batch
+    queue_size: int = 10000           # usage records held in memory before they go to the spool
+    batch_size: int = 1000
+    key_refresh: float = 5.0          # keys from the store are re-read this often: revocation delay bound
+    connect_timeout: float = 5.0
+    statement_timeout: float = 10.0
+
+
+@frozen
+class Redis:
+    url: str | None = None            # redis://host:port/db; None: limits are per host, in memory
+    password_env: str | None = None
+    password_file: str | None = None
+    on_redis_error: Literal["local", "deny"] = "local"
+    timeout: float = 0.25             # per limit check
+
+
+@frozen
+class Limits:
+    timezone: str = "UTC"             # budgets reset at midnight / the 1st of the month here
 
 
 @frozen
@@ -112,6 +164,9 @@ class Config:
     timeouts: Timeouts = Timeouts()
     routing: Routing = Routing()
     log: Log = Log()
+    database: Database = Database()
+    redis: Redis = Redis()
+    limits: Limits = Limits()
     keys: tuple[Key, ...] = ()
     backends: tuple[Backend, ...] = ()
     models: tuple[Model, ...] = ()

@@ -92,14 +92,14 @@ class Gateway:
         ex.group = target.group
         features = route.RequestFeatures(prompt_bytes=len(body), max_tokens=_max_tokens(payload),
                                          stream=payload.get("stream") is True)
-        plan = self.router.plan(target, features)
+        plan = self.router.plan(target, features, trio.current_time())
         settings = proxy.ProxySettings(
             max_attempts=rt.config.routing.max_attempts,
             deadline=ex.started + rt.config.timeouts.total,
             max_response_bytes=rt.config.server.max_response_bytes,
             max_sse_event_bytes=rt.config.server.max_sse_event_bytes)
         await proxy.forward(ex, plan, lambda dep: transform.plan_calls(endpoint, payload, dep, name),
-                            self.router, self.transports, settings, response)
+                            self.router, self.transports, settings, features, response)
 
     def _authenticate(self, rt: Runtime, ex: proxy.Exchange, headers) -> Principal:
         principal, _digest = authenticate.authenticate(headers, (rt.keys.get,))

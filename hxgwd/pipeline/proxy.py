@@ -20,11 +20,11 @@ from typing import Callable
 import attrs
 import trio
 
-from hxgwd.errors import GatewayError, UpstreamError, UpstreamTimeout
+from hxgwd.errors import GatewayError, Unavailable, UpstreamError, UpstreamTimeout
 from hxgwd.pipeline import transform
 from hxgwd.pipeline.connection import ClientGone, Response
 from hxgwd.pipeline.parse import Headers
-from hxgwd.pipeline.route import Outcome, Plan, Router
+from hxgwd.pipeline.route import Outcome, Plan, RequestFeatures, Router
 from hxgwd.runtime import Deployment
 from hxgwd.upstream import Transports, UpstreamRequest, UpstreamResponse
 
@@ -74,24 +74,43 @@ class _Retry(Exception):
         self.error = error
         self.answer = answer
 
+    def retry_after(self) -> float | None:
+        if self.answer is None:
+            return None
+        for name, value in self.answer[1]:
+            if name == b"retry-after":
+                try:
+                    return max(0.0, float(value))
+                except ValueError:
+                    return None     # an HTTP date: rare from model servers; the breaker still applies
+        return None
+
 
 async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], transform.CallPlan],
                   router: Router, transports: Transports, settings: ProxySettings,
-                  response: Response) -> None:
+                  features: RequestFeatures, response: Response) -> None:
+    if not plan.order:
+        raise Unavailable("No deployment of this model is available right now.",
+                          retry_after=plan.retry_after or 1.0)
     last: _Retry | None = None
     for dep in plan.order[: settings.max_attempts]:
         calls = build(dep)       # BadRequest here is the caller's fault: no failover
         ex.attempts += 1
         ex.deployment, ex.backend = dep.id, dep.backend.name
-        ex.route = f"strategy={plan.strategy}; attempts={ex.attempts}"
-        router.started(dep)
+        predicted = plan.predicted.get(dep.id)
+        ex.route = f"strategy={plan.strategy}; attempts={ex.attempts}" + (
+            f"; predicted_ms={predicted * 1000:.0f}" if predicted is not None else "")
         began = trio.current_time()
-        outcome = Outcome(ok=False, status=0, ttfb=0.0, duration=0.0)
+        router.started(dep, began)
+        ttfb_before = ex.ttfb
+        ex.ttfb = None
+        outcome = Outcome(ok=False, status=0, ttfb=0.0, duration=0.0, features=features)
         try:
             with trio.move_on_at(settings.deadline) as overall:
-                outcome = await _attempt(ex, dep, calls, transports, settings, response)
+                outcome = await _attempt(ex, dep, calls, transports, settings, response, features)
             if overall.cancelled_caught:
-                outcome = Outcome(ok=False, status=0, ttfb=0.0, duration=trio.current_time() - began)
+                outcome = Outcome(ok=False, status=0, ttfb=0.0, duration=trio.current_time() - began,
+                                  features=features)
                 if response.started:
                     raise UpstreamTimeout("The request took longer than its total deadline.")
                 last = _Retry(UpstreamTimeout("The upstream did not answer within the request deadline.",
@@ -101,11 +120,15 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], transf
         except _Retry as retry:
             last = retry
             outcome = Outcome(ok=False, status=retry.answer[0] if retry.answer else 0,
-                              ttfb=0.0, duration=trio.current_time() - began)
+                              ttfb=0.0, duration=trio.current_time() - began, features=features,
+                              retry_after=retry.retry_after())
         except (trio.Cancelled, ClientGone):
-            outcome = Outcome(ok=True, status=0, ttfb=0.0, duration=0.0, cancelled=True)
+            outcome = Outcome(ok=True, status=0, ttfb=0.0, duration=trio.current_time() - began,
+                              features=features, cancelled=True)
             raise
         finally:
+            if ex.ttfb is None:
+                ex.ttfb = ttfb_before
             ex.upstream_time += trio.current_time() - began
             router.finished(dep, outcome, trio.current_time())
     if last is None:
@@ -120,7 +143,7 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], transf
 
 
 async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, transports: Transports,
-                   settings: ProxySettings, response: Response) -> Outcome:
+                   settings: ProxySettings, response: Response, features: RequestFeatures) -> Outcome:
     transport = transports.get(dep.backend)
     timeouts = dep.backend.timeouts
     headers = transform.upstream_headers(ex.client_headers, dep, ex.request_id.encode())
@@ -135,14 +158,14 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
             raise _Retry(exc, None) from None
         try:
             if ex.ttfb is None:
-                ex.ttfb = trio.current_time() - ex.started
+                ex.ttfb = trio.current_time() - began
             if up.status >= 500 or up.status in RETRY_STATUSES:
                 answer = await _read(up, ERROR_BODY_LIMIT, timeouts.between_chunks, tolerate=True)
                 raise _Retry(None, (up.status, transform.downstream_headers(up.headers), answer))
             if calls.stream and up.status == 200 and _is_event_stream(up.headers):
                 await _relay_stream(ex, dep, calls, up, settings, response, timeouts.between_chunks)
-                return Outcome(ok=True, status=200, ttfb=ex.ttfb or 0.0,
-                               duration=trio.current_time() - began)
+                return Outcome(ok=True, status=200, ttfb=ex.ttfb or 0.0, duration=trio.current_time() - began,
+                               features=features, output_tokens=(ex.usage or {}).get("completion_tokens"))
             try:
                 bodies.append(await _read(up, settings.max_response_bytes, timeouts.between_chunks))
             except UpstreamError as exc:
@@ -164,7 +187,8 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
     headers_out = transform.downstream_headers(first.headers)
     duration = trio.current_time() - began
     await _send_whole(ex, response, status, headers_out, body, dep, upstream_so_far=duration)
-    return Outcome(ok=status < 500, status=status, ttfb=ex.ttfb or 0.0, duration=duration)
+    return Outcome(ok=status < 500, status=status, ttfb=ex.ttfb or 0.0, duration=duration,
+                   features=features, output_tokens=(ex.usage or {}).get("completion_tokens"))
 
 
 async def _read(up: UpstreamResponse, limit: int, between_chunks: float, tolerate: bool = False) -> bytes:

@@ -15,6 +15,7 @@ from typing import Iterable
 
 import attrs
 
+from hxgwd.config.model import Routing
 from hxgwd.errors import BadRequest, Forbidden, NotFound
 from hxgwd.runtime import Deployment, Principal, Runtime, Target
 
@@ -45,10 +46,12 @@ class RequestFeatures:
 class Outcome:
     ok: bool                 # the deployment answered usably (a 4xx that is the caller's fault counts)
     status: int              # upstream status, or 0 when no answer came
-    ttfb: float              # seconds to the response head
+    ttfb: float              # seconds from sending to the response head
     duration: float          # seconds for the whole exchange
+    features: RequestFeatures | None = None
     output_tokens: int | None = None
     cancelled: bool = False  # the client left first: says nothing about the deployment
+    retry_after: float | None = None   # the upstream's Retry-After on a 429 / 503, in seconds
 
 
 @attrs.define
@@ -61,13 +64,20 @@ class DeploymentState:
 @attrs.frozen
 class Plan:
     strategy: str
-    order: tuple[Deployment, ...]
+    order: tuple[Deployment, ...]                 # empty: nothing usable now
+    predicted: dict[str, float] = attrs.field(factory=dict)   # deployment id -> predicted seconds
+    retry_after: float | None = None             # with an empty order: when to come back
 
 
 class Router:
-    def __init__(self, rng: random.Random | None = None) -> None:
+    def __init__(self, rng: random.Random | None = None, settings: Routing | None = None) -> None:
         self.rng = rng or random.Random()
+        self.settings = settings or Routing()
         self.states: dict[str, DeploymentState] = {}
+
+    def configure(self, settings: Routing) -> None:
+        """A reload's [routing] settings; learned state is kept."""
+        self.settings = settings
 
     def state(self, dep_id: str) -> DeploymentState:
         st = self.states.get(dep_id)
@@ -75,13 +85,13 @@ class Router:
             st = self.states[dep_id] = DeploymentState()
         return st
 
-    def plan(self, target: Target, features: RequestFeatures) -> Plan:
+    def plan(self, target: Target, features: RequestFeatures, now: float) -> Plan:
         deps = target.deployments
         if target.strategy == "priority" or len(deps) == 1:
             return Plan(target.strategy, deps)
         return Plan(target.strategy, tuple(weighted_order(deps, self.rng)))
 
-    def started(self, dep: Deployment) -> None:
+    def started(self, dep: Deployment, now: float) -> None:
         st = self.state(dep.id)
         st.in_flight += 1
         st.requests += 1
@@ -92,8 +102,16 @@ class Router:
         if not outcome.ok:
             st.failures += 1
 
+    def probe_result(self, backend: str, ok: bool, now: float) -> None:
+        """An active health probe of a backend answered (ok) or not."""
+
     def usable(self, runtime: Runtime, now: float) -> bool:
         return bool(runtime.deployments)
+
+    def table(self, runtime: Runtime, now: float) -> dict[str, object]:
+        """The live routing table per target, for the admin endpoint."""
+        return {name: [{"deployment": d.id, **attrs.asdict(self.state(d.id))} for d in t.deployments]
+                for name, t in runtime.targets.items()}
 
     def retain(self, deployment_ids: Iterable[str]) -> None:
         """After a reload: drop state of deployments that are gone (in-flight ones finish first)."""

@@ -1,0 +1,89 @@
+"""Shared fixtures: a fake upstream and the gateway itself, both on real loopback sockets, port 0."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import sys
+import textwrap
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+import trio
+
+from hxgwd.config import load
+from hxgwd.lifecycle import Daemon, Lifecycle, serve
+from hxgwd.logs import Logger
+from hxgwd.pipeline.route import Router
+from hxgwd.runtime import RuntimeHolder, compile_config
+from tests.fakeupstream import FakeUpstream
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEV_KEY = "sk-hx-dev-1234"
+DEV_SHA = hashlib.sha256(DEV_KEY.encode()).hexdigest()
+AUTH = {"Authorization": f"Bearer {DEV_KEY}"}
+
+
+class CapturedLog(io.BytesIO):
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.getvalue().splitlines() if line.strip()]
+
+    def requests(self) -> list[dict[str, Any]]:
+        return [line for line in self.lines() if line.get("msg") == "request"]
+
+
+@attrs.define
+class RunningGateway:
+    url: str
+    daemon: Daemon
+    life: Lifecycle
+    log: CapturedLog
+    client: httpx.AsyncClient
+
+    async def post(self, path: str, body: Any, headers: dict[str, str] | None = None, **kw: Any) -> httpx.Response:
+        return await self.client.post(path, json=body, headers={**AUTH, **(headers or {})}, **kw)
+
+    async def get(self, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+        return await self.client.get(path, headers={**AUTH, **(headers or {})})
+
+
+def gateway_config(backends: str, extra: str = "") -> str:
+    """A config with the dev key, listening on a free port, plus the given tables."""
+    return textwrap.dedent(f"""
+        [server]
+        listen = ["127.0.0.1:0"]
+        [database]
+        url = ""
+        [[keys]]
+        name = "dev"
+        sha256 = "{DEV_SHA}"
+    """) + textwrap.dedent(backends) + textwrap.dedent(extra)
+
+
+async def start_gateway(nursery: trio.Nursery, toml_text: str, *, environ: dict[str, str] | None = None,
+                        router: Router | None = None) -> RunningGateway:
+    config = load.loads(toml_text)
+    runtime = compile_config(config, 1, environ=environ or {})
+    log = CapturedLog()
+    daemon = Daemon(RuntimeHolder(runtime), Logger(out=log), router=router or Router())
+    life = Lifecycle(daemon.log)
+    addresses = await nursery.start(functools.partial(serve, daemon, life=life, handle_signals=False))
+    url = f"http://{addresses[0]}"
+    client = httpx.AsyncClient(base_url=url, timeout=30)
+    return RunningGateway(url, daemon, life, log, client)
+
+
+@pytest.fixture
+async def upstream(nursery: trio.Nursery) -> FakeUpstream:
+    up = FakeUpstream()
+    await nursery.start(up.serve)
+    return up
+
+
+def python_cmd() -> list[str]:
+    return [sys.executable, "-m", "hxgwd"]

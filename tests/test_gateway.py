@@ -1,0 +1,319 @@
+"""The request path end to end, over real loopback sockets: endpoints, auth, transforms, failover."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+
+import httpx
+import pytest
+import trio
+
+from tests.conftest import AUTH, gateway_config, start_gateway
+from tests.fakeupstream import FakeUpstream, Hang, Reply, Reset, Stream
+
+
+def two_backends(a: FakeUpstream, b: FakeUpstream, strategy: str = "priority", extra: str = "") -> str:
+    return gateway_config(f"""
+        [[backends]]
+        name = "a"
+        url = "{a.url}/v1"
+        api_key_env = "A_KEY"
+        [[backends]]
+        name = "b"
+        url = "{b.url}"
+        [[models]]
+        name = "m-a"
+        backend = "a"
+        upstream_model = "real-a"
+        [[models]]
+        name = "m-b"
+        backend = "b"
+        upstream_model = "real-b"
+        [groups.hx-chat]
+        models = ["m-a", "m-b"]
+        strategy = "{strategy}"
+    """, extra)
+
+
+async def two(nursery, **kw):
+    a, b = FakeUpstream(name="a"), FakeUpstream(name="b")
+    await nursery.start(a.serve)
+    await nursery.start(b.serve)
+    gw = await start_gateway(nursery, two_backends(a, b, **kw), environ={"A_KEY": "sk-backend-a"})
+    return gw, a, b
+
+
+CHAT = {"messages": [{"role": "user", "content": "Return exactly the text: HX-OK"}], "max_tokens": 10}
+
+
+async def test_chat_through_group_header_sends_upstream_name_and_backend_key(nursery):
+    gw, a, b = await two(nursery)
+    r = await gw.post("/v1/chat/completions", CHAT, headers={"X-HX-Model-Group": "hx-chat", "X-Request-ID": "abc-1"})
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"]["content"] == "HX-OK"
+    assert r.headers["x-request-id"] == "abc-1"
+    assert r.headers["x-hx-deployment"] == "m-a@a"
+    assert "strategy=priority" in r.headers["x-hx-route"]
+    assert float(r.headers["x-hx-overhead-ms"]) >= 0
+    got = a.requests[-1]
+    assert got.path == "/v1/chat/completions"
+    assert got.json["model"] == "real-a"
+    assert got.headers["authorization"] == "Bearer sk-backend-a"   # the backend's key, not the client's
+    assert got.headers["x-request-id"] == "abc-1"
+    assert "x-hx-model-group" not in got.headers
+
+
+async def test_client_key_never_goes_upstream(nursery):
+    gw, a, b = await two(nursery)
+    await gw.post("/v1/chat/completions", {**CHAT, "model": "m-b"}, headers={"api-key": "whatever"})
+    got = b.requests[-1]
+    assert "authorization" not in got.headers and "api-key" not in got.headers
+    assert got.path == "/v1/chat/completions"          # url without /v1 gets it appended
+
+
+async def test_header_wins_over_body_model(nursery):
+    gw, a, b = await two(nursery)
+    r = await gw.post("/v1/chat/completions", {**CHAT, "model": "m-b"}, headers={"X-HX-Model-Group": "m-a"})
+    assert r.headers["x-hx-deployment"] == "m-a@a"
+
+
+async def test_auth_errors_are_openai_shaped(nursery):
+    gw, a, b = await two(nursery)
+    r = await gw.client.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 401
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = await gw.client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    for header in ({"api-key": "sk-hx-dev-1234"}, {"x-api-key": "sk-hx-dev-1234"}):
+        r = await gw.client.post("/v1/chat/completions", json={**CHAT, "model": "m-a"}, headers=header)
+        assert r.status_code == 200
+    assert not [line for line in gw.log.lines() if "sk-hx-dev-1234" in json.dumps(line)]
+
+
+async def test_key_limited_to_some_models(nursery):
+    up = FakeUpstream()
+    await nursery.start(up.serve)
+    gw = await start_gateway(nursery, gateway_config(f"""
+        [[keys]]
+        name = "narrow"
+        key_env = "NARROW"
+        models = ["m1"]
+        [[backends]]
+        name = "u"
+        url = "{up.url}"
+        [[models]]
+        name = "m1"
+        backend = "u"
+        [[models]]
+        name = "m2"
+        backend = "u"
+    """), environ={"NARROW": "sk-narrow"})
+    h = {"Authorization": "Bearer sk-narrow"}
+    r = await gw.client.post("/v1/chat/completions", json={**CHAT, "model": "m2"}, headers=h)
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    r = await gw.client.post("/v1/chat/completions", json={**CHAT, "model": "m1"}, headers=h)
+    assert r.status_code == 200
+    r = await gw.client.get("/v1/models", headers=h)
+    assert [m["id"] for m in r.json()["data"]] == ["m1"]
+
+
+async def test_models_from_registry_even_with_upstream_down(nursery):
+    gw, a, b = await two(nursery)
+    await a.refuse()
+    await b.refuse()
+    r = await gw.get("/v1/models")
+    assert r.status_code == 200
+    ids = [m["id"] for m in r.json()["data"]]
+    assert ids == ["m-a", "m-b", "hx-chat"]
+    assert a.requests == [] and b.requests == []
+    r = await gw.get("/v1/models/hx-chat")
+    assert r.json()["id"] == "hx-chat"
+    r = await gw.get("/v1/models/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+async def test_unknown_model_endpoint_and_method(nursery):
+    gw, a, b = await two(nursery)
+    r = await gw.post("/v1/chat/completions", {**CHAT, "model": "nope"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = await gw.post("/v1/nothing", CHAT)
+    assert r.status_code == 404
+    r = await gw.get("/v1/chat/completions")
+    assert r.status_code == 405
+    r = await gw.client.post("/v1/chat/completions", content=b"{not json", headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = await gw.post("/v1/chat/completions", {"messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+
+
+async def test_health_and_ready_need_no_auth(nursery):
+    gw, a, b = await two(nursery)
+    r = await gw.client.get("/healthz")
+    assert r.json() == {"ok": True, "version": r.json()["version"], "generation": 1}
+    r = await gw.client.get("/readyz")
+    assert r.status_code == 200 and r.json()["ready"] is True
+
+
+async def test_failover_on_refused_500_429_and_reset(nursery):
+    gw, a, b = await two(nursery)
+    await a.refuse()
+    r = await gw.post("/v1/chat/completions", CHAT, headers={"X-HX-Model-Group": "hx-chat"})
+    assert r.status_code == 200 and r.headers["x-hx-deployment"] == "m-b@b"
+    assert "attempts=2" in r.headers["x-hx-route"]
+    await a.accept()
+    for failure in (Reply(500), Reply(429, retry_after=1), Reply(503), Reset()):
+        a.script(failure)
+        r = await gw.post("/v1/chat/completions", CHAT, headers={"X-HX-Model-Group": "hx-chat"})
+        assert r.status_code == 200, failure
+        assert r.headers["x-hx-deployment"] == "m-b@b"
+
+
+async def test_caller_4xx_is_returned_as_is(nursery):
+    gw, a, b = await two(nursery)
+    a.script(Reply(400, body={"error": {"message": "bad temperature", "type": "invalid_request_error",
+                                        "param": "temperature", "code": None}}))
+    r = await gw.post("/v1/chat/completions", CHAT, headers={"X-HX-Model-Group": "hx-chat"})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "bad temperature"
+    assert b.requests == []
+
+
+async def test_all_failing_passes_last_answer_or_502(nursery):
+    gw, a, b = await two(nursery)
+    a.script(Reply(500))
+    b.script(Reply(503, retry_after=7))
+    r = await gw.post("/v1/chat/completions", CHAT, headers={"X-HX-Model-Group": "hx-chat"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "7"
+    await a.refuse()
+    await b.refuse()
+    r = await gw.post("/v1/chat/completions", CHAT, headers={"X-HX-Model-Group": "hx-chat"})
+    assert r.status_code in (502, 503)
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert "127.0.0.1" not in r.text   # no internals
+
+
+async def test_stream_relayed_byte_exact_with_usage_stripped(nursery):
+    gw, a, b = await two(nursery)
+    async with gw.client.stream("POST", "/v1/chat/completions", headers=AUTH,
+                                json={**CHAT, "model": "m-a", "stream": True}) as r:
+        assert r.headers["x-accel-buffering"] == "no"
+        assert r.headers["content-type"].startswith("text/event-stream")
+        body = b"".join([c async for c in r.aiter_raw()])
+    events = [e for e in body.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    assert len(events) == 5 + 1 + 1                        # words + finish + DONE; usage chunk removed
+    assert a.requests[-1].json["stream_options"] == {"include_usage": True}
+    rec = gw.log.requests()[-1]
+    assert rec["stream"] is True and rec["completion_tokens"] == 5 and rec["prompt_tokens"] == 7
+
+
+async def test_stream_keeps_usage_when_client_asked(nursery):
+    gw, a, b = await two(nursery)
+    r = await gw.post("/v1/chat/completions", {**CHAT, "model": "m-a", "stream": True,
+                                               "stream_options": {"include_usage": True}})
+    events = [e for e in r.content.split(b"\n\n") if e]
+    assert b'"usage"' in events[-2]
+
+
+async def test_no_retry_after_first_byte(nursery):
+    gw, a, b = await two(nursery)
+    a.script(Stream(words=5, reset_after=2))
+    with trio.fail_after(10), pytest.raises(httpx.RemoteProtocolError):   # the cut shows as a broken body
+        await gw.post("/v1/chat/completions", {**CHAT, "stream": True}, headers={"X-HX-Model-Group": "hx-chat"})
+    assert b.requests == []
+    assert gw.log.requests()[-1]["status"] == 502
+
+
+async def test_client_disconnect_cancels_upstream(nursery):
+    gw, a, b = await two(nursery)
+    a.script(Hang())
+    async def client():
+        with trio.move_on_after(0.5):
+            await gw.post("/v1/chat/completions", {**CHAT, "model": "m-a"})
+    await client()
+    with trio.fail_after(5):
+        while not a.abandoned:
+            await trio.sleep(0.01)
+    rec = gw.log.requests()[-1]
+    assert rec["status"] == 499 and rec["fault"] == "client"
+
+
+async def test_embeddings_prompt_backend_with_list_and_base64(nursery):
+    up = FakeUpstream(prompt_only_embeddings=True, dimensions=8)
+    await nursery.start(up.serve)
+    gw = await start_gateway(nursery, gateway_config(f"""
+        [[backends]]
+        name = "ollama"
+        url = "{up.url}"
+        embeddings_input = "prompt"
+        [[models]]
+        name = "emb"
+        backend = "ollama"
+        kind = "embedding"
+    """))
+    r = await gw.post("/v1/embeddings", {"model": "emb", "input": "HX-OK"})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["object"] == "list" and doc["model"] == "emb"
+    assert len(doc["data"][0]["embedding"]) == 8 and "usage" in doc
+    r = await gw.post("/v1/embeddings", {"model": "emb", "input": ["a", "bb", "ccc"], "encoding_format": "base64"})
+    doc = r.json()
+    assert [d["index"] for d in doc["data"]] == [0, 1, 2]
+    assert [q.json["prompt"] for q in up.requests[-3:]] == ["a", "bb", "ccc"]
+    vec = struct.unpack("<8f", base64.b64decode(doc["data"][1]["embedding"]))
+    assert abs(vec[0] - ((sum(b"bb") * 1) % 97) / 97.0) < 1e-6
+    r = await gw.post("/v1/embeddings", {"model": "emb", "input": [1, 2, 3]})
+    assert r.status_code == 400
+
+
+async def test_embeddings_base64_from_float_backend(nursery):
+    up = FakeUpstream(dimensions=4)
+    await nursery.start(up.serve)
+    gw = await start_gateway(nursery, gateway_config(f"""
+        [[backends]]
+        name = "tei"
+        url = "{up.url}"
+        embeddings_encoding = "float"
+        [[models]]
+        name = "emb"
+        backend = "tei"
+        kind = "embedding"
+    """))
+    r = await gw.post("/v1/embeddings", {"model": "emb", "input": "x", "encoding_format": "base64"})
+    assert up.requests[-1].json["encoding_format"] == "float"
+    assert len(base64.b64decode(r.json()["data"][0]["embedding"])) == 16
+
+
+async def test_chat_model_on_embeddings_endpoint_is_400(nursery):
+    gw, a, b = await two(nursery)
+    r = await gw.post("/v1/embeddings", {"model": "m-a", "input": "x"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "model_wrong_kind"
+
+
+async def test_upstream_first_byte_timeout_is_504(nursery, autojump_clock):
+    up = FakeUpstream()
+    await nursery.start(up.serve)
+    gw = await start_gateway(nursery, gateway_config(f"""
+        [[backends]]
+        name = "slow"
+        url = "{up.url}"
+        timeouts = {{ first_byte = 2.0 }}
+        [[models]]
+        name = "m"
+        backend = "slow"
+    """))
+    up.script(Hang())
+    r = await gw.post("/v1/chat/completions", {**CHAT, "model": "m"})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_first_byte_timeout"
+
+
+async def test_access_log_line_fields(nursery):
+    gw, a, b = await two(nursery)
+    await gw.post("/v1/chat/completions", CHAT, headers={"X-HX-Model-Group": "hx-chat"})
+    rec = gw.log.requests()[-1]
+    for field in ("time", "request_id", "key", "model", "group", "deployment", "status", "bytes_in",
+                  "bytes_out", "total_ms", "upstream_ms", "overhead_ms", "route", "generation"):
+        assert field in rec, field
+    assert rec["key"] == "dev" and rec["group"] == "hx-chat" and rec["status"] == 200
+    assert abs(rec["overhead_ms"] - (rec["total_ms"] - rec["upstream_ms"])) < 0.01
