@@ -87,3 +87,25 @@ async def upstream(nursery: trio.Nursery) -> FakeUpstream:
 
 def python_cmd() -> list[str]:
     return [sys.executable, "-m", "hxgwd"]
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    from tests.servers import PostgresServer
+
+    if not PostgresServer.available():
+        pytest.skip("PostgreSQL server binaries are not installed")
+    server = PostgresServer.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    from tests.servers import RedisServer
+
+    if not RedisServer.available():
+        pytest.skip("redis-server is not installed")
+    server = RedisServer.start()
+    yield server
+    server.close()
