@@ -58,6 +58,7 @@ class ServerConn:
 
     def __init__(self, max_header_bytes: int) -> None:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self._max_header_bytes = max_header_bytes
 
     def __repr__(self) -> str:
         return f"<ServerConn client={self._h11.their_state} server={self._h11.our_state}>"
@@ -77,6 +78,10 @@ class ServerConn:
         if type(event) is h11.Data:
             return bytes(event.data)
         if type(event) is h11.Request:
+            # h11 bounds a head that is still arriving; one that arrived whole is measured here
+            size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+            if size > self._max_header_bytes:
+                raise HeadersTooLarge("Request headers are too large.")
             return _head(event, self._h11)
         if type(event) is h11.EndOfMessage:
             return END_OF_BODY

@@ -1,0 +1,168 @@
+"""Config: strict loading with key paths, the example file, dumps, and the CLI around it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+
+import attrs
+import pytest
+
+from hxgwd.config import dump, load
+from hxgwd.config import model as m
+from hxgwd.runtime import compile_config
+from tests.conftest import ROOT
+
+EXAMPLE = os.path.join(ROOT, "hxgwd.toml.example")
+
+MINIMAL = """
+[[backends]]
+name = "echo"
+kind = "echo"
+[[models]]
+name = "m"
+backend = "echo"
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(load.ConfigError) as exc:
+        load.loads(text)
+    return exc.value.problems
+
+
+def test_example_is_valid_and_documents_every_key():
+    config = load.load_file(EXAMPLE)
+    compile_config(config, 1)
+    text = open(EXAMPLE).read()
+    for cls in (m.Server, m.Timeouts, m.Routing, m.Log, m.Database, m.Redis, m.Limits, m.Key, m.Backend,
+                m.Model, m.Group):
+        for field in attrs.fields(cls):
+            if field.name == "name" and cls is m.Group:
+                continue
+            assert re.search(rf"^#?\s*{field.name}\s*=", text, re.M), f"{cls.__name__}.{field.name} undocumented"
+
+
+def test_every_error_named_by_key_path():
+    got = problems("""
+        [servre]
+        [[backends]]
+        name = "a"
+        url = "http://x"
+        [[backends]]
+        name = "b"
+        url = "ftp://x"
+        timeouts = { connect = -1 }
+        [[models]]
+        name = "m"
+        backend = "zz"
+        weight = "heavy"
+        [groups.g]
+        models = ["nope"]
+        strategy = "random"
+    """)
+    assert "servre: unknown key (did you mean 'server'?)" in got
+    assert "backends[1].url: scheme must be http or https" in got
+    assert "backends[1].timeouts.connect: must be greater than 0" in got
+    assert "models[0].backend: no backend named 'zz'" in got
+    assert "models[0].weight: expected a number" in got
+    assert "groups.g.models[0]: no model named 'nope'" in got
+    assert any(p.startswith("groups.g.strategy: must be one of") for p in got)
+
+
+@pytest.mark.parametrize("snippet, expected", [
+    ('[server]\nlisten = ["nope"]', "server.listen[0]: 'nope': expected HOST:PORT"),
+    ('[[keys]]\nname = "k"\nsha256 = "xyz"', "keys[0].sha256: must be 64 lowercase hex digits (sha256 of the key)"),
+    ('[[keys]]\nname = "k"', "keys[0]: set exactly one of sha256, key_env, key_file"),
+    ('[[backends]]\nname = "echo"\nkind = "echo"', "backends[1].name: duplicate backend name 'echo'"),
+    ('[groups.m]\nmodels = ["m"]', "groups.m: a model has the same name; a target must name one or the other"),
+    ('[limits]\ntimezone = "Mars/Base"', "limits.timezone: unknown time zone 'Mars/Base'"),
+    ('[database]\nurl = "mysql://x"', "database.url: use sqlite:////absolute/path.db, sqlite:///relative.db or postgresql://user@host/db"),
+])
+def test_single_errors(snippet, expected):
+    assert expected in problems(MINIMAL + snippet)
+
+
+def test_backend_url_with_and_without_v1_and_secrets(tmp_path):
+    key_file = tmp_path / "k"
+    key_file.write_text("sk-from-file\n")
+    config = load.loads(f"""
+        [[keys]]
+        name = "f"
+        key_file = "{key_file}"
+        [[keys]]
+        name = "e"
+        key_env = "CLIENT_KEY"
+        [[backends]]
+        name = "a"
+        url = "http://h:4000"
+        api_key_env = "A"
+        [[backends]]
+        name = "b"
+        url = "https://h/v1/"
+    """)
+    rt = compile_config(config, 1, environ={"A": "sk-a", "CLIENT_KEY": "sk-env"})
+    assert rt.backends["a"].path("/chat/completions") == "/v1/chat/completions"
+    assert rt.backends["b"].path("/embeddings") == "/v1/embeddings"
+    assert rt.backends["b"].origin.port == 443 and rt.backends["a"].api_key == "sk-a"
+    assert hashlib.sha256(b"sk-from-file").digest() in rt.keys
+    assert hashlib.sha256(b"sk-env").digest() in rt.keys
+    with pytest.raises(load.ConfigError) as exc:
+        compile_config(config, 1, environ={})
+    assert "backends[0].api_key_env: environment variable A is not set" in exc.value.problems
+    assert "keys[1].key_env: environment variable CLIENT_KEY is not set" in exc.value.problems
+
+
+def test_dump_round_trips_and_redacts():
+    config = load.load_file(EXAMPLE)
+    assert load.loads(dump.dumps(config, redact=False)) == config
+    text = dump.dumps(config)
+    assert "8d170aee995d48e1" not in text and "8d170aee..." in text
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hxgwd", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=60)
+
+
+def test_check_config_cli(tmp_path):
+    good = run_cli("--check-config", "-c", EXAMPLE)
+    assert good.returncode == 0 and "configuration OK" in good.stdout and "hx-chat" in good.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text(MINIMAL + '[server]\nlisten = ["x"]\nbogus = 1\n')
+    out = run_cli("--check-config", "-c", str(bad))
+    assert out.returncode == 1
+    assert "server.listen[0]" in out.stderr and "server.bogus: unknown key" in out.stderr
+    via_env = run_cli("--check-config", env={"HXGWD_CONFIG": str(bad)})
+    assert via_env.returncode == 1
+
+
+def test_check_config_warns_about_readable_secrets(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-secret")
+    os.chmod(key_file, 0o644)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(MINIMAL + f'[[keys]]\nname = "k"\nkey_file = "{key_file}"\n')
+    os.chmod(cfg, 0o600)
+    out = run_cli("--check-config", "-c", str(cfg))
+    assert out.returncode == 0
+    assert "key file of key 'k'" in out.stderr and "readable by other users" in out.stderr
+    assert "config file" not in out.stderr
+
+
+def test_version_and_genkey():
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.startswith("hxgwd ")
+    out = run_cli("genkey", "--name", "team-a")
+    key = [line for line in out.stdout.splitlines() if line.startswith("sk-hx-")][0]
+    assert f'sha256 = "{hashlib.sha256(key.encode()).hexdigest()}"' in out.stdout
+    assert 'name = "team-a"' in out.stdout
+
+
+def test_print_config_effective_and_valid(tmp_path):
+    out = run_cli("--print-config", "-c", EXAMPLE)
+    assert out.returncode == 0
+    assert "keepalive_timeout = 75.0" in out.stdout

@@ -1,0 +1,158 @@
+"""The HTTP/1.1 layer over real loopback sockets, with a handler that knows nothing of OpenAI."""
+
+from __future__ import annotations
+
+import socket
+
+import attrs
+import trio
+
+from hxgwd.config.model import Server
+from hxgwd.pipeline.connection import HttpConnection, Request, Response
+from hxgwd.pipeline.listen import accept_loop, open_listeners
+
+
+@attrs.define
+class Life:
+    draining: bool = False
+    idle_scopes: set = attrs.field(factory=set)
+    errors: list = attrs.field(factory=list)
+
+    def log_exception(self, where, exc):
+        self.errors.append(exc)
+
+
+async def echo_handler(request: Request, response: Response) -> None:
+    if request.head.path == "/boom":
+        raise RuntimeError("secret internals")
+    body = await request.read_body()
+    await response.send_full(200, [(b"content-type", b"text/plain")], b"got:" + body)
+
+
+async def start(nursery, **settings) -> tuple[int, Life]:
+    server = Server(listen=("127.0.0.1:0",), **settings)
+    life = Life()
+    (listener,) = await open_listeners(server.listen, 16)
+    slots = trio.Semaphore(server.max_connections)
+
+    async def serve(stream):
+        await HttpConnection(stream, lambda: server, echo_handler, life).run()
+
+    nursery.start_soon(accept_loop, listener, slots, nursery, serve, lambda exc: None)
+    return listener.socket.getsockname()[1], life
+
+
+async def talk(port: int, data: bytes, *, read_until_close: bool = True) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(data)
+    out = b""
+    with trio.move_on_after(120):
+        while True:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            out += chunk
+            if not read_until_close and out.count(b"\r\n\r\n") and b"got:" in out:
+                break
+    await stream.aclose()
+    return out
+
+
+POST = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+
+
+async def test_keep_alive_two_requests_on_one_connection(nursery):
+    port, _ = await start(nursery)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    for _ in range(2):
+        await stream.send_all(POST)
+        data = await stream.receive_some(4096)
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"got:abc")
+    await stream.aclose()
+
+
+async def test_body_too_large_413_by_length_and_chunked(nursery):
+    port, _ = await start(nursery, max_body_bytes=10)
+    out = await talk(port, b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\n" + b"a" * 11)
+    assert out.startswith(b"HTTP/1.1 413")
+    chunked = b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + b"8\r\naaaaaaaa\r\n" * 3 + b"0\r\n\r\n"
+    out = await talk(port, chunked)
+    assert out.startswith(b"HTTP/1.1 413")
+
+
+async def test_headers_too_large_431(nursery):
+    port, _ = await start(nursery, max_header_bytes=1024)
+    out = await talk(port, b"GET / HTTP/1.1\r\nHost: a\r\nX-A: " + b"a" * 4000 + b"\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 431")
+
+
+async def test_malformed_400_and_close(nursery):
+    port, _ = await start(nursery)
+    out = await talk(port, b"NOT HTTP AT ALL\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400") and b"connection: close" in out.lower()
+
+
+async def test_slow_headers_408(nursery, autojump_clock):
+    port, _ = await start(nursery, header_timeout=5)
+    out = await talk(port, b"GET / HTTP/1.1\r\nHost: a\r\n")     # never finishes its headers
+    assert out.startswith(b"HTTP/1.1 408")
+
+
+async def test_slow_body_408(nursery, autojump_clock):
+    port, _ = await start(nursery, body_timeout=5)
+    out = await talk(port, b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+    assert out.startswith(b"HTTP/1.1 408")
+
+
+async def test_idle_keepalive_closed_silently(nursery, autojump_clock):
+    port, _ = await start(nursery, keepalive_timeout=3)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    with trio.fail_after(10):
+        assert await stream.receive_some(100) == b""       # closed after 3 s, nothing sent
+
+
+async def test_expect_100_continue(nursery):
+    port, _ = await start(nursery)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+    first = await stream.receive_some(4096)
+    assert first.startswith(b"HTTP/1.1 100")
+    await stream.send_all(b"abc")
+    rest = await stream.receive_some(4096)
+    assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"got:abc")
+    await stream.aclose()
+
+
+async def test_connection_cap_waits_in_backlog(nursery):
+    port, _ = await start(nursery, max_connections=1)
+    first = await trio.open_tcp_stream("127.0.0.1", port)
+    await first.send_all(POST)
+    assert (await first.receive_some(4096)).startswith(b"HTTP/1.1 200")
+    second = await trio.open_tcp_stream("127.0.0.1", port)     # connects (kernel backlog) ...
+    await second.send_all(POST)
+    with trio.move_on_after(0.3) as waited:
+        await second.receive_some(4096)                          # ... but is not served yet
+    assert waited.cancelled_caught
+    await first.aclose()
+    with trio.fail_after(5):
+        assert (await second.receive_some(4096)).startswith(b"HTTP/1.1 200")
+    await second.aclose()
+
+
+async def test_handler_crash_is_500_without_internals_and_others_unaffected(nursery):
+    port, life = await start(nursery)
+    out = await talk(port, b"GET /boom HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 500") and b"secret" not in out
+    assert len(life.errors) == 1
+    out = await talk(port, POST, read_until_close=False)
+    assert b"got:abc" in out
+
+
+async def test_client_resetting_mid_request_does_not_disturb_others(nursery):
+    port, life = await start(nursery)
+    raw = socket.create_connection(("127.0.0.1", port))
+    raw.sendall(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nab")
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    raw.close()
+    out = await talk(port, POST, read_until_close=False)
+    assert b"got:abc" in out and not life.errors

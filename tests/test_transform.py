@@ -1,0 +1,107 @@
+"""Transforms are pure: request dicts in, bytes out; upstream bytes in, client bytes out."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+
+import pytest
+
+from hxgwd.config import load
+from hxgwd.errors import BadRequest
+from hxgwd.pipeline import transform
+from hxgwd.runtime import compile_config
+
+
+def dep(**backend):
+    fields = "\n".join(f"{k} = {json.dumps(v)}" for k, v in backend.items())
+    rt = compile_config(load.loads(f"""
+        [[backends]]
+        name = "b"
+        url = "http://h"
+        {fields}
+        [[models]]
+        name = "pub"
+        backend = "b"
+        upstream_model = "up"
+    """), 1)
+    return next(iter(rt.deployments.values()))
+
+
+def test_chat_body_gets_upstream_model_and_stream_usage():
+    plan = transform.plan_calls("/chat/completions", {"model": "pub", "stream": True, "messages": []}, dep(), "pub")
+    body = json.loads(plan.bodies[0])
+    assert body["model"] == "up" and body["stream_options"] == {"include_usage": True}
+    assert plan.strip_stream_usage
+    plan = transform.plan_calls("/chat/completions", {"model": "pub", "stream": True,
+                                                      "stream_options": {"include_usage": True}}, dep(), "pub")
+    assert not plan.strip_stream_usage
+    plan = transform.plan_calls("/chat/completions", {"model": "pub", "stream": True}, dep(stream_usage=False), "pub")
+    assert "stream_options" not in json.loads(plan.bodies[0])
+
+
+def test_embeddings_input_renamed_and_split():
+    plan = transform.plan_calls("/embeddings", {"model": "pub", "input": ["a", "b"], "encoding_format": "base64"},
+                                dep(embeddings_input="prompt"), "pub")
+    assert [json.loads(b) for b in plan.bodies] == [{"model": "up", "prompt": "a"}, {"model": "up", "prompt": "b"}]
+    with pytest.raises(BadRequest):
+        transform.plan_calls("/embeddings", {"model": "pub", "input": [[1, 2]]}, dep(embeddings_input="prompt"), "pub")
+
+
+def test_single_vector_answers_merged_in_order_with_base64():
+    plan = transform.plan_calls("/embeddings", {"model": "pub", "input": ["a", "b"], "encoding_format": "base64"},
+                                dep(embeddings_input="prompt"), "pub")
+    out = json.loads(transform.finish_embeddings(plan, [b'{"embedding":[1.0,0.0]}', b'{"embedding":[0.5,0.5]}']))
+    assert out["object"] == "list" and out["model"] == "pub" and "usage" in out
+    assert [d["index"] for d in out["data"]] == [0, 1]
+    assert struct.unpack("<2f", base64.b64decode(out["data"][1]["embedding"])) == (0.5, 0.5)
+
+
+def test_float_answer_converted_only_when_client_asked_base64():
+    asked = transform.plan_calls("/embeddings", {"model": "pub", "input": "x", "encoding_format": "base64"}, dep(), "pub")
+    floats = b'{"object":"list","data":[{"object":"embedding","index":0,"embedding": [0.25]}],"model":"up"}'
+    out = json.loads(transform.finish_embeddings(asked, [floats]))
+    assert struct.unpack("<f", base64.b64decode(out["data"][0]["embedding"])) == (0.25,)
+    already = b'{"object":"list","data":[{"object":"embedding","index":0,"embedding":"AACAPg=="}]}'
+    assert transform.finish_embeddings(asked, [already]) is None         # relayed untouched
+    plain = transform.plan_calls("/embeddings", {"model": "pub", "input": "x"}, dep(), "pub")
+    assert transform.finish_embeddings(plain, [floats]) is None
+
+
+def test_usage_found_from_the_end():
+    body = b'{"choices":[{"message":{"content":"\\"usage\\" is a word"}}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
+    assert transform.usage_from_body(body) == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert transform.usage_from_body(b'{"a":1}') is None
+
+
+def test_sse_relay_byte_exact_split_anywhere_and_usage_stripped():
+    events = [b'data: {"choices":[{"delta":{"content":"a"}}],"usage":null}\n\n',
+              b'data: {"choices":[{"delta":{"content":"b"}}]}\r\n\r\n',
+              b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}\n\n',
+              b"data: [DONE]\n\n"]
+    stream = b"".join(events)
+    for cut in range(1, len(stream)):
+        relay = transform.SseRelay(strip_usage=True, max_event_bytes=1 << 20)
+        out = relay.feed(stream[:cut]) + relay.feed(stream[cut:]) + relay.end()
+        assert out == events[0] + events[1] + events[3]
+        assert relay.usage == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    relay = transform.SseRelay(strip_usage=False, max_event_bytes=1 << 20)
+    assert relay.feed(stream) == stream
+
+
+def test_sse_event_bound():
+    relay = transform.SseRelay(strip_usage=False, max_event_bytes=100)
+    with pytest.raises(Exception):
+        relay.feed(b"data: " + b"x" * 200)
+
+
+def test_header_filters():
+    up = transform.upstream_headers([(b"authorization", b"Bearer client"), (b"x-api-key", b"k"), (b"connection", b"x"),
+                                     (b"x-hx-model-group", b"g"), (b"openai-organization", b"o")], dep(), b"rid")
+    names = [n for n, _ in up]
+    assert b"openai-organization" in names and b"x-hx-model-group" not in names
+    assert (b"authorization", b"Bearer client") not in up and b"x-api-key" not in names
+    down = transform.downstream_headers([(b"transfer-encoding", b"chunked"), (b"server", b"uvicorn"),
+                                         (b"x-ratelimit-remaining-requests", b"9")])
+    assert down == [(b"x-ratelimit-remaining-requests", b"9")]
