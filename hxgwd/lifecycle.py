@@ -118,6 +118,9 @@ async def serve(daemon: Daemon, *, life: Lifecycle | None = None, handle_signals
     def on_resource_error(exc: OSError) -> None:
         daemon.log.error("accept failed, backing off", error=exc.strerror)
 
+    # Bound before any task starts, so a busy port fails plainly (exit 71), not inside a nursery.
+    listeners = await open_listeners(cfg.server.listen, cfg.server.backlog)
+    addresses = bound_addresses(listeners)
     try:
         async with trio.open_nursery() as root:
             if handle_signals:
@@ -125,8 +128,6 @@ async def serve(daemon: Daemon, *, life: Lifecycle | None = None, handle_signals
             root.start_soon(maintenance, daemon.transports)
             async with trio.open_nursery() as connections:
                 life.connections = connections.cancel_scope
-                listeners = await open_listeners(cfg.server.listen, cfg.server.backlog)
-                addresses = bound_addresses(listeners)
                 with life.accepting:
                     slots = trio.Semaphore(cfg.server.max_connections)
                     async with trio.open_nursery() as acceptors:
@@ -146,6 +147,9 @@ async def serve(daemon: Daemon, *, life: Lifecycle | None = None, handle_signals
                 daemon.log.info("draining", grace_seconds=grace)
             root.cancel_scope.cancel()
     finally:
+        for listener in listeners:
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
         daemon.transports.close()
     daemon.log.info("stopped", forced=life.forced)
     return life

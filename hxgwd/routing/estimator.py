@@ -13,10 +13,10 @@ at the gateway do not load the upstream). th0 is the fixed part (network, the pr
 queue), th1 the prefill cost per KiB, th2 seconds per 1000 output tokens, th3 and th4 how much each
 concurrent request slows the first token and the decoding (continuous batching shares the GPU).
 
-A streamed request observes the same parameters twice: its time to first byte is the model with
-out = 0, its duration the full model. A non-streamed answer arrives whole, so its first byte adds
-nothing. At plan time the output length is unknown; `OutputLength` predicts it from max_tokens,
-and as the model is linear in `out`, plugging in that expectation gives the expected duration.
+The same model, fitted separately on streams' time to the response head (out = 0), is the learned
+time to first byte; it is shown, not used to route. At plan time the output length is unknown:
+`OutputLength` predicts it from max_tokens, and as the model is linear in `out`, plugging in that
+expectation gives the expected duration.
 
 Fit: recursive least squares in its covariance (Kalman) form, where th is a slowly drifting state:
 - exponential forgetting per observation (LAMBDA) tracks drift under steady traffic;
