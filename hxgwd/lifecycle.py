@@ -29,6 +29,7 @@ from hxgwd.pipeline.listen import accept_loop, bound_addresses, open_listeners
 from hxgwd.pipeline.route import Router
 from hxgwd.runtime import Runtime, RuntimeHolder, build_runtime
 from hxgwd.upstream import Transports
+from hxgwd.upstream.gates import Gates
 
 # A Ctrl-C reaches both processes of a PyInstaller onefile binary, and the bootloader forwards its
 # copy: the same signal again within this many seconds is that echo, not an operator insisting.
@@ -72,6 +73,7 @@ class Daemon:
     config_path: str | None = None
     router: Router = attrs.field(factory=Router)
     transports: Transports = attrs.field(factory=Transports)
+    gates: Gates = attrs.field(factory=Gates)
 
     async def reload(self) -> bool:
         """Read, check and compile the config off the event loop; swap it in, or keep the old one."""
@@ -90,6 +92,7 @@ class Daemon:
         self.router.configure(new.config.routing)
         self.router.retain(new.deployments)
         self.transports.retain(new.backends.values())
+        self.gates.retain(new.deployments.values())
         self.log.configure(new.config.log.level, new.config.log.access_log)
         self.log.info("config reloaded", generation=new.generation)
         sdnotify.ready(f"serving generation {new.generation}")
@@ -106,7 +109,7 @@ async def serve(daemon: Daemon, *, life: Lifecycle | None = None, handle_signals
     life = life or Lifecycle(daemon.log)
     cfg = daemon.holder.current.config
     daemon.router.configure(cfg.routing)
-    gateway = Gateway(daemon.holder, daemon.router, daemon.transports, daemon.log,
+    gateway = Gateway(daemon.holder, daemon.router, daemon.transports, daemon.gates, daemon.log,
                       is_listening=lambda: life.listening)
 
     def settings():

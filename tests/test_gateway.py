@@ -317,3 +317,35 @@ async def test_access_log_line_fields(nursery):
         assert field in rec, field
     assert rec["key"] == "dev" and rec["group"] == "hx-chat" and rec["status"] == 200
     assert abs(rec["overhead_ms"] - (rec["total_ms"] - rec["upstream_ms"])) < 0.01
+
+
+async def test_concurrency_cap_queues_then_fails_over(nursery, autojump_clock):
+    a, b = FakeUpstream(name="a"), FakeUpstream(name="b")
+    await nursery.start(a.serve)
+    await nursery.start(b.serve)
+    gw = await start_gateway(nursery, two_backends(a, b).replace(
+        'upstream_model = "real-a"', 'upstream_model = "real-a"\nmax_concurrency = 2\nmax_queue = 1\nqueue_timeout = 1.0'),
+        environ={"A_KEY": "k"})
+    a.default = Reply(delay=10)
+    results = []
+
+    async def one():
+        r = await gw.post("/v1/chat/completions", CHAT, headers={"X-HX-Model-Group": "hx-chat"})
+        results.append(r.headers["x-hx-deployment"])
+
+    async with trio.open_nursery() as n:
+        for _ in range(5):
+            n.start_soon(one)
+    assert a.max_in_flight == 2                       # never more than the cap reached upstream
+    assert results.count("m-a@a") == 2 and results.count("m-b@b") == 3
+
+
+async def test_admin_routing_table_needs_admin_key(nursery):
+    gw, a, b = await two(nursery)
+    await gw.post("/v1/chat/completions", CHAT, headers={"X-HX-Model-Group": "hx-chat"})
+    r = await gw.get("/admin/routing")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_required"
+    gw2 = await start_gateway(nursery, two_backends(a, b).replace('sha256 = ', 'admin = true\nsha256 = '),
+                              environ={"A_KEY": "k"})
+    r = await gw2.get("/admin/routing")
+    assert r.status_code == 200 and "hx-chat" in r.json()["targets"]

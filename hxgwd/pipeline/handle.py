@@ -24,6 +24,7 @@ from hxgwd.pipeline import authenticate, proxy, record, route, transform
 from hxgwd.pipeline.connection import Request, Response
 from hxgwd.runtime import Principal, Runtime, RuntimeHolder
 from hxgwd.upstream import Transports
+from hxgwd.upstream.gates import Gates
 
 JSON = (b"content-type", b"application/json")
 API_POST = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -31,11 +32,12 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class Gateway:
-    def __init__(self, holder: RuntimeHolder, router: route.Router, transports: Transports, log: Logger,
-                 *, is_listening: Callable[[], bool] = lambda: True) -> None:
+    def __init__(self, holder: RuntimeHolder, router: route.Router, transports: Transports, gates: Gates,
+                 log: Logger, *, is_listening: Callable[[], bool] = lambda: True) -> None:
         self.holder = holder
         self.router = router
         self.transports = transports
+        self.gates = gates
         self.log = log
         self.is_listening = is_listening
         self._models_cache: OrderedDict[tuple, bytes] = OrderedDict()
@@ -77,6 +79,12 @@ class Gateway:
             await self._models(rt, principal, path, response)
             ex.status = 200
             return
+        if path.startswith("/admin/"):
+            principal = self._authenticate(rt, ex, head.headers)
+            authenticate.require_admin(principal)
+            await self._admin(rt, request, response)
+            ex.status = 200
+            return
         if path not in API_POST:
             raise NotFound(f"Unknown endpoint {path}.", code="unknown_url")
         if head.method != "POST":
@@ -99,7 +107,7 @@ class Gateway:
             max_response_bytes=rt.config.server.max_response_bytes,
             max_sse_event_bytes=rt.config.server.max_sse_event_bytes)
         await proxy.forward(ex, plan, lambda dep: transform.plan_calls(endpoint, payload, dep, name),
-                            self.router, self.transports, settings, features, response)
+                            self.router, self.transports, self.gates, settings, features, response)
 
     def _authenticate(self, rt: Runtime, ex: proxy.Exchange, headers) -> Principal:
         principal, _digest = authenticate.authenticate(headers, (rt.keys.get,))
@@ -122,6 +130,19 @@ class Gateway:
                 if len(self._models_cache) > 256:
                     self._models_cache.popitem(last=False)
         await response.send_full(200, [JSON], body)
+
+    async def _admin(self, rt: Runtime, request: Request, response: Response) -> None:
+        head = request.head
+        if head.path == "/admin/routing":
+            if head.method != "GET":
+                raise MethodNotAllowed("Use GET for this endpoint.")
+            doc = {"generation": rt.generation,
+                   "targets": self.router.table(rt, trio.current_time()),
+                   "concurrency": self.gates.statistics(),
+                   "pools": {repr(p): p.statistics() for p in self.transports.pools()}}
+            await response.send_full(200, [JSON], json.dumps(doc, default=str).encode())
+            return
+        raise NotFound(f"Unknown endpoint {head.path}.", code="unknown_url")
 
     async def _health(self, response: Response) -> None:
         rt = self.holder.current

@@ -27,6 +27,7 @@ from hxgwd.pipeline.parse import Headers
 from hxgwd.pipeline.route import Outcome, Plan, RequestFeatures, Router
 from hxgwd.runtime import Deployment
 from hxgwd.upstream import Transports, UpstreamRequest, UpstreamResponse
+from hxgwd.upstream.gates import DeploymentBusy, Gates
 
 RETRY_STATUSES = frozenset((408, 409, 429))
 ERROR_BODY_LIMIT = 65536
@@ -87,7 +88,7 @@ class _Retry(Exception):
 
 
 async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], transform.CallPlan],
-                  router: Router, transports: Transports, settings: ProxySettings,
+                  router: Router, transports: Transports, gates: Gates, settings: ProxySettings,
                   features: RequestFeatures, response: Response) -> None:
     if not plan.order:
         raise Unavailable("No deployment of this model is available right now.",
@@ -107,7 +108,8 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], transf
         outcome = Outcome(ok=False, status=0, ttfb=0.0, duration=0.0, features=features)
         try:
             with trio.move_on_at(settings.deadline) as overall:
-                outcome = await _attempt(ex, dep, calls, transports, settings, response, features)
+                async with gates.slot(dep):
+                    outcome = await _attempt(ex, dep, calls, transports, settings, response, features)
             if overall.cancelled_caught:
                 outcome = Outcome(ok=False, status=0, ttfb=0.0, duration=trio.current_time() - began,
                                   features=features)
@@ -117,6 +119,9 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], transf
                                               code="upstream_total_timeout"), None)
                 break
             return
+        except DeploymentBusy as busy:   # not the deployment's fault: no failure to learn from
+            last = _Retry(busy, None)
+            outcome = Outcome(ok=True, status=0, ttfb=0.0, duration=0.0, features=features, cancelled=True)
         except _Retry as retry:
             last = retry
             outcome = Outcome(ok=False, status=retry.answer[0] if retry.answer else 0,
