@@ -108,8 +108,12 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], transf
         outcome = Outcome(ok=False, status=0, ttfb=0.0, duration=0.0, features=features)
         try:
             with trio.move_on_at(settings.deadline) as overall:
-                async with gates.slot(dep):
+                gate = gates.get(dep)
+                if gate is None:
                     outcome = await _attempt(ex, dep, calls, transports, settings, response, features)
+                else:
+                    async with gate.slot(dep.config.queue_timeout):
+                        outcome = await _attempt(ex, dep, calls, transports, settings, response, features)
             if overall.cancelled_caught:
                 outcome = Outcome(ok=False, status=0, ttfb=0.0, duration=trio.current_time() - began,
                                   features=features)

@@ -46,12 +46,16 @@ class RequestRecord:
         return max(0.0, self.total_ms - self.upstream_ms)
 
     def log_fields(self) -> dict[str, Any]:
-        doc = attrs.asdict(self)
+        # on every request: plain getattr, not attrs.asdict (which is several times slower)
+        doc = {name: getattr(self, name) for name in _FIELDS}
         doc["overhead_ms"] = round(self.overhead_ms, 3)
         for name in ("total_ms", "upstream_ms", "ttfb_ms"):
             if doc[name] is not None:
                 doc[name] = round(doc[name], 3)
         return {k: v for k, v in doc.items() if v is not None}
+
+
+_FIELDS = tuple(f.name for f in attrs.fields(RequestRecord))
 
 
 def usage_tokens(usage: dict[str, int] | None) -> dict[str, int | None]:

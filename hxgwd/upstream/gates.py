@@ -63,18 +63,16 @@ class Gates:
     def __init__(self) -> None:
         self._gates: dict[tuple[str, int, int], Gate] = {}
 
-    @asynccontextmanager
-    async def slot(self, dep: Deployment) -> AsyncIterator[None]:
+    def get(self, dep: Deployment) -> Gate | None:
+        """The deployment's gate, or None when it has no cap (the common, free case)."""
         cfg = dep.config
         if cfg.max_concurrency <= 0:
-            yield
-            return
+            return None
         key = (dep.id, cfg.max_concurrency, cfg.max_queue)
         gate = self._gates.get(key)
         if gate is None:
             gate = self._gates[key] = Gate(cfg.max_concurrency, cfg.max_queue)
-        async with gate.slot(cfg.queue_timeout):
-            yield
+        return gate
 
     def statistics(self) -> dict[str, dict[str, int]]:
         return {dep_id: {"limit": g.limit, "in_use": g.in_use, "waiting": g.waiting, "rejected": g.rejected}
