@@ -1,0 +1,425 @@
+"""The limiter the request path uses: in memory on one host, or shared across hosts in Redis.
+
+    async with open_limiter(config, log, password) as limiter:
+        res = await limiter.admit(principal, estimate)       # RateLimited 429 / LimitsUnavailable 503
+        ...
+        await limiter.settle(res, total_tokens, cost_usd)    # once, whatever the outcome
+
+`HostLimiter` wraps the pure `LocalLimiter` (stage 4). `RedisLimiter` keeps the same counters in
+Redis: each admit and each settle is ONE EVALSHA of a Lua script that reads the server clock
+(TIME), so hosts with skewed clocks agree, and checks every limit of the key before reserving any
+(all or nothing). Keys carry the hash tag `{name}` (one Cluster slot per client key) and TTLs:
+windows expire 61 s after their last use, budget counters a day after their period ends.
+
+    hxgwd:{name}:rpm           hash: unix second -> requests admitted in it
+    hxgwd:{name}:tpm           hash: unix second -> tokens reserved / settled in it
+    hxgwd:{name}:usd:2026-11   integer nano-USD spent or reserved in the period
+
+The client computes the budget period from its clock and the timezone (Lua has no zoneinfo) and
+passes the previous, current and next period; the script picks by the server clock, so hosts also
+agree at midnight.
+
+Redis errors and timeouts (`[redis] timeout` per call) follow `on_redis_error`:
+- "local": admit from this host's in-memory counters (limits then hold per host). Budgets start
+  from the spend Redis last reported, and what is spent meanwhile is added to Redis with the key's
+  next admission there.
+- "deny": refuse with 503 `limits_unavailable`, Retry-After 1. A 503 rather than a 429: the client
+  did nothing wrong, the gateway cannot check; SDKs retry both.
+An outage is logged once when it starts and once when it ends (with counts). While Redis is
+down, one request at a time probes it, at most once a second; the rest do not wait for it.
+
+A timeout is ambiguous: the script may still have run. A lost admission then stays reserved (it
+leaves the windows within a minute; on a budget it overcounts, never undercounts), and corrections
+that cannot be known to have been applied are only carried over when they add spend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import time
+from typing import Any, AsyncIterator, Callable, Protocol
+
+import trio
+
+from hxgwd.config import model as m
+from hxgwd.errors import Unavailable
+from hxgwd.pipeline import limit
+from hxgwd.pipeline.limit import BUDGET, RPM, TPM, Estimate, LocalLimiter, Reservation
+from hxgwd.runtime import Principal
+
+PREFIX = "hxgwd:"
+PROBE_INTERVAL = 1.0          # seconds between attempts to reach Redis while it is down
+BUDGET_GRACE = 86400          # budget counters outlive their period by this (late settles)
+MAX_CONNECTIONS = 64
+SAFE_NAME = re.compile(r"^[A-Za-z0-9._:@+~-]{1,100}$")
+
+
+class LimitsUnavailable(Unavailable):
+    code = "limits_unavailable"
+    fault = "gateway"
+
+
+class Limiter(Protocol):
+    async def admit(self, principal: Principal, est: Estimate) -> Reservation | None: ...
+    async def settle(self, res: Reservation | None, tokens: int | None, cost_usd: float | None) -> None: ...
+    def configure(self, config: m.Config) -> None: ...
+    def statistics(self) -> dict[str, Any]: ...
+
+
+class HostLimiter:
+    """The in-memory limiter behind the async interface; admit never awaits, so it is atomic."""
+
+    def __init__(self, limits: m.Limits, clock: Callable[[], float] = time.time) -> None:
+        self.local = LocalLimiter(limits.timezone)
+        self.clock = clock
+
+    async def admit(self, principal: Principal, est: Estimate) -> Reservation | None:
+        return self.local.admit(principal, est, self.clock())
+
+    async def settle(self, res: Reservation | None, tokens: int | None, cost_usd: float | None) -> None:
+        self.local.settle(res, tokens, cost_usd, self.clock())
+
+    def configure(self, config: m.Config) -> None:
+        self.local.set_timezone(config.limits.timezone)
+
+    def statistics(self) -> dict[str, Any]:
+        return {"backend": "local", **self.local.statistics()}
+
+
+# KEYS: rpm hash, tpm hash, budget of the previous, current and next period
+# ARGV: rpm, tpm, tokens, budget (nano), cost (nano) -- a limit < 0 is off;
+#       ends of the three periods; EXPIREAT for the three budget keys; carry (nano) onto KEYS[4]
+# -> {1, second, period index, spent} or {0, limit index, wait ms, used, asked, period index}
+ADMIT = """
+local t = redis.call('TIME')
+local sec = tonumber(t[1])
+local now = sec + tonumber(t[2]) / 1000000
+local W = 60
+
+local function window(key, lim, need)
+  local h = redis.call('HGETALL', key)
+  local total, live, dead = 0, {}, {}
+  for i = 1, #h, 2 do
+    local b = tonumber(h[i])
+    if b <= sec - W then dead[#dead + 1] = h[i]
+    else total = total + tonumber(h[i + 1]); live[#live + 1] = {b, tonumber(h[i + 1])} end
+  end
+  if #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
+  if need > lim then need = lim end
+  if total + need <= lim then return total, 0 end
+  table.sort(live, function(x, y) return x[1] < y[1] end)
+  local left = total
+  for _, e in ipairs(live) do
+    left = left - e[2]
+    if left + need <= lim then return total, e[1] + W - now end
+  end
+  return total, W
+end
+
+local rpm, tpm, need = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local budget, cost = tonumber(ARGV[4]), tonumber(ARGV[5])
+local ends = {tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])}
+local pi = 2
+if now < ends[1] then pi = 1 elseif now >= ends[2] then pi = 3 end
+local bkey = KEYS[2 + pi]
+if ARGV[12] ~= '0' then
+  if redis.call('INCRBY', KEYS[4], ARGV[12]) < 0 then redis.call('SET', KEYS[4], '0') end
+  redis.call('EXPIREAT', KEYS[4], ARGV[10])
+end
+
+local worst, which, used, asked = 0, 0, 0, 0
+if rpm >= 0 then
+  local u, w = window(KEYS[1], rpm, 1)
+  if w > worst then worst, which, used, asked = w, 1, u, 1 end
+end
+if tpm >= 0 then
+  local u, w = window(KEYS[2], tpm, need)
+  if w > worst then worst, which, used, asked = w, 2, u, need end
+end
+local spent = 0
+if budget >= 0 then
+  spent = tonumber(redis.call('GET', bkey) or '0')
+  if spent + cost > budget then
+    local w = ends[pi] - now
+    if w < 1 then w = 1 end
+    if w > worst then worst, which, used, asked = w, 3, spent, cost end
+  end
+end
+if which > 0 then return {0, which, math.ceil(worst * 1000), used, asked, pi} end
+
+if rpm >= 0 then
+  redis.call('HINCRBY', KEYS[1], t[1], 1)
+  redis.call('EXPIRE', KEYS[1], W + 1)
+end
+if tpm >= 0 then
+  redis.call('HINCRBY', KEYS[2], t[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], W + 1)
+end
+if budget >= 0 then
+  spent = redis.call('INCRBY', bkey, ARGV[5])
+  redis.call('EXPIREAT', bkey, ARGV[8 + pi])
+end
+return {1, sec, pi, spent}
+"""
+
+# KEYS: tpm hash, budget key of the reservation's period
+# ARGV: bucket ('' if no tpm), token delta, actual tokens, nano delta ('' if no budget), actual nano,
+#       period end, EXPIREAT for the budget key
+SETTLE = """
+local t = redis.call('TIME')
+local sec = tonumber(t[1])
+local W = 60
+if ARGV[1] ~= '' then
+  local b = tonumber(ARGV[1])
+  if b > sec - W then
+    if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+      if redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2]) < 0 then redis.call('HSET', KEYS[1], ARGV[1], '0') end
+    else
+      redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[3])    -- the reservation was lost (restart)
+    end
+    redis.call('EXPIRE', KEYS[1], W + 1)
+  elseif tonumber(ARGV[2]) > 0 then
+    redis.call('HINCRBY', KEYS[1], t[1], ARGV[2])
+    redis.call('EXPIRE', KEYS[1], W + 1)
+  end
+end
+if ARGV[4] ~= '' then
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    if redis.call('INCRBY', KEYS[2], ARGV[4]) < 0 then redis.call('SET', KEYS[2], '0', 'KEEPTTL') end
+  elseif sec < tonumber(ARGV[6]) then
+    redis.call('INCRBY', KEYS[2], ARGV[5])
+    redis.call('EXPIREAT', KEYS[2], ARGV[7])
+  end
+end
+return 1
+"""
+
+CODES = {1: RPM, 2: TPM, 3: BUDGET}
+
+
+def _tag(name: str) -> str:
+    return name if SAFE_NAME.match(name) else "h-" + hashlib.sha256(name.encode()).hexdigest()[:32]
+
+
+class RedisLimiter:
+    """Shared limits in Redis, with this host's `LocalLimiter` as the "local" fallback."""
+
+    def __init__(self, client: Any, config: m.Config, log: Any, *,
+                 clock: Callable[[], float] = time.time, prefix: str = PREFIX) -> None:
+        from coredis.exceptions import RedisError
+
+        self.client = client
+        self.log = log
+        self.clock = clock
+        self.prefix = prefix
+        self.probe_interval = PROBE_INTERVAL
+        self.local = LocalLimiter(config.limits.timezone)
+        self.configure(config)
+        self._admit = client.register_script(ADMIT)
+        self._settle = client.register_script(SETTLE)
+        self._errors = (RedisError, OSError, trio.TooSlowError)
+        self._keys: dict[str, tuple[str, str, str]] = {}
+        self._pending: dict[str, tuple[str, int]] = {}   # key -> (period, nano-USD not yet in Redis)
+        self._seen: dict[str, tuple[str, int]] = {}      # key -> (period, spend Redis last reported)
+        self._down_since: float | None = None            # trio clock
+        self._retry_at = 0.0
+        self._probing = False
+        self._outage_counts = [0, 0]                     # fallback admits, denials in this outage
+        self.stats = {"calls": 0, "errors": 0, "outages": 0, "fallback_admits": 0, "denied": 0,
+                      "settles_deferred": 0, "admitted": 0,
+                      "refused": {RPM: 0, TPM: 0, BUDGET: 0}}
+
+    def configure(self, config: m.Config) -> None:
+        """A reload: timezone, policy and timeout apply at once; a new url needs a restart."""
+        self.policy = config.redis.on_redis_error
+        self.timeout = config.redis.timeout
+        self.local.set_timezone(config.limits.timezone)
+
+    @property
+    def down(self) -> bool:
+        return self._down_since is not None
+
+    def statistics(self) -> dict[str, Any]:
+        return {"backend": "redis", "policy": self.policy, "down": self.down, **self.stats,
+                "refused": dict(self.stats["refused"]), "local": self.local.statistics()}
+
+    # --- admission -------------------------------------------------------------------------------
+
+    async def admit(self, principal: Principal, est: Estimate) -> Reservation | None:
+        rpm, tpm, budget = principal.rpm, principal.tpm, principal.budget_usd
+        if rpm is None and tpm is None and budget is None:
+            return None
+        now = self.clock()
+        if self._skip():
+            return self._fallback(principal, est, now)
+        name = principal.key_name
+        keys = self._keys.get(name)
+        if keys is None:
+            tag = f"{self.prefix}{{{_tag(name)}}}:"
+            keys = self._keys[name] = (f"{tag}rpm", f"{tag}tpm", f"{tag}usd:")
+        cost = limit.to_nano(est.cost_usd, up=True)
+        carry = 0
+        if budget is not None:
+            prev, cur, nxt = self.local.calendar.around(principal.budget_period, now)
+            periods = (prev, cur, nxt)
+            pending = self._pending.pop(name, None)
+            if pending is not None and pending[0] == cur.key:
+                carry = pending[1]
+            bkeys = [keys[2] + p.key for p in periods]
+            budget_args = [limit.to_nano(budget), cost, *(p.end for p in periods),
+                           *(int(p.end) + BUDGET_GRACE for p in periods), carry]
+        else:
+            bkeys = [keys[2] + "-"] * 3
+            budget_args = [-1, 0, 0, 0, 0, 0, 0, 0, 0]
+        args = [-1 if rpm is None else rpm, -1 if tpm is None else tpm, est.tokens, *budget_args]
+        self._probing = self._down_since is not None
+        try:
+            reply = await self._call(self._admit, [keys[0], keys[1], *bkeys], args)
+        except self._errors as exc:
+            if carry > 0:    # it may or may not have landed: keep only what can overcount
+                self._carry(name, cur.key, carry)
+            self._failed(exc)
+            return self._fallback(principal, est, now)
+        finally:
+            self._probing = False
+        if self._down_since is not None:
+            self._recovered()
+        if reply[0] == 0:
+            _, which, wait_ms, used, asked, pi = reply
+            code = CODES[int(which)]
+            self.stats["refused"][code] += 1
+            lim = {RPM: rpm, TPM: tpm, BUDGET: limit.to_nano(budget or 0)}[code]
+            raise limit.refusal(code, int(wait_ms) / 1000, lim, int(used), int(asked), principal.budget_period)
+        _, bucket, pi, spent = reply
+        self.stats["admitted"] += 1
+        period = None
+        if budget is not None:
+            period = periods[int(pi) - 1]
+            self._seen[name] = (period.key, int(spent))
+        return Reservation(name, int(bucket), est.tokens if tpm is not None else None,
+                           cost if budget is not None else None, period.key if period else None,
+                           period.end if period else 0.0, "redis")
+
+    def _fallback(self, principal: Principal, est: Estimate, now: float) -> Reservation | None:
+        if self.policy == "deny":
+            self.stats["denied"] += 1
+            self._outage_counts[1] += 1
+            raise LimitsUnavailable("Usage limits cannot be checked right now. Please try again shortly.",
+                                    retry_after=1)
+        self.stats["fallback_admits"] += 1
+        self._outage_counts[0] += 1
+        return self.local.admit(principal, est, now)
+
+    # --- settlement ------------------------------------------------------------------------------
+
+    async def settle(self, res: Reservation | None, tokens: int | None, cost_usd: float | None) -> None:
+        """Correct a reservation; never raises, and bounded by the timeout even when cancelled."""
+        if res is None:
+            return
+        now = self.clock()
+        actual = None if res.nano_usd is None else (res.nano_usd if cost_usd is None else limit.to_nano(cost_usd))
+        if res.where == "local":
+            self.local.settle(res, tokens, cost_usd, now)
+            if actual and res.period:      # spent while Redis was away: add it there later
+                self._carry(res.key, res.period, actual)
+            return
+        delta = None if actual is None else actual - res.nano_usd
+        tok = res.tokens is not None and tokens is not None and tokens != res.tokens
+        if not tok and not delta:
+            return
+        if self._skip():
+            if delta:                      # not sent at all: carry it exactly
+                self._carry(res.key, res.period, delta)
+            self.stats["settles_deferred"] += 1
+            return
+        tag = f"{self.prefix}{{{_tag(res.key)}}}:"
+        args = [res.bucket if tok else "", (tokens - res.tokens) if tok else 0, tokens if tok else 0,
+                "" if delta is None else delta, actual or 0, res.period_end,
+                int(res.period_end) + BUDGET_GRACE]
+        self._probing = self._down_since is not None
+        try:
+            await self._call(self._settle, [f"{tag}tpm", f"{tag}usd:{res.period}"], args)
+        except self._errors as exc:
+            if delta and delta > 0:
+                self._carry(res.key, res.period, delta)
+            self.stats["settles_deferred"] += 1
+            self._failed(exc)
+            return
+        finally:
+            self._probing = False
+        if self._down_since is not None:
+            self._recovered()
+
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """One EVALSHA, shielded and bounded by the timeout: a client hanging up cannot leave it
+        half done (an admission completes and is returned, so the caller settles it)."""
+        self.stats["calls"] += 1
+        with trio.move_on_after(self.timeout, shield=True):
+            return await script(keys=keys, args=args)
+        raise trio.TooSlowError
+
+    def _carry(self, key: str, period: str | None, nano: int) -> None:
+        if period is None:
+            return
+        old = self._pending.get(key)
+        self._pending[key] = (period, nano + (old[1] if old and old[0] == period else 0))
+
+    # --- outage bookkeeping ----------------------------------------------------------------------
+
+    def _skip(self) -> bool:
+        """Redis is down and not due for a probe (or another task is probing it)."""
+        return self._down_since is not None and (self._probing or trio.current_time() < self._retry_at)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.stats["errors"] += 1
+        now = trio.current_time()
+        self._retry_at = now + self.probe_interval
+        if self._down_since is not None:
+            return
+        self._down_since = now
+        self._outage_counts = [0, 0]
+        self.stats["outages"] += 1
+        self.log.warning("limits: redis unavailable", policy=self.policy, error=type(exc).__name__,
+                         detail=str(exc)[:200])
+        for key, (period, spent) in self._seen.items():
+            pending = self._pending.get(key)
+            extra = pending[1] if pending and pending[0] == period else 0
+            self.local.seed_spend(key, period, spent + max(0, extra))
+
+    def _recovered(self) -> None:
+        down = trio.current_time() - (self._down_since or 0.0)
+        self._down_since = None
+        fallback, denied = self._outage_counts
+        self.log.info("limits: redis recovered", down_seconds=round(down, 3), policy=self.policy,
+                      fallback_admits=fallback, denied=denied)
+
+
+@contextlib.asynccontextmanager
+async def open_limiter(config: m.Config, log: Any, password: str | None = None) -> AsyncIterator[Limiter]:
+    """The limiter for `config`: Redis when `[redis] url` is set, else in memory. Open it once at
+    daemon scope: the coredis client (and its pool) lives exactly as long as this context."""
+    if not config.redis.url:
+        yield HostLimiter(config.limits)
+        return
+    import coredis
+    from coredis.retry import NoRetryPolicy
+
+    t = config.redis.timeout
+    kwargs: dict[str, Any] = {} if password is None else {"password": password}
+    client = coredis.Redis.from_url(config.redis.url, stream_timeout=t, connect_timeout=t, pool_timeout=t,
+                                    max_connections=MAX_CONNECTIONS, retry_policy=NoRetryPolicy(), **kwargs)
+    raised: BaseException | None = None
+    try:
+        async with client:
+            try:
+                yield RedisLimiter(client, config, log)
+            except BaseException as exc:
+                raised = exc
+                raise
+    except BaseExceptionGroup as group:
+        # coredis's pool runs a task group: an error of the daemon's own would come out wrapped
+        if raised is not None and len(group.exceptions) == 1 and group.exceptions[0] is raised:
+            raise raised from None
+        raise
