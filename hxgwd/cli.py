@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     genkey.add_argument("--name", default="my-app", help="the key's name in the config")
     for p in sub.choices.values():
         p.add_argument("-c", "--config", metavar="PATH", default=argparse.SUPPRESS, help="config file")
+    from hxgwd.store.cli import add_parsers   # keys, db, usage: they add their own -c
+    add_parsers(sub)
     return parser
 
 
@@ -53,6 +55,9 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "genkey":
         return cmd_genkey(args.name)
+    if args.command in ("keys", "db", "usage"):
+        from hxgwd.store.cli import run as store_run
+        return store_run(args, config_path(args))
     if args.check_config:
         return cmd_check_config(config_path(args))
     if args.print_config:

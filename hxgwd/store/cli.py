@@ -1,0 +1,295 @@
+"""`hxgwd keys ...`, `hxgwd db ...`, `hxgwd usage`: the store from the command line.
+
+Every command reads the same config as the daemon (-c PATH, $HXGWD_CONFIG, the default) and
+opens the store of its [database] section. Only argparse is imported here at module level:
+hxgwd/cli.py builds these parsers for every start, `--version` included; the store, trio and the
+drivers are imported by `run`.
+
+A new key is printed once, alone on stdout (so `KEY=$(hxgwd keys create --name x)` works); the
+notes about it go to stderr. SQLite is migrated on first use by any command, as the daemon does;
+a PostgreSQL schema is changed only by `hxgwd db migrate`.
+
+Exit codes: 0 done; 1 failed (store unreachable, unknown key, schema out of date: `db status`
+says 1 when a migration is due); 2 bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+COMMANDS = ("keys", "db", "usage")
+WHEN_HELP = "YYYY-MM-DD (UTC midnight), an ISO 8601 time, or an age like 30m, 12h, 7d, 4w"
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("-c", "--config", metavar="PATH", default=argparse.SUPPRESS, help="config file")
+        return p
+
+    keys = with_config(sub.add_parser("keys", help="virtual keys in the database: create, list, show, revoke"))
+    actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    create = with_config(actions.add_parser("create", help="make a key and print it, once"))
+    create.add_argument("--name", required=True, help="the key's name: in logs, usage and reports")
+    create.add_argument("--models", nargs="+", default=[], metavar="MODEL",
+                        help="models and groups the key may use (space or comma separated; default: all)")
+    create.add_argument("--rpm", type=_positive_int, help="requests per minute")
+    create.add_argument("--tpm", type=_positive_int, help="tokens per minute")
+    create.add_argument("--budget-usd", type=float, metavar="X", help="spend allowed per budget period")
+    create.add_argument("--budget-period", choices=("day", "month"), default="month")
+    create.add_argument("--expires", metavar="WHEN",
+                        help="expiry: YYYY-MM-DD (UTC midnight), an ISO 8601 time, or 30d / 12h from now")
+    create.add_argument("--admin", action="store_true", help="may call the /admin API")
+    listing = with_config(actions.add_parser("list", help="keys of the database and the config (never a secret)"))
+    listing.add_argument("--all", action="store_true", help="revoked keys too")
+    listing.add_argument("--json", action="store_true")
+    show = with_config(actions.add_parser("show", help="one key's settings"))
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true")
+    revoke = with_config(actions.add_parser("revoke", help="revoke a key on every gateway (within key_refresh)"))
+    revoke.add_argument("name")
+
+    db = with_config(sub.add_parser("db", help="database schema: migrate, status"))
+    db_actions = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    with_config(db_actions.add_parser("migrate", help="bring the schema to this hxgwd's version"))
+    with_config(db_actions.add_parser("status", help="schema version: exit 0 if current, 1 if not"))
+
+    usage = with_config(sub.add_parser("usage", help="usage report: requests, tokens, cost"))
+    usage.add_argument("--since", metavar="WHEN", default="30d", help=f"start, inclusive (default 30d): {WHEN_HELP}")
+    usage.add_argument("--until", metavar="WHEN", help=f"end, exclusive (default now): {WHEN_HELP}")
+    usage.add_argument("--by", choices=("key", "model", "deployment", "day"), default="key")
+    usage.add_argument("--key", metavar="NAME", help="only this key's requests")
+    usage.add_argument("--json", action="store_true")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def run(args: argparse.Namespace, config_path: str) -> int:
+    from hxgwd.config.load import ConfigError, load_file
+
+    try:
+        config = load_file(config_path)
+    except ConfigError as exc:
+        _err(f"{config_path}: {len(exc.problems)} error(s)")
+        for problem in exc.problems:
+            print(f"  error: {problem}", file=sys.stderr)
+        return 1
+    if not config.database.url:
+        _err(f"{config_path}: the database is disabled ([database] url is empty)")
+        return 1
+
+    import trio
+
+    from hxgwd.store import StoreError, open_store, read_password
+
+    try:
+        store = open_store(config.database, read_password(config.database))
+        return trio.run(_dispatch, args, config, store)
+    except (StoreError, ValueError) as exc:
+        _err(str(exc))
+        return 1
+    except ImportError as exc:   # psycopg is an optional dependency
+        _err(f"cannot use {config.database.url.split(':')[0]}: {exc} (pip install 'hxgwd[postgres]')")
+        return 1
+
+
+async def _dispatch(args: argparse.Namespace, config, store) -> int:
+    try:
+        if args.command == "db":
+            return await (_db_migrate if args.db_command == "migrate" else _db_status)(store)
+        await store.ensure_schema()
+        if args.command == "usage":
+            return await _usage(args, store)
+        return await {"create": _keys_create, "list": _keys_list, "show": _keys_show,
+                      "revoke": _keys_revoke}[args.keys_command](args, config, store)
+    finally:
+        await store.aclose()
+
+
+# --- db ----------------------------------------------------------------------------------------------
+
+async def _db_migrate(store) -> int:
+    before, after = await store.migrate()
+    if before == after:
+        print(f"hxgwd: {store.url_for_display}: schema already at version {after}")
+    else:
+        print(f"hxgwd: {store.url_for_display}: schema migrated from version {before} to {after}")
+    return 0
+
+
+async def _db_status(store) -> int:
+    from hxgwd.store import schema_problem
+
+    current, expected = await store.schema_status()
+    if current == expected:
+        print(f"hxgwd: {store.url_for_display}: schema at version {current}, up to date")
+        return 0
+    print(f"hxgwd: {store.url_for_display}: {schema_problem(current, expected)}")
+    return 1
+
+
+# --- keys --------------------------------------------------------------------------------------------
+
+async def _keys_create(args: argparse.Namespace, config, store) -> int:
+    import time
+
+    if any(k.name == args.name for k in config.keys):
+        _err(f"a key named {args.name!r} is in the config file; choose another name")
+        return 1
+    if args.budget_usd is not None and args.budget_usd < 0:
+        _err("--budget-usd: must not be negative")
+        return 1
+    models = tuple(m for arg in args.models for m in arg.split(",") if m)
+    expires = parse_when(args.expires, time.time(), future=True) if args.expires else None
+    key, info = await store.create_key(args.name, models=models, admin=args.admin, rpm=args.rpm, tpm=args.tpm,
+                                       budget_usd=args.budget_usd, budget_period=args.budget_period,
+                                       expires_at=expires)
+    print(f"# key {info.name!r} ({info.prefix}...), shown this once: give it to the client. The database "
+          "keeps only its SHA-256.", file=sys.stderr)
+    print(f"# Running gateways accept it within {config.database.key_refresh:g} s.", file=sys.stderr)
+    print(key)
+    return 0
+
+
+def _config_key_doc(k) -> dict:
+    return {"name": k.name, "source": "config", "prefix": None, "models": list(k.models), "admin": k.admin,
+            "rpm": k.rpm, "tpm": k.tpm, "budget_usd": k.budget_usd, "budget_period": k.budget_period,
+            "created_at": None, "expires_at": None, "revoked_at": None, "status": "active"}
+
+
+async def _keys_list(args: argparse.Namespace, config, store) -> int:
+    import json
+    import time
+
+    now = time.time()
+    docs = [{**info.as_dict(now), "source": "store"} for info in await store.list_keys(include_revoked=args.all)]
+    docs += [_config_key_doc(k) for k in config.keys]
+    docs.sort(key=lambda d: (d["name"], d["source"]))
+    if args.json:
+        print(json.dumps(docs, indent=2))
+        return 0
+    header = ("NAME", "PREFIX", "SOURCE", "STATUS", "MODELS", "RPM", "TPM", "BUDGET", "EXPIRES")
+    rows = [(d["name"], (d["prefix"] + "...") if d["prefix"] else "-", d["source"], d["status"],
+             ",".join(d["models"]) or "*", _dash(d["rpm"]), _dash(d["tpm"]), _budget(d),
+             d["expires_at"] or "-") for d in docs]
+    _table(header, rows)
+    return 0
+
+
+async def _keys_show(args: argparse.Namespace, config, store) -> int:
+    import json
+    import time
+
+    from hxgwd.store import KeyNotFound
+
+    try:
+        doc = {**(await store.get_key(args.name)).as_dict(time.time()), "source": "store"}
+    except KeyNotFound:
+        matches = [k for k in config.keys if k.name == args.name]
+        if not matches:
+            raise
+        doc = _config_key_doc(matches[0])
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        for name, value in doc.items():
+            if name != "id":
+                print(f"{name + ':':<15}{_dash(value) if not isinstance(value, list) else ','.join(value) or '*'}")
+    return 0
+
+
+async def _keys_revoke(args: argparse.Namespace, config, store) -> int:
+    from hxgwd.store import KeyNotFound
+
+    try:
+        info = await store.revoke_key(args.name)
+    except KeyNotFound:
+        if any(k.name == args.name for k in config.keys):
+            _err(f"{args.name!r} is a key of the config file: remove it there, then reload (SIGHUP)")
+            return 1
+        raise
+    print(f"hxgwd: revoked key {info.name!r} ({info.prefix}...); running gateways refuse it within "
+          f"{config.database.key_refresh:g} s")
+    return 0
+
+
+# --- usage -------------------------------------------------------------------------------------------
+
+async def _usage(args: argparse.Namespace, store) -> int:
+    import json
+    import time
+
+    from hxgwd.store import iso_time
+    from hxgwd.store.schema import SUMMARY_FIELDS
+
+    now = time.time()
+    since = parse_when(args.since, now) if args.since else None
+    until = parse_when(args.until, now) if args.until else None
+    rows = await store.usage_summary(since, until, args.by, key=args.key)
+    total = {f: sum(r[f] for r in rows) for f in SUMMARY_FIELDS if f != "avg_ms"}
+    total["cost_usd"] = round(total["cost_usd"], 6)
+    requests = total["requests"]
+    total["avg_ms"] = round(sum(r["avg_ms"] * r["requests"] for r in rows) / requests, 3) if requests else 0.0
+    if args.json:
+        print(json.dumps({"since": iso_time(since), "until": iso_time(until), "by": args.by, "key": args.key,
+                          "rows": rows, "total": total}, indent=2))
+        return 0
+    print(f"usage from {iso_time(since) or 'the start'} to {iso_time(until) or 'now'}, by {args.by}"
+          + (f", key {args.key}" if args.key else ""))
+    header = (args.by.upper(), "REQUESTS", "ERRORS", "PROMPT", "COMPLETION", "TOKENS", "COST USD", "AVG MS")
+    body = [(_dash(r[args.by]), r["requests"], r["errors"], r["prompt_tokens"], r["completion_tokens"],
+             r["total_tokens"], f"{r['cost_usd']:.4f}", f"{r['avg_ms']:.0f}") for r in rows]
+    body.append(("TOTAL", total["requests"], total["errors"], total["prompt_tokens"], total["completion_tokens"],
+                 total["total_tokens"], f"{total['cost_usd']:.4f}", f"{total['avg_ms']:.0f}"))
+    _table(header, body, numeric_from=1)
+    return 0
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+def parse_when(text: str, now: float, future: bool = False) -> float:
+    """A point in time as unix seconds: "now", an age ("7d": 7 days ago; with future=True, 7 days
+    from now), a UTC date, or an ISO 8601 time (UTC when it has no offset). ValueError otherwise."""
+    import datetime as dt
+    import re
+
+    text = text.strip()
+    if text == "now":
+        return now
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text)
+    if match:
+        seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+        return now + seconds if future else now - seconds
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r}: not a time; use {WHEN_HELP}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
+def _dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def _budget(doc: dict) -> str:
+    return "-" if doc["budget_usd"] is None else f"${doc['budget_usd']:g}/{doc['budget_period']}"
+
+
+def _table(header: tuple, rows: list[tuple], numeric_from: int | None = None) -> None:
+    cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in row) for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        parts = [c.rjust(w) if numeric_from is not None and i >= numeric_from else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(row, widths))]
+        print("  ".join(parts).rstrip())
+
+
+def _err(message: str) -> None:
+    print(f"hxgwd: {message}", file=sys.stderr)

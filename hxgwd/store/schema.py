@@ -1,0 +1,256 @@
+"""The schema: ordered migrations per engine, and RequestRecord <-> row.
+
+A migration is appended, never edited: version N is the N-th entry of MIGRATIONS[engine], and
+`schema_version` holds one row per applied version. Both engines run DDL inside a transaction, so
+a migration applies whole or not at all; concurrent migrators serialize on BEGIN IMMEDIATE
+(SQLite) or an advisory lock (PostgreSQL) and re-read the version after taking it.
+
+Times are unix seconds in SQLite (REAL) and timestamptz in PostgreSQL. `group` is a reserved word,
+so RequestRecord.group is the column group_name. Key models are a JSON array in a text column on
+both engines, so the two stay alike.
+
+`row_values` also makes a record safe to store: client-chosen strings (a model name) may hold a
+NUL, which PostgreSQL text refuses, or a lone surrogate from a JSON escape, which neither driver
+can encode; integers are clamped to the column range. One bad record must not fail a batch
+forever (the usage sink still bisects a rejected batch as a last resort).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+from hxgwd.pipeline.record import RequestRecord
+
+SCHEMA_LOCK = 0x68786777   # "hxgw": pg_advisory_xact_lock key for migrations
+
+# (column, RequestRecord field, kind); kind drives sanitizing and PostgreSQL COPY types
+USAGE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("request_id", "request_id", "text"),
+    ("ts", "ts", "float"),
+    ("key", "key", "text"),
+    ("endpoint", "endpoint", "text"),
+    ("model", "model", "text"),
+    ("group_name", "group", "text"),
+    ("deployment", "deployment", "text"),
+    ("backend", "backend", "text"),
+    ("status", "status", "int4"),
+    ("error_type", "error_type", "text"),
+    ("fault", "fault", "text"),
+    ("stream", "stream", "bool"),
+    ("prompt_tokens", "prompt_tokens", "int8"),
+    ("completion_tokens", "completion_tokens", "int8"),
+    ("total_tokens", "total_tokens", "int8"),
+    ("cost_usd", "cost_usd", "float"),
+    ("bytes_in", "bytes_in", "int8"),
+    ("bytes_out", "bytes_out", "int8"),
+    ("total_ms", "total_ms", "float"),
+    ("upstream_ms", "upstream_ms", "float"),
+    ("ttfb_ms", "ttfb_ms", "float"),
+    ("attempts", "attempts", "int4"),
+    ("route", "route", "text"),
+    ("generation", "generation", "int8"),
+)
+COLUMN_NAMES = tuple(c for c, _, _ in USAGE_COLUMNS)
+RECORD_FIELDS = tuple(f.name for f in attrs.fields(RequestRecord))
+assert sorted(RECORD_FIELDS) == sorted(f for _, f, _ in USAGE_COLUMNS), "a RequestRecord field has no column"
+
+MAX_TEXT = 512     # characters; longer client-chosen strings are cut
+_INT_RANGE = {"int4": (-(2 ** 31), 2 ** 31 - 1), "int8": (-(2 ** 63), 2 ** 63 - 1)}
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    s = value if isinstance(value, str) else str(value)
+    if len(s) > MAX_TEXT:
+        s = s[:MAX_TEXT]
+    if not s.isascii():
+        s = s.encode("utf-8", "replace").decode("utf-8")   # lone surrogates -> "?"
+    if "\x00" in s:
+        s = s.replace("\x00", "\ufffd")
+    return s
+
+
+def _value(value: Any, kind: str) -> Any:
+    if value is None:
+        return None
+    if kind == "text":
+        return _text(value)
+    if kind == "float":
+        return float(value)
+    if kind == "bool":
+        return bool(value)
+    lo, hi = _INT_RANGE[kind]
+    return min(max(int(value), lo), hi)
+
+
+def row_values(record: RequestRecord) -> tuple[Any, ...]:
+    """The record as a tuple in USAGE_COLUMNS order, made safe to store."""
+    return tuple(_value(getattr(record, field), kind) for _, field, kind in USAGE_COLUMNS)
+
+
+# --- the spool's line format ---------------------------------------------------------------------
+
+def record_line(record: RequestRecord) -> bytes:
+    doc = {name: getattr(record, name) for name in RECORD_FIELDS}
+    return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+
+
+def record_from_line(line: bytes) -> RequestRecord:
+    """Raises ValueError (or TypeError) for a line that is not a record; unknown fields are
+    ignored, so a spool written by a newer hxgwd replays into an older one."""
+    doc = json.loads(line)
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    return RequestRecord(**{k: v for k, v in doc.items() if k in RECORD_FIELDS})
+
+
+# --- migrations ------------------------------------------------------------------------------------
+
+SQLITE_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER PRIMARY KEY,
+    applied_at REAL NOT NULL,
+    description TEXT NOT NULL
+)"""
+
+POSTGRES_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
+    version integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    description text NOT NULL
+)"""
+
+# version N = MIGRATIONS[engine][N-1]: (description, [statements])
+MIGRATIONS: dict[str, list[tuple[str, list[str]]]] = {
+    "sqlite": [
+        ("keys and usage", [
+            """CREATE TABLE api_keys (
+                id INTEGER PRIMARY KEY,
+                name TEXT NOT NULL,
+                prefix TEXT NOT NULL,
+                sha256 BLOB NOT NULL UNIQUE,
+                models TEXT NOT NULL DEFAULT '[]',
+                admin INTEGER NOT NULL DEFAULT 0,
+                rpm INTEGER,
+                tpm INTEGER,
+                budget_usd REAL,
+                budget_period TEXT NOT NULL DEFAULT 'month',
+                created_at REAL NOT NULL,
+                expires_at REAL,
+                revoked_at REAL
+            )""",
+            # one live key per name; revoked keys keep their rows (and names) for the record
+            "CREATE UNIQUE INDEX api_keys_live_name ON api_keys (name) WHERE revoked_at IS NULL",
+            """CREATE TABLE usage (
+                request_id TEXT PRIMARY KEY,
+                ts REAL NOT NULL,
+                key TEXT,
+                endpoint TEXT NOT NULL,
+                model TEXT,
+                group_name TEXT,
+                deployment TEXT,
+                backend TEXT,
+                status INTEGER NOT NULL,
+                error_type TEXT,
+                fault TEXT,
+                stream INTEGER NOT NULL DEFAULT 0,
+                prompt_tokens INTEGER,
+                completion_tokens INTEGER,
+                total_tokens INTEGER,
+                cost_usd REAL,
+                bytes_in INTEGER NOT NULL DEFAULT 0,
+                bytes_out INTEGER NOT NULL DEFAULT 0,
+                total_ms REAL NOT NULL DEFAULT 0,
+                upstream_ms REAL NOT NULL DEFAULT 0,
+                ttfb_ms REAL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                route TEXT,
+                generation INTEGER NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX usage_ts ON usage (ts)",
+            "CREATE INDEX usage_key_ts ON usage (key, ts)",   # per-key reports and budgets
+        ]),
+    ],
+    "postgresql": [
+        ("keys and usage", [
+            """CREATE TABLE api_keys (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                name text NOT NULL,
+                prefix text NOT NULL,
+                sha256 bytea NOT NULL UNIQUE,
+                models text NOT NULL DEFAULT '[]',
+                admin boolean NOT NULL DEFAULT false,
+                rpm integer,
+                tpm integer,
+                budget_usd double precision,
+                budget_period text NOT NULL DEFAULT 'month',
+                created_at timestamptz NOT NULL DEFAULT now(),
+                expires_at timestamptz,
+                revoked_at timestamptz
+            )""",
+            "CREATE UNIQUE INDEX api_keys_live_name ON api_keys (name) WHERE revoked_at IS NULL",
+            """CREATE TABLE usage (
+                request_id text PRIMARY KEY,
+                ts timestamptz NOT NULL,
+                key text,
+                endpoint text NOT NULL,
+                model text,
+                group_name text,
+                deployment text,
+                backend text,
+                status integer NOT NULL,
+                error_type text,
+                fault text,
+                stream boolean NOT NULL DEFAULT false,
+                prompt_tokens bigint,
+                completion_tokens bigint,
+                total_tokens bigint,
+                cost_usd double precision,
+                bytes_in bigint NOT NULL DEFAULT 0,
+                bytes_out bigint NOT NULL DEFAULT 0,
+                total_ms double precision NOT NULL DEFAULT 0,
+                upstream_ms double precision NOT NULL DEFAULT 0,
+                ttfb_ms double precision,
+                attempts integer NOT NULL DEFAULT 0,
+                route text,
+                generation bigint NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX usage_ts ON usage (ts)",
+            "CREATE INDEX usage_key_ts ON usage (key, ts)",
+        ]),
+    ],
+}
+
+
+def expected_version(engine: str) -> int:
+    return len(MIGRATIONS[engine])
+
+
+# --- usage summaries -------------------------------------------------------------------------------
+
+SUMMARY_FIELDS = ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "avg_ms")
+
+
+def summary_rows(by: str, rows: list[tuple]) -> list[dict]:
+    """SQL rows (group, count, errors, sums..., avg) -> dicts, NULL sums as 0, sorted."""
+    out = []
+    for group, requests, errors, prompt, completion, total, cost, avg_ms in rows:
+        out.append({by: group, "requests": int(requests), "errors": int(errors or 0),
+                    "prompt_tokens": int(prompt or 0), "completion_tokens": int(completion or 0),
+                    "total_tokens": int(total or 0), "cost_usd": round(float(cost or 0.0), 6),
+                    "avg_ms": round(float(avg_ms or 0.0), 3)})
+    if by == "day":
+        out.sort(key=lambda r: r["day"])
+    else:
+        out.sort(key=lambda r: (-r["cost_usd"], -r["requests"], r[by] or ""))
+    return out
+
+
+def models_text(models: tuple[str, ...]) -> str:
+    return json.dumps(list(models))
+
+
+def models_tuple(text: str | None) -> tuple[str, ...]:
+    return tuple(json.loads(text)) if text else ()

@@ -1,0 +1,251 @@
+"""The local spool: usage records that could not go to the store yet, on disk, append-only.
+
+    <spool_dir>/usage-0000000042.jsonl    one JSON record per line; the highest number is active
+    <spool_dir>/.lock                     flock: one gateway process per spool directory
+
+Records are appended to the active segment; the writer seals it (fsync, close) when it grows past
+`segment_bytes` or before a replay, and replay reads sealed segments oldest first, deleting each
+once all its records are in the store. The store ignores request_ids it already has, so a segment
+replayed twice (a crash between insert and delete) does no harm.
+
+Appends are plain `os.write` calls on an O_APPEND descriptor from the event loop thread: a write
+to the page cache costs microseconds, like the access log line, and a killed process loses
+nothing already written. `fsync` (the slow part) always runs in a worker thread, under a trio
+lock so that a segment is never closed while its fsync runs. How often is the caller's policy
+(usage.py). A torn last line after a power cut fails to parse on replay and is counted as
+corrupt, not retried.
+
+The spool is bounded by `max_bytes`: beyond it records are dropped and counted, with a warning
+at 80% and an error at the bound (repeated at most every 10 s while dropping), so the disk of a
+host whose database is gone for days does not fill up.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import time
+from typing import Any
+
+import trio
+
+from hxgwd.pipeline.record import RequestRecord
+from hxgwd.store.schema import record_from_line
+
+_NAME = re.compile(r"^usage-(\d{10})\.jsonl$")
+WARN_FRACTION = 0.8
+FULL_LOG_INTERVAL = 10.0
+
+
+class SpoolError(Exception):
+    pass
+
+
+class Spool:
+    def __init__(self, directory: str, max_bytes: int, log: Any, segment_bytes: int | None = None) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes or min(16 * 1024 * 1024, max(64 * 1024, max_bytes // 16))
+        self.log = log
+        self.bytes = 0             # all segments, the active one included
+        self.dropped = 0           # records refused: over max_bytes, or a failed write
+        self.last_error: str | None = None
+        self._sizes: dict[str, int] = {}   # segment path -> bytes
+        self._seq = 0
+        self._active: str | None = None
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
+        self._unsynced = False
+        self._new_file = False     # the directory entry of a new segment needs an fsync too
+        self._sync_lock = trio.Lock()
+        self._level = "ok"         # ok / warn / full: log on transitions only
+        self._full_logged = 0.0
+
+    # --- opening and closing (blocking: from a worker thread, or at shutdown) -------------------
+
+    @property
+    def opened(self) -> bool:
+        return self._lock_fd is not None
+
+    def open(self) -> None:
+        """Create the directory (0750), take its lock, and account for segments left by earlier runs."""
+        if self.opened:
+            return
+        os.makedirs(self.directory, mode=0o750, exist_ok=True)
+        lock_fd = os.open(os.path.join(self.directory, ".lock"), os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise SpoolError(f"spool directory {self.directory} is in use by another hxgwd process") from None
+        self._lock_fd = lock_fd
+        for name in os.listdir(self.directory):
+            match = _NAME.match(name)
+            if match:
+                path = os.path.join(self.directory, name)
+                self._sizes[path] = os.path.getsize(path)
+                self._seq = max(self._seq, int(match.group(1)))
+        self.bytes = sum(self._sizes.values())
+        self._check_level(0)
+
+    def close(self, fsync: bool) -> None:
+        if self._fd is not None:
+            if fsync and self._unsynced:
+                self._fsync()
+            os.close(self._fd)
+            self._fd, self._active = None, None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- appending (event loop thread) ------------------------------------------------------------
+
+    def append(self, lines: list[bytes]) -> int:
+        """Write lines to the active segment; -> how many were written. The rest are dropped and
+        counted: over max_bytes, or the write failed (disk full)."""
+        if not self.opened:
+            self.open()    # only when a record overflows before the writer ran: rare, small
+        room, n = self.max_bytes - self.bytes, 0
+        for line in lines:
+            if len(line) > room:
+                break
+            room -= len(line)
+            n += 1
+        written = 0
+        if n:
+            data = b"".join(lines[:n]) if n > 1 else lines[0]
+            try:
+                self._write(data)
+                written = n
+            except OSError as exc:
+                self.last_error = f"spool write failed: {exc.strerror}"
+                self.log.error("cannot write the usage spool", directory=self.directory, error=exc.strerror)
+        dropped = len(lines) - written
+        self.dropped += dropped
+        self._check_level(dropped)
+        return written
+
+    def _write(self, data: bytes) -> None:
+        if self._fd is None:
+            self._seq += 1
+            self._active = os.path.join(self.directory, f"usage-{self._seq:010d}.jsonl")
+            self._fd = os.open(self._active, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._sizes.setdefault(self._active, 0)
+            self._new_file = True
+        view, done = memoryview(data), 0
+        try:
+            while done < len(data):
+                done += os.write(self._fd, view[done:])
+        finally:
+            if done:
+                self._sizes[self._active] += done
+                self.bytes += done
+                self._unsynced = True
+
+    @property
+    def active_bytes(self) -> int:
+        return self._sizes.get(self._active, 0) if self._active else 0
+
+    # --- durability ----------------------------------------------------------------------------------
+
+    async def sync(self) -> None:
+        """fsync what was appended so far, in a worker thread; concurrent calls coalesce."""
+        async with self._sync_lock:
+            if self._fd is None or not self._unsynced:
+                return
+            self._unsynced = False
+            try:
+                await trio.to_thread.run_sync(self._fsync)
+            except OSError as exc:
+                self.last_error = f"spool fsync failed: {exc.strerror}"
+                self.log.error("cannot fsync the usage spool", directory=self.directory, error=exc.strerror)
+
+    def _fsync(self) -> None:
+        os.fsync(self._fd)
+        if self._new_file:
+            self._new_file = False
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    async def seal(self, fsync: bool = True) -> None:
+        """Close the active segment (after its fsync) so replay may read it; the next append
+        starts a new one."""
+        async with self._sync_lock:
+            if self._fd is None:
+                return
+            if fsync and self._unsynced:
+                try:
+                    await trio.to_thread.run_sync(self._fsync)
+                except OSError as exc:
+                    self.log.error("cannot fsync the usage spool", directory=self.directory, error=exc.strerror)
+            self._unsynced = False
+            os.close(self._fd)
+            self._fd, self._active = None, None
+
+    # --- replay (reads run in worker threads) ------------------------------------------------------
+
+    def sealed(self) -> list[str]:
+        """Sealed segments, oldest first."""
+        return sorted(p for p in self._sizes if p != self._active)
+
+    @staticmethod
+    def read(path: str) -> tuple[list[RequestRecord], int]:
+        """-> (records, lines that are not records). Blocking: call from a worker thread."""
+        with open(path, "rb") as f:
+            data = f.read()
+        records, bad = [], 0
+        for line in data.split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                records.append(record_from_line(line))
+            except (ValueError, TypeError):
+                bad += 1
+        return records, bad
+
+    def remove(self, path: str) -> None:
+        """A segment whose records are all in the store."""
+        self._forget(path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.log.error("cannot delete a replayed usage spool segment; its records would be replayed "
+                           "again at the next start", path=path, error=exc.strerror)
+
+    def quarantine(self, path: str, error: str) -> None:
+        """A segment that cannot be read: set aside as *.bad for the operator, out of the bound."""
+        self._forget(path)
+        self.log.error("cannot read a usage spool segment; set aside as .bad", path=path, error=error)
+        try:
+            os.rename(path, path + ".bad")
+        except OSError:
+            pass
+
+    def _forget(self, path: str) -> None:
+        self.bytes -= self._sizes.pop(path, 0)
+        self._check_level(0)
+
+    # --- the bound ---------------------------------------------------------------------------------
+
+    def _check_level(self, dropped_now: int) -> None:
+        fields = {"directory": self.directory, "spool_bytes": self.bytes, "spool_max_bytes": self.max_bytes}
+        if dropped_now and self.bytes + 1 >= self.max_bytes * WARN_FRACTION:
+            now = time.monotonic()
+            if self._level != "full" or now - self._full_logged >= FULL_LOG_INTERVAL:
+                self._level, self._full_logged = "full", now
+                self.log.error("usage spool is full: usage records are being dropped",
+                               dropped_total=self.dropped, **fields)
+        elif self.bytes >= self.max_bytes * WARN_FRACTION:
+            if self._level == "ok":
+                self._level = "warn"
+                self.log.warning("usage spool is over 80% of its bound; records will be dropped at the bound",
+                                 **fields)
+        elif self._level != "ok":
+            self._level = "ok"
+            self.log.info("usage spool is below 80% of its bound again", **fields)

@@ -1,0 +1,148 @@
+"""What the SQLite and PostgreSQL stores share: the async methods, key material, row mapping.
+
+Each engine supplies the SQL as small synchronous functions `fn(conn, ...)`; this class runs them
+through `threads.Connections` (worker thread, own limiter, stop-on-cancel) and turns driver
+errors into StoreUnavailable / RecordRejected with `_translate`, so callers (the usage sink, the
+key cache, the CLI) never import a driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from typing import Any, Callable, TypeVar
+
+from hxgwd.pipeline.record import RequestRecord
+from hxgwd.runtime import Principal
+from hxgwd.store import BY, KeyInfo, Store, StoreError
+from hxgwd.store import schema
+from hxgwd.store.threads import Connections
+
+T = TypeVar("T")
+
+KEY_PREFIX = "sk-hx-"
+SHOWN_PREFIX = 10          # characters of a key kept for display: "sk-hx-" and 4 random ones
+KEY_COLUMNS = ("id", "name", "prefix", "models", "admin", "rpm", "tpm", "budget_usd", "budget_period",
+               "created_at", "expires_at", "revoked_at", "sha256")
+
+
+def new_key() -> tuple[str, bytes, str]:
+    """-> (key, its SHA-256 digest, its public prefix)."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    return key, hashlib.sha256(key.encode()).digest(), key[:SHOWN_PREFIX]
+
+
+def key_info(row: tuple) -> KeyInfo:
+    doc = dict(zip(KEY_COLUMNS, row))
+    doc.pop("sha256")
+    doc["models"] = schema.models_tuple(doc["models"])
+    return KeyInfo(**doc)
+
+
+def principal(row: tuple) -> Principal:
+    info = key_info(row)
+    return Principal(info.name, frozenset(info.models) if info.models else None, info.admin, bytes(row[-1]),
+                     info.rpm, info.tpm, info.budget_usd, info.budget_period, source="store")
+
+
+class SQLStore(Store):
+    engine = ""
+
+    def __init__(self, conns: Connections) -> None:
+        self._conns = conns
+
+    # --- what an engine provides ---------------------------------------------------------------
+
+    def _translate(self, exc: Exception) -> Exception:
+        """A driver error -> StoreUnavailable or RecordRejected (or exc itself, if a bug)."""
+        raise NotImplementedError
+
+    def _migrate_sync(self, conn: Any) -> tuple[int, int]: raise NotImplementedError
+    def _version_sync(self, conn: Any) -> int: raise NotImplementedError
+    def _insert_usage_sync(self, conn: Any, rows: list[tuple]) -> int: raise NotImplementedError
+    def _count_sync(self, conn: Any) -> int: raise NotImplementedError
+    def _summary_sync(self, conn: Any, since: float | None, until: float | None, by: str,
+                      key: str | None) -> list[tuple]: raise NotImplementedError
+    def _insert_key_sync(self, conn: Any, name: str, prefix: str, digest: bytes, models: str, admin: bool,
+                         rpm: int | None, tpm: int | None, budget_usd: float | None, budget_period: str,
+                         created_at: float, expires_at: float | None) -> tuple: raise NotImplementedError
+    def _select_keys_sync(self, conn: Any, where: str, args: tuple) -> list[tuple]: raise NotImplementedError
+    def _revoke_sync(self, conn: Any, name: str) -> tuple | None: raise NotImplementedError
+    def _active_sync(self, conn: Any) -> list[tuple]: raise NotImplementedError
+
+    # --- the Store interface -------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[..., T], *args: Any, retry_stale: bool = True) -> T:
+        try:
+            return await self._conns.call(fn, *args, retry_stale=retry_stale)
+        except StoreError:
+            raise
+        except Exception as exc:
+            translated = self._translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    async def migrate(self) -> tuple[int, int]:
+        return await self._call(self._migrate_sync)
+
+    async def schema_status(self) -> tuple[int, int]:
+        return await self._call(self._version_sync), schema.expected_version(self.engine)
+
+    async def insert_usage(self, records: list[RequestRecord]) -> int:
+        if not records:
+            return 0
+        rows = [schema.row_values(r) for r in records]
+        return await self._call(self._insert_usage_sync, rows)
+
+    async def count_usage(self) -> int:
+        return await self._call(self._count_sync)
+
+    async def usage_summary(self, since: float | None = None, until: float | None = None, by: str = "key",
+                            key: str | None = None) -> list[dict]:
+        if by not in BY:
+            raise ValueError(f"by: one of {', '.join(BY)}")
+        rows = await self._call(self._summary_sync, since, until, by, key)
+        return schema.summary_rows(by, rows)
+
+    async def create_key(self, name: str, *, models: tuple[str, ...] = (), admin: bool = False,
+                         rpm: int | None = None, tpm: int | None = None, budget_usd: float | None = None,
+                         budget_period: str = "month", expires_at: float | None = None) -> tuple[str, KeyInfo]:
+        if not name or not name.strip():
+            raise ValueError("a key needs a name")
+        if budget_period not in ("day", "month"):
+            raise ValueError("budget_period: day or month")
+        key, digest, prefix = new_key()
+        # not retried on a stale connection: a lost COMMIT ack would make the retry say KeyExists
+        row = await self._call(self._insert_key_sync, name, prefix, digest, schema.models_text(tuple(models)),
+                               bool(admin), rpm, tpm, budget_usd, budget_period, time.time(), expires_at,
+                               retry_stale=False)
+        return key, key_info(row)
+
+    async def list_keys(self, include_revoked: bool = False) -> list[KeyInfo]:
+        where = "" if include_revoked else "revoked_at IS NULL"
+        return [key_info(r) for r in await self._call(self._select_keys_sync, where, ())]
+
+    async def get_key(self, name: str) -> KeyInfo:
+        from hxgwd.store import KeyNotFound
+
+        rows = await self._call(self._select_keys_sync, "name = {p}", (name,))
+        if not rows:
+            raise KeyNotFound(f"no key named {name!r}")
+        live = [r for r in rows if r[KEY_COLUMNS.index("revoked_at")] is None]
+        return key_info(live[0] if live else max(rows, key=lambda r: r[KEY_COLUMNS.index("revoked_at")]))
+
+    async def revoke_key(self, name: str) -> KeyInfo:
+        from hxgwd.store import KeyNotFound
+
+        row = await self._call(self._revoke_sync, name)
+        if row is None:
+            raise KeyNotFound(f"no unrevoked key named {name!r}")
+        return key_info(row)
+
+    async def active_keys(self) -> list[Principal]:
+        return [principal(r) for r in await self._call(self._active_sync)]
+
+    async def aclose(self) -> None:
+        await self._conns.aclose()

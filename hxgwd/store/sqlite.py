@@ -1,0 +1,191 @@
+"""The SQLite store: one file on the local disk, for a single gateway host (the default).
+
+WAL mode and synchronous=NORMAL: readers never block the writer, and a commit costs no fsync
+(a power cut may lose the last commits, never corrupt the file). `isolation_level=None`, so we
+issue BEGIN IMMEDIATE ourselves for every write: it takes the write lock up front, so a busy
+database waits in SQLite's busy handler (busy_timeout) instead of failing a read->write upgrade.
+
+Connections are opened with check_same_thread=False because trio's worker threads are not
+pinned; `threads.Connections` hands one connection to one thread at a time. A connection is
+stopped with `interrupt()` on cancel; that does not end a wait on the busy handler, which is why
+busy_timeout is bounded by database.statement_timeout.
+
+The file and its directory (mode 0750) are created on first use; the file itself is 0640 (it
+holds key hashes and usage). When root creates it (a CLI command before the daemon ever ran), it
+is given to the owner of its directory, so the daemon's user can still open it; SQLite then
+gives the -wal and -shm files the same owner.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from typing import Any
+
+from hxgwd.config.model import Database
+from hxgwd.store import KeyExists, RecordRejected, StoreUnavailable
+from hxgwd.store import schema
+from hxgwd.store.sql import KEY_COLUMNS, SQLStore
+from hxgwd.store.threads import Connections, Engine
+
+POOL_SIZE = 4
+_COLUMNS = ", ".join(schema.COLUMN_NAMES)
+_INSERT = f"INSERT OR IGNORE INTO usage ({_COLUMNS}) VALUES ({', '.join('?' * len(schema.COLUMN_NAMES))})"
+_KEY_SELECT = f"SELECT {', '.join(KEY_COLUMNS)} FROM api_keys"
+_GROUP = {"key": "key", "model": "model", "deployment": "deployment", "day": "date(ts, 'unixepoch')"}
+
+
+class _SQLite(Engine):
+    def __init__(self, path: str, busy_timeout: float) -> None:
+        self.path, self.busy_timeout = path, busy_timeout
+
+    def connect(self) -> sqlite3.Connection:
+        try:
+            _create_file(self.path)
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                   check_same_thread=False)
+        except OSError as exc:
+            raise sqlite3.OperationalError(f"cannot create {self.path}: {exc.strerror}") from None
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA journal_size_limit = 67108864")   # truncate a big WAL back to 64 MiB
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def stop(self, conn: sqlite3.Connection) -> None:
+        conn.interrupt()
+
+    def reusable(self, conn: sqlite3.Connection) -> bool:
+        return not conn.in_transaction   # our `with _write(conn)` always ends its transaction
+
+
+def _create_file(path: str) -> None:
+    if os.path.exists(path):
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o750, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    except FileExistsError:
+        return
+    try:
+        if os.geteuid() == 0:
+            st = os.stat(directory)
+            if st.st_uid != 0:
+                os.fchown(fd, st.st_uid, st.st_gid)
+    finally:
+        os.close(fd)
+
+
+class _write:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error (an interrupt included)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        elif self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+
+class SQLiteStore(SQLStore):
+    engine = "sqlite"
+
+    def __init__(self, path: str, database: Database) -> None:
+        self.path = path
+        self.url_for_display = database.url
+        super().__init__(Connections(_SQLite(path, database.statement_timeout), POOL_SIZE))
+
+    def _translate(self, exc: Exception) -> Exception:
+        if isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
+                            sqlite3.ProgrammingError, OverflowError, UnicodeError, ValueError, TypeError)):
+            return RecordRejected(f"sqlite: {exc}")
+        if isinstance(exc, (sqlite3.Error, OSError)):
+            # locked, I/O error, disk full, no such table, interrupted, not a database
+            return StoreUnavailable(f"sqlite {self.path}: {exc}")
+        return exc
+
+    def _version_sync(self, conn: sqlite3.Connection) -> int:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone() is None:
+            return 0
+        return conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+
+    def _migrate_sync(self, conn: sqlite3.Connection) -> tuple[int, int]:
+        with _write(conn):
+            conn.execute(schema.SQLITE_VERSION_TABLE)
+            before = self._version_sync(conn)
+            migrations = schema.MIGRATIONS["sqlite"]
+            for version in range(before + 1, len(migrations) + 1):
+                description, statements = migrations[version - 1]
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_version (version, applied_at, description) VALUES (?, ?, ?)",
+                             (version, time.time(), description))
+            return before, max(before, len(migrations))
+
+    def _insert_usage_sync(self, conn: sqlite3.Connection, rows: list[tuple]) -> int:
+        with _write(conn):
+            before = conn.total_changes
+            conn.executemany(_INSERT, rows)
+            return conn.total_changes - before
+
+    def _count_sync(self, conn: sqlite3.Connection) -> int:
+        return conn.execute("SELECT count(*) FROM usage").fetchone()[0]
+
+    def _summary_sync(self, conn: sqlite3.Connection, since: float | None, until: float | None, by: str,
+                      key: str | None) -> list[tuple]:
+        where, args = [], []
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("ts < ?")
+            args.append(until)
+        if key is not None:
+            where.append("key = ?")
+            args.append(key)
+        sql = (f"SELECT {_GROUP[by]} AS g, count(*), sum(status >= 400), sum(prompt_tokens), "
+               "sum(completion_tokens), sum(total_tokens), sum(cost_usd), avg(total_ms) FROM usage"
+               + (" WHERE " + " AND ".join(where) if where else "") + " GROUP BY g")
+        return conn.execute(sql, args).fetchall()
+
+    def _insert_key_sync(self, conn: sqlite3.Connection, name: str, prefix: str, digest: bytes, models: str,
+                         admin: bool, rpm: int | None, tpm: int | None, budget_usd: float | None,
+                         budget_period: str, created_at: float, expires_at: float | None) -> tuple:
+        try:
+            with _write(conn):
+                cur = conn.execute(
+                    "INSERT INTO api_keys (name, prefix, sha256, models, admin, rpm, tpm, budget_usd, "
+                    "budget_period, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (name, prefix, digest, models, int(admin), rpm, tpm, budget_usd, budget_period,
+                     created_at, expires_at))
+                return conn.execute(f"{_KEY_SELECT} WHERE id = ?", (cur.lastrowid,)).fetchone()
+        except sqlite3.IntegrityError:
+            raise KeyExists(f"a key named {name!r} exists; revoke it first") from None
+
+    def _select_keys_sync(self, conn: sqlite3.Connection, where: str, args: tuple) -> list[tuple]:
+        sql = _KEY_SELECT + (" WHERE " + where.format(p="?") if where else "") + " ORDER BY name, id"
+        return conn.execute(sql, args).fetchall()
+
+    def _revoke_sync(self, conn: sqlite3.Connection, name: str) -> tuple | None:
+        with _write(conn):
+            row = conn.execute(f"{_KEY_SELECT} WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone()
+            if row is None:
+                return None
+            conn.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (time.time(), row[0]))
+            return conn.execute(f"{_KEY_SELECT} WHERE id = ?", (row[0],)).fetchone()
+
+    def _active_sync(self, conn: sqlite3.Connection) -> list[tuple]:
+        return conn.execute(f"{_KEY_SELECT} WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)",
+                            (time.time(),)).fetchall()

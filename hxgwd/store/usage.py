@@ -1,0 +1,330 @@
+"""Usage records from the request path to the store: one writer task, a spool when it cannot.
+
+    handler ── emit(record) ──> memory channel (queue_size) ──> writer task ──> store.insert_usage
+                  │ channel full                                   │ store down, slow, or shutting down
+                  └──────────────> spool (append-only files) <─────┘
+                                        └── replayed, oldest first, when the store answers again
+
+`emit` never blocks and never awaits: a `send_nowait`, or, when the channel is full, one line
+appended to the spool. The writer takes what is queued (up to batch_size) without a timer, so
+batches are 1 record when idle and full under load, and writes each batch in one transaction in
+a worker thread (COPY on PostgreSQL). Each attempt is bounded (connect_timeout +
+statement_timeout) and really cancelled when it runs over. A failed batch goes to the spool at
+once, and the store is tried again with backoff (0.2 s doubling to 5 s): the channel keeps
+draining to disk while the database is away. When an attempt succeeds, the spool is replayed in
+batch_size chunks interleaved with live batches. Inserts are idempotent on request_id, so a batch
+that was committed but not acknowledged, then spooled and replayed, is stored once.
+
+A batch the database refuses as data (RecordRejected: should not happen, records are sanitized
+in schema.py) is bisected down to the offending records, which are logged and counted, so one
+bad record cannot block the spool forever.
+
+Durability, per `spool_fsync`:
+    always  every spool write is fsynced before the writer goes on; records that overflow the
+            channel are fsynced by a helper task right after (group commit)
+    batch   one fsync per spooled batch; overflowed records are fsynced with the next one
+    never   no fsync: the kernel writes back (a killed process loses nothing it wrote; a power
+            cut may lose the last seconds)
+Records still in the channel are memory: `aclose()` (SIGTERM) writes them to the store, or to the
+spool when the store does not answer within the grace time; a SIGKILL or crash loses at most the
+channel (queue_size records) and the batch in flight. A cancelled `run()` spools the channel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import trio
+
+from hxgwd.config.model import Database
+from hxgwd.pipeline.record import RequestRecord
+from hxgwd.store import RecordRejected, Store, StoreUnavailable, default_spool_dir
+from hxgwd.store.schema import record_line
+from hxgwd.store.spool import Spool
+
+RETRY_MIN = 0.2
+RETRY_MAX = 5.0
+HURRY_TIMEOUT = 5.0      # after the close deadline: time left to put the rest in the spool
+
+
+class UsageSink:
+    def __init__(self, store: Store, database: Database, log: Any, *, spool_dir: str | None = None,
+                 retry_min: float = RETRY_MIN, retry_max: float = RETRY_MAX) -> None:
+        self._store = store
+        self._log = log
+        self._batch_size = database.batch_size
+        self._fsync = database.spool_fsync
+        self._attempt_timeout = database.connect_timeout + database.statement_timeout
+        self._send, self._recv = trio.open_memory_channel[RequestRecord](database.queue_size)
+        self._spool = Spool(spool_dir or default_spool_dir(database), database.spool_max_bytes, log)
+        self._retry_min, self._retry_max = retry_min, retry_max
+        self._backoff = retry_min
+        self._retry_at = -math.inf
+        self._healthy = True
+        self._started = self._running = False
+        self._finished = trio.Event()
+        self._sync_wanted = trio.Event()
+        self._deadline: float | None = None    # set by aclose()
+        self._hurry = False                    # past the deadline: everything goes to the spool
+        self._attempt: trio.CancelScope | None = None
+        self._replay_buf: list[RequestRecord] = []
+        self._replay_path: str | None = None
+        self.written = 0      # records the store accepted (already stored ones included)
+        self.spooled = 0      # records appended to the spool
+        self.replayed = 0     # records moved from the spool to the store
+        self.rejected = 0     # records the store refused as data (logged one by one)
+        self.corrupt = 0      # spool lines that did not parse on replay
+        self.last_error: str | None = None
+
+    # --- the request path --------------------------------------------------------------------------
+
+    def emit(self, record: RequestRecord) -> None:
+        """Hand a record over; never blocks, never awaits, never raises."""
+        try:
+            self._send.send_nowait(record)
+            return
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            pass
+        try:
+            self.spooled += self._spool.append([record_line(record)])
+        except Exception as exc:   # the spool directory is unusable: count, do not fail the request
+            self._spool.dropped += 1
+            self.last_error = f"spool: {exc}"
+            return
+        if self._fsync == "always":
+            if self._running:
+                self._sync_wanted.set()
+            elif self._spool.opened and self._spool._fd is not None:
+                try:
+                    self._spool._fsync()   # after shutdown: rare, and the process is ending
+                except OSError:
+                    pass
+
+    def statistics(self) -> dict[str, Any]:
+        return {"queued": self._send.statistics().current_buffer_used, "written": self.written,
+                "spooled": self.spooled, "replayed": self.replayed, "spool_bytes": self._spool.bytes,
+                "spool_max_bytes": self._spool.max_bytes, "dropped": self._spool.dropped,
+                "rejected": self.rejected, "corrupt": self.corrupt, "store_ok": self._healthy,
+                "last_error": self.last_error or self._spool.last_error}
+
+    # --- the writer ----------------------------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The writer task. Raises SpoolError before started() if the spool directory cannot be
+        opened (or another process holds it)."""
+        await trio.to_thread.run_sync(self._spool.open)
+        self._started = self._running = True
+        if self._spool.bytes:
+            self._log.info("usage spool holds records from an earlier run; replaying when the store answers",
+                           spool_bytes=self._spool.bytes, directory=self._spool.directory)
+        task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                if self._fsync == "always":
+                    nursery.start_soon(self._syncer)
+                await self._write_loop()
+                await self._final_replay()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._running = False
+            with trio.CancelScope(shield=True):
+                left = self._drain_nowait()
+                if left:
+                    self.spooled += self._spool.append([record_line(r) for r in left])
+                with trio.move_on_after(HURRY_TIMEOUT):
+                    await trio.to_thread.run_sync(self._spool.close, self._fsync != "never")
+                self._finished.set()
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """Stop taking records and write out what is in memory: to the store within `timeout`
+        seconds, then whatever is left to the spool. Returns when the writer is done (or after
+        `timeout` + a few seconds at worst)."""
+        if self._deadline is None:
+            self._deadline = trio.current_time() + timeout
+        await self._send.aclose()
+        if not self._started:   # run() never ran: nothing will drain the channel but us
+            left = self._drain_nowait()
+            if left:
+                self.spooled += self._spool.append([record_line(r) for r in left])
+            await trio.to_thread.run_sync(self._spool.close, self._fsync != "never")
+            return
+        with trio.move_on_at(self._deadline):
+            await self._finished.wait()
+            return
+        self._hurry = True
+        if self._attempt is not None:
+            self._attempt.cancel()
+        with trio.move_on_after(HURRY_TIMEOUT):
+            await self._finished.wait()
+
+    async def _write_loop(self) -> None:
+        first: RequestRecord | None = None
+        while True:
+            batch = self._take(first)
+            first = None
+            if batch is None:
+                return
+            if batch:
+                await self._deliver(batch)
+            if self._replay_due():
+                await self._replay_step()
+                continue
+            if batch:
+                continue
+            # nothing queued and nothing to replay now: wait for a record, or the next retry
+            with trio.move_on_after(self._wait_time()):
+                try:
+                    first = await self._recv.receive()
+                except trio.EndOfChannel:
+                    return
+
+    def _take(self, first: RequestRecord | None) -> list[RequestRecord] | None:
+        """What is queued, up to batch_size, without waiting; None once the channel is closed and empty."""
+        batch = [first] if first is not None else []
+        while len(batch) < self._batch_size:
+            try:
+                batch.append(self._recv.receive_nowait())
+            except trio.WouldBlock:
+                break
+            except trio.EndOfChannel:
+                return batch or None
+        return batch
+
+    def _drain_nowait(self) -> list[RequestRecord]:
+        left = []
+        while True:
+            try:
+                left.append(self._recv.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return left
+
+    async def _deliver(self, batch: list[RequestRecord]) -> None:
+        if self._healthy or trio.current_time() >= self._retry_at:
+            if await self._store_batch(batch):
+                self.written += len(batch)
+                return
+        await self._to_spool(batch)
+
+    async def _store_batch(self, records: list[RequestRecord]) -> bool:
+        """One bounded attempt; False (the store marked unhealthy) if it failed or ran out of time."""
+        timeout = self._attempt_timeout
+        if self._deadline is not None:
+            timeout = min(timeout, self._deadline - trio.current_time())
+        if timeout <= 0:
+            self._hurry = True     # the close deadline passed: the rest goes to the spool
+        if self._hurry:
+            return False
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+            self._attempt = scope
+            try:
+                await self._insert(records)
+            except StoreUnavailable as exc:
+                self._failed(str(exc))
+                return False
+            except Exception as exc:   # a bug, not an outage: keep the records, say so
+                self._log.exception("unexpected error writing usage records; spooling them", exc)
+                self._failed(f"{type(exc).__name__}: {exc}")
+                return False
+            finally:
+                self._attempt = None
+            self._succeeded()
+            return True
+        self._failed(f"the store did not answer within {timeout:.1f} s")
+        return False
+
+    async def _insert(self, records: list[RequestRecord]) -> None:
+        try:
+            await self._store.insert_usage(records)
+        except RecordRejected as exc:
+            if len(records) == 1:
+                self.rejected += 1
+                self._log.error("usage record rejected by the store, dropped",
+                                request_id=records[0].request_id, error=str(exc))
+                return
+            mid = len(records) // 2
+            await self._insert(records[:mid])
+            await self._insert(records[mid:])
+
+    def _failed(self, error: str) -> None:
+        self.last_error = error
+        if self._healthy:
+            self._healthy = False
+            self._log.warning("usage store unavailable; spooling usage records to disk",
+                              error=error, directory=self._spool.directory)
+        self._retry_at = trio.current_time() + self._backoff
+        self._backoff = min(self._backoff * 2, self._retry_max)
+
+    def _succeeded(self) -> None:
+        if not self._healthy:
+            self._healthy = True
+            self._log.info("usage store available again", spool_bytes=self._spool.bytes)
+        self._backoff = self._retry_min
+
+    async def _to_spool(self, records: list[RequestRecord]) -> None:
+        lines = await trio.to_thread.run_sync(lambda: [record_line(r) for r in records])
+        self.spooled += self._spool.append(lines)
+        if self._fsync != "never":
+            await self._spool.sync()
+        if self._spool.active_bytes >= self._spool.segment_bytes:
+            await self._spool.seal(self._fsync != "never")
+
+    async def _syncer(self) -> None:
+        while True:
+            await self._sync_wanted.wait()
+            self._sync_wanted = trio.Event()
+            await self._spool.sync()
+
+    # --- replay ----------------------------------------------------------------------------------------
+
+    def _replay_due(self) -> bool:
+        if self._hurry or not (self._replay_buf or self._spool.bytes):
+            return False
+        return self._healthy or trio.current_time() >= self._retry_at
+
+    def _wait_time(self) -> float:
+        if self._replay_buf or self._spool.bytes:
+            return max(0.0, self._retry_at - trio.current_time())
+        return math.inf
+
+    async def _replay_step(self) -> None:
+        """Move one chunk (batch_size records) from the spool to the store, oldest first."""
+        await trio.lowlevel.checkpoint()   # the write loop calls us in a loop: never spin
+        if not self._replay_buf:
+            paths = self._spool.sealed()
+            if not paths and self._spool.active_bytes:
+                await self._spool.seal(self._fsync != "never")
+                paths = self._spool.sealed()
+            if not paths:
+                return
+            path = paths[0]
+            try:
+                records, bad = await trio.to_thread.run_sync(self._spool.read, path)
+            except OSError as exc:
+                self._spool.quarantine(path, exc.strerror or str(exc))
+                return
+            if bad:
+                self.corrupt += bad
+                self._log.warning("usage spool segment has unreadable lines (a torn write?); skipped",
+                                  path=path, lines=bad)
+            if not records:
+                self._spool.remove(path)
+                return
+            self._replay_buf, self._replay_path = records, path
+        chunk = self._replay_buf[:self._batch_size]
+        if not await self._store_batch(chunk):
+            return
+        del self._replay_buf[:len(chunk)]
+        self.replayed += len(chunk)
+        if not self._replay_buf and self._replay_path is not None:
+            self._spool.remove(self._replay_path)
+            self._replay_path = None
+            if not self._spool.bytes:
+                self._log.info("usage spool replayed into the store", replayed_total=self.replayed)
+
+    async def _final_replay(self) -> None:
+        """At close, with time left and the store answering: empty the spool too."""
+        while self._replay_due():
+            if self._deadline is not None and trio.current_time() >= self._deadline:
+                return
+            await self._replay_step()
