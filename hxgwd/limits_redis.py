@@ -107,7 +107,7 @@ local function window(key, lim, need)
     else total = total + tonumber(h[i + 1]); live[#live + 1] = {b, tonumber(h[i + 1])} end
   end
   if #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
-  if need > lim then need = lim end
+  if need > lim and lim >= 1 then need = lim end
   if total + need <= lim then return total, 0 end
   table.sort(live, function(x, y) return x[1] < y[1] end)
   local left = total

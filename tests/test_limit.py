@@ -225,6 +225,12 @@ def test_the_longest_wait_names_the_limit():
     assert body["type"] == "rate_limit_error" and body["code"] == "budget_exceeded" and body["param"] is None
 
 
+def test_a_zero_limit_refuses_everything():
+    lim = LocalLimiter()
+    assert refused(lim, key(rpm=0), ONE, T0).retry_after == 60
+    assert refused(lim, key(name="t", tpm=0), ONE, T0).code == "rate_limit_tpm"
+
+
 def test_a_clock_stepping_back_does_not_break_the_windows():
     lim, p = LocalLimiter(), key(rpm=2)
     lim.admit(p, ONE, T0 + 30)
@@ -239,6 +245,8 @@ def test_seed_spend_raises_the_local_count():
     lim.seed_spend("k", "2026-11-28", 900_000_000)
     assert refused(lim, p, Estimate(1, 0.2), utc(2026, 11, 28, 12)).code == "budget_exceeded"
     lim.seed_spend("k", "2026-11-28", 100)               # never lowers it
+    assert lim.usage("k", utc(2026, 11, 28, 12))["spent_usd"] == pytest.approx(0.9)
+    lim.seed_spend("k", "2026-11-27", 10**9)             # nor goes back to an older period
     assert lim.usage("k", utc(2026, 11, 28, 12))["spent_usd"] == pytest.approx(0.9)
 
 

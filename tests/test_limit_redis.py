@@ -285,3 +285,31 @@ async def test_without_a_url_the_limiter_is_in_memory():
             await lim.admit(p, Estimate(1, 0.0))
         assert info.value.status == 429
         assert lim.statistics()["backend"] == "local"
+
+
+async def test_redis_picks_the_budget_period_by_its_own_clock(redis_server):
+    import time
+
+    async with limiter(redis_server.url) as (lim, _):
+        p = key(budget_usd=1.0, budget_period="day")
+        today = lim.local.calendar.period("day", time.time())
+        for skew in (-86400, 0, 86400):              # this host's clock a day behind / right / ahead
+            lim.clock = lambda skew=skew: time.time() + skew
+            res = await lim.admit(p, Estimate(1, 0.25))
+            if res.period != today.key:              # the test ran across midnight: retry once
+                today = lim.local.calendar.period("day", time.time())
+            assert (res.period, res.period_end) == (today.key, today.end)
+        with pytest.raises(RateLimited) as info:
+            await lim.admit(p, Estimate(1, 0.5))
+        assert info.value.retry_after == pytest.approx(today.end - time.time(), abs=5)
+
+
+async def test_redis_zero_limits_refuse(redis_server):
+    async with limiter(redis_server.url) as (lim, _):
+        with pytest.raises(RateLimited) as info:
+            await lim.admit(key(rpm=0), Estimate(1, 0.0))
+        assert info.value.code == "rate_limit_rpm" and info.value.retry_after == 60
+        with pytest.raises(RateLimited) as info:
+            await lim.admit(key(budget_usd=0.0), Estimate(1, 0.001))
+        assert info.value.code == "budget_exceeded"
+        assert (await lim.admit(key(budget_usd=0.0), Estimate(1, 0.0))).nano_usd == 0

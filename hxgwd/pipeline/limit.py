@@ -187,7 +187,7 @@ class Window:
 
     def wait(self, need: int, limit: int, now: float) -> float:
         """0 if `need` fits now (after prune), else seconds until enough has left the window."""
-        need = min(need, limit)
+        need = min(need, max(limit, 1))      # a limit of 0 refuses everything
         if self.total + need <= limit:
             return 0.0
         left = self.total
@@ -310,6 +310,8 @@ class LocalLimiter:
         st = self.keys.get(key)
         if st is None:
             st = self.keys[key] = KeyState()
+        if st.period is not None and st.period > period:   # ISO keys: an older report is stale
+            return
         if st.period != period:
             st.period, st.spent = period, 0
         st.spent = max(st.spent, nano_usd)
