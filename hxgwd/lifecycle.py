@@ -27,6 +27,7 @@ from hxgwd.pipeline.connection import HttpConnection
 from hxgwd.pipeline.handle import Gateway
 from hxgwd.pipeline.listen import accept_loop, bound_addresses, open_listeners
 from hxgwd.pipeline.route import Router
+from hxgwd.limits_redis import Limiter, open_limiter
 from hxgwd.runtime import Runtime, RuntimeHolder, build_runtime
 from hxgwd.upstream import Transports
 from hxgwd.upstream.gates import Gates
@@ -74,6 +75,7 @@ class Daemon:
     router: Router = attrs.field(factory=Router)
     transports: Transports = attrs.field(factory=Transports)
     gates: Gates = attrs.field(factory=Gates)
+    limiter: Limiter | None = None
 
     async def reload(self) -> bool:
         """Read, check and compile the config off the event loop; swap it in, or keep the old one."""
@@ -93,6 +95,8 @@ class Daemon:
         self.router.retain(new.deployments)
         self.transports.retain(new.backends.values())
         self.gates.retain(new.deployments.values())
+        if self.limiter is not None:
+            self.limiter.configure(new.config)
         self.log.configure(new.config.log.level, new.config.log.access_log)
         self.log.info("config reloaded", generation=new.generation)
         sdnotify.ready(f"serving generation {new.generation}")
@@ -100,8 +104,13 @@ class Daemon:
 
 
 def needs_restart(old: Config, new: Config) -> list[str]:
-    return [f"server.{name}" for name in ("listen", "backlog", "max_connections")
-            if getattr(old.server, name) != getattr(new.server, name)]
+    changed = [f"server.{name}" for name in ("listen", "backlog", "max_connections")
+               if getattr(old.server, name) != getattr(new.server, name)]
+    changed += [f"redis.{name}" for name in ("url", "password_env", "password_file")
+                if getattr(old.redis, name) != getattr(new.redis, name)]
+    changed += [f"database.{name}" for name in ("url", "password_env", "password_file", "spool_dir")
+                if getattr(old.database, name) != getattr(new.database, name)]
+    return changed
 
 
 async def serve(daemon: Daemon, *, life: Lifecycle | None = None, handle_signals: bool = True,
@@ -109,7 +118,15 @@ async def serve(daemon: Daemon, *, life: Lifecycle | None = None, handle_signals
     life = life or Lifecycle(daemon.log)
     cfg = daemon.holder.current.config
     daemon.router.configure(cfg.routing)
-    gateway = Gateway(daemon.holder, daemon.router, daemon.transports, daemon.gates, daemon.log,
+    async with open_limiter(cfg, daemon.log, daemon.holder.current.redis_password) as limiter:
+        daemon.limiter = limiter
+        return await _serve(daemon, life, limiter, handle_signals, task_status)
+
+
+async def _serve(daemon: Daemon, life: Lifecycle, limiter: Limiter, handle_signals: bool,
+                 task_status: trio.TaskStatus[list[str]]) -> Lifecycle:
+    cfg = daemon.holder.current.config
+    gateway = Gateway(daemon.holder, daemon.router, daemon.transports, daemon.gates, limiter, daemon.log,
                       is_listening=lambda: life.listening)
 
     def settings():

@@ -106,6 +106,8 @@ class Runtime:
     deployments: Mapping[str, Deployment]
     backends: Mapping[str, BackendRuntime]
     loaded_at: float
+    db_password: str | None = attrs.field(default=None, repr=False)
+    redis_password: str | None = attrs.field(default=None, repr=False)
 
 
 class RuntimeHolder:
@@ -190,9 +192,16 @@ def compile_config(config: m.Config, generation: int, source: str = "<config>",
         deps = tuple(d for name in g.models for d in by_model[name])
         targets[g.name] = Target(g.name, deps[0].kind, g.name, g, deps)
 
+    db = config.database
+    db_password = secret("database." + ("password_env" if db.password_env else "password_file"),
+                         db.password_env, db.password_file)
+    rd = config.redis
+    redis_password = secret("redis." + ("password_env" if rd.password_env else "password_file"),
+                            rd.password_env, rd.password_file)
     if problems:
         raise ConfigError(problems)
-    return Runtime(config, generation, source, keys, targets, deployments, backends, time.time())
+    return Runtime(config, generation, source, keys, targets, deployments, backends, time.time(),
+                   db_password, redis_password)
 
 
 def _read_secret(path: str) -> str:

@@ -349,3 +349,33 @@ async def test_admin_routing_table_needs_admin_key(nursery):
                               environ={"A_KEY": "k"})
     r = await gw2.get("/admin/routing")
     assert r.status_code == 200 and "hx-chat" in r.json()["targets"]
+
+
+async def test_rpm_limit_is_429_with_retry_after_and_cost_recorded(nursery):
+    up = FakeUpstream()
+    await nursery.start(up.serve)
+    gw = await start_gateway(nursery, gateway_config(f"""
+        [[keys]]
+        name = "limited"
+        key_env = "LIMITED"
+        rpm = 2
+        [[backends]]
+        name = "u"
+        url = "{up.url}"
+        [[models]]
+        name = "m"
+        backend = "u"
+        input_cost_per_1k = 1.0
+        output_cost_per_1k = 2.0
+    """), environ={"LIMITED": "sk-limited"})
+    h = {"Authorization": "Bearer sk-limited"}
+    for _ in range(2):
+        r = await gw.client.post("/v1/chat/completions", json={**CHAT, "model": "m"}, headers=h)
+        assert r.status_code == 200
+    r = await gw.client.get("/v1/models", headers=h)           # every endpoint is admitted the same way
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_rpm"
+    assert int(r.headers["retry-after"]) >= 1
+    rec = [x for x in gw.log.requests() if x["status"] == 200][-1]
+    assert rec["cost_usd"] == pytest.approx((7 * 1.0 + 3 * 2.0) / 1000)
+    r = await gw.post("/v1/chat/completions", {**CHAT, "model": "m"})   # other keys are not limited
+    assert r.status_code == 200

@@ -20,7 +20,8 @@ import trio
 from hxgwd import __version__
 from hxgwd.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
 from hxgwd.logs import Logger
-from hxgwd.pipeline import authenticate, proxy, record, route, transform
+from hxgwd.limits_redis import Limiter
+from hxgwd.pipeline import authenticate, limit, proxy, record, route, transform
 from hxgwd.pipeline.connection import Request, Response
 from hxgwd.runtime import Principal, Runtime, RuntimeHolder
 from hxgwd.upstream import Transports
@@ -29,12 +30,14 @@ from hxgwd.upstream.gates import Gates
 JSON = (b"content-type", b"application/json")
 API_POST = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+NO_TOKENS = limit.Estimate(tokens=0, cost_usd=0.0)   # /v1/models: counts toward rpm only
 
 
 class Gateway:
     def __init__(self, holder: RuntimeHolder, router: route.Router, transports: Transports, gates: Gates,
-                 log: Logger, *, is_listening: Callable[[], bool] = lambda: True) -> None:
+                 limiter: Limiter, log: Logger, *, is_listening: Callable[[], bool] = lambda: True) -> None:
         self.holder = holder
+        self.limiter = limiter
         self.router = router
         self.transports = transports
         self.gates = gates
@@ -67,7 +70,13 @@ class Gateway:
             ex.client_gone = True     # cancelled by a hang-up (or a forced shutdown)
             raise
         finally:
-            self._record(rt, ex)
+            cost = self._cost(ex)
+            if ex.reservation is not None:   # settle shields itself: it runs even when cancelled
+                tokens = (ex.usage or {}).get("total_tokens")
+                failed = ex.status >= 400 or ex.status == 0
+                await self.limiter.settle(ex.reservation, 0 if failed and tokens is None else tokens,
+                                          0.0 if failed and cost is None else cost)
+            self._record(rt, ex, cost)
 
     async def _api(self, rt: Runtime, ex: proxy.Exchange, request: Request, response: Response) -> None:
         head = request.head
@@ -76,6 +85,7 @@ class Gateway:
             if head.method != "GET":
                 raise MethodNotAllowed("Use GET for this endpoint.")
             principal = self._authenticate(rt, ex, head.headers)
+            ex.reservation = await self.limiter.admit(principal, NO_TOKENS)
             await self._models(rt, principal, path, response)
             ex.status = 200
             return
@@ -100,6 +110,8 @@ class Gateway:
         ex.group = target.group
         features = route.RequestFeatures(prompt_bytes=len(body), max_tokens=_max_tokens(payload),
                                          stream=payload.get("stream") is True)
+        ex.reservation = await self.limiter.admit(
+            principal, limit.estimate(target.kind, len(body), features.max_tokens, target.deployments))
         plan = self.router.plan(target, features, trio.current_time())
         settings = proxy.ProxySettings(
             max_attempts=rt.config.routing.max_attempts,
@@ -161,7 +173,14 @@ class Gateway:
             body["reason"] = reason
         await response.send_full(200 if reason is None else 503, [JSON], json.dumps(body).encode())
 
-    def _record(self, rt: Runtime, ex: proxy.Exchange) -> None:
+    @staticmethod
+    def _cost(ex: proxy.Exchange) -> float | None:
+        if ex.usage is None or ex.served is None:
+            return None
+        return limit.usage_cost(ex.served.config, ex.usage.get("prompt_tokens") or 0,
+                                ex.usage.get("completion_tokens") or 0)
+
+    def _record(self, rt: Runtime, ex: proxy.Exchange, cost: float | None) -> None:
         err = ex.error
         status = record.STATUS_CLIENT_CLOSED if ex.client_gone else ex.status
         rec = record.RequestRecord(
@@ -169,7 +188,7 @@ class Gateway:
             group=ex.group, deployment=ex.deployment, backend=ex.backend, status=status,
             error_type=err.type if err else ("client_closed" if ex.client_gone else None),
             fault=err.fault if err else ("client" if ex.client_gone else None),
-            stream=ex.stream, **record.usage_tokens(ex.usage), bytes_in=ex.bytes_in,
+            stream=ex.stream, **record.usage_tokens(ex.usage), cost_usd=cost, bytes_in=ex.bytes_in,
             bytes_out=ex.bytes_out, total_ms=(trio.current_time() - ex.started) * 1000,
             upstream_ms=ex.upstream_time * 1000,
             ttfb_ms=ex.ttfb * 1000 if ex.ttfb is not None else None,

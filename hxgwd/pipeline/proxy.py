@@ -58,6 +58,8 @@ class Exchange:
     route: str | None = None
     client_gone: bool = False
     client_headers: Headers = attrs.field(factory=list, repr=False)
+    served: Deployment | None = None     # the deployment of the last attempt
+    reservation: object = None           # what the limit stage reserved; settled at the end
 
 
 @attrs.frozen
@@ -97,7 +99,7 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], transf
     for dep in plan.order[: settings.max_attempts]:
         calls = build(dep)       # BadRequest here is the caller's fault: no failover
         ex.attempts += 1
-        ex.deployment, ex.backend = dep.id, dep.backend.name
+        ex.deployment, ex.backend, ex.served = dep.id, dep.backend.name, dep
         predicted = plan.predicted.get(dep.id)
         ex.route = f"strategy={plan.strategy}; attempts={ex.attempts}" + (
             f"; predicted_ms={predicted * 1000:.0f}" if predicted is not None else "")
