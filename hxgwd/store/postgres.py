@@ -93,8 +93,7 @@ class PostgresStore(SQLStore):
         super().__init__(Connections(self._pg, POOL_SIZE))
 
     def _translate(self, exc: Exception) -> Exception:
-        if isinstance(exc, (psycopg.DataError, psycopg.IntegrityError, UnicodeError, ValueError, TypeError,
-                            OverflowError)):
+        if isinstance(exc, (psycopg.DataError, psycopg.IntegrityError, UnicodeError, OverflowError)):
             return RecordRejected(f"postgresql: {exc}")
         if isinstance(exc, psycopg.Error):
             # down, refused, timed out, cancelled, read-only, schema missing (UndefinedTable)

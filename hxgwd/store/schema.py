@@ -18,6 +18,7 @@ forever (the usage sink still bisects a rejected batch as a last resort).
 from __future__ import annotations
 
 import json
+import operator
 from typing import Any
 
 import attrs
@@ -58,38 +59,35 @@ RECORD_FIELDS = tuple(f.name for f in attrs.fields(RequestRecord))
 assert sorted(RECORD_FIELDS) == sorted(f for _, f, _ in USAGE_COLUMNS), "a RequestRecord field has no column"
 
 MAX_TEXT = 512     # characters; longer client-chosen strings are cut
-_INT_RANGE = {"int4": (-(2 ** 31), 2 ** 31 - 1), "int8": (-(2 ** 63), 2 ** 63 - 1)}
 
 
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    s = value if isinstance(value, str) else str(value)
-    if len(s) > MAX_TEXT:
-        s = s[:MAX_TEXT]
+def _text(value: Any) -> str:
+    s = value if type(value) is str else str(value)
+    if len(s) <= MAX_TEXT and s.isascii() and "\x00" not in s:
+        return s                                            # the common case: one pass, no copy
+    s = s[:MAX_TEXT]
     if not s.isascii():
         s = s.encode("utf-8", "replace").decode("utf-8")   # lone surrogates -> "?"
-    if "\x00" in s:
-        s = s.replace("\x00", "\ufffd")
-    return s
+    return s.replace("\x00", "\ufffd")
 
 
-def _value(value: Any, kind: str) -> Any:
-    if value is None:
-        return None
-    if kind == "text":
-        return _text(value)
-    if kind == "float":
-        return float(value)
-    if kind == "bool":
-        return bool(value)
-    lo, hi = _INT_RANGE[kind]
-    return min(max(int(value), lo), hi)
+def _int_in(lo: int, hi: int):
+    def convert(value: Any) -> int:
+        if type(value) is not int:
+            value = int(value)
+        return value if lo <= value <= hi else min(max(value, lo), hi)
+    return convert
+
+
+_CONVERT = {"text": _text, "float": float, "bool": bool,
+            "int4": _int_in(-(2 ** 31), 2 ** 31 - 1), "int8": _int_in(-(2 ** 63), 2 ** 63 - 1)}
+_GET = operator.attrgetter(*(field for _, field, _ in USAGE_COLUMNS))
+_CONVERTERS = tuple(_CONVERT[kind] for _, _, kind in USAGE_COLUMNS)
 
 
 def row_values(record: RequestRecord) -> tuple[Any, ...]:
     """The record as a tuple in USAGE_COLUMNS order, made safe to store."""
-    return tuple(_value(getattr(record, field), kind) for _, field, kind in USAGE_COLUMNS)
+    return tuple([None if v is None else convert(v) for v, convert in zip(_GET(record), _CONVERTERS)])
 
 
 # --- the spool's line format ---------------------------------------------------------------------
@@ -105,7 +103,21 @@ def record_from_line(line: bytes) -> RequestRecord:
     doc = json.loads(line)
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
-    return RequestRecord(**{k: v for k, v in doc.items() if k in RECORD_FIELDS})
+    try:
+        return RequestRecord(**doc)
+    except TypeError:
+        return RequestRecord(**{k: v for k, v in doc.items() if k in RECORD_FIELDS})
+
+
+def records_from_lines(lines: list[bytes]) -> tuple[list[RequestRecord], int]:
+    """-> (records, how many lines were not records)."""
+    records, bad = [], 0
+    for line in lines:
+        try:
+            records.append(record_from_line(line))
+        except (ValueError, TypeError):
+            bad += 1
+    return records, bad
 
 
 # --- migrations ------------------------------------------------------------------------------------

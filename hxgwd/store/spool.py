@@ -30,8 +30,6 @@ from typing import Any
 
 import trio
 
-from hxgwd.pipeline.record import RequestRecord
-from hxgwd.store.schema import record_from_line
 
 _NAME = re.compile(r"^usage-(\d{10})\.jsonl$")
 WARN_FRACTION = 0.8
@@ -161,6 +159,15 @@ class Spool:
                 self.last_error = f"spool fsync failed: {exc.strerror}"
                 self.log.error("cannot fsync the usage spool", directory=self.directory, error=exc.strerror)
 
+    def sync_now(self) -> None:
+        """fsync on the calling thread: only where nothing else can run (after the writer ended)."""
+        if self._fd is not None and self._unsynced:
+            self._unsynced = False
+            try:
+                self._fsync()
+            except OSError:
+                pass
+
     def _fsync(self) -> None:
         os.fsync(self._fd)
         if self._new_file:
@@ -177,11 +184,13 @@ class Spool:
         async with self._sync_lock:
             if self._fd is None:
                 return
-            if fsync and self._unsynced:
+            while fsync and self._unsynced:   # emit() may append while the fsync runs: sync that too
+                self._unsynced = False
                 try:
                     await trio.to_thread.run_sync(self._fsync)
                 except OSError as exc:
                     self.log.error("cannot fsync the usage spool", directory=self.directory, error=exc.strerror)
+                    break
             self._unsynced = False
             os.close(self._fd)
             self._fd, self._active = None, None
@@ -193,19 +202,10 @@ class Spool:
         return sorted(p for p in self._sizes if p != self._active)
 
     @staticmethod
-    def read(path: str) -> tuple[list[RequestRecord], int]:
-        """-> (records, lines that are not records). Blocking: call from a worker thread."""
+    def read(path: str) -> list[bytes]:
+        """The segment's non-empty lines. Blocking: call from a worker thread."""
         with open(path, "rb") as f:
-            data = f.read()
-        records, bad = [], 0
-        for line in data.split(b"\n"):
-            if not line.strip():
-                continue
-            try:
-                records.append(record_from_line(line))
-            except (ValueError, TypeError):
-                bad += 1
-        return records, bad
+            return [line for line in f.read().split(b"\n") if line.strip()]
 
     def remove(self, path: str) -> None:
         """A segment whose records are all in the store."""
@@ -231,21 +231,39 @@ class Spool:
         self.bytes -= self._sizes.pop(path, 0)
         self._check_level(0)
 
+    # --- records the store refused ---------------------------------------------------------------------
+
+    def set_aside(self, lines: list[bytes]) -> bool:
+        """Keep records the store refused in rejected.jsonl, never replayed, for the operator to
+        look at; capped at max_bytes of its own. False if they could not be kept."""
+        path = os.path.join(self.directory, "rejected.jsonl")
+        data = b"".join(lines)
+        try:
+            if os.path.exists(path) and os.path.getsize(path) + len(data) > self.max_bytes:
+                return False
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        except OSError:
+            return False
+        return True
+
     # --- the bound ---------------------------------------------------------------------------------
 
     def _check_level(self, dropped_now: int) -> None:
         fields = {"directory": self.directory, "spool_bytes": self.bytes, "spool_max_bytes": self.max_bytes}
-        if dropped_now and self.bytes + 1 >= self.max_bytes * WARN_FRACTION:
+        high = self.bytes >= self.max_bytes * WARN_FRACTION
+        if high and self._level == "ok":
+            self._level = "warn"
+            self.log.warning("usage spool is over 80% of its bound; records will be dropped at the bound", **fields)
+        if high and dropped_now:
             now = time.monotonic()
             if self._level != "full" or now - self._full_logged >= FULL_LOG_INTERVAL:
                 self._level, self._full_logged = "full", now
                 self.log.error("usage spool is full: usage records are being dropped",
                                dropped_total=self.dropped, **fields)
-        elif self.bytes >= self.max_bytes * WARN_FRACTION:
-            if self._level == "ok":
-                self._level = "warn"
-                self.log.warning("usage spool is over 80% of its bound; records will be dropped at the bound",
-                                 **fields)
-        elif self._level != "ok":
+        elif not high and self._level != "ok":
             self._level = "ok"
             self.log.info("usage spool is below 80% of its bound again", **fields)

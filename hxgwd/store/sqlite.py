@@ -108,8 +108,8 @@ class SQLiteStore(SQLStore):
         super().__init__(Connections(_SQLite(path, database.statement_timeout), POOL_SIZE))
 
     def _translate(self, exc: Exception) -> Exception:
-        if isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
-                            sqlite3.ProgrammingError, OverflowError, UnicodeError, ValueError, TypeError)):
+        if isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, OverflowError,
+                            UnicodeError)):   # a value SQLite will not take; ProgrammingError is our bug
             return RecordRejected(f"sqlite: {exc}")
         if isinstance(exc, (sqlite3.Error, OSError)):
             # locked, I/O error, disk full, no such table, interrupted, not a database

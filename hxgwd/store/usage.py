@@ -16,8 +16,9 @@ batch_size chunks interleaved with live batches. Inserts are idempotent on reque
 that was committed but not acknowledged, then spooled and replayed, is stored once.
 
 A batch the database refuses as data (RecordRejected: should not happen, records are sanitized
-in schema.py) is bisected down to the offending records, which are logged and counted, so one
-bad record cannot block the spool forever.
+in schema.py) is bisected down to the offending records, which are set aside in
+<spool_dir>/rejected.jsonl (never replayed), counted, and logged at most every 10 s: one bad
+record cannot block the spool forever, and a systematic bug loses nothing.
 
 Durability, per `spool_fsync`:
     always  every spool write is fsynced before the writer goes on; records that overflow the
@@ -40,12 +41,13 @@ import trio
 from hxgwd.config.model import Database
 from hxgwd.pipeline.record import RequestRecord
 from hxgwd.store import RecordRejected, Store, StoreUnavailable, default_spool_dir
-from hxgwd.store.schema import record_line
+from hxgwd.store.schema import record_line, records_from_lines
 from hxgwd.store.spool import Spool
 
 RETRY_MIN = 0.2
 RETRY_MAX = 5.0
 HURRY_TIMEOUT = 5.0      # after the close deadline: time left to put the rest in the spool
+REJECT_LOG_INTERVAL = 10.0
 
 
 class UsageSink:
@@ -68,12 +70,14 @@ class UsageSink:
         self._deadline: float | None = None    # set by aclose()
         self._hurry = False                    # past the deadline: everything goes to the spool
         self._attempt: trio.CancelScope | None = None
-        self._replay_buf: list[RequestRecord] = []
+        self._replay_lines: list[bytes] = []          # raw lines of the segment being replayed
+        self._replay_chunk: list[RequestRecord] = []   # decoded, next to go to the store
         self._replay_path: str | None = None
         self.written = 0      # records the store accepted (already stored ones included)
         self.spooled = 0      # records appended to the spool
         self.replayed = 0     # records moved from the spool to the store
-        self.rejected = 0     # records the store refused as data (logged one by one)
+        self.rejected = 0     # records the store refused as data: kept in <spool>/rejected.jsonl
+        self._rejected_logged = -math.inf
         self.corrupt = 0      # spool lines that did not parse on replay
         self.last_error: str | None = None
 
@@ -95,11 +99,8 @@ class UsageSink:
         if self._fsync == "always":
             if self._running:
                 self._sync_wanted.set()
-            elif self._spool.opened and self._spool._fd is not None:
-                try:
-                    self._spool._fsync()   # after shutdown: rare, and the process is ending
-                except OSError:
-                    pass
+            else:
+                self._spool.sync_now()   # after shutdown: rare, and the process is ending
 
     def statistics(self) -> dict[str, Any]:
         return {"queued": self._send.statistics().current_buffer_used, "written": self.written,
@@ -201,7 +202,12 @@ class UsageSink:
 
     async def _deliver(self, batch: list[RequestRecord]) -> None:
         if self._healthy or trio.current_time() >= self._retry_at:
-            if await self._store_batch(batch):
+            try:
+                stored = await self._store_batch(batch)
+            except trio.Cancelled:   # run() itself is cancelled: the batch in hand goes to disk
+                self.spooled += self._spool.append([record_line(r) for r in batch])
+                raise
+            if stored:
                 self.written += len(batch)
                 return
         await self._to_spool(batch)
@@ -230,21 +236,33 @@ class UsageSink:
                 self._attempt = None
             self._succeeded()
             return True
-        self._failed(f"the store did not answer within {timeout:.1f} s")
+        if not self._hurry:   # (cancelled by aclose() at its deadline: not the store's fault)
+            self._failed(f"the store did not answer within {timeout:.1f} s")
         return False
 
     async def _insert(self, records: list[RequestRecord]) -> None:
         try:
             await self._store.insert_usage(records)
         except RecordRejected as exc:
-            if len(records) == 1:
-                self.rejected += 1
-                self._log.error("usage record rejected by the store, dropped",
-                                request_id=records[0].request_id, error=str(exc))
+            if len(records) > 1:
+                mid = len(records) // 2
+                await self._insert(records[:mid])
+                await self._insert(records[mid:])
                 return
-            mid = len(records) // 2
-            await self._insert(records[:mid])
-            await self._insert(records[mid:])
+            self._reject(records[0], str(exc))
+
+    def _reject(self, record: RequestRecord, error: str) -> None:
+        """A record the store refuses: kept aside (rejected.jsonl), counted, logged at most every 10 s."""
+        self.rejected += 1
+        kept = self._spool.set_aside([record_line(record)])
+        if not kept:
+            self._spool.dropped += 1
+        now = trio.current_time()
+        if now - self._rejected_logged >= REJECT_LOG_INTERVAL:
+            self._rejected_logged = now
+            self._log.error("usage record rejected by the store; kept in rejected.jsonl, not retried",
+                            request_id=record.request_id, error=error, rejected_total=self.rejected,
+                            kept=kept, directory=self._spool.directory)
 
     def _failed(self, error: str) -> None:
         self.last_error = error
@@ -277,50 +295,66 @@ class UsageSink:
 
     # --- replay ----------------------------------------------------------------------------------------
 
+    def _replay_pending(self) -> bool:
+        return bool(self._replay_chunk or self._replay_lines or self._spool.bytes)
+
     def _replay_due(self) -> bool:
-        if self._hurry or not (self._replay_buf or self._spool.bytes):
+        if self._hurry or not self._replay_pending():
             return False
         return self._healthy or trio.current_time() >= self._retry_at
 
     def _wait_time(self) -> float:
-        if self._replay_buf or self._spool.bytes:
+        if self._replay_pending():
             return max(0.0, self._retry_at - trio.current_time())
         return math.inf
 
     async def _replay_step(self) -> None:
-        """Move one chunk (batch_size records) from the spool to the store, oldest first."""
+        """Move one chunk (batch_size records) from the spool to the store, oldest first.
+
+        A segment is read as raw lines and decoded one chunk at a time, in a worker thread: the
+        decoding is CPU work that holds the GIL, and short bursts of it keep the loop's lag low."""
         await trio.lowlevel.checkpoint()   # the write loop calls us in a loop: never spin
-        if not self._replay_buf:
-            paths = self._spool.sealed()
-            if not paths and self._spool.active_bytes:
-                await self._spool.seal(self._fsync != "never")
-                paths = self._spool.sealed()
-            if not paths:
+        if not self._replay_chunk:
+            if not self._replay_lines and not await self._next_segment():
                 return
-            path = paths[0]
-            try:
-                records, bad = await trio.to_thread.run_sync(self._spool.read, path)
-            except OSError as exc:
-                self._spool.quarantine(path, exc.strerror or str(exc))
-                return
+            lines = self._replay_lines[:self._batch_size]
+            del self._replay_lines[:self._batch_size]
+            records, bad = await trio.to_thread.run_sync(records_from_lines, lines)
             if bad:
                 self.corrupt += bad
                 self._log.warning("usage spool segment has unreadable lines (a torn write?); skipped",
-                                  path=path, lines=bad)
-            if not records:
-                self._spool.remove(path)
+                                  path=self._replay_path, lines=bad)
+            self._replay_chunk = records
+        if self._replay_chunk:
+            if not await self._store_batch(self._replay_chunk):
                 return
-            self._replay_buf, self._replay_path = records, path
-        chunk = self._replay_buf[:self._batch_size]
-        if not await self._store_batch(chunk):
-            return
-        del self._replay_buf[:len(chunk)]
-        self.replayed += len(chunk)
-        if not self._replay_buf and self._replay_path is not None:
+            self.replayed += len(self._replay_chunk)
+            self._replay_chunk = []
+        if not self._replay_lines and self._replay_path is not None:
             self._spool.remove(self._replay_path)
             self._replay_path = None
             if not self._spool.bytes:
                 self._log.info("usage spool replayed into the store", replayed_total=self.replayed)
+
+    async def _next_segment(self) -> bool:
+        """Load the oldest sealed segment's lines (sealing the active one if it is the only one)."""
+        paths = self._spool.sealed()
+        if not paths and self._spool.active_bytes:
+            await self._spool.seal(self._fsync != "never")
+            paths = self._spool.sealed()
+        if not paths:
+            return False
+        path = paths[0]
+        try:
+            lines = await trio.to_thread.run_sync(self._spool.read, path)
+        except OSError as exc:
+            self._spool.quarantine(path, exc.strerror or str(exc))
+            return False
+        if not lines:
+            self._spool.remove(path)
+            return False
+        self._replay_lines, self._replay_path = lines, path
+        return True
 
     async def _final_replay(self) -> None:
         """At close, with time left and the store answering: empty the spool too."""

@@ -1,0 +1,194 @@
+"""Virtual keys: the `hxgwd keys` / `hxgwd db` commands as processes, and the gateway's KeyCache
+(revocation seen by another host within key_refresh; a store that fails keeps the last table)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import textwrap
+import time
+
+import trio
+
+from hxgwd.runtime import Principal
+from hxgwd.store import StoreUnavailable, open_store
+from hxgwd.store.keys import KeyCache
+from tests.conftest import ROOT
+from tests.test_store_support import ListLog, database, new_pg_url, sqlite_url, wait_until  # noqa: F401
+
+
+def hxgwd(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hxgwd", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def write_config(tmp_path, url: str, extra: str = "") -> str:
+    path = tmp_path / "hxgwd.toml"
+    path.write_text(textwrap.dedent(f"""
+        [database]
+        url = "{url}"
+        key_refresh = 0.2
+        [[keys]]
+        name = "from-config"
+        sha256 = "{'ab' * 32}"
+    """) + textwrap.dedent(extra))
+    return str(path)
+
+
+def test_keys_lifecycle_through_the_cli(tmp_path):
+    cfg = write_config(tmp_path, sqlite_url(tmp_path))
+    made = hxgwd("keys", "create", "-c", cfg, "--name", "team-a", "--models", "m1,m2", "g1", "--rpm", "60",
+                 "--budget-usd", "5", "--budget-period", "day", "--expires", "30d")
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
+    assert re.fullmatch(r"sk-hx-[A-Za-z0-9_-]{43}", key)          # alone on stdout: scriptable
+    assert "shown this once" in made.stderr and key not in made.stderr
+
+    listed = hxgwd("keys", "list", "-c", cfg)
+    assert listed.returncode == 0 and key not in listed.stdout and key[10:20] not in listed.stdout
+    assert re.search(r"team-a\s+" + re.escape(key[:10]) + r"\.\.\.\s+store\s+active\s+m1,m2,g1\s+60", listed.stdout)
+    assert re.search(r"from-config\s+-\s+config\s+active", listed.stdout)
+    docs = json.loads(hxgwd("keys", "list", "--json", "-c", cfg).stdout)
+    assert {d["name"]: d["source"] for d in docs} == {"team-a": "store", "from-config": "config"}
+    assert key not in json.dumps(docs)
+    shown = json.loads(hxgwd("keys", "show", "team-a", "--json", "-c", cfg).stdout)
+    assert shown["models"] == ["m1", "m2", "g1"] and shown["budget_usd"] == 5.0 and shown["status"] == "active"
+    assert shown["expires_at"] > time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 29 * 86400))
+
+    again = hxgwd("keys", "create", "-c", cfg, "--name", "team-a")
+    assert again.returncode == 1 and "exists" in again.stderr
+    clash = hxgwd("keys", "create", "-c", cfg, "--name", "from-config")
+    assert clash.returncode == 1 and "config file" in clash.stderr
+
+    revoked = hxgwd("-c", cfg, "keys", "revoke", "team-a")    # -c before the command works too
+    assert revoked.returncode == 0 and "revoked" in revoked.stdout
+    assert hxgwd("keys", "revoke", "team-a", "-c", cfg).returncode == 1
+    assert "team-a" not in hxgwd("keys", "list", "-c", cfg).stdout
+    assert re.search(r"team-a\s+\S+\s+store\s+revoked", hxgwd("keys", "list", "--all", "-c", cfg).stdout)
+
+    async def active() -> list[Principal]:
+        s = open_store(database(sqlite_url(tmp_path)))
+        try:
+            return await s.active_keys()
+        finally:
+            await s.aclose()
+
+    assert trio.run(active) == []
+
+
+def test_db_commands_on_postgres(tmp_path, new_pg_url):
+    cfg = write_config(tmp_path, new_pg_url())
+    status = hxgwd("db", "status", "-c", cfg)
+    assert status.returncode == 1 and "hxgwd db migrate" in status.stdout
+    refused = hxgwd("keys", "list", "-c", cfg)                  # PostgreSQL is never migrated by surprise
+    assert refused.returncode == 1 and "hxgwd db migrate" in refused.stderr
+    migrated = hxgwd("db", "migrate", "-c", cfg)
+    assert migrated.returncode == 0 and "from version 0 to 1" in migrated.stdout
+    assert hxgwd("db", "status", "-c", cfg).returncode == 0
+    made = hxgwd("keys", "create", "--name", "pg-key", "-c", cfg)
+    assert made.returncode == 0 and made.stdout.startswith("sk-hx-")
+
+
+def test_cli_reports_missing_password_and_disabled_store(tmp_path):
+    cfg = write_config(tmp_path, "postgresql://gw@127.0.0.1:1/hx", extra="")
+    text = open(cfg).read().replace("key_refresh = 0.2", 'key_refresh = 0.2\npassword_env = "HXGWD_TEST_NO_SUCH_VAR"')
+    open(cfg, "w").write(text)
+    out = hxgwd("keys", "list", "-c", cfg)
+    assert out.returncode == 1 and "HXGWD_TEST_NO_SUCH_VAR is not set" in out.stderr
+    off = write_config(tmp_path, "")
+    out = hxgwd("usage", "-c", off)
+    assert out.returncode == 1 and "disabled" in out.stderr
+
+
+async def test_revocation_reaches_another_gateway_within_key_refresh(new_pg_url):
+    url = new_pg_url()
+    admin_store, host_a, host_b = (open_store(database(url)) for _ in range(3))
+    await admin_store.migrate()
+    key, _ = await admin_store.create_key("team-a")
+    digest = hashlib.sha256(key.encode()).digest()
+    log = ListLog()
+    caches = [KeyCache(host_a, log, refresh=0.2), KeyCache(host_b, log, refresh=0.2)]
+    async with trio.open_nursery() as nursery:
+        for cache in caches:
+            await nursery.start(cache.run)
+        assert all(c.lookup(digest).key_name == "team-a" for c in caches)   # loaded before started()
+
+        await admin_store.revoke_key("team-a")
+        revoked_at = time.monotonic()
+        assert await wait_until(lambda: all(c.lookup(digest) is None for c in caches), timeout=3)
+        assert time.monotonic() - revoked_at < 0.2 + 0.3               # key_refresh + one read, with slack
+
+        key2, _ = await admin_store.create_key("team-b")
+        digest2 = hashlib.sha256(key2.encode()).digest()
+        assert await wait_until(lambda: all(c.lookup(digest2) is not None for c in caches), timeout=3)
+        nursery.cancel_scope.cancel()
+    for s in (admin_store, host_a, host_b):
+        await s.aclose()
+
+
+class FlakyStore:
+    """A stand-in store whose active_keys() fails (or hangs) while `down`."""
+
+    def __init__(self, principals: list[Principal], down: bool = False, hang: bool = False) -> None:
+        self.principals, self.down, self.hang, self.reads = principals, down, hang, 0
+
+    async def active_keys(self) -> list[Principal]:
+        self.reads += 1
+        if self.hang:
+            await trio.sleep_forever()
+        await trio.lowlevel.checkpoint()
+        if self.down:
+            raise StoreUnavailable("test: down")
+        return list(self.principals)
+
+
+def principal(name: str) -> Principal:
+    return Principal(name, None, digest=hashlib.sha256(name.encode()).digest(), source="store")
+
+
+async def test_key_cache_starts_without_a_store_and_keeps_the_last_table():
+    store = FlakyStore([principal("a")], down=True)
+    log = ListLog()
+    cache = KeyCache(store, log, refresh=0.05, load_timeout=0.5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cache.run)               # a failing store does not block the start
+        assert len(cache) == 0 and cache.failures >= 1
+        assert log.at("warning") == ["cannot read keys from the store; using the last keys read"]
+        store.down = False
+        assert await wait_until(lambda: cache.lookup(principal("a").digest) is not None, timeout=2)
+        store.down = True                            # unreachable again: last good table stays
+        reads = store.reads
+        assert await wait_until(lambda: store.reads >= reads + 3, timeout=2)
+        assert cache.lookup(principal("a").digest) is not None and cache.failures >= 3
+        assert len(log.at("warning")) == 2           # once per outage, not once per read
+        store.down, store.principals = False, [principal("b")]
+        assert await wait_until(lambda: cache.lookup(principal("a").digest) is None, timeout=2)
+        assert cache.lookup(principal("b").digest) is not None and cache.statistics()["failures"] == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_key_cache_first_load_is_bounded_when_the_store_hangs():
+    cache = KeyCache(FlakyStore([], hang=True), ListLog(), refresh=10, load_timeout=0.3)
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cache.run)
+        assert trio.current_time() - start < 1 and cache.failures == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_key_cache_on_sqlite_sees_keys_made_by_another_process(tmp_path):
+    url = sqlite_url(tmp_path)
+    writer, reader = open_store(database(url)), open_store(database(url))
+    await writer.migrate()
+    cache = KeyCache(reader, ListLog(), refresh=0.2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cache.run)
+        key, _ = await writer.create_key("late")
+        digest = hashlib.sha256(key.encode()).digest()
+        assert await wait_until(lambda: cache.lookup(digest) is not None, timeout=3)
+        nursery.cancel_scope.cancel()
+    await writer.aclose()
+    await reader.aclose()
