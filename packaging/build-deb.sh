@@ -35,8 +35,8 @@ export SOURCE_DATE_EPOCH PYTHONHASHSEED=0
 echo "build-deb: hxgwd $VERSION $ARCH, SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH" >&2
 
 # --- 1. the binary -------------------------------------------------------------------------------
-# The daemon imports its PostgreSQL/Redis drivers lazily (only when configured), so PyInstaller's
-# static analysis cannot see them: collect them explicitly. hxgwd's own modules too, in case one
+# The daemon imports its database drivers (SQLite, PostgreSQL, Redis) lazily, only when
+# configured, so PyInstaller's static analysis may not see them: collect them explicitly. hxgwd's own modules too, in case one
 # is only reached through importlib. mypyc-compiled packages (coredis) import a shared runtime
 # module "<hash>__mypyc" from C, also invisible: find it in the installed files.
 mapfile -t MYPYC < <("$PYTHON" - <<'EOF'
@@ -58,7 +58,7 @@ rm -rf "$PYI"
     --name hxgwd --paths . \
     --distpath "$PYI/dist" --workpath "$PYI/work" --specpath "$PYI" \
     --collect-submodules hxgwd \
-    --hidden-import httpx \
+    --hidden-import httpx --hidden-import sqlite3 \
     --collect-submodules psycopg --collect-submodules psycopg_pool \
     --hidden-import psycopg_binary.pq --hidden-import psycopg_binary._psycopg \
     --collect-submodules coredis "${HIDDEN[@]}" \

@@ -50,6 +50,9 @@ users=$(ps -o user= -p "$main" --ppid "$main" | sort -u | paste -sd' ')
 [ "$users" = hxgwd ] || fail "processes run as '$users', want hxgwd"
 ok "MainPID $main and its child run as user hxgwd"
 ok "status: $(systemctl show -p StatusText --value hxgwd)"
+bad=$(find /var/lib/hxgwd ! -user hxgwd | head -3)
+[ -z "$bad" ] || fail "files in /var/lib/hxgwd not owned by hxgwd: $bad"
+ok "/var/lib/hxgwd (StateDirectory): $(stat -c '%a %U' /var/lib/hxgwd), holds: $(ls /var/lib/hxgwd | paste -sd' ')"
 code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$URL/v1/models")
 [ "$code" = 401 ] || fail "GET /v1/models with the packaged config (no keys): $code, want 401"
 ok "packaged config: /v1/models without keys -> 401"

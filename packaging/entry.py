@@ -4,7 +4,7 @@ PyInstaller runs this file as a script, so it cannot be hxgwd/__main__.py (relat
 it imports `main` absolutely. The frozen binary must behave exactly like the console script.
 
 HXGWD_FROZEN_SELFTEST=1 (used by packaging/build-deb.sh, never by the daemon) imports the modules
-that hxgwd only loads lazily (PostgreSQL and Redis drivers), which static analysis cannot see,
+that hxgwd only loads lazily (SQLite, PostgreSQL and Redis drivers), which static analysis cannot see,
 and exits: a missing hidden import then fails the build instead of a production start.
 """
 
@@ -15,8 +15,15 @@ import sys
 def selftest() -> int:
     import importlib
 
-    modules = ["hxgwd.cli", "hxgwd.lifecycle", "hxgwd.runtime", "trio", "h11", "httpx", "attrs",
-               "tomli_w", "certifi", "psycopg", "psycopg_pool", "coredis"]
+    import pkgutil
+
+    import hxgwd
+
+    # every module of hxgwd (a new third-party import missing from the build venv fails here),
+    # then the libraries it loads lazily
+    modules = [m.name for m in pkgutil.walk_packages(hxgwd.__path__, "hxgwd.")]
+    modules += ["trio", "h11", "httpx", "attrs", "tomli_w", "certifi", "sqlite3", "psycopg",
+                "psycopg_pool", "coredis"]
     for name in modules:
         importlib.import_module(name)
     import certifi
