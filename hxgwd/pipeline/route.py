@@ -1,15 +1,17 @@
 """Stage 5, route: which deployments may serve a request, and in which order to try them.
 
 `resolve()` turns the requested name into a `Target` (404 / 403 / 400 as OpenAI clients expect).
-`Router.plan()` orders its deployments by the target's strategy; `Router.started()` and
-`Router.finished()` are the feedback every attempt reports, so a strategy can learn. The router's
-state is keyed by deployment id and lives outside the config snapshot: it survives reloads for
-deployments that still exist. Pure: no I/O; time and randomness come in as arguments.
+`Router.plan()` orders its deployments by the target's strategy, leaving out those whose breaker
+is open or that an upstream's Retry-After is cooling; a half-open deployment whose probe slot is
+free goes first, as that probe. `Router.started()` and `Router.finished()` are the feedback every
+attempt reports: they move the breakers and teach the latency model (hxgwd.routing). The state is
+keyed by deployment id and lives outside the config snapshot: it survives reloads for deployments
+that still exist. Pure: no I/O; time and randomness come in as arguments, so tests and the
+routing simulation (bench/routing) drive this very code on a virtual clock with a seeded rng.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Iterable
 
@@ -17,6 +19,10 @@ import attrs
 
 from hxgwd.config.model import Routing
 from hxgwd.errors import BadRequest, Forbidden, NotFound
+from hxgwd.routing import strategies
+from hxgwd.routing.breaker import HALF_OPEN
+from hxgwd.routing.estimator import Ewma, OutputLength
+from hxgwd.routing.state import DeploymentState
 from hxgwd.runtime import Deployment, Principal, Runtime, Target
 
 
@@ -52,13 +58,7 @@ class Outcome:
     output_tokens: int | None = None
     cancelled: bool = False  # the client left first: says nothing about the deployment
     retry_after: float | None = None   # the upstream's Retry-After on a 429 / 503, in seconds
-
-
-@attrs.define
-class DeploymentState:
-    in_flight: int = 0
-    requests: int = 0
-    failures: int = 0
+    began: float | None = None         # the `now` given to started() for this attempt, if known
 
 
 @attrs.frozen
@@ -69,64 +69,157 @@ class Plan:
     retry_after: float | None = None             # with an empty order: when to come back
 
 
+
+TYPICAL_PROMPT_BYTES = 2048      # the table's "typical request" before any request was seen
+TYPICAL_MAX_TOKENS = 256
+
+
+@attrs.define
+class _Typical:
+    """A target's typical request (for the table's scores) and best predicted time (exploration)."""
+
+    prompt_bytes: Ewma = attrs.field(factory=lambda: Ewma(alpha=0.05))
+    max_tokens: Ewma = attrs.field(factory=lambda: Ewma(alpha=0.05))
+    best_time: Ewma = attrs.field(factory=lambda: Ewma(alpha=0.05))
+
+
 class Router:
     def __init__(self, rng: random.Random | None = None, settings: Routing | None = None) -> None:
         self.rng = rng or random.Random()
         self.settings = settings or Routing()
         self.states: dict[str, DeploymentState] = {}
+        self.lengths: dict[str, OutputLength] = {}      # by public model name: output length habits
+        self.typical: dict[str, _Typical] = {}          # by target name
+        self.probed: dict[str, bool] = {}               # backend name -> last active probe verdict
+        self._keep: set[str] | None = None              # ids the last reload kept
 
     def configure(self, settings: Routing) -> None:
         """A reload's [routing] settings; learned state is kept."""
         self.settings = settings
 
-    def state(self, dep_id: str) -> DeploymentState:
+    def state(self, dep: Deployment | str, now: float = 0.0) -> DeploymentState:
+        dep_id = dep if isinstance(dep, str) else dep.id
         st = self.states.get(dep_id)
         if st is None:
             st = self.states[dep_id] = DeploymentState()
+            if not isinstance(dep, str):
+                st.backend = dep.backend.name
+                st.cap, st.queue_timeout = dep.config.max_concurrency, dep.config.queue_timeout
+                if self.probed.get(st.backend) is False:
+                    st.breaker.on_probe(False, now, self.settings)
         return st
 
+    # --- the request path ---------------------------------------------------------------------
+
     def plan(self, target: Target, features: RequestFeatures, now: float) -> Plan:
-        deps = target.deployments
-        if target.strategy == "priority" or len(deps) == 1:
-            return Plan(target.strategy, deps)
-        return Plan(target.strategy, tuple(weighted_order(deps, self.rng)))
+        candidates: list[Deployment] = []
+        probes: list[Deployment] = []
+        blocked: list[DeploymentState] = []
+        for dep in target.deployments:
+            st = self.state(dep, now)
+            if st.breaker.admits(now):
+                (probes if st.breaker.state == HALF_OPEN else candidates).append(dep)
+            else:
+                blocked.append(st)
+        if not candidates and not probes:
+            at = min((st.breaker.available_at(now) for st in blocked), default=now + 1.0)
+            return Plan(target.strategy, (), {}, retry_after=max(1.0, at - now))
+        typical = self._typical(target.name)
+        typical.prompt_bytes.add(features.prompt_bytes)
+        typical.max_tokens.add(features.max_tokens)
+        estimates = {dep.id: strategies.estimate(dep, self.states[dep.id], features.prompt_bytes,
+                                                 features.max_tokens, self._lengths(dep.model), now)
+                     for dep in (*probes, *candidates)}
+        for dep_id, est in estimates.items():
+            self.states[dep_id].expect = est.time     # what its next start is expected to take
+        if len(candidates) > 1:
+            policy = target.policy
+            order_fn = strategies.ORDERS.get(target.strategy, strategies.scored)
+            candidates = order_fn(candidates, rng=self.rng, states=self.states.__getitem__,
+                                  estimates=estimates, cost_weight=policy.cost_weight,
+                                  exploration=policy.exploration, typical=typical.best_time, now=now)
+        order = (*probes, *candidates)
+        return Plan(target.strategy, order, {dep_id: est.time for dep_id, est in estimates.items()})
 
     def started(self, dep: Deployment, now: float) -> None:
-        st = self.state(dep.id)
-        st.in_flight += 1
-        st.requests += 1
+        self.state(dep, now).start(now)
 
     def finished(self, dep: Deployment, outcome: Outcome, now: float) -> None:
-        st = self.state(dep.id)
-        st.in_flight -= 1
-        if not outcome.ok:
-            st.failures += 1
+        st = self.state(dep, now)
+        f = outcome.features
+        st.finish(outcome.ok, outcome.status, outcome.ttfb, outcome.duration, began=outcome.began,
+                  prompt_bytes=f.prompt_bytes if f else None, max_tokens=f.max_tokens if f else 0,
+                  stream=f.stream if f else False, output_tokens=outcome.output_tokens,
+                  cancelled=outcome.cancelled, retry_after=outcome.retry_after,
+                  lengths=self._lengths(dep.model), now=now, settings=self.settings)
+        if self._keep is not None and dep.id not in self._keep and st.in_flight == 0:
+            del self.states[dep.id]     # gone in a reload; its last request is done
 
     def probe_result(self, backend: str, ok: bool, now: float) -> None:
-        """An active health probe of a backend answered (ok) or not."""
+        """An active health probe of a backend answered (ok) or not: every deployment on it."""
+        self.probed[backend] = ok
+        for st in self.states.values():
+            if st.backend == backend:
+                st.breaker.on_probe(ok, now, self.settings)
+
+    # --- views --------------------------------------------------------------------------------
 
     def usable(self, runtime: Runtime, now: float) -> bool:
-        return bool(runtime.deployments)
+        """For /readyz: is any deployment not known to be down?"""
+        return any(self.state(dep, now).breaker.usable(now) for dep in runtime.deployments.values())
 
     def table(self, runtime: Runtime, now: float) -> dict[str, object]:
-        """The live routing table per target, for the admin endpoint."""
-        return {name: [{"deployment": d.id, **attrs.asdict(self.state(d.id))} for d in t.deployments]
-                for name, t in runtime.targets.items()}
+        """The live routing table per target (groups, and models with their deployments), JSON-able."""
+        out: dict[str, object] = {}
+        for name, target in runtime.targets.items():
+            typical = self.typical.get(name) or _Typical()
+            prompt_bytes = int(typical.prompt_bytes.get(TYPICAL_PROMPT_BYTES))
+            max_tokens = int(typical.max_tokens.get(TYPICAL_MAX_TOKENS))
+            rows = [self._row(dep, target, prompt_bytes, max_tokens, now) for dep in target.deployments]
+            out[name] = {"strategy": target.strategy, "group": target.group is not None,
+                         "typical_request": {"prompt_bytes": prompt_bytes, "max_tokens": max_tokens},
+                         "deployments": rows}
+        return out
+
+    def _row(self, dep: Deployment, target: Target, prompt_bytes: int, max_tokens: int,
+             now: float) -> dict[str, object]:
+        st = self.state(dep, now)
+        b = st.breaker
+        state = b.current(now)
+        est = strategies.estimate(dep, st, prompt_bytes, max_tokens, self._lengths(dep.model), now)
+        window_rate, window_n = b.error_rate(now, self.settings)
+        return {
+            "deployment": dep.id, "model": dep.model, "backend": dep.backend.name,
+            "breaker": state, "cooling_s": round(max(0.0, b.cool_until - now), 3),
+            "reopens_in_s": round(max(0.0, b.reopen_at - now), 3) if state == "open" else None,
+            "probe_in_flight": b.probing, "opened": b.opened,
+            "in_flight": st.in_flight, "max_concurrency": dep.config.max_concurrency,
+            "requests": st.requests, "failures": st.failures,
+            "error_rate": round(st.rates.error_rate(), 4), "throttle_rate": round(st.rates.throttle_rate(), 4),
+            "window_error_rate": round(window_rate, 4), "window_requests": window_n,
+            "latency": {k: round(v, 6) for k, v in st.latency.params().items()},
+            "first_byte": {k: round(v, 6) for k, v in st.first_byte.params().items()},
+            "observations": st.latency.observations,
+            "mean_duration_s": st.duration.value,
+            "predicted_s": round(est.time, 4), "uncertainty_s": round(est.spread, 4),
+            "score": round(strategies.score(est.time, est, target.policy.cost_weight), 4),
+        }
 
     def retain(self, deployment_ids: Iterable[str]) -> None:
         """After a reload: drop state of deployments that are gone (in-flight ones finish first)."""
-        keep = set(deployment_ids)
+        self._keep = set(deployment_ids)
         for dep_id in list(self.states):
-            if dep_id not in keep and self.states[dep_id].in_flight == 0:
+            if dep_id not in self._keep and self.states[dep_id].in_flight == 0:
                 del self.states[dep_id]
 
+    def _lengths(self, model: str) -> OutputLength:
+        lengths = self.lengths.get(model)
+        if lengths is None:
+            lengths = self.lengths[model] = OutputLength()
+        return lengths
 
-def weighted_order(deps: Iterable[Deployment], rng: random.Random) -> list[Deployment]:
-    """A random order where each deployment comes first with probability weight / total.
-
-    Efraimidis-Spirakis: sort by u ** (1 / w); the remaining order is again weighted, which makes
-    it the failover order too.
-    """
-    keyed = [(math.log(rng.random() or 1e-300) / d.weight, i, d) for i, d in enumerate(deps)]
-    keyed.sort(reverse=True)
-    return [d for _, _, d in keyed]
+    def _typical(self, name: str) -> _Typical:
+        typical = self.typical.get(name)
+        if typical is None:
+            typical = self.typical[name] = _Typical()
+        return typical

@@ -2,23 +2,33 @@
 
 Latency model
 -------------
-A request's time to finish on one deployment is modelled as linear in what is known of it:
+A request's time to finish on one deployment is modelled as
 
-    duration ~ th0 + th1*kb + th3*c  +  out * (th2 + th4*c)
-               \_ time to first token _/    \_ decoding _/
+    duration ~ (th0 + th1*kb + th2*out) * (1 + kappa*c)
+                base: on an idle server        load
 
 kb: the prompt's size in KiB (bytes stand in for tokens); out: output tokens, in thousands; c: the
-other requests on the deployment at the same time (at most its concurrency cap: requests waiting
-at the gateway do not load the upstream). th0 is the fixed part (network, the provider's own
-queue), th1 the prefill cost per KiB, th2 seconds per 1000 output tokens, th3 and th4 how much each
-concurrent request slows the first token and the decoding (continuous batching shares the GPU).
+other requests on the deployment meanwhile (at most its concurrency cap: requests waiting at the
+gateway do not load the upstream). th0 is the fixed part (network, the provider's own queue) and
+the time to the first token of an empty prompt, th1 the prefill cost per KiB, th2 seconds per
+1000 output tokens, kappa the share by which each concurrent request slows the others down
+(continuous batching shares the GPU: prefill and decoding alike). A provider whose capacity is
+not ours to fill learns kappa ~ 0.
+
+The two factors are fitted in turns, each a well-conditioned problem of its own: the base by
+recursive least squares on duration / (1 + kappa*c), kappa by a forgetting least-squares slope of
+duration / base - 1 against c (with an intercept, so a base that is off by some percent does not
+leak into kappa). A single multiplicative load share is learned far more steadily
+from noisy latencies than separate additive slopes per feature, and it is what makes the cost a
+request imposes on the others (`strategies`) computable: c * kappa * base.
 
 The same model, fitted separately on streams' time to the response head (out = 0), is the learned
 time to first byte; it is shown, not used to route. At plan time the output length is unknown:
 `OutputLength` predicts it from max_tokens, and as the model is linear in `out`, plugging in that
 expectation gives the expected duration.
 
-Fit: recursive least squares in its covariance (Kalman) form, where th is a slowly drifting state:
+The base fit is recursive least squares in its covariance (Kalman) form, where th is a slowly
+drifting state:
 - exponential forgetting per observation (LAMBDA) tracks drift under steady traffic;
 - process noise per second of silence makes an unobserved deployment's estimate uncertain again,
   which is what draws exploration back to a deployment after an outage or a quiet spell;
@@ -32,22 +42,21 @@ Fit: recursive least squares in its covariance (Kalman) form, where th is a slow
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import attrs
 
-N = 5
+N = 3
 # Prior variances of th (seconds^2 in the units above). The prior mean is 0; `strategies` replaces
 # an unmeasured deployment's mean by its peers', so "unknown" reads as "like the others, unsure".
-PRIOR_VAR = (4.0, 0.25, 400.0, 0.25, 25.0)
+PRIOR_VAR = (4.0, 0.25, 400.0)
 LAMBDA = 0.99                  # forgetting per observation: ~100 requests of memory
 DRIFT = 1.0 / 600              # process noise per second, as a share of the prior variance
+DRIFT_STEP = 0.05              # seconds: drift is applied in steps at least this long
 NOISE_FLOOR = 0.05             # seconds: predictions below this are treated as this for the noise
 NOISE_ALPHA = 0.05
-
-
-def features(prompt_kb: float, out_k: float, load: float) -> tuple[float, ...]:
-    return (1.0, prompt_kb, out_k, load, load * out_k)
+LOAD_LAMBDA = 0.995            # kappa's memory: ~200 requests; it moves slower than the base
+LOAD_PRIOR = 25.0              # kappa's pull toward 0, in units of c^2 (a few loaded requests' worth)
+LOAD_MAX = 1.0
 
 
 def _prior_cov() -> list[list[float]]:
@@ -61,75 +70,103 @@ class LatencyModel:
     noise: float = 0.25           # relative noise variance: (residual / prediction)^2, a CV^2
     observations: int = 0
     at: float | None = None       # clock of the last drift applied
+    kappa: float = 0.0            # slowdown share per concurrent request
+    load_sums: list[float] = attrs.field(factory=lambda: [0.0] * 5)   # n, c, r, c^2, c*r; forgetting
 
     def drift(self, now: float) -> None:
-        """Let time pass: the parameters may have moved since they were last seen."""
-        if self.at is None or now <= self.at:
-            self.at = now if self.at is None else self.at
+        """Let time pass: the parameters may have moved since they were last seen.
+
+        The added variance is linear in time, so applying it in steps of at least DRIFT_STEP
+        seconds adds the same as applying it at every call, at a fraction of the cost.
+        """
+        if self.at is None:
+            self.at = now
             return
-        dt, self.at = now - self.at, now
+        dt = now - self.at
+        if dt < DRIFT_STEP:
+            return
+        self.at = now
+        cov = self.cov
         for i in range(N):
-            self.cov[i][i] += PRIOR_VAR[i] * DRIFT * dt
+            cov[i][i] += PRIOR_VAR[i] * DRIFT * dt
         self._cap()
 
-    def predict(self, x: Sequence[float]) -> tuple[float, float]:
-        """Expected duration at x and the variance of that expectation (not of one request)."""
-        cov = self.cov
-        mean = 0.0
-        var = 0.0
-        for i in range(N):
-            xi = x[i]
-            mean += self.theta[i] * xi
-            row = cov[i]
-            var += xi * sum(row[j] * x[j] for j in range(N))
-        return mean, max(var, 0.0)
+    def base(self, kb: float, out_k: float) -> float:
+        t = self.theta
+        return t[0] + t[1] * kb + t[2] * out_k
 
-    def update(self, x: Sequence[float], y: float, now: float) -> None:
+    def predict(self, kb: float, out_k: float, load: float) -> tuple[float, float]:
+        """Expected duration and the variance of that expectation (not of one request's time)."""
+        t, c = self.theta, self.cov
+        base = t[0] + t[1] * kb + t[2] * out_k
+        var = (c[0][0] + c[1][1] * kb * kb + c[2][2] * out_k * out_k
+               + 2.0 * (c[0][1] * kb + c[0][2] * out_k + c[1][2] * kb * out_k))
+        factor = 1.0 + self.kappa * load
+        return base * factor, (var if var > 0.0 else 0.0) * factor * factor
+
+    def update(self, kb: float, out_k: float, load: float, y: float, now: float) -> None:
         self.drift(now)
-        cov = self.cov
-        px = [sum(cov[i][j] * x[j] for j in range(N)) for i in range(N)]
-        v = sum(x[i] * px[i] for i in range(N))
-        pred = sum(self.theta[i] * x[i] for i in range(N))
+        if self.observations >= 5 and load > 0.0:
+            base = self.base(kb, out_k)
+            if base > NOISE_FLOOR:
+                r = max(-0.9, min(y / base - 1.0, 10.0))
+                s = self.load_sums
+                for i, v in enumerate((1.0, load, r, load * load, load * r)):
+                    s[i] = LOAD_LAMBDA * s[i] + v
+                n, sc, sr, scc, scr = s
+                var_c = scc - sc * sc / n
+                cov_cr = scr - sc * sr / n
+                self.kappa = max(0.0, min(cov_cr / (var_c + LOAD_PRIOR), LOAD_MAX))
+        self._fit((1.0, kb, out_k), y / (1.0 + self.kappa * load))
+        self.observations += 1
+
+    def _fit(self, x: tuple[float, float, float], y: float) -> None:
+        cov, t = self.cov, self.theta
+        x0, x1, x2 = x
+        px = [row[0] * x0 + row[1] * x1 + row[2] * x2 for row in cov]
+        v = px[0] * x0 + px[1] * x1 + px[2] * x2
+        pred = t[0] * x0 + t[1] * x1 + t[2] * x2
         scale = max(pred, y if self.observations == 0 else NOISE_FLOOR, NOISE_FLOOR)
         r = self.noise * scale * scale
         err = y - pred
         if self.observations >= 5:
             limit = 3.0 * math.sqrt(v + r)
             err = max(-limit, min(limit, err))
-            self.noise += NOISE_ALPHA * (min((err / scale) ** 2, 25.0) - self.noise)
+            # bounded steps: one outlier moves the noise level by at most a few percent
+            self.noise += NOISE_ALPHA * (min((err / scale) ** 2, 4.0 * self.noise) - self.noise)
             self.noise = max(0.0025, min(self.noise, 4.0))
         s = v + r
         if s <= 0.0:
             return
-        gain = [p / s for p in px]
+        step = err / s
         for i in range(N):
-            self.theta[i] += gain[i] * err
+            t[i] += px[i] * step
+        # P <- (P - px px' / s) / lambda, on the upper triangle and mirrored: it stays symmetric.
         inv_lambda = 1.0 / LAMBDA
+        k = inv_lambda / s
         for i in range(N):
-            gi = gain[i]
-            row = cov[i]
-            for j in range(N):
-                row[j] = (row[j] - gi * px[j]) * inv_lambda
-        for i in range(N):             # keep it symmetric against rounding drift
-            for j in range(i + 1, N):
-                m = 0.5 * (cov[i][j] + cov[j][i])
-                cov[i][j] = cov[j][i] = m
-            cov[i][i] = max(cov[i][i], 1e-12)
+            row, pi = cov[i], px[i]
+            for j in range(i, N):
+                value = row[j] * inv_lambda - (pi * px[j]) * k
+                row[j] = value
+                cov[j][i] = value
+            if row[i] < 1e-12:
+                row[i] = 1e-12
         self._cap()
-        self.observations += 1
 
     def _cap(self) -> None:
         """Scale the covariance down as a whole (it stays positive definite) to within the prior."""
-        worst = max(self.cov[i][i] / PRIOR_VAR[i] for i in range(N))
+        cov = self.cov
+        worst = max(cov[0][0] / PRIOR_VAR[0], cov[1][1] / PRIOR_VAR[1], cov[2][2] / PRIOR_VAR[2])
         if worst > 1.0:
-            for row in self.cov:
+            for row in cov:
                 for j in range(N):
                     row[j] /= worst
 
     def params(self) -> dict[str, float]:
         t = self.theta
         return {"intercept_s": t[0], "per_prompt_kib_s": t[1], "per_output_token_ms": t[2],
-                "per_concurrent_s": t[3], "per_concurrent_output_token_ms": t[4]}
+                "slowdown_per_concurrent": self.kappa}
 
 
 @attrs.define
@@ -156,11 +193,15 @@ class Rates:
             self.throttled *= k
             self.at = now
 
-    def add(self, now: float, half_life: float, *, error: bool = False, throttled: bool = False) -> None:
+    def add(self, now: float, half_life: float, *, error: bool = False, throttled: bool = False,
+            age: float = 0.0) -> None:
+        """One request's verdict. `age`: how long ago it was sent, which is when its evidence is
+        from: a hang reported by its 120 s timeout tells of the deployment two minutes ago."""
         self.decay(now, half_life)
-        self.total += 1.0
-        self.errors += error
-        self.throttled += throttled
+        w = 0.5 ** (age / half_life) if age > 0.0 else 1.0
+        self.total += w
+        self.errors += w * error
+        self.throttled += w * throttled
 
     def failure_rate(self) -> float:
         return (self.errors + self.throttled + self.PRIOR_RATE) / (self.total + 1.0)
