@@ -25,6 +25,9 @@
 #                           writes profile.svg, profile.txt (collapsed stacks), hotspots.md
 #   --out DIR               results directory (default ${TMPDIR:-/tmp}/hxgwd-bench/<stamp>-<mode>)
 #   --setup                 run setup.sh tools even if nginx and wrk are present
+#   --rev REV               measure hxgwd as committed at REV (git archive into OUT/src), not the
+#                           working tree: others' uncommitted edits then cannot change the code
+#                           under test halfway through a run
 #
 # Env: SHARED_BENCH (default <repo>/../shared/bench), HXGWD_PYTHON (default <repo>/.venv/bin/python),
 # HXGWD_BENCH_PORT (4010), HXGWD_BENCH_KEY (sk-hx-bench: the key whose sha256 is in gateway.toml),
@@ -45,7 +48,7 @@ SHARED="$(cd "$SHARED" && pwd)"
 
 MODE=full ROUNDS="" DURATION="" WARMUP="" CONNS=64
 PARTS="main stream delay" CASES_MAIN="chat,embeddings"
-LITELLM=0 NGINX_PROXY=1 FLOOR=0 PROFILE=0 PROFILE_ONLY=0 PROFILE_SECS=20 OUT="" SETUP=0
+LITELLM=0 NGINX_PROXY=1 FLOOR=0 PROFILE=0 PROFILE_ONLY=0 PROFILE_SECS=20 OUT="" SETUP=0 REV=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) MODE=quick ;;
@@ -63,7 +66,8 @@ while [[ $# -gt 0 ]]; do
     --profile-only) PROFILE=1; PROFILE_ONLY=1; PARTS="" ;;
     --out) OUT="$2"; shift ;;
     --setup) SETUP=1 ;;
-    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    --rev) REV="$2"; shift ;;
+    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -152,13 +156,19 @@ start_component pyup-delay "$PYD"
 
 # --- hxgwd -----------------------------------------------------------------------------------------
 if port_busy "$PORT"; then echo "port $PORT is in use; set HXGWD_BENCH_PORT" >&2; exit 1; fi
+SRC="$REPO"
+if [[ -n "$REV" ]]; then
+  SRC="$OUT/src"; rm -rf "$SRC"; mkdir -p "$SRC"
+  git -C "$REPO" archive "$REV" hxgwd | tar -x -C "$SRC"
+  log "hxgwd from $(git -C "$REPO" rev-parse --short "$REV") (git archive) in $SRC"
+fi
 CONF="$OUT/gateway.toml"
 sed -e "s/127\.0\.0\.1:4010/127.0.0.1:$PORT/" \
     -e "s/127\.0\.0\.1:18080/127.0.0.1:$UP/; s/127\.0\.0\.1:18081/127.0.0.1:$PYP/; s/127\.0\.0\.1:18082/127.0.0.1:$PYD/" \
     "$CONFIG_SRC" >"$CONF"
 chmod 600 "$CONF"
 HXLOG="$OUT/hxgwd.log"
-( cd "$REPO" && exec env PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m hxgwd -c "$CONF" ) 2>"$HXLOG" </dev/null &
+( cd "$SRC" && exec env PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m hxgwd -c "$CONF" ) 2>"$HXLOG" </dev/null &
 HX_PID=$!
 echo "$HX_PID" >"$OUT/hxgwd.pid"
 for _ in $(seq 100); do
@@ -185,7 +195,8 @@ fi
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "mode: $MODE; rounds=$ROUNDS duration=${DURATION}s warmup=${WARMUP}s conns=$CONNS; wrk threads 1"
-  echo "repo: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)$(git -C "$REPO" diff --quiet HEAD -- hxgwd 2>/dev/null || echo ' (+ uncommitted changes in hxgwd/)')"
+  if [[ -n "$REV" ]]; then echo "hxgwd: $(git -C "$REPO" rev-parse --short "$REV") (git archive of hxgwd/ at --rev $REV)"
+  else echo "hxgwd: working tree at $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)$(git -C "$REPO" diff --quiet HEAD -- hxgwd 2>/dev/null && [[ -z "$(git -C "$REPO" ls-files --others --exclude-standard -- hxgwd)" ]] || echo ' + uncommitted changes in hxgwd/')"; fi
   echo "cpu: $(nproc) x $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'); kernel $(uname -r)"
   echo "python (hxgwd): $("$PY" --version 2>&1 | cut -d' ' -f2); trio $("$PY" -c 'import trio; print(trio.__version__)'); h11 $("$PY" -c 'import h11; print(h11.__version__)')"
   echo "nginx: $(nginx -v 2>&1 | cut -d/ -f2); wrk: $(dpkg-query -W -f='${Version}' wrk 2>/dev/null)"
