@@ -9,7 +9,7 @@
 
 PY      ?= python3
 VENV    := build/venv
-VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' hxgwd/__init__.py)
+VERSION := $(shell sed -n "s/^__version__ *= *[\"']\([^\"']*\)[\"'].*/\1/p" hxgwd/__init__.py)
 ARCH    := $(shell dpkg --print-architecture)
 DEB     := dist/hxgwd_$(VERSION)_$(ARCH).deb
 # what goes into the package (the check scripts do not)

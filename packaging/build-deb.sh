@@ -86,7 +86,10 @@ install -D -m 0644 debian/copyright         "$ROOT/usr/share/doc/hxgwd/copyright
 install -D -m 0644 debian/lintian-overrides "$ROOT/usr/share/lintian/overrides/hxgwd"
 install -d -m 0755 "$ROOT/usr/share/man/man8" "$ROOT/DEBIAN"
 gzip -9n < debian/changelog  > "$ROOT/usr/share/doc/hxgwd/changelog.gz"
-gzip -9n < packaging/hxgwd.8 > "$ROOT/usr/share/man/man8/hxgwd.8.gz"
+# the man page's header shows this version and the date of its changelog entry
+MANDATE=$(date -u -d "@$(dpkg-parsechangelog -l debian/changelog -S Timestamp)" +%Y-%m-%d)
+sed -e "s/^\.TH HXGWD 8 .*/.TH HXGWD 8 \"$MANDATE\" \"hxgwd $VERSION\" \"System Administration\"/" \
+    packaging/hxgwd.8 | gzip -9n > "$ROOT/usr/share/man/man8/hxgwd.8.gz"
 chmod 0644 "$ROOT/usr/share/doc/hxgwd/changelog.gz" "$ROOT/usr/share/man/man8/hxgwd.8.gz"
 install -m 0644 debian/conffiles "$ROOT/DEBIAN/conffiles"
 install -m 0755 debian/postinst debian/prerm debian/postrm "$ROOT/DEBIAN/"
