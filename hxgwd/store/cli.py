@@ -146,6 +146,9 @@ async def _keys_create(args: argparse.Namespace, config, store) -> int:
         return 1
     models = tuple(m for arg in args.models for m in arg.split(",") if m)
     expires = parse_when(args.expires, time.time(), future=True) if args.expires else None
+    if expires is not None and expires <= time.time():
+        _err(f"--expires {args.expires}: that is in the past")
+        return 1
     key, info = await store.create_key(args.name, models=models, admin=args.admin, rpm=args.rpm, tpm=args.tpm,
                                        budget_usd=args.budget_usd, budget_period=args.budget_period,
                                        expires_at=expires)

@@ -73,7 +73,7 @@ class UsageSink:
         self._replay_lines: list[bytes] = []          # raw lines of the segment being replayed
         self._replay_chunk: list[RequestRecord] = []   # decoded, next to go to the store
         self._replay_path: str | None = None
-        self.written = 0      # records the store accepted (already stored ones included)
+        self.written = 0      # live records the store accepted (already stored ones included)
         self.spooled = 0      # records appended to the spool
         self.replayed = 0     # records moved from the spool to the store
         self.rejected = 0     # records the store refused as data: kept in <spool>/rejected.jsonl
@@ -144,11 +144,16 @@ class UsageSink:
         if self._deadline is None:
             self._deadline = trio.current_time() + timeout
         await self._send.aclose()
-        if not self._started:   # run() never ran: nothing will drain the channel but us
+        if not self._started:   # run() never ran (or failed to open the spool): drain it ourselves
             left = self._drain_nowait()
-            if left:
-                self.spooled += self._spool.append([record_line(r) for r in left])
-            await trio.to_thread.run_sync(self._spool.close, self._fsync != "never")
+            try:
+                if left:
+                    self.spooled += self._spool.append([record_line(r) for r in left])
+                await trio.to_thread.run_sync(self._spool.close, self._fsync != "never")
+            except Exception as exc:   # the spool directory is unusable: say so, do not raise at shutdown
+                self._spool.dropped += len(left)
+                self._log.error("usage records lost at shutdown: the spool is unusable",
+                                records=len(left), error=str(exc))
             return
         with trio.move_on_at(self._deadline):
             await self._finished.wait()
@@ -202,13 +207,14 @@ class UsageSink:
 
     async def _deliver(self, batch: list[RequestRecord]) -> None:
         if self._healthy or trio.current_time() >= self._retry_at:
+            rejected = self.rejected
             try:
                 stored = await self._store_batch(batch)
             except trio.Cancelled:   # run() itself is cancelled: the batch in hand goes to disk
                 self.spooled += self._spool.append([record_line(r) for r in batch])
                 raise
             if stored:
-                self.written += len(batch)
+                self.written += len(batch) - (self.rejected - rejected)
                 return
         await self._to_spool(batch)
 
@@ -326,9 +332,10 @@ class UsageSink:
                                   path=self._replay_path, lines=bad)
             self._replay_chunk = records
         if self._replay_chunk:
+            rejected = self.rejected
             if not await self._store_batch(self._replay_chunk):
                 return
-            self.replayed += len(self._replay_chunk)
+            self.replayed += len(self._replay_chunk) - (self.rejected - rejected)
             self._replay_chunk = []
         if not self._replay_lines and self._replay_path is not None:
             self._spool.remove(self._replay_path)
