@@ -198,6 +198,18 @@ left=$(find /tmp -maxdepth 1 -name '_MEI*' -user hxgwd 2>/dev/null | wc -l)
 [ "$left" = 0 ] || fail "$left onefile unpack dir(s) left in /tmp"
 ok "no /tmp/_MEI* left behind"
 
+step "upgrade (the same files repacked as $VERSION+check1)"
+echo "# local edit by check-deb" >> "$CONFIG"
+dpkg-deb -R "$DEB" "$WORK/repack"
+sed -i "s/^Version: .*/Version: $VERSION+check1/" "$WORK/repack/DEBIAN/control"
+dpkg-deb --root-owner-group -b "$WORK/repack" "$WORK/upgrade.deb" >/dev/null
+dpkg_retry dpkg --force-confdef --force-confold -i "$WORK/upgrade.deb"
+[ "$(dpkg-query -W -f='${Version}' hxgwd)" = "$VERSION+check1" ] || fail "upgrade not installed"
+tail -1 "$CONFIG" | grep -q "local edit by check-deb" || fail "upgrade lost the local config edit"
+[ "$(stat -c '%a %U:%G' "$CONFIG")" = "640 root:hxgwd" ] || fail "upgrade changed $CONFIG perms"
+[ "$(id -u hxgwd)" = "$uid" ] || fail "upgrade changed the uid of hxgwd"
+ok "upgraded: local config edit kept, 640 root:hxgwd kept, same user"
+
 step "dpkg -P hxgwd"
 dpkg_retry dpkg -P hxgwd
 for path in /etc/hxgwd /usr/bin/hxgwd /var/lib/hxgwd $UNIT \

@@ -106,6 +106,19 @@ cp -p /root/hxgwd.toml.orig "$CONFIG"
 systemctl start hxgwd || fail "start after restoring the config"
 expect "active running success" "config restored, started again"
 
+step "upgrade (the same files repacked with a higher version): postinst restarts the service"
+old_pid=$(prop MainPID)
+version=$(dpkg-query -W -f='${Version}' hxgwd)
+rm -rf /root/repack
+dpkg-deb -R "$DEB" /root/repack
+sed -i "s/^Version: .*/Version: $version+check1/" /root/repack/DEBIAN/control
+dpkg-deb --root-owner-group -b /root/repack /root/upgrade.deb >/dev/null
+dpkg --force-confdef --force-confold -i /root/upgrade.deb 2>&1 | sed 's/^/   | /'
+expect "active running success" "after the upgrade"
+[ "$(prop MainPID)" != "$old_pid" ] || fail "the upgrade did not restart the service"
+wait_gen 1 || fail "/healthz after the upgrade: generation $(gen)"
+ok "restarted by the upgrade (MainPID $old_pid -> $(prop MainPID)), serving"
+
 step "dpkg -P (prerm stops the service)"
 dpkg -P hxgwd 2>&1 | sed 's/^/   | /'
 s="$(prop ActiveState) $(prop LoadState)"
