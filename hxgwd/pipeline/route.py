@@ -127,9 +127,10 @@ class Router:
         typical = self._typical(target.name)
         typical.prompt_bytes.add(features.prompt_bytes)
         typical.max_tokens.add(features.max_tokens)
-        estimates = {dep.id: strategies.estimate(dep, self.states[dep.id], features.prompt_bytes,
-                                                 features.max_tokens, self._lengths(dep.model), now)
-                     for dep in (*probes, *candidates)}
+        estimates = strategies.like_peers({
+            dep.id: strategies.estimate(dep, self.states[dep.id], features.prompt_bytes, features.max_tokens,
+                                        self._lengths(dep.model), now)
+            for dep in (*probes, *candidates)})
         for dep_id, est in estimates.items():
             self.states[dep_id].expect = est.time     # what its next start is expected to take
         if len(candidates) > 1:
@@ -175,18 +176,20 @@ class Router:
             typical = self.typical.get(name) or _Typical()
             prompt_bytes = int(typical.prompt_bytes.get(TYPICAL_PROMPT_BYTES))
             max_tokens = int(typical.max_tokens.get(TYPICAL_MAX_TOKENS))
-            rows = [self._row(dep, target, prompt_bytes, max_tokens, now) for dep in target.deployments]
+            estimates = strategies.like_peers({
+                dep.id: strategies.estimate(dep, self.state(dep, now), prompt_bytes, max_tokens,
+                                            self._lengths(dep.model), now)
+                for dep in target.deployments})
+            rows = [self._row(dep, target, estimates[dep.id], now) for dep in target.deployments]
             out[name] = {"strategy": target.strategy, "group": target.group is not None,
                          "typical_request": {"prompt_bytes": prompt_bytes, "max_tokens": max_tokens},
                          "deployments": rows}
         return out
 
-    def _row(self, dep: Deployment, target: Target, prompt_bytes: int, max_tokens: int,
-             now: float) -> dict[str, object]:
+    def _row(self, dep: Deployment, target: Target, est: strategies.Estimate, now: float) -> dict[str, object]:
         st = self.state(dep, now)
         b = st.breaker
         state = b.current(now)
-        est = strategies.estimate(dep, st, prompt_bytes, max_tokens, self._lengths(dep.model), now)
         window_rate, window_n = b.error_rate(now, self.settings)
         return {
             "deployment": dep.id, "model": dep.model, "backend": dep.backend.name,

@@ -27,12 +27,11 @@ time to first byte; it is shown, not used to route. At plan time the output leng
 `OutputLength` predicts it from max_tokens, and as the model is linear in `out`, plugging in that
 expectation gives the expected duration.
 
-The base fit is recursive least squares in its covariance (Kalman) form, where th is a slowly
-drifting state:
-- exponential forgetting per observation (LAMBDA) tracks drift under steady traffic;
-- process noise per second of silence makes an unobserved deployment's estimate uncertain again,
-  which is what draws exploration back to a deployment after an outage or a quiet spell;
-- each variance is capped at the prior's, so a long silence cannot wind the covariance up;
+The base fit is recursive least squares in its Kalman form (see `LatencyModel`):
+- forgetting per observation (LAMBDA) tracks drift under steady traffic; it relaxes toward the
+  prior, so directions no request varies do not wind up;
+- silence makes an unobserved deployment's predictions uncertain again, in proportion, which is
+  what draws exploration back to a deployment after an outage or a quiet spell;
 - observation noise is relative (variance ~ prediction^2): latencies are closer to log-normal
   than to constant-variance, so a 60 s request's 6 s error weighs like a 0.6 s request's 60 ms;
 - innovations are clipped at 3 sigma once a few requests are in, so one stuck request does not
@@ -50,7 +49,7 @@ N = 3
 # an unmeasured deployment's mean by its peers', so "unknown" reads as "like the others, unsure".
 PRIOR_VAR = (4.0, 0.25, 400.0)
 LAMBDA = 0.99                  # forgetting per observation: ~100 requests of memory
-DRIFT = 1.0 / 600              # process noise per second, as a share of the prior variance
+DRIFT = 0.0015                 # relative variance per second of silence: +-30% after a minute
 DRIFT_STEP = 0.05              # seconds: drift is applied in steps at least this long
 NOISE_FLOOR = 0.05             # seconds: predictions below this are treated as this for the noise
 NOISE_ALPHA = 0.05
@@ -59,25 +58,55 @@ LOAD_PRIOR = 25.0              # kappa's pull toward 0, in units of c^2 (a few l
 LOAD_MAX = 1.0
 
 
-def _prior_cov() -> list[list[float]]:
-    return [[PRIOR_VAR[i] if i == j else 0.0 for j in range(N)] for i in range(N)]
+def _prior_info() -> list[list[float]]:
+    return [[1.0 / PRIOR_VAR[i] if i == j else 0.0 for j in range(N)] for i in range(N)]
+
+
+def _inverse(m: list[list[float]]) -> list[list[float]]:
+    """3 x 3 symmetric positive definite inverse, by cofactors."""
+    (a, b, c), (_, e, f), (_, _, i) = m
+    A, B, C = e * i - f * f, c * f - b * i, b * f - c * e
+    det = a * A + b * B + c * C
+    if det <= 0.0:
+        raise ZeroDivisionError("singular information matrix")
+    d = 1.0 / det
+    E, F, I = a * i - c * c, b * c - a * f, a * e - b * b
+    return [[A * d, B * d, C * d], [B * d, E * d, F * d], [C * d, F * d, I * d]]
 
 
 @attrs.define
 class LatencyModel:
+    """The base model th (with its information matrix) and the load share kappa.
+
+    The base is kept in information form, which makes forgetting well-behaved: each observation
+    first lets a share (1 - LAMBDA) of what was known relax back to the prior, then adds its own
+    information. Plain exponential forgetting instead inflates the directions no request varies
+    (every request of an embedding group has out = 0) until the prior cap, and with them the
+    uncertainty of every prediction. Silence adds uncertainty along th itself (the whole
+    deployment may have become slower or faster, e.g. another tenant on the GPU), which keeps the
+    shape of what was learned and widens every prediction by the same share.
+    """
+
     theta: list[float] = attrs.field(factory=lambda: [0.0] * N)
-    cov: list[list[float]] = attrs.field(factory=_prior_cov)
+    info: list[list[float]] = attrs.field(factory=_prior_info)
     noise: float = 0.25           # relative noise variance: (residual / prediction)^2, a CV^2
     observations: int = 0
     at: float | None = None       # clock of the last drift applied
     kappa: float = 0.0            # slowdown share per concurrent request
     load_sums: list[float] = attrs.field(factory=lambda: [0.0] * 5)   # n, c, r, c^2, c*r; forgetting
+    _cov: list[list[float]] | None = attrs.field(default=None, init=False, repr=False, eq=False)
+
+    @property
+    def cov(self) -> list[list[float]]:
+        if self._cov is None:
+            self._cov = _inverse(self.info)
+        return self._cov
 
     def drift(self, now: float) -> None:
-        """Let time pass: the parameters may have moved since they were last seen.
+        """Let time pass: the deployment may have become faster or slower since last seen.
 
-        The added variance is linear in time, so applying it in steps of at least DRIFT_STEP
-        seconds adds the same as applying it at every call, at a fraction of the cost.
+        Applied in steps of at least DRIFT_STEP seconds (the variance added is linear in time, so
+        the sum is the same), at most up to a relative variance of 1.
         """
         if self.at is None:
             self.at = now
@@ -86,10 +115,17 @@ class LatencyModel:
         if dt < DRIFT_STEP:
             return
         self.at = now
+        t = self.theta
+        norm = t[0] * t[0] + t[1] * t[1] + t[2] * t[2]
+        if norm <= 0.0:
+            return
         cov = self.cov
-        for i in range(N):
-            cov[i][i] += PRIOR_VAR[i] * DRIFT * dt
-        self._cap()
+        along = sum(t[i] * cov[i][j] * t[j] for i in range(N) for j in range(N)) / (norm * norm)
+        q = min(DRIFT * dt, max(0.0, 1.0 - along))
+        if q <= 0.0:
+            return
+        self.info = _inverse([[cov[i][j] + q * t[i] * t[j] for j in range(N)] for i in range(N)])
+        self._cov = None
 
     def base(self, kb: float, out_k: float) -> float:
         t = self.theta
@@ -121,6 +157,15 @@ class LatencyModel:
         self.observations += 1
 
     def _fit(self, x: tuple[float, float, float], y: float) -> None:
+        # Forget toward the prior, then a Kalman step with that as the prior: same mean, and the
+        # information of this observation added.
+        info = self.info
+        for i in range(N):
+            row = info[i]
+            for j in range(N):
+                row[j] *= LAMBDA
+            row[i] += (1.0 - LAMBDA) / PRIOR_VAR[i]
+        self._cov = None
         cov, t = self.cov, self.theta
         x0, x1, x2 = x
         px = [row[0] * x0 + row[1] * x1 + row[2] * x2 for row in cov]
@@ -135,33 +180,15 @@ class LatencyModel:
             # bounded steps: one outlier moves the noise level by at most a few percent
             self.noise += NOISE_ALPHA * (min((err / scale) ** 2, 4.0 * self.noise) - self.noise)
             self.noise = max(0.0025, min(self.noise, 4.0))
-        s = v + r
-        if s <= 0.0:
-            return
-        step = err / s
+        step = err / (v + r)
         for i in range(N):
             t[i] += px[i] * step
-        # P <- (P - px px' / s) / lambda, on the upper triangle and mirrored: it stays symmetric.
-        inv_lambda = 1.0 / LAMBDA
-        k = inv_lambda / s
+        inv_r = 1.0 / r
         for i in range(N):
-            row, pi = cov[i], px[i]
-            for j in range(i, N):
-                value = row[j] * inv_lambda - (pi * px[j]) * k
-                row[j] = value
-                cov[j][i] = value
-            if row[i] < 1e-12:
-                row[i] = 1e-12
-        self._cap()
-
-    def _cap(self) -> None:
-        """Scale the covariance down as a whole (it stays positive definite) to within the prior."""
-        cov = self.cov
-        worst = max(cov[0][0] / PRIOR_VAR[0], cov[1][1] / PRIOR_VAR[1], cov[2][2] / PRIOR_VAR[2])
-        if worst > 1.0:
-            for row in cov:
-                for j in range(N):
-                    row[j] /= worst
+            row, xi = info[i], x[i] * inv_r
+            for j in range(N):
+                row[j] += xi * x[j]
+        self._cov = None
 
     def params(self) -> dict[str, float]:
         t = self.theta

@@ -9,13 +9,17 @@ Candidates arrive already filtered by health (open breakers and cooling deployme
 - scored: lowest expected time to an answer, from what was learned (`estimator`):
 
       T     = gateway queue wait + predicted duration at the deployment's current load
-      score = T + p * F / (1 - p)  +  cost_weight * predicted USD
+      score = T + p * F / (1 - p)  +  I  +  cost_weight * predicted USD
 
   p is the chance this attempt fails (recent errors and 429s, requests overdue right now, a
   gateway queue that would time out) and F how long a failure takes. Trying deployments in
   order until one answers, the order by this index minimises the expected time to an answer
   (swap any two neighbours and compare): a deployment that fails fast costs little, since the
   next one is close behind; one that hangs costs its timeouts; one that always fails sinks last.
+  I is what the request costs the others there: the slowdown it adds to each request in flight
+  (the learned load share), and the wait it adds to each one that will queue behind it at the
+  gateway. Choosing by own time alone is what a selfish client does, and it crowds the fastest
+  deployment until everyone there is slower: the marginal cost is what keeps the total low.
 
 Uncertainty and load. Two predictions closer than the model can tell apart (within Z standard
 deviations of their uncertainty) are a tie, and ties go to the least busy, as `least-busy`
@@ -45,7 +49,8 @@ import attrs
 from hxgwd.routing.estimator import Ewma, OutputLength
 from hxgwd.routing.state import KIB, RATE_HALF_LIFE, DeploymentState
 
-Z = 1.5                  # standard deviations within which two predictions are a tie
+Z = 2.0                  # standard deviations within which two predictions are a tie
+SMALL = 1.5              # "not larger than usual": predicted at most 1.5 x the typical request
 STALE = 30.0             # seconds without a request before the exploration floor applies
 MAX_FAIL_P = 0.99
 
@@ -59,6 +64,7 @@ class Estimate:
     fail_time: float
     cost: float          # USD
     measured: bool
+    impact: float = 0.0  # seconds it would add to the others' times, all of them together
 
 
 def estimate(dep, st: DeploymentState, prompt_bytes: int, max_tokens: int, lengths: OutputLength,
@@ -69,6 +75,11 @@ def estimate(dep, st: DeploymentState, prompt_bytes: int, max_tokens: int, lengt
     st.latency.drift(now)
     mean, var = st.latency.predict(prompt_bytes / KIB, out / 1000.0, st.others())
     mean = max(mean, 0.0)
+    # What it costs the others: each request already there slows down by kappa * (its size; ours
+    # stands in for it), and each one that will queue behind ours at the gateway waits S / cap more.
+    impact = st.others() * st.latency.kappa * max(st.latency.base(prompt_bytes / KIB, out / 1000.0), 0.0)
+    if cfg.max_concurrency > 0 and st.in_flight >= cfg.max_concurrency:
+        impact += (st.in_flight - cfg.max_concurrency + 1) * mean / cfg.max_concurrency
     # The upstream: its recent failures, plus the requests overdue right now (see state.overdue).
     st.rates.decay(now, RATE_HALF_LIFE)
     overdue, oldest = st.overdue(now)
@@ -82,7 +93,17 @@ def estimate(dep, st: DeploymentState, prompt_bytes: int, max_tokens: int, lengt
                  if fail_p > 0.0 else 0.0)
     cost = (cfg.input_cost_per_1k * prompt_bytes / 4.0 + cfg.output_cost_per_1k * out) / 1000.0
     return Estimate(time=wait + mean, wait=wait, spread=math.sqrt(var), fail_p=fail_p,
-                    fail_time=fail_time, cost=cost, measured=st.latency.observations > 0)
+                    fail_time=fail_time, cost=cost, measured=st.latency.observations > 0, impact=impact)
+
+
+def like_peers(estimates: dict[str, Estimate]) -> dict[str, Estimate]:
+    """An unmeasured deployment is predicted to be like its measured peers (mean of their
+    durations), with its prior uncertainty: "unknown" reads as "like the others, unsure"."""
+    measured = [e.time - e.wait for e in estimates.values() if e.measured]
+    if not measured or len(measured) == len(estimates):
+        return estimates
+    peer = sum(measured) / len(measured)
+    return {k: e if e.measured else attrs.evolve(e, time=e.wait + peer) for k, e in estimates.items()}
 
 
 def _queue(st: DeploymentState, cfg, service: float) -> tuple[float, float, float]:
@@ -108,7 +129,7 @@ def _queue(st: DeploymentState, cfg, service: float) -> tuple[float, float, floa
 
 def score(time: float, est: Estimate, cost_weight: float) -> float:
     p = min(est.fail_p, MAX_FAIL_P)
-    return time + p * est.fail_time / (1.0 - p) + cost_weight * est.cost
+    return time + p * est.fail_time / (1.0 - p) + est.impact + cost_weight * est.cost
 
 
 def load_ratio(cands: Sequence) -> Callable[[object, DeploymentState], float]:
@@ -147,13 +168,10 @@ def least_latency(cands: Sequence, *, states: Callable[[str], DeploymentState], 
 def scored(cands: Sequence, *, estimates: dict[str, Estimate], states: Callable[[str], DeploymentState],
            rng: random.Random, cost_weight: float, exploration: float, typical: Ewma, now: float,
            **_) -> list:
-    measured = [e.time - e.wait for e in estimates.values() if e.measured]
-    peer = sum(measured) / len(measured) if measured else 0.0
     rows = []
     for d in cands:
         est = estimates[d.id]
-        time = est.time if est.measured else est.wait + peer
-        rows.append((score(time, est, cost_weight), est.spread, rng.random(), d))
+        rows.append((score(est.time, est, cost_weight), est.spread, rng.random(), d))
     rows.sort(key=lambda r: (r[0], r[2]))
     best, best_spread = rows[0][0], rows[0][1]
     z = Z if exploration > 0 else 0.0
@@ -162,11 +180,12 @@ def scored(cands: Sequence, *, estimates: dict[str, Estimate], states: Callable[
         tied = r[0] <= best + z * math.sqrt(r[1] * r[1] + best_spread * best_spread)
         (ties if tied else rest).append(r)
     if len(ties) > 1:
+        # least busy first; among equally busy, the lowest optimistic score (the least known)
         ratio = load_ratio(cands)
-        ties.sort(key=lambda r: (ratio(r[3], states(r[3].id)), r[0], r[2]))
+        ties.sort(key=lambda r: (ratio(r[3], states(r[3].id)), r[0] - z * r[1], r[2]))
     order = [r[3] for r in ties] + [r[3] for r in rest]
     est = estimates[order[0].id]
-    small = typical.value is None or est.time <= typical.value
+    small = typical.value is None or est.time <= SMALL * typical.value
     typical.add(est.time)
     if exploration > 0 and small and len(order) > 1 and rng.random() < exploration:
         stale = [d for d in order[1:] if _stale(states(d.id), now)]
