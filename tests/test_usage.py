@@ -112,6 +112,36 @@ async def test_postgres_outage_mid_run_loses_nothing(new_pg_url, pg_server, tmp_
     await store.aclose()
 
 
+async def test_a_slow_postgres_is_cut_off_and_its_batch_spooled(new_pg_url, tmp_path):
+    import psycopg
+
+    url = new_pg_url()
+    cfg = database(url, spool_dir=str(tmp_path / "spool"), connect_timeout=0.5, statement_timeout=1.0)
+    store = open_store(cfg)
+    await store.migrate()
+    log = ListLog()
+    sink = UsageSink(store, cfg, log)
+    with psycopg.connect(url, autocommit=True) as locker:
+        locker.execute("BEGIN")
+        locker.execute("LOCK TABLE usage IN EXCLUSIVE MODE")    # every insert now waits
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sink.run)
+            for i in range(10):
+                sink.emit(make_record(i))
+            start = trio.current_time()
+            assert await wait_until(lambda: sink.statistics()["spooled"] == 10, timeout=5)
+            assert trio.current_time() - start < 1.5 + 1.0     # attempt bound: connect + statement timeout
+            waiting = locker.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                     "AND query LIKE 'INSERT INTO usage%'").fetchone()[0]
+            assert waiting == 0                                 # the server-side statement is gone too
+            locker.execute("COMMIT")
+            assert await wait_until(lambda: sink.statistics()["spool_bytes"] == 0, timeout=10)
+            await sink.aclose()
+    assert await store.count_usage() == 10 and sink.statistics()["dropped"] == 0
+    assert "usage store unavailable; spooling usage records to disk" in log.at("warning")
+    await store.aclose()
+
+
 async def test_a_new_sink_replays_the_spool_left_by_an_earlier_one(tmp_path):
     cfg = database(sqlite_url(tmp_path), spool_dir=str(tmp_path / "spool"), batch_size=64)
     first = UsageSink(DownStore(), cfg, ListLog())

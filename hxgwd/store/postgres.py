@@ -10,7 +10,13 @@ Usage rows go in with one binary COPY per batch into a temporary staging table, 
 INSERT ... SELECT ... ON CONFLICT (request_id) DO NOTHING: COPY is the fast path (measured 2.5x
 executemany), and the staging table gives COPY the idempotency it lacks on its own. The staging
 table's ts is a float (unix seconds) so the COPY sends plain doubles; to_timestamp() converts in
-the server. It is created once per connection and emptied at every COMMIT.
+the server. It is created once per connection, in a statement of its own (inside a batch's
+transaction a rollback would take it away), and emptied at every COMMIT. Temporary tables need
+session state: behind PgBouncer, use session pooling, not transaction pooling.
+
+Durability: "nothing lost" assumes the server's synchronous_commit is not off. With it off, a
+server crash forgets commits it already acknowledged (measured in the outage test: 8-16 of 2,000
+rows with `pg_ctl -m immediate`); we do not override the server's setting.
 
 Migrations take a transaction-scoped advisory lock, so two hosts running `hxgwd db migrate` at
 once apply each version once.
@@ -120,17 +126,23 @@ class PostgresStore(SQLStore):
             return before, max(before, len(migrations))
 
     def _insert_usage_sync(self, conn: psycopg.Connection, rows: list[tuple]) -> int:
-        with conn.transaction():
-            if conn not in self._pg.staged:
-                conn.execute(_STAGE)
-                self._pg.staged.add(conn)
-            with conn.cursor() as cur:
-                with cur.copy(_COPY) as copy:
-                    copy.set_types([_COPY_TYPES[k] for _, _, k in schema.USAGE_COLUMNS])
-                    for row in rows:
-                        copy.write_row(row)
-                cur.execute(_MERGE)
-                return cur.rowcount
+        if conn not in self._pg.staged:
+            # in its own (autocommit) statement: created inside the batch's transaction, a rollback
+            # (a timeout, a cancel) would drop the table while we still believed it there
+            conn.execute(_STAGE)
+            self._pg.staged.add(conn)
+        try:
+            with conn.transaction():
+                with conn.cursor() as cur:
+                    with cur.copy(_COPY) as copy:
+                        copy.set_types([_COPY_TYPES[k] for _, _, k in schema.USAGE_COLUMNS])
+                        for row in rows:
+                            copy.write_row(row)
+                    cur.execute(_MERGE)
+                    return cur.rowcount
+        except errors.UndefinedTable:
+            self._pg.staged.discard(conn)   # DISCARD TEMP, or a pooler gave us another session
+            raise
 
     def _count_sync(self, conn: psycopg.Connection) -> int:
         return conn.execute("SELECT count(*) FROM usage").fetchone()[0]
