@@ -3,6 +3,7 @@
     serve()
     ├── signal_loop        SIGHUP -> reload; SIGTERM/SIGINT -> drain; again -> force
     ├── maintenance        closes pooled upstream connections past their idle timeout
+    ├── probe_loop         active health probes of backends that have a probe_path
     └── connections        one task per client connection (two, with its reader)
         └── accepting      the accept loops, one per listener; cancelled first on shutdown
 
@@ -31,6 +32,7 @@ from hxgwd.limits_redis import Limiter, open_limiter
 from hxgwd.runtime import Runtime, RuntimeHolder, build_runtime
 from hxgwd.upstream import Transports
 from hxgwd.upstream.gates import Gates
+from hxgwd.upstream.probe import probe_loop
 
 # A Ctrl-C reaches both processes of a PyInstaller onefile binary, and the bootloader forwards its
 # copy: the same signal again within this many seconds is that echo, not an operator insisting.
@@ -146,6 +148,7 @@ async def _serve(daemon: Daemon, life: Lifecycle, limiter: Limiter, handle_signa
             if handle_signals:
                 await root.start(signal_loop, daemon, life)
             root.start_soon(maintenance, daemon.transports)
+            root.start_soon(probe_loop, daemon.holder, daemon.router)
             async with trio.open_nursery() as connections:
                 life.connections = connections.cancel_scope
                 with life.accepting:

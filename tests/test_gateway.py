@@ -379,3 +379,30 @@ async def test_rpm_limit_is_429_with_retry_after_and_cost_recorded(nursery):
     assert rec["cost_usd"] == pytest.approx((7 * 1.0 + 3 * 2.0) / 1000)
     r = await gw.post("/v1/chat/completions", {**CHAT, "model": "m"})   # other keys are not limited
     assert r.status_code == 200
+
+
+async def test_readyz_follows_active_probes(nursery, autojump_clock):
+    up = FakeUpstream()
+    await nursery.start(up.serve)
+    gw = await start_gateway(nursery, gateway_config(f"""
+        [[backends]]
+        name = "u"
+        url = "{up.url}"
+        probe_path = "/v1/models"
+        probe_interval = 1.0
+        [[models]]
+        name = "m"
+        backend = "u"
+    """))
+    assert (await gw.client.get("/readyz")).status_code == 200
+    await up.refuse()
+    with trio.fail_after(60):
+        while (r := await gw.client.get("/readyz")).status_code == 200:
+            await trio.sleep(0.5)
+    assert r.json()["reason"] == "no usable backend"
+    r = await gw.post("/v1/chat/completions", {**CHAT, "model": "m"})
+    assert r.status_code == 503 and "retry-after" in r.headers
+    await up.accept()
+    with trio.fail_after(60):
+        while (await gw.client.get("/readyz")).status_code != 200:
+            await trio.sleep(0.5)
