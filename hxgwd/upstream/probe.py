@@ -9,7 +9,8 @@ of all its deployments. The path is taken from the origin's root, as servers put
 
 Off the request path, at most one probe per backend in flight and one every few seconds, so this
 uses httpx for convenience rather than the pool of the hot path. The loop reads
-`holder.current` each round, so a reload that adds, removes or changes a probe applies at once.
+`holder.current` each round (a round is at most `interval_floor` apart), so a reload that adds,
+removes or changes a probe applies within that.
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ async def probe_loop(holder: RuntimeHolder, router, *, interval_floor: float = 0
                         if backend.name not in running:     # a slow probe is not stacked up
                             running.add(backend.name)
                             nursery.start_soon(probe, backend)
-                wake = min(due.values(), default=now + interval_floor)
-                await trio.sleep_until(max(wake, now + interval_floor / 10))
+                # Wake for the next probe due, and at least every interval_floor to see a reload.
+                await trio.sleep_until(min(min(due.values(), default=now + interval_floor),
+                                           now + interval_floor))
     finally:
         with trio.CancelScope(shield=True):
             for client in clients.values():
