@@ -28,7 +28,7 @@ from hxgwd.pipeline.connection import HttpConnection
 from hxgwd.pipeline.handle import Gateway
 from hxgwd.pipeline.listen import accept_loop, bound_addresses, open_listeners
 from hxgwd.pipeline.route import Router
-from hxgwd.limits_redis import Limiter, open_limiter
+from hxgwd.services import Services, open_services
 from hxgwd.runtime import Runtime, RuntimeHolder, build_runtime
 from hxgwd.upstream import Transports
 from hxgwd.upstream.gates import Gates
@@ -77,7 +77,7 @@ class Daemon:
     router: Router = attrs.field(factory=Router)
     transports: Transports = attrs.field(factory=Transports)
     gates: Gates = attrs.field(factory=Gates)
-    limiter: Limiter | None = None
+    services: Services | None = None
 
     async def reload(self) -> bool:
         """Read, check and compile the config off the event loop; swap it in, or keep the old one."""
@@ -97,8 +97,8 @@ class Daemon:
         self.router.retain(new.deployments)
         self.transports.retain(new.backends.values())
         self.gates.retain(new.deployments.values())
-        if self.limiter is not None:
-            self.limiter.configure(new.config)
+        if self.services is not None:
+            self.services.limiter.configure(new.config)
         self.log.configure(new.config.log.level, new.config.log.access_log)
         self.log.info("config reloaded", generation=new.generation)
         sdnotify.ready(f"serving generation {new.generation}")
@@ -118,17 +118,16 @@ def needs_restart(old: Config, new: Config) -> list[str]:
 async def serve(daemon: Daemon, *, life: Lifecycle | None = None, handle_signals: bool = True,
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> Lifecycle:
     life = life or Lifecycle(daemon.log)
-    cfg = daemon.holder.current.config
-    daemon.router.configure(cfg.routing)
-    async with open_limiter(cfg, daemon.log, daemon.holder.current.redis_password) as limiter:
-        daemon.limiter = limiter
-        return await _serve(daemon, life, limiter, handle_signals, task_status)
+    daemon.router.configure(daemon.holder.current.config.routing)
+    async with open_services(daemon.holder.current, daemon.log) as services:
+        daemon.services = services
+        return await _serve(daemon, life, services, handle_signals, task_status)
 
 
-async def _serve(daemon: Daemon, life: Lifecycle, limiter: Limiter, handle_signals: bool,
+async def _serve(daemon: Daemon, life: Lifecycle, services: Services, handle_signals: bool,
                  task_status: trio.TaskStatus[list[str]]) -> Lifecycle:
     cfg = daemon.holder.current.config
-    gateway = Gateway(daemon.holder, daemon.router, daemon.transports, daemon.gates, limiter, daemon.log,
+    gateway = Gateway(daemon.holder, daemon.router, daemon.transports, daemon.gates, services, daemon.log,
                       is_listening=lambda: life.listening)
 
     def settings():

@@ -44,6 +44,13 @@ class RunningGateway:
     life: Lifecycle
     log: CapturedLog
     client: httpx.AsyncClient
+    stopped: trio.Event
+
+    async def stop(self) -> None:
+        """SIGTERM's path: drain, flush usage, close; returns once serve() has returned."""
+        self.life.begin_shutdown()
+        with trio.fail_after(30):
+            await self.stopped.wait()
 
     async def post(self, path: str, body: Any, headers: dict[str, str] | None = None, **kw: Any) -> httpx.Response:
         return await self.client.post(path, json=body, headers={**AUTH, **(headers or {})}, **kw)
@@ -52,13 +59,14 @@ class RunningGateway:
         return await self.client.get(path, headers={**AUTH, **(headers or {})})
 
 
-def gateway_config(backends: str, extra: str = "") -> str:
+def gateway_config(backends: str, extra: str = "", database: str = "") -> str:
     """A config with the dev key, listening on a free port, plus the given tables."""
     return textwrap.dedent(f"""
         [server]
         listen = ["127.0.0.1:0"]
         [database]
-        url = ""
+        url = "{database}"
+        key_refresh = 0.2
         [[keys]]
         name = "dev"
         sha256 = "{DEV_SHA}"
@@ -72,10 +80,18 @@ async def start_gateway(nursery: trio.Nursery, toml_text: str, *, environ: dict[
     log = CapturedLog()
     daemon = Daemon(RuntimeHolder(runtime), Logger(out=log), router=router or Router())
     life = Lifecycle(daemon.log)
-    addresses = await nursery.start(functools.partial(serve, daemon, life=life, handle_signals=False))
+    stopped = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+        try:
+            await serve(daemon, life=life, handle_signals=False, task_status=task_status)
+        finally:
+            stopped.set()
+
+    addresses = await nursery.start(run)
     url = f"http://{addresses[0]}"
     client = httpx.AsyncClient(base_url=url, timeout=30)
-    return RunningGateway(url, daemon, life, log, client)
+    return RunningGateway(url, daemon, life, log, client, stopped)
 
 
 @pytest.fixture

@@ -20,10 +20,11 @@ import trio
 from hxgwd import __version__
 from hxgwd.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
 from hxgwd.logs import Logger
-from hxgwd.limits_redis import Limiter
+from hxgwd import admin
 from hxgwd.pipeline import authenticate, limit, proxy, record, route, transform
 from hxgwd.pipeline.connection import Request, Response
 from hxgwd.runtime import Principal, Runtime, RuntimeHolder
+from hxgwd.services import Services
 from hxgwd.upstream import Transports
 from hxgwd.upstream.gates import Gates
 
@@ -35,9 +36,10 @@ NO_TOKENS = limit.Estimate(tokens=0, cost_usd=0.0)   # /v1/models: counts toward
 
 class Gateway:
     def __init__(self, holder: RuntimeHolder, router: route.Router, transports: Transports, gates: Gates,
-                 limiter: Limiter, log: Logger, *, is_listening: Callable[[], bool] = lambda: True) -> None:
+                 services: Services, log: Logger, *, is_listening: Callable[[], bool] = lambda: True) -> None:
         self.holder = holder
-        self.limiter = limiter
+        self.services = services
+        self.limiter = services.limiter
         self.router = router
         self.transports = transports
         self.gates = gates
@@ -92,7 +94,7 @@ class Gateway:
         if path.startswith("/admin/"):
             principal = self._authenticate(rt, ex, head.headers)
             authenticate.require_admin(principal)
-            await self._admin(rt, request, response)
+            await admin.handle(self, rt, request, response)
             ex.status = 200
             return
         if path not in API_POST:
@@ -122,7 +124,7 @@ class Gateway:
                             self.router, self.transports, self.gates, settings, features, response)
 
     def _authenticate(self, rt: Runtime, ex: proxy.Exchange, headers) -> Principal:
-        principal, _digest = authenticate.authenticate(headers, (rt.keys.get,))
+        principal, _digest = authenticate.authenticate(headers, self.services.key_lookups(rt))
         ex.key = principal.key_name
         return principal
 
@@ -142,19 +144,6 @@ class Gateway:
                 if len(self._models_cache) > 256:
                     self._models_cache.popitem(last=False)
         await response.send_full(200, [JSON], body)
-
-    async def _admin(self, rt: Runtime, request: Request, response: Response) -> None:
-        head = request.head
-        if head.path == "/admin/routing":
-            if head.method != "GET":
-                raise MethodNotAllowed("Use GET for this endpoint.")
-            doc = {"generation": rt.generation,
-                   "targets": self.router.table(rt, trio.current_time()),
-                   "concurrency": self.gates.statistics(),
-                   "pools": {repr(p): p.statistics() for p in self.transports.pools()}}
-            await response.send_full(200, [JSON], json.dumps(doc, default=str).encode())
-            return
-        raise NotFound(f"Unknown endpoint {head.path}.", code="unknown_url")
 
     async def _health(self, response: Response) -> None:
         rt = self.holder.current
@@ -194,6 +183,8 @@ class Gateway:
             ttfb_ms=ex.ttfb * 1000 if ex.ttfb is not None else None,
             attempts=ex.attempts, route=ex.route, generation=rt.generation)
         self.log.access(rec)
+        if self.services.usage is not None:
+            self.services.usage.emit(rec)
 
 
 def _model_entry(rt: Runtime, name: str) -> dict[str, Any]:

@@ -1,0 +1,160 @@
+"""The admin HTTP API, for keys with `admin = true` (checked by the caller, handle.py):
+
+    GET    /admin/routing              the live routing table: breakers, in flight, learned model, scores
+    GET    /admin/stats                limiter, usage sink, key cache, pools, concurrency gates
+    GET    /admin/keys                 store keys (never a secret; `?revoked=1` includes revoked ones)
+    POST   /admin/keys                 {"name", "models", "rpm", "tpm", "budget_usd", "budget_period",
+                                        "expires_at", "admin"} -> 201 with the key, shown this once
+    GET    /admin/keys/NAME
+    DELETE /admin/keys/NAME            revoke; applied on this host at once, on others within key_refresh
+    GET    /admin/usage?since=&until=&by=key|model|deployment|day&key=
+                                       since/until: unix seconds, ISO dates, or "24h" / "30d" ago
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+from typing import Any
+
+import trio
+
+from hxgwd.errors import BadRequest, MethodNotAllowed, NotFound, Unavailable
+from hxgwd.runtime import Runtime
+
+JSON = (b"content-type", b"application/json")
+
+
+class Conflict(BadRequest):
+    status = 409
+    code = "conflict"
+
+
+async def handle(gw: Any, rt: Runtime, request: Any, response: Any) -> None:
+    head = request.head
+    path, _, query = head.target.partition("?")
+    params = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
+    if path == "/admin/routing":
+        _method(head, "GET")
+        return await _send(response, 200, {"generation": rt.generation,
+                                           "targets": gw.router.table(rt, trio.current_time())})
+    if path == "/admin/stats":
+        _method(head, "GET")
+        return await _send(response, 200, {
+            "generation": rt.generation, **gw.services.statistics(),
+            "concurrency": gw.gates.statistics(),
+            "pools": {f"{p.origin.scheme}://{p.origin.host}:{p.origin.port}": p.statistics()
+                      for p in gw.transports.pools()}})
+    if path == "/admin/keys" or path.startswith("/admin/keys/") or path == "/admin/usage":
+        store = gw.services.store
+        if store is None:
+            raise Unavailable("No database is configured ([database] url).", code="no_database")
+        from hxgwd.store import KeyExists, KeyNotFound, StoreUnavailable
+
+        try:
+            if path == "/admin/usage":
+                _method(head, "GET")
+                return await _usage(store, params, response)
+            return await _keys(gw, store, path, params, request, response)
+        except KeyExists as exc:
+            raise Conflict(str(exc)) from None
+        except KeyNotFound as exc:
+            raise NotFound(str(exc), code="key_not_found") from None
+        except StoreUnavailable:
+            raise Unavailable("The database is unreachable.", code="database_unavailable", retry_after=5) from None
+    raise NotFound(f"Unknown endpoint {path}.", code="unknown_url")
+
+
+async def _keys(gw: Any, store: Any, path: str, params: dict[str, str], request: Any, response: Any) -> None:
+    head = request.head
+    now = time.time()
+    if path == "/admin/keys":
+        if head.method == "GET":
+            keys = await store.list_keys(include_revoked=params.get("revoked") in ("1", "true"))
+            return await _send(response, 200, {"object": "list", "data": [k.as_dict(now) for k in keys]})
+        _method(head, "POST")
+        doc = _json_object(await request.read_body())
+        fields = _key_fields(doc, gw, ROOT_NAMES := {k.name for k in gw.holder.current.config.keys})
+        if fields["name"] in ROOT_NAMES:
+            raise Conflict(f"A key named {fields['name']!r} is in the config file.")
+        key, info = await store.create_key(**fields)
+        await gw.services.keys.refresh()
+        return await _send(response, 201, {"key": key, **info.as_dict(now)})
+    name = urllib.parse.unquote(path[len("/admin/keys/"):])
+    if head.method == "GET":
+        return await _send(response, 200, (await store.get_key(name)).as_dict(now))
+    _method(head, "DELETE")
+    info = await store.revoke_key(name)
+    await gw.services.keys.refresh()
+    return await _send(response, 200, info.as_dict(now))
+
+
+def _key_fields(doc: dict[str, Any], gw: Any, config_names: set[str]) -> dict[str, Any]:
+    allowed = {"name", "models", "admin", "rpm", "tpm", "budget_usd", "budget_period", "expires_at"}
+    unknown = set(doc) - allowed
+    if unknown:
+        raise BadRequest(f"Unknown fields: {', '.join(sorted(unknown))}.", param=sorted(unknown)[0])
+    name = doc.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise BadRequest("'name' is required.", param="name")
+    models = doc.get("models", [])
+    targets = gw.holder.current.targets
+    if not isinstance(models, list) or any(m not in targets for m in models):
+        raise BadRequest("'models' must list models or groups of the config.", param="models")
+    for field in ("rpm", "tpm"):
+        if doc.get(field) is not None and (not isinstance(doc[field], int) or doc[field] < 1):
+            raise BadRequest(f"'{field}' must be a positive integer.", param=field)
+    if doc.get("budget_usd") is not None and (not isinstance(doc["budget_usd"], (int, float)) or doc["budget_usd"] < 0):
+        raise BadRequest("'budget_usd' must be 0 or more.", param="budget_usd")
+    if doc.get("budget_period", "month") not in ("day", "month"):
+        raise BadRequest("'budget_period' is 'day' or 'month'.", param="budget_period")
+    expires = doc.get("expires_at")
+    if expires is not None and not isinstance(expires, (int, float)):
+        raise BadRequest("'expires_at' is unix seconds.", param="expires_at")
+    return {"name": name.strip(), "models": tuple(models), "admin": bool(doc.get("admin", False)),
+            "rpm": doc.get("rpm"), "tpm": doc.get("tpm"), "budget_usd": doc.get("budget_usd"),
+            "budget_period": doc.get("budget_period", "month"), "expires_at": expires}
+
+
+async def _usage(store: Any, params: dict[str, str], response: Any) -> None:
+    from hxgwd.store.cli import parse_when
+
+    now = time.time()
+    by = params.get("by", "key")
+    if by not in ("key", "model", "deployment", "day"):
+        raise BadRequest("'by' is one of key, model, deployment, day.", param="by")
+    def when(text: str | None) -> float | None:
+        if not text:
+            return None
+        try:
+            return float(text)           # unix seconds
+        except ValueError:
+            return parse_when(text, now)
+
+    try:
+        since, until = when(params.get("since")), when(params.get("until"))
+    except ValueError:
+        raise BadRequest("'since' and 'until' are unix seconds, ISO dates or durations like 24h.") from None
+    rows = await store.usage_summary(since, until, by, key=params.get("key"))
+    await _send(response, 200, {"by": by, "since": since, "until": until, "data": rows})
+
+
+def _method(head: Any, method: str) -> None:
+    if head.method != method:
+        raise MethodNotAllowed(f"Use {method} for this endpoint.")
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body or b"{}")
+    except ValueError:
+        raise BadRequest("The body is not JSON.", code="invalid_json") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("The body must be a JSON object.", code="invalid_json")
+    return doc
+
+
+async def _send(response: Any, status: int, doc: Any) -> None:
+    await response.send_full(status, [JSON], json.dumps(doc, default=str).encode())
+

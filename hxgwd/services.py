@@ -1,0 +1,75 @@
+"""What the request path uses besides the config snapshot, opened once at start for the process:
+the limiter (memory or Redis), and, when `[database] url` is set, the store with its usage sink
+and key cache. Their tasks live in one nursery here; `open_services` closes them in order.
+
+A database that is down at start does not stop the daemon: usage records go to the spool and
+store keys wait for the cache's first load, while config keys work. A PostgreSQL schema that is
+older than this version does stop it (exit 78): run `hxgwd db migrate` first; SQLite, owned by
+this host alone, is migrated in place.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import attrs
+import trio
+
+from hxgwd.limits_redis import Limiter, open_limiter
+from hxgwd.runtime import Runtime
+
+USAGE_FLUSH_TIMEOUT = 10.0   # at shutdown, after the drain: memory to the store, else to the spool
+
+
+@attrs.define
+class Services:
+    limiter: Limiter
+    store: Any = None            # hxgwd.store.Store
+    usage: Any = None            # hxgwd.store.usage.UsageSink
+    keys: Any = None             # hxgwd.store.keys.KeyCache
+
+    def key_lookups(self, rt: Runtime) -> tuple:
+        return (rt.keys.get, self.keys.lookup) if self.keys is not None else (rt.keys.get,)
+
+    def statistics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"limits": self.limiter.statistics()}
+        if self.usage is not None:
+            out["usage"] = self.usage.statistics()
+            out["keys"] = self.keys.statistics()
+        return out
+
+
+@asynccontextmanager
+async def open_services(rt: Runtime, log: Any) -> AsyncIterator[Services]:
+    cfg = rt.config
+    async with open_limiter(cfg, log, rt.redis_password) as limiter:
+        if not cfg.database.url:
+            yield Services(limiter)
+            return
+        from hxgwd.store import StoreUnavailable, open_store, redact_url
+        from hxgwd.store.keys import KeyCache
+        from hxgwd.store.usage import UsageSink
+
+        store = open_store(cfg.database, rt.db_password)
+        try:
+            try:
+                await store.ensure_schema()
+            except StoreUnavailable as exc:
+                log.error("database unreachable at start: usage goes to the spool, store keys wait",
+                          database=redact_url(cfg.database.url), error=str(exc))
+            usage = UsageSink(store, cfg.database, log)
+            keys = KeyCache(store, log, refresh=cfg.database.key_refresh,
+                            load_timeout=cfg.database.connect_timeout)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(usage.run)
+                await nursery.start(keys.run)
+                try:
+                    yield Services(limiter, store, usage, keys)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await usage.aclose(timeout=USAGE_FLUSH_TIMEOUT)
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.move_on_after(5, shield=True):
+                await store.aclose()

@@ -1,0 +1,163 @@
+"""The store behind the running gateway: every API request recorded, store keys, two hosts
+sharing PostgreSQL and Redis, a database outage mid-run, and the spool replayed after a restart."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import httpx
+import psycopg
+import pytest
+import trio
+
+from tests.conftest import AUTH, gateway_config, start_gateway
+from tests.fakeupstream import FakeUpstream, Hang
+from tests.test_store_support import new_pg_url  # noqa: F401  (fixture)
+
+CHAT = {"messages": [{"role": "user", "content": "hello"}]}
+
+
+def backends(up: FakeUpstream) -> str:
+    return f"""
+        [[backends]]
+        name = "u"
+        url = "{up.url}"
+        [[models]]
+        name = "m"
+        backend = "u"
+        input_cost_per_1k = 1.0
+        [[models]]
+        name = "e"
+        backend = "u"
+        kind = "embedding"
+    """
+
+
+async def test_every_api_request_is_recorded_in_sqlite(nursery, tmp_path, upstream):
+    db = tmp_path / "state" / "hxgwd.db"
+    gw = await start_gateway(nursery, gateway_config(backends(upstream), database=f"sqlite:///{db}"))
+    assert (await gw.post("/v1/chat/completions", {**CHAT, "model": "m"})).status_code == 200
+    assert (await gw.post("/v1/chat/completions", {**CHAT, "model": "m", "stream": True})).status_code == 200
+    assert (await gw.post("/v1/embeddings", {"model": "e", "input": "x"})).status_code == 200
+    assert (await gw.get("/v1/models")).status_code == 200
+    assert (await gw.post("/v1/chat/completions", {**CHAT, "model": "nope"})).status_code == 404
+    assert (await gw.client.post("/v1/chat/completions", json=CHAT)).status_code == 401
+    upstream.script(Hang())
+    with trio.move_on_after(0.5):
+        await gw.post("/v1/chat/completions", {**CHAT, "model": "m"})
+    await gw.client.get("/healthz")                              # not an API request
+    await gw.stop()
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT endpoint, status, stream, key, cost_usd, prompt_tokens FROM usage"
+                            " ORDER BY ts").fetchall()
+    assert [r[1] for r in rows] == [200, 200, 200, 200, 404, 401, 499]
+    assert rows[1][2] == 1 and rows[1][5] == 7                 # stream usage counted exactly
+    assert rows[0][3] == "dev" and rows[0][4] == pytest.approx(0.007)
+    assert rows[5][3] is None
+
+
+async def test_store_keys_via_admin_api_and_revocation(nursery, tmp_path, upstream):
+    db = tmp_path / "hxgwd.db"
+    config = gateway_config(backends(upstream), database=f"sqlite:///{db}").replace("sha256 =", "admin = true\nsha256 =")
+    gw = await start_gateway(nursery, config)
+    r = await gw.post("/admin/keys", {"name": "team-a", "models": ["m"], "rpm": 100})
+    assert r.status_code == 201, r.text
+    key = r.json()["key"]
+    team = {"Authorization": f"Bearer {key}"}
+    r = await gw.client.post("/v1/chat/completions", json={**CHAT, "model": "m"}, headers=team)
+    assert r.status_code == 200
+    r = await gw.client.post("/v1/embeddings", json={"model": "e", "input": "x"}, headers=team)
+    assert r.status_code == 403
+    listed = (await gw.get("/admin/keys")).json()["data"]
+    assert [k["name"] for k in listed] == ["team-a"] and key not in str(listed)
+    assert (await gw.post("/admin/keys", {"name": "team-a"})).status_code == 409
+    assert (await gw.post("/admin/keys", {"name": "dev"})).status_code == 409
+    assert (await gw.client.delete("/admin/keys/team-a", headers=AUTH)).status_code == 200
+    r = await gw.client.post("/v1/chat/completions", json={**CHAT, "model": "m"}, headers=team)
+    assert r.status_code == 401
+    usage = (await gw.get("/admin/usage?by=key&since=1h")).json()["data"]
+    assert {row["key"] for row in usage} >= {"team-a", "dev"}
+    await gw.stop()
+
+
+def spooled(config: str, directory) -> str:
+    return config.replace("key_refresh = 0.2", f'key_refresh = 0.2\nspool_dir = "{directory}"')
+
+
+async def test_two_hosts_share_postgres_and_redis(nursery, tmp_path, new_pg_url, redis_server, upstream):  # noqa: F811
+    url = new_pg_url()
+    extra = f'[redis]\nurl = "{redis_server.url}"\n'
+    cfg = gateway_config(backends(upstream), extra, database=url).replace("sha256 =", "admin = true\nsha256 =")
+    from hxgwd.store import open_store
+    from hxgwd.config.model import Database
+    store = open_store(Database(url=url))
+    await store.migrate()
+    await store.aclose()
+    a = await start_gateway(nursery, spooled(cfg, tmp_path / "a"))
+    b = await start_gateway(nursery, spooled(cfg, tmp_path / "b"))
+    r = await a.post("/admin/keys", {"name": "shared", "rpm": 3})
+    key = {"Authorization": f"Bearer {r.json()['key']}"}
+    with trio.fail_after(10):               # host b learns the key within key_refresh
+        while (await b.client.get("/v1/models", headers=key)).status_code != 200:
+            await trio.sleep(0.05)
+    statuses = [(await gw.client.get("/v1/models", headers=key)).status_code for gw in (a, b, a)]
+    assert statuses.count(429) >= 1          # 1 + 3 requests against rpm 3, counted across hosts
+    assert (await a.client.delete("/admin/keys/shared", headers=AUTH)).status_code == 200
+    with trio.fail_after(10):               # revocation reaches host b within key_refresh
+        while (await b.client.get("/v1/models", headers=key)).status_code != 401:
+            await trio.sleep(0.05)
+    await a.stop()
+    await b.stop()
+
+
+async def test_postgres_outage_mid_run_loses_no_record(nursery, tmp_path, new_pg_url, pg_server, upstream):  # noqa: F811
+    # acknowledged commits must survive `pg_ctl -m immediate`: the throwaway server defaults to
+    # synchronous_commit=off, so this connection asks for it (production servers keep their own)
+    url = new_pg_url() + "?options=-c%20synchronous_commit%3Don"
+    from hxgwd.store import open_store
+    from hxgwd.config.model import Database
+    store = open_store(Database(url=url))
+    await store.migrate()
+    await store.aclose()
+    gw = await start_gateway(nursery, spooled(gateway_config(backends(upstream), database=url), tmp_path))
+    sent = 0
+    for i in range(120):
+        if i == 40:
+            pg_server.stop()
+        if i == 80:
+            pg_server.restart()
+        r = await gw.post("/v1/chat/completions", {**CHAT, "model": "m"})
+        assert r.status_code == 200                # serving never waits on the database
+        sent += 1
+    await gw.stop()
+    with psycopg.connect(url.split("?")[0]) as conn:
+        assert conn.execute("SELECT count(*) FROM usage").fetchone()[0] == sent
+
+
+async def test_spool_replayed_after_gateway_restart(nursery, tmp_path, new_pg_url, pg_server, upstream):  # noqa: F811
+    url = new_pg_url() + "?options=-c%20synchronous_commit%3Don"
+    from hxgwd.store import open_store
+    from hxgwd.config.model import Database
+    store = open_store(Database(url=url))
+    await store.migrate()
+    await store.aclose()
+    spool = tmp_path / "spool"
+    cfg = gateway_config(backends(upstream), database=url).replace(
+        "key_refresh = 0.2", f'key_refresh = 0.2\nspool_dir = "{spool}"\nconnect_timeout = 1.0')
+    pg_server.stop()
+    try:
+        first = await start_gateway(nursery, cfg)
+        for _ in range(25):
+            assert (await first.post("/v1/chat/completions", {**CHAT, "model": "m"})).status_code == 200
+        await first.stop()
+        assert first.daemon.services.usage.statistics()["spooled"] == 25
+    finally:
+        pg_server.restart()
+    second = await start_gateway(nursery, cfg)
+    with trio.fail_after(20):
+        while True:
+            with psycopg.connect(url.split("?")[0]) as conn:
+                if conn.execute("SELECT count(*) FROM usage").fetchone()[0] == 25:
+                    break
+            await trio.sleep(0.1)
+    await second.stop()
