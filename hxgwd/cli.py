@@ -9,7 +9,8 @@ Exit codes:
     2   bad command line
     3   forced stop: a second SIGTERM/SIGINT cut the drain short
     71  cannot listen (address in use, no permission)
-    78  the config is invalid at start (EX_CONFIG)
+    73  the usage spool directory cannot be created, or another hxgwd uses it
+    78  the config is invalid at start, or the PostgreSQL schema needs `hxgwd db migrate` (EX_CONFIG)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 DEFAULT_CONFIG = "/etc/hxgwd/hxgwd.toml"
 EXIT_FORCED = 3
 EXIT_LISTEN = 71
+EXIT_CANTCREAT = 73
 EXIT_CONFIG = 78
 
 
@@ -136,8 +138,17 @@ def cmd_run(path: str) -> int:
         return EXIT_CONFIG
     log.configure(runtime.config.log.level, runtime.config.log.access_log)
     daemon = Daemon(RuntimeHolder(runtime), log, config_path=path)
+    from hxgwd.store import SchemaError
+    from hxgwd.store.spool import SpoolError
+
     try:
         life = trio.run(serve, daemon)
+    except SchemaError as exc:
+        log.error("cannot start: database schema", error=str(exc))
+        return EXIT_CONFIG
+    except SpoolError as exc:
+        log.error("cannot start: usage spool", error=str(exc))
+        return EXIT_CANTCREAT
     except OSError as exc:
         log.error("cannot listen", error=exc.strerror or str(exc), addresses=list(runtime.config.server.listen))
         return EXIT_LISTEN

@@ -161,3 +161,16 @@ async def test_spool_replayed_after_gateway_restart(nursery, tmp_path, new_pg_ur
                     break
             await trio.sleep(0.1)
     await second.stop()
+
+
+async def test_daemon_refuses_unmigrated_postgres_with_exit_78(nursery, tmp_path, new_pg_url):  # noqa: F811
+    from tests.daemon import DaemonProcess
+
+    path = tmp_path / "c.toml"
+    path.write_text(spooled(gateway_config('[[backends]]\nname = "e"\nkind = "echo"\n', database=new_pg_url()),
+                            tmp_path / "spool"))
+    daemon = DaemonProcess(str(path))
+    await daemon.start(nursery, wait_listening=False)
+    assert await daemon.wait() == 78
+    line = await daemon.wait_for("cannot start: database schema")
+    assert "hxgwd db migrate" in line["error"]
