@@ -29,6 +29,7 @@ class Scenario:
     rate: float                                # requests per second
     seconds: float
     timeouts: Timeouts = Timeouts()
+    control: bool = False                      # not part of the target; see CONTROLS
 
 
 # (share, prompt KiB range (log-uniform), max_tokens, median output tokens)
@@ -95,6 +96,15 @@ def _failures() -> list[Upstream]:
     ]
 
 
+def _homogeneous() -> list[Upstream]:
+    return [Upstream(f"gpu-{i}", ttft=0.15, prefill_per_kib=0.012, tpot=0.016, slots=32, batch_slowdown=0.02)
+            for i in range(4)]
+
+
+def _collapse() -> list[Upstream]:
+    return [u for u in _failures() if u.name != "central"]
+
+
 def _cooling() -> list[Upstream]:
     return [
         Upstream("quota-api", ttft=0.3, prefill_per_kib=0.003, tpot=0.008, slots=1000, noise=0.3, batch_slowdown=0.0,
@@ -117,3 +127,16 @@ SCENARIOS = (
              "Retry-After; a capped GPU and a slower API",
              _cooling, rate=5.0, seconds=900),
 )
+
+# Controls, added after the four above were settled, to show where scored has nothing to win or
+# wins something else: four identical upstreams (least-busy is near optimal there; nothing is to
+# be learned but the load), and failure-burst without its fifth, healthy upstream, so that for two
+# minutes the healthy capacity is below the demand and every strategy loses requests.
+CONTROLS = (
+    Scenario("homogeneous", "control: four identical GPUs, nothing to learn but the load",
+             _homogeneous, rate=5.0, seconds=900, control=True),
+    Scenario("capacity-collapse", "control: failure-burst without the fifth, healthy upstream: "
+             "for two minutes demand exceeds what still works", _collapse, rate=5.0, seconds=900,
+             control=True),
+)
+

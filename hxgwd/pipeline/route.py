@@ -127,6 +127,13 @@ class Router:
         typical = self._typical(target.name)
         typical.prompt_bytes.add(features.prompt_bytes)
         typical.max_tokens.add(features.max_tokens)
+        if len(candidates) + len(probes) == 1:     # the common case: nothing to order
+            dep = (candidates or probes)[0]
+            st = self.states[dep.id]
+            time = strategies.predict_time(dep, st, features.prompt_bytes, features.max_tokens,
+                                           self._lengths(dep.model), now)
+            st.expect = time
+            return Plan(target.strategy, (dep,), {dep.id: time} if st.latency.observations else {})
         estimates = strategies.like_peers({
             dep.id: strategies.estimate(dep, self.states[dep.id], features.prompt_bytes, features.max_tokens,
                                         self._lengths(dep.model), now)
@@ -205,6 +212,7 @@ class Router:
             "observations": st.latency.observations,
             "mean_duration_s": st.duration.value,
             "predicted_s": round(est.time, 4), "uncertainty_s": round(est.spread, 4),
+            "failure_p": round(est.fail_p, 4), "impact_s": round(est.impact, 4),
             "score": round(strategies.score(est.time, est, target.policy.cost_weight), 4),
         }
 

@@ -58,20 +58,25 @@ LOAD_PRIOR = 25.0              # kappa's pull toward 0, in units of c^2 (a few l
 LOAD_MAX = 1.0
 
 
-def _prior_info() -> list[list[float]]:
-    return [[1.0 / PRIOR_VAR[i] if i == j else 0.0 for j in range(N)] for i in range(N)]
+# Symmetric 3 x 3 matrices are kept as their upper triangle: (m00, m01, m02, m11, m12, m22).
+Sym = list[float]
+PRIOR_INFO = (1.0 / PRIOR_VAR[0], 0.0, 0.0, 1.0 / PRIOR_VAR[1], 0.0, 1.0 / PRIOR_VAR[2])
 
 
-def _inverse(m: list[list[float]]) -> list[list[float]]:
-    """3 x 3 symmetric positive definite inverse, by cofactors."""
-    (a, b, c), (_, e, f), (_, _, i) = m
+def _inverse(m: Sym) -> Sym:
+    """Inverse of a symmetric positive definite 3 x 3 matrix, by cofactors."""
+    a, b, c, e, f, i = m
     A, B, C = e * i - f * f, c * f - b * i, b * f - c * e
     det = a * A + b * B + c * C
     if det <= 0.0:
         raise ZeroDivisionError("singular information matrix")
     d = 1.0 / det
-    E, F, I = a * i - c * c, b * c - a * f, a * e - b * b
-    return [[A * d, B * d, C * d], [B * d, E * d, F * d], [C * d, F * d, I * d]]
+    return [A * d, B * d, C * d, (a * i - c * c) * d, (b * c - a * f) * d, (a * e - b * b) * d]
+
+
+def quad(m: Sym, x0: float, x1: float, x2: float) -> float:
+    a, b, c, e, f, i = m
+    return a * x0 * x0 + e * x1 * x1 + i * x2 * x2 + 2.0 * (b * x0 * x1 + c * x0 * x2 + f * x1 * x2)
 
 
 @attrs.define
@@ -88,16 +93,16 @@ class LatencyModel:
     """
 
     theta: list[float] = attrs.field(factory=lambda: [0.0] * N)
-    info: list[list[float]] = attrs.field(factory=_prior_info)
+    info: Sym = attrs.field(factory=lambda: list(PRIOR_INFO))
     noise: float = 0.25           # relative noise variance: (residual / prediction)^2, a CV^2
     observations: int = 0
     at: float | None = None       # clock of the last drift applied
     kappa: float = 0.0            # slowdown share per concurrent request
     load_sums: list[float] = attrs.field(factory=lambda: [0.0] * 5)   # n, c, r, c^2, c*r; forgetting
-    _cov: list[list[float]] | None = attrs.field(default=None, init=False, repr=False, eq=False)
+    _cov: Sym | None = attrs.field(default=None, init=False, repr=False, eq=False)
 
     @property
-    def cov(self) -> list[list[float]]:
+    def cov(self) -> Sym:
         if self._cov is None:
             self._cov = _inverse(self.info)
         return self._cov
@@ -115,17 +120,18 @@ class LatencyModel:
         if dt < DRIFT_STEP:
             return
         self.at = now
-        t = self.theta
-        norm = t[0] * t[0] + t[1] * t[1] + t[2] * t[2]
+        t0, t1, t2 = self.theta
+        norm = t0 * t0 + t1 * t1 + t2 * t2
         if norm <= 0.0:
             return
         cov = self.cov
-        along = sum(t[i] * cov[i][j] * t[j] for i in range(N) for j in range(N)) / (norm * norm)
-        q = min(DRIFT * dt, max(0.0, 1.0 - along))
+        q = min(DRIFT * dt, max(0.0, 1.0 - quad(cov, t0, t1, t2) / (norm * norm)))
         if q <= 0.0:
             return
-        self.info = _inverse([[cov[i][j] + q * t[i] * t[j] for j in range(N)] for i in range(N)])
-        self._cov = None
+        a, b, c, e, f, i = cov
+        self._cov = cov = [a + q * t0 * t0, b + q * t0 * t1, c + q * t0 * t2,
+                           e + q * t1 * t1, f + q * t1 * t2, i + q * t2 * t2]
+        self.info = _inverse(cov)
 
     def base(self, kb: float, out_k: float) -> float:
         t = self.theta
@@ -133,10 +139,9 @@ class LatencyModel:
 
     def predict(self, kb: float, out_k: float, load: float) -> tuple[float, float]:
         """Expected duration and the variance of that expectation (not of one request's time)."""
-        t, c = self.theta, self.cov
+        t = self.theta
         base = t[0] + t[1] * kb + t[2] * out_k
-        var = (c[0][0] + c[1][1] * kb * kb + c[2][2] * out_k * out_k
-               + 2.0 * (c[0][1] * kb + c[0][2] * out_k + c[1][2] * kb * out_k))
+        var = quad(self.cov, 1.0, kb, out_k)
         factor = 1.0 + self.kappa * load
         return base * factor, (var if var > 0.0 else 0.0) * factor * factor
 
@@ -153,24 +158,23 @@ class LatencyModel:
                 var_c = scc - sc * sc / n
                 cov_cr = scr - sc * sr / n
                 self.kappa = max(0.0, min(cov_cr / (var_c + LOAD_PRIOR), LOAD_MAX))
-        self._fit((1.0, kb, out_k), y / (1.0 + self.kappa * load))
+        self._fit(kb, out_k, y / (1.0 + self.kappa * load))
         self.observations += 1
 
-    def _fit(self, x: tuple[float, float, float], y: float) -> None:
+    def _fit(self, x1: float, x2: float, y: float) -> None:
         # Forget toward the prior, then a Kalman step with that as the prior: same mean, and the
-        # information of this observation added.
-        info = self.info
-        for i in range(N):
-            row = info[i]
-            for j in range(N):
-                row[j] *= LAMBDA
-            row[i] += (1.0 - LAMBDA) / PRIOR_VAR[i]
-        self._cov = None
-        cov, t = self.cov, self.theta
-        x0, x1, x2 = x
-        px = [row[0] * x0 + row[1] * x1 + row[2] * x2 for row in cov]
-        v = px[0] * x0 + px[1] * x1 + px[2] * x2
-        pred = t[0] * x0 + t[1] * x1 + t[2] * x2
+        # information of this observation added. x0 = 1 (the intercept).
+        lam, rest = LAMBDA, 1.0 - LAMBDA
+        a, b, c, e, f, i = self.info
+        info = [lam * a + rest * PRIOR_INFO[0], lam * b, lam * c,
+                lam * e + rest * PRIOR_INFO[3], lam * f, lam * i + rest * PRIOR_INFO[5]]
+        pa, pb, pc, pe, pf, pi = _inverse(info)
+        px0 = pa + pb * x1 + pc * x2
+        px1 = pb + pe * x1 + pf * x2
+        px2 = pc + pf * x1 + pi * x2
+        v = px0 + px1 * x1 + px2 * x2
+        t = self.theta
+        pred = t[0] + t[1] * x1 + t[2] * x2
         scale = max(pred, y if self.observations == 0 else NOISE_FLOOR, NOISE_FLOOR)
         r = self.noise * scale * scale
         err = y - pred
@@ -180,15 +184,17 @@ class LatencyModel:
             # bounded steps: one outlier moves the noise level by at most a few percent
             self.noise += NOISE_ALPHA * (min((err / scale) ** 2, 4.0 * self.noise) - self.noise)
             self.noise = max(0.0025, min(self.noise, 4.0))
-        step = err / (v + r)
-        for i in range(N):
-            t[i] += px[i] * step
-        inv_r = 1.0 / r
-        for i in range(N):
-            row, xi = info[i], x[i] * inv_r
-            for j in range(N):
-                row[j] += xi * x[j]
-        self._cov = None
+        k = 1.0 / (v + r)
+        step = err * k
+        t[0] += px0 * step
+        t[1] += px1 * step
+        t[2] += px2 * step
+        w = 1.0 / r
+        self.info = [info[0] + w, info[1] + w * x1, info[2] + w * x2,
+                     info[3] + w * x1 * x1, info[4] + w * x1 * x2, info[5] + w * x2 * x2]
+        # the matching covariance, by Sherman-Morrison rather than another inverse
+        self._cov = [pa - px0 * px0 * k, pb - px0 * px1 * k, pc - px0 * px2 * k,
+                     pe - px1 * px1 * k, pf - px1 * px2 * k, pi - px2 * px2 * k]
 
     def params(self) -> dict[str, float]:
         t = self.theta

@@ -19,6 +19,8 @@ duration fit.
 
 from __future__ import annotations
 
+import bisect
+
 import attrs
 
 from hxgwd.config.model import Routing
@@ -73,25 +75,27 @@ class DeploymentState:
         self.breaker.on_start(now)
 
     def _pair(self, now: float, duration: float, began: float | None, cancelled: bool) -> float | None:
-        """Pop the start matching a finish; return the mean number of others it ran with."""
+        """Pop the start matching a finish; return the mean number of others it ran with.
+
+        Starts are appended in time order and stay sorted, so each lookup is a bisection.
+        """
         starts = self.starts
         if not starts:
             return None
         if began is not None:                          # the caller said: exact
-            best = min(range(len(starts)), key=lambda i: abs(starts[i][0] - began))
+            best = _closest(starts, began)
         elif cancelled and duration <= 0.0:            # the gate turned it away: at once, or after Q
-            newest = len(starts) - 1
-            if now - starts[newest][0] < 1e-3:
-                best = newest
-            else:
-                best = min(range(len(starts)), key=lambda i: abs(starts[i][0] - (now - self.queue_timeout)))
+            best = len(starts) - 1
+            if now - starts[best][0] >= 1e-3:
+                best = _closest(starts, now - self.queue_timeout)
         else:
             # A success's duration excludes its wait at the gate (at most Q), so its start lies in
             # [now - duration - Q, now - duration]; the gate is FIFO, so the oldest there is it.
             latest = now - duration + 1e-6
             earliest = latest - (self.queue_timeout if self.cap > 0 else 0.0) - 2e-6
-            inside = [i for i in range(len(starts)) if earliest <= starts[i][0] <= latest]
-            best = inside[0] if inside else min(range(len(starts)), key=lambda i: abs(starts[i][0] - latest))
+            best = bisect.bisect_left(starts, earliest, key=_time)
+            if best == len(starts) or starts[best][0] > latest:
+                best = _closest(starts, latest)
         t0, area0, _ = self.starts.pop(best)
         span = now - t0
         if span <= 1e-6:
@@ -147,3 +151,15 @@ class DeploymentState:
         self.latency.update(kb, out / 1000.0, c, duration, now)
         if stream and 0.0 < ttfb <= duration:
             self.first_byte.update(kb, 0.0, c, ttfb, now)
+
+
+def _time(start: tuple[float, float, float]) -> float:
+    return start[0]
+
+
+def _closest(starts: list[tuple[float, float, float]], t: float) -> int:
+    i = bisect.bisect_left(starts, t, key=_time)
+    if i == len(starts) or (i > 0 and t - starts[i - 1][0] <= starts[i][0] - t):
+        return i - 1
+    return i
+

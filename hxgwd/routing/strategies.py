@@ -46,7 +46,7 @@ from typing import Callable, Iterable, Sequence
 
 import attrs
 
-from hxgwd.routing.estimator import Ewma, OutputLength
+from hxgwd.routing.estimator import Ewma, OutputLength, quad
 from hxgwd.routing.state import KIB, RATE_HALF_LIFE, DeploymentState
 
 Z = 2.0                  # standard deviations within which two predictions are a tie
@@ -70,30 +70,55 @@ class Estimate:
 def estimate(dep, st: DeploymentState, prompt_bytes: int, max_tokens: int, lengths: OutputLength,
              now: float) -> Estimate:
     cfg = dep.config
-    st.cap, st.queue_timeout = cfg.max_concurrency, cfg.queue_timeout
+    cap = cfg.max_concurrency
+    st.cap, st.queue_timeout = cap, cfg.queue_timeout
     out = lengths.expect(max_tokens)
-    st.latency.drift(now)
-    mean, var = st.latency.predict(prompt_bytes / KIB, out / 1000.0, st.others())
-    mean = max(mean, 0.0)
+    kb, out_k = prompt_bytes / KIB, out / 1000.0
+    model = st.latency
+    model.drift(now)
+    others = st.others()
+    t = model.theta
+    base = t[0] + t[1] * kb + t[2] * out_k
+    if base < 0.0:
+        base = 0.0
+    factor = 1.0 + model.kappa * others
+    mean = base * factor
+    var = quad(model.cov, 1.0, kb, out_k) * factor * factor
     # What it costs the others: each request already there slows down by kappa * (its size; ours
     # stands in for it), and each one that will queue behind ours at the gateway waits S / cap more.
-    impact = st.others() * st.latency.kappa * max(st.latency.base(prompt_bytes / KIB, out / 1000.0), 0.0)
-    if cfg.max_concurrency > 0 and st.in_flight >= cfg.max_concurrency:
-        impact += (st.in_flight - cfg.max_concurrency + 1) * mean / cfg.max_concurrency
+    impact = others * model.kappa * base
+    in_flight = st.in_flight
+    if cap > 0 and in_flight >= cap:
+        impact += (in_flight - cap + 1) * mean / cap
+        wait, busy_p, busy_time = _queue(st, cfg, mean)
+    else:
+        wait = busy_p = busy_time = 0.0
     # The upstream: its recent failures, plus the requests overdue right now (see state.overdue).
-    st.rates.decay(now, RATE_HALF_LIFE)
-    overdue, oldest = st.overdue(now)
     rates = st.rates
+    rates.decay(now, RATE_HALF_LIFE)
+    overdue, oldest = st.overdue(now) if st.starts else (0.0, 0.0)
     up_p = (rates.errors + rates.throttled + overdue + rates.PRIOR_RATE) / (rates.total + overdue + 1.0)
-    up_time = max(st.fail_time.get(1.0), oldest)
+    up_time = st.fail_time.get(1.0)
+    if oldest > up_time:
+        up_time = oldest
     # The gateway's queue in front of it, if capped: a wait, or a failover once it times out.
-    wait, busy_p, busy_time = _queue(st, cfg, mean)
     fail_p = 1.0 - (1.0 - busy_p) * (1.0 - up_p)
     fail_time = ((busy_p * busy_time + (1.0 - busy_p) * up_p * (wait + up_time)) / fail_p
                  if fail_p > 0.0 else 0.0)
-    cost = (cfg.input_cost_per_1k * prompt_bytes / 4.0 + cfg.output_cost_per_1k * out) / 1000.0
-    return Estimate(time=wait + mean, wait=wait, spread=math.sqrt(var), fail_p=fail_p,
-                    fail_time=fail_time, cost=cost, measured=st.latency.observations > 0, impact=impact)
+    cost = ((cfg.input_cost_per_1k * prompt_bytes / 4.0 + cfg.output_cost_per_1k * out) / 1000.0
+            if cfg.input_cost_per_1k or cfg.output_cost_per_1k else 0.0)
+    return Estimate(wait + mean, wait, math.sqrt(var) if var > 0.0 else 0.0, fail_p, fail_time, cost,
+                    model.observations > 0, impact)
+
+
+def predict_time(dep, st: DeploymentState, prompt_bytes: int, max_tokens: int, lengths: OutputLength,
+                 now: float) -> float:
+    """Just the predicted time (queue + duration): all a plan with one candidate needs."""
+    cfg = dep.config
+    st.cap, st.queue_timeout = cfg.max_concurrency, cfg.queue_timeout
+    st.latency.drift(now)
+    mean = max(st.latency.predict(prompt_bytes / KIB, lengths.expect(max_tokens) / 1000.0, st.others())[0], 0.0)
+    return _queue(st, cfg, mean)[0] + mean
 
 
 def like_peers(estimates: dict[str, Estimate]) -> dict[str, Estimate]:
