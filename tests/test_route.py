@@ -378,3 +378,26 @@ def test_single_deployment_plan_is_that_deployment_with_a_prediction():
         serve(r, t, SMALL, float(i), lambda m, f: 1.5)
     plan = r.plan(t, SMALL, 30.0)
     assert names(plan) == ["a"] and plan.predicted["a@a"] == pytest.approx(1.5, rel=0.1)
+
+
+def test_scored_is_deterministic_under_a_seed():
+    rt = runtime("scored")
+    t = rt.targets["g"]
+
+    def run(seed: int) -> list[list[str]]:
+        r = Router(rng=random.Random(seed))
+        rng = random.Random(99)
+        out = []
+        for i in range(200):
+            f = RequestFeatures(rng.choice([512, 8192, 65536]), rng.choice([0, 50, 500]), rng.random() < 0.5)
+            plan = r.plan(t, f, i * 0.3)
+            out.append(names(plan))
+            r.started(plan.order[0], i * 0.3)
+            if rng.random() < 0.1:
+                r.finished(plan.order[0], fail(duration=0.2, features=f), i * 0.3 + 0.2)
+            else:
+                r.finished(plan.order[0], ok(0.1 + f.prompt_bytes / 1e5, f), i * 0.3 + 0.25)
+        return out
+
+    assert run(5) == run(5)
+    assert run(5) != run(6)
