@@ -48,6 +48,16 @@ async def two(nursery, **kw):
 CHAT = {"messages": [{"role": "user", "content": "Return exactly the text: HX-OK"}], "max_tokens": 10}
 
 
+async def last_record(gw, status: int | None = None) -> dict:
+    """The newest access-log record; the line is written just after the last byte is sent."""
+    with trio.fail_after(5):
+        while True:
+            recs = [r for r in gw.log.requests() if status is None or r["status"] == status]
+            if recs:
+                return recs[-1]
+            await trio.sleep(0.01)
+
+
 async def test_chat_through_group_header_sends_upstream_name_and_backend_key(nursery):
     gw, a, b = await two(nursery)
     r = await gw.post("/v1/chat/completions", CHAT, headers={"X-HX-Model-Group": "hx-chat", "X-Request-ID": "abc-1"})
@@ -204,7 +214,7 @@ async def test_stream_relayed_byte_exact_with_usage_stripped(nursery):
     assert events[-1] == b"data: [DONE]"
     assert len(events) == 5 + 1 + 1                        # words + finish + DONE; usage chunk removed
     assert a.requests[-1].json["stream_options"] == {"include_usage": True}
-    rec = gw.log.requests()[-1]
+    rec = await last_record(gw)
     assert rec["stream"] is True and rec["completion_tokens"] == 5 and rec["prompt_tokens"] == 7
 
 
@@ -222,7 +232,7 @@ async def test_no_retry_after_first_byte(nursery):
     with trio.fail_after(10), pytest.raises(httpx.RemoteProtocolError):   # the cut shows as a broken body
         await gw.post("/v1/chat/completions", {**CHAT, "stream": True}, headers={"X-HX-Model-Group": "hx-chat"})
     assert b.requests == []
-    assert gw.log.requests()[-1]["status"] == 502
+    assert (await last_record(gw, 502))["status"] == 502
 
 
 async def test_client_disconnect_cancels_upstream(nursery):
@@ -235,7 +245,7 @@ async def test_client_disconnect_cancels_upstream(nursery):
     with trio.fail_after(5):
         while not a.abandoned:
             await trio.sleep(0.01)
-    rec = gw.log.requests()[-1]
+    rec = await last_record(gw, 499)
     assert rec["status"] == 499 and rec["fault"] == "client"
 
 
@@ -311,7 +321,7 @@ async def test_upstream_first_byte_timeout_is_504(nursery, autojump_clock):
 async def test_access_log_line_fields(nursery):
     gw, a, b = await two(nursery)
     await gw.post("/v1/chat/completions", CHAT, headers={"X-HX-Model-Group": "hx-chat"})
-    rec = gw.log.requests()[-1]
+    rec = await last_record(gw)
     for field in ("time", "request_id", "key", "model", "group", "deployment", "status", "bytes_in",
                   "bytes_out", "total_ms", "upstream_ms", "overhead_ms", "route", "generation"):
         assert field in rec, field

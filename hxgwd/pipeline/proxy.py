@@ -141,7 +141,7 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], transf
             if ex.ttfb is None:
                 ex.ttfb = ttfb_before
             ex.upstream_time += trio.current_time() - began
-            router.finished(dep, outcome, trio.current_time())
+            router.finished(dep, attrs.evolve(outcome, began=began), trio.current_time())
     if last is None:
         raise UpstreamError("No deployment could take the request.", code="no_deployment_available")
     if last.answer is not None:
