@@ -70,6 +70,15 @@ apt_need python3 python3
 if dpkg-query -W -f='${db:Status-Status}' hxgwd 2>/dev/null | grep -qv '^not-installed$'; then
     dpkg_retry dpkg -P hxgwd >/dev/null
 fi
+# The package's paths without the package: someone's data (e.g. hxgwd run as root with the
+# default [database] creates /var/lib/hxgwd). The purge at the end would delete it: refuse.
+for d in /etc/hxgwd /var/lib/hxgwd; do
+    if [ -e "$d" ]; then
+        echo "check-deb: $d exists but hxgwd is not installed; it is not ours to delete." >&2
+        echo "check-deb: move it away (or stop whatever uses it) and run again." >&2
+        trap - EXIT; rm -rf "$WORK"; exit 2
+    fi
+done
 if getent passwd hxgwd >/dev/null; then deluser --quiet --system hxgwd >/dev/null 2>&1; fi
 if getent group hxgwd >/dev/null; then delgroup --quiet --system hxgwd >/dev/null 2>&1; fi
 ! getent passwd hxgwd >/dev/null && ! getent group hxgwd >/dev/null || fail "cannot delete user hxgwd"
@@ -194,6 +203,9 @@ rc=0; wait $PID || rc=$?
 PID=
 [ $rc = 0 ] || { tail -5 "$LOG" >&2; fail "SIGTERM: exit status $rc, want 0"; }
 ok "SIGTERM: exit 0"
+bad=$(find /var/lib/hxgwd ! -user hxgwd | head -3)
+[ -z "$bad" ] || fail "files in /var/lib/hxgwd not owned by hxgwd: $bad"
+ok "/var/lib/hxgwd after the run, all owned by hxgwd: $(cd /var/lib/hxgwd && ls | paste -sd' ')"
 left=$(find /tmp -maxdepth 1 -name '_MEI*' -user hxgwd 2>/dev/null | wc -l)
 [ "$left" = 0 ] || fail "$left onefile unpack dir(s) left in /tmp"
 ok "no /tmp/_MEI* left behind"
