@@ -146,6 +146,8 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")        # RFC 9110 token
+VALUE_RE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")           # no CR, LF or other controls
 
 
 def validate(c: m.Config) -> list[str]:
@@ -211,9 +213,11 @@ def validate(c: m.Config) -> list[str]:
             p.append(f"{path}.echo_dimensions: must be between 1 and 65536")
         if b.echo_delay < 0:
             p.append(f"{path}.echo_delay: must be 0 or more")
-        for h in b.headers:
+        for h, value in b.headers.items():
             if h.lower() in ("host", "content-length", "transfer-encoding", "connection", "authorization"):
                 p.append(f"{path}.headers.{h}: set by the gateway, cannot be overridden")
+            elif not TOKEN_RE.match(h) or not VALUE_RE.match(value):
+                p.append(f"{path}.headers.{h}: not a valid HTTP header name and value")
         if b.timeouts is not None:
             p.extend(_check_timeouts(b.timeouts, f"{path}.timeouts"))
 

@@ -109,7 +109,7 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], transf
         ex.ttfb = None
         outcome = Outcome(ok=False, status=0, ttfb=0.0, duration=0.0, features=features)
         try:
-            with trio.move_on_at(settings.deadline) as overall:
+            with trio.CancelScope(deadline=settings.deadline) as overall:
                 gate = gates.get(dep)
                 if gate is None:
                     outcome = await _attempt(ex, dep, calls, transports, settings, response, features)
@@ -203,27 +203,28 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
 
 
 async def _read(up: UpstreamResponse, limit: int, between_chunks: float, tolerate: bool = False) -> bytes:
+    """The whole body, each piece within `between_chunks` of the last (one scope, moved along)."""
     parts, size = [], 0
     try:
-        while True:
-            with trio.fail_after(between_chunks):
+        with trio.CancelScope(deadline=trio.current_time() + between_chunks) as scope:
+            while True:
                 chunk = await up.receive()
-            if not chunk:
-                return b"".join(parts)
-            size += len(chunk)
-            if size > limit:
-                if tolerate:
+                if not chunk:
                     return b"".join(parts)
-                raise UpstreamError("The upstream answer is larger than the gateway accepts.")
-            parts.append(chunk)
-    except trio.TooSlowError:
-        if tolerate:
-            return b"".join(parts)
-        raise UpstreamTimeout("The upstream stopped sending mid-answer.", code="upstream_read_timeout") from None
+                size += len(chunk)
+                if size > limit:
+                    if tolerate:
+                        return b"".join(parts)
+                    raise UpstreamError("The upstream answer is larger than the gateway accepts.")
+                parts.append(chunk)
+                scope.deadline = trio.current_time() + between_chunks
     except UpstreamError:
         if tolerate:
             return b"".join(parts)
         raise
+    if tolerate:
+        return b"".join(parts)
+    raise UpstreamTimeout("The upstream stopped sending mid-answer.", code="upstream_read_timeout")
 
 
 async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan, up: UpstreamResponse,
@@ -236,8 +237,10 @@ async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan
     await response.start(200, headers)
     try:
         while True:
-            with trio.fail_after(between_chunks):
+            with trio.CancelScope(deadline=trio.current_time() + between_chunks) as scope:
                 chunk = await up.receive()
+            if scope.cancelled_caught:
+                raise UpstreamTimeout("The upstream stream stalled.", code="upstream_read_timeout")
             if not chunk:
                 break
             out = relay.feed(chunk)
@@ -249,8 +252,6 @@ async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan
             ex.bytes_out += len(rest)
             await response.send(rest)
         await response.end()
-    except trio.TooSlowError:
-        raise UpstreamTimeout("The upstream stream stalled.", code="upstream_read_timeout") from None
     finally:
         ex.usage = relay.usage
 

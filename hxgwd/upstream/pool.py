@@ -19,6 +19,7 @@ import h11
 import trio
 
 from hxgwd.config.model import Timeouts
+from hxgwd.pipeline.parse import splice_headers
 from hxgwd.errors import Unavailable, UpstreamError, UpstreamTimeout
 from hxgwd.runtime import Origin
 from hxgwd.upstream import Headers, UpstreamRequest
@@ -104,10 +105,13 @@ class Pool:
 
     async def request(self, req: UpstreamRequest, timeouts: Timeouts) -> PooledResponse:
         """Send `req` and wait for the response head; the caller must `aclose()` the response."""
-        with trio.move_on_after(timeouts.pool) as wait:
-            await self._slots.acquire()
-        if wait.cancelled_caught:
-            raise Unavailable("The backend's connection limit is reached.", code="upstream_pool_full")
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            with trio.CancelScope(deadline=trio.current_time() + timeouts.pool) as wait:
+                await self._slots.acquire()
+            if wait.cancelled_caught:
+                raise Unavailable("The backend's connection limit is reached.", code="upstream_pool_full") from None
         self.in_flight += 1
         try:
             conn = self._take_idle()
@@ -124,14 +128,15 @@ class Pool:
             raise
 
     async def _exchange(self, conn: _Conn, req: UpstreamRequest, timeout: float, reused: bool) -> PooledResponse:
-        headers = [(b"host", self.origin.host_header), (b"content-length", str(len(req.body)).encode()),
-                   *req.headers]
+        # h11 frames the request (host, length); the other headers were validated where they came
+        # from (the client's request by h11, ours at config load) and are spliced in as they are
+        framing = [(b"host", self.origin.host_header), (b"content-length", str(len(req.body)).encode())]
         try:
-            with trio.fail_after(timeout):
-                data = conn.h11.send(h11.Request(method=req.method, target=req.path, headers=headers))
-                if req.body:
-                    data += conn.h11.send(h11.Data(data=req.body))
-                data += conn.h11.send(h11.EndOfMessage())
+            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+                head = conn.h11.send(h11.Request(method=req.method, target=req.path, headers=framing))
+                data = b"".join((splice_headers(head, req.headers),
+                                 conn.h11.send(h11.Data(data=req.body)) if req.body else b"",
+                                 conn.h11.send(h11.EndOfMessage())))
                 try:
                     await conn.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -139,12 +144,12 @@ class Pool:
                         raise _StaleConnection() from None
                     raise UpstreamError("The upstream connection broke while sending.") from None
                 event = await conn.receive()
-        except trio.TooSlowError:
-            _close_now(conn)
-            raise UpstreamTimeout("The upstream did not answer in time.", code="upstream_first_byte_timeout") from None
         except BaseException:
             _close_now(conn)
             raise
+        if scope.cancelled_caught:
+            _close_now(conn)
+            raise UpstreamTimeout("The upstream did not answer in time.", code="upstream_first_byte_timeout")
         if type(event) is h11.Response:
             return PooledResponse(self, conn, event.status_code, list(event.headers))
         _close_now(conn)
