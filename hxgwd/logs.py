@@ -24,6 +24,7 @@ class Logger:
         self.level = LEVELS[level]
         self.access_log = access_log
         self.write_errors = 0
+        self._stamp = _Stamps()
 
     def configure(self, level: str, access_log: bool) -> None:
         self.level = LEVELS[level]
@@ -32,7 +33,7 @@ class Logger:
     def event(self, level: str, msg: str, **fields: Any) -> None:
         if LEVELS[level] < self.level:
             return
-        self._write({"time": _now(), "level": level, "msg": msg, **fields})
+        self._write({"time": self._stamp(time.time()), "level": level, "msg": msg, **fields})
 
     def info(self, msg: str, **fields: Any) -> None:
         self.event("info", msg, **fields)
@@ -50,7 +51,7 @@ class Logger:
 
     def access(self, record: RequestRecord) -> None:
         if self.access_log:
-            self._write({"time": _stamp(record.ts), "level": "info", "msg": "request", **record.log_fields()})
+            self._write({"time": self._stamp(record.ts), "level": "info", "msg": "request", **record.log_fields()})
 
     def _write(self, fields: dict[str, Any]) -> None:
         try:
@@ -60,12 +61,19 @@ class Logger:
             self.write_errors += 1   # a closed or full stderr must not take requests down
 
 
-def _now() -> str:
-    return _stamp(time.time())
+class _Stamps:
+    """ISO times for log lines; strftime once a second, not once a line."""
 
+    __slots__ = ("_whole", "_text")
 
-def _stamp(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+    def __init__(self) -> None:
+        self._whole, self._text = -1, ""
+
+    def __call__(self, ts: float) -> str:
+        whole = int(ts)
+        if whole != self._whole:
+            self._whole, self._text = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        return f"{self._text}.{int((ts - whole) * 1000):03d}Z"
 
 
 def stderr_is_journal() -> bool:

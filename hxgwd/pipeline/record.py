@@ -68,5 +68,9 @@ def usage_tokens(usage: dict[str, int] | None) -> dict[str, int | None]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
 
 
+# One encoder for the process: json.dumps with options builds a new encoder on every call.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
 def log_line(fields: dict[str, Any]) -> bytes:
-    return json.dumps(fields, separators=(",", ":"), default=str).encode() + b"\n"
+    return _ENCODE(fields).encode() + b"\n"

@@ -220,5 +220,8 @@ class SseRelay:
         return not (self._strip_usage and not doc.get("choices"))
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode   # built once, not per call
+
+
 def _dumps(doc: Any) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    return _ENCODE(doc).encode()

@@ -23,6 +23,7 @@ from hxgwd.config.model import Timeouts
 from hxgwd.upstream import Headers, UpstreamRequest
 
 JSON = [(b"content-type", b"application/json")]
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
@@ -170,11 +171,11 @@ def _limit(words: list[str], body: dict[str, Any]) -> tuple[list[str], str]:
 
 
 def _json(status: int, doc: dict[str, Any]) -> EchoResponse:
-    return EchoResponse(status, list(JSON), [json.dumps(doc, separators=(",", ":")).encode()])
+    return EchoResponse(status, list(JSON), [_ENCODE(doc).encode()])
 
 
 def _sse(events: list[dict[str, Any]]) -> EchoResponse:
-    chunks = [b"data: " + json.dumps(e, separators=(",", ":")).encode() + b"\n\n" for e in events]
+    chunks = [b"data: " + _ENCODE(e).encode() + b"\n\n" for e in events]
     chunks.append(b"data: [DONE]\n\n")
     return EchoResponse(200, list(SSE), chunks, pace=True)
 
