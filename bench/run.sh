@@ -17,6 +17,8 @@
 #   --cases-main LIST       cases of the main part (default chat,embeddings; add models if wanted)
 #   --litellm               also measure LiteLLM (installs it with setup.sh litellm if missing)
 #   --no-nginx              leave the nginx reverse proxy out
+#   --no-store              run hxgwd with the usage store off ([database] url = ""); by default it
+#                           is on, SQLite in OUT/state/ (never the system default /var/lib/hxgwd)
 #   --floor                 also measure bench/floor.py in the main part: a bare trio + h11
 #                           pass-through (no auth/routing/logging/timeouts), i.e. the floor of
 #                           what any trio + h11 gateway costs on this box (port HXGWD_FLOOR_PORT, 4011)
@@ -48,7 +50,7 @@ SHARED="$(cd "$SHARED" && pwd)"
 
 MODE=full ROUNDS="" DURATION="" WARMUP="" CONNS=64
 PARTS="main stream delay" CASES_MAIN="chat,embeddings"
-LITELLM=0 NGINX_PROXY=1 FLOOR=0 PROFILE=0 PROFILE_ONLY=0 PROFILE_SECS=20 OUT="" SETUP=0 REV=""
+LITELLM=0 NGINX_PROXY=1 STORE=1 FLOOR=0 PROFILE=0 PROFILE_ONLY=0 PROFILE_SECS=20 OUT="" SETUP=0 REV=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) MODE=quick ;;
@@ -62,12 +64,13 @@ while [[ $# -gt 0 ]]; do
     --litellm) LITELLM=1 ;;
     --no-nginx) NGINX_PROXY=0 ;;
     --floor) FLOOR=1 ;;
+    --no-store) STORE=0 ;;
     --profile) PROFILE=1; if [[ "${2:-}" =~ ^[0-9]+$ ]]; then PROFILE_SECS="$2"; shift; fi ;;
     --profile-only) PROFILE=1; PROFILE_ONLY=1; PARTS="" ;;
     --out) OUT="$2"; shift ;;
     --setup) SETUP=1 ;;
     --rev) REV="$2"; shift ;;
-    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -166,6 +169,17 @@ CONF="$OUT/gateway.toml"
 sed -e "s/127\.0\.0\.1:4010/127.0.0.1:$PORT/" \
     -e "s/127\.0\.0\.1:18080/127.0.0.1:$UP/; s/127\.0\.0\.1:18081/127.0.0.1:$PYP/; s/127\.0\.0\.1:18082/127.0.0.1:$PYD/" \
     "$CONFIG_SRC" >"$CONF"
+if [[ $STORE == 1 ]]; then
+  mkdir -p "$OUT/state"
+  DBURL="sqlite:///$OUT/state/hxgwd.db"
+else
+  DBURL=""
+fi
+if grep -q '^\[database\]' "$CONF"; then
+  sed -i "/^\[database\]/,/^\[/ s|^url = .*|url = \"$DBURL\"|" "$CONF"
+else
+  printf '\n[database]\nurl = "%s"\n' "$DBURL" >>"$CONF"
+fi
 chmod 600 "$CONF"
 HXLOG="$OUT/hxgwd.log"
 ( cd "$SRC" && exec env PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m hxgwd -c "$CONF" ) 2>"$HXLOG" </dev/null &
@@ -201,6 +215,7 @@ fi
   echo "python (hxgwd): $("$PY" --version 2>&1 | cut -d' ' -f2); trio $("$PY" -c 'import trio; print(trio.__version__)'); h11 $("$PY" -c 'import h11; print(h11.__version__)')"
   echo "nginx: $(nginx -v 2>&1 | cut -d/ -f2); wrk: $(dpkg-query -W -f='${Version}' wrk 2>/dev/null)"
   echo "loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "hxgwd usage store: ${DBURL:-off}"
   echo "hxgwd RSS after start: $((RSS_START / 1024)) MiB"
 } | tee "$OUT/facts.txt" >&2
 
