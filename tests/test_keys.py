@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
 import textwrap
 import time
 
+import pytest
 import trio
 
 from hxgwd.runtime import Principal
@@ -190,3 +192,21 @@ async def test_key_cache_on_sqlite_sees_keys_made_by_another_process(tmp_path):
         nursery.cancel_scope.cancel()
     await writer.aclose()
     await reader.aclose()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_store_commands_as_root_refuse_a_state_dir_owned_by_the_daemon_user(tmp_path):
+    import pwd
+    import subprocess
+    import sys
+
+    state = tmp_path / "state"
+    state.mkdir()
+    nobody = pwd.getpwnam("nobody")
+    os.chown(state, nobody.pw_uid, nobody.pw_gid)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[database]\nurl = "sqlite:///{state}/hxgwd.db"\n')
+    out = subprocess.run([sys.executable, "-m", "hxgwd", "keys", "list", "-c", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "runuser -u nobody" in out.stderr
+    assert not (state / "hxgwd.db").exists()

@@ -82,6 +82,11 @@ def run(args: argparse.Namespace, config_path: str) -> int:
     if not config.database.url:
         _err(f"{config_path}: the database is disabled ([database] url is empty)")
         return 1
+    owner = _foreign_state_owner(config.database)
+    if owner is not None:
+        _err(f"the state directory belongs to {owner!r}: files made by root would lock the daemon out; "
+             f"run this as that user: runuser -u {owner} -- hxgwd {' '.join(sys.argv[1:])}")
+        return 1
 
     import trio
 
@@ -254,6 +259,27 @@ async def _usage(args: argparse.Namespace, store) -> int:
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+
+def _foreign_state_owner(database) -> str | None:
+    """As root, the name of the user owning the SQLite file's directory if that is not root."""
+    import os
+    import pwd
+
+    from hxgwd.store import sqlite_path
+
+    if os.geteuid() != 0 or not database.url.startswith("sqlite:"):
+        return None
+    try:
+        uid = os.stat(os.path.dirname(os.path.abspath(sqlite_path(database.url)))).st_uid
+    except OSError:
+        return None
+    if uid == 0:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
 
 def parse_when(text: str, now: float, future: bool = False) -> float:
     """A point in time as unix seconds: "now", an age ("7d": 7 days ago; with future=True, 7 days
