@@ -44,8 +44,18 @@ class Transport(Protocol):
 class Transports:
     def __init__(self) -> None:
         self._by_key: dict[tuple, Transport] = {}
+        # per snapshot object: the hot path looks a backend up by identity, not by its settings
+        self._by_backend: dict[int, tuple[object, Transport]] = {}
 
     def get(self, backend) -> Transport:   # backend: runtime.BackendRuntime
+        hit = self._by_backend.get(id(backend))
+        if hit is not None and hit[0] is backend:
+            return hit[1]
+        transport = self._lookup(backend)
+        self._by_backend[id(backend)] = (backend, transport)
+        return transport
+
+    def _lookup(self, backend) -> Transport:
         from hxgwd.upstream.echo import EchoBackend
         from hxgwd.upstream.pool import Pool
 
@@ -74,6 +84,8 @@ class Transports:
 
     def retain(self, backends) -> None:
         """After a reload: forget transports no current backend uses, once they are idle."""
+        backends = list(backends)
+        self._by_backend = {id(b): (b, self._lookup(b)) for b in backends}
         live = {id(self.get(b)) for b in backends}
         for key, transport in list(self._by_key.items()):
             if id(transport) not in live and getattr(transport, "in_flight", 0) == 0:
