@@ -32,6 +32,7 @@ class Reply:
     delay: float = 0.0
     retry_after: float | None = None
     headers: list[tuple[str, str]] = attrs.field(factory=list)
+    close_after: bool = False        # close the connection after answering, without saying so
 
 
 @attrs.define
@@ -40,6 +41,7 @@ class Stream:
     delay: float = 0.0               # between chunks
     first_delay: float = 0.0         # before the response head
     reset_after: int | None = None   # chunks sent before the connection is reset
+    pad: int = 0                     # extra bytes of padding in each chunk
 
 
 @attrs.define
@@ -75,6 +77,7 @@ class FakeUpstream:
         self._nursery: trio.Nursery | None = None
         self.connections = 0
         self.abandoned = 0               # hung requests whose caller closed the connection
+        self.chunks_sent = 0             # stream chunks the socket accepted
         self._open: set[trio.SocketStream] = set()
         self.in_flight = 0
         self.max_in_flight = 0
@@ -178,7 +181,7 @@ class FakeUpstream:
             if reply.retry_after is not None:
                 extra.append((b"retry-after", str(reply.retry_after).encode()))
             await _send(stream, conn, status, payload, extra)
-            return True
+            return not reply.close_after
         finally:
             self.in_flight -= 1
 
@@ -223,7 +226,8 @@ class FakeUpstream:
             await trio.sleep(action.first_delay)
         await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
             (b"content-type", b"text/event-stream"), (b"transfer-encoding", b"chunked")])))
-        chunks = [{"choices": [{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}]}
+        chunks = [{"choices": [{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}],
+                   **({"pad": "x" * action.pad} if action.pad else {})}
                   for i in range(action.words)]
         chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         if (doc.get("stream_options") or {}).get("include_usage"):
@@ -237,6 +241,7 @@ class FakeUpstream:
                 await trio.sleep(action.delay)
             event = b"data: " + json.dumps({"object": "chat.completion.chunk", **chunk}).encode() + b"\n\n"
             await stream.send_all(conn.send(h11.Data(data=event)))
+            self.chunks_sent += 1
         await stream.send_all(conn.send(h11.Data(data=b"data: [DONE]\n\n")) + conn.send(h11.EndOfMessage()))
         return True
 

@@ -416,3 +416,67 @@ async def test_readyz_follows_active_probes(nursery, autojump_clock):
     with trio.fail_after(60):
         while (await gw.client.get("/readyz")).status_code != 200:
             await trio.sleep(0.5)
+
+
+async def test_completions_endpoint(nursery):
+    gw, a, b = await two(nursery)
+    r = await gw.post("/v1/completions", {"model": "m-a", "prompt": "Return exactly the text: HX-OK"})
+    assert r.status_code == 200 and a.requests[-1].path == "/v1/completions"
+    assert a.requests[-1].json["model"] == "real-a"
+
+
+async def test_pooled_connection_closed_by_upstream_is_resent_once(nursery):
+    gw, a, b = await two(nursery)
+    a.script(Reply(close_after=True))          # answers, then drops the kept-alive connection
+    for _ in range(2):
+        r = await gw.post("/v1/chat/completions", {**CHAT, "model": "m-a"})
+        assert r.status_code == 200 and "attempts=1" in r.headers["x-hx-route"]
+    assert a.connections == 2 and len(a.requests) == 2 and b.requests == []
+
+
+async def test_stalled_stream_is_cut_after_between_chunks(nursery, autojump_clock):
+    up = FakeUpstream()
+    await nursery.start(up.serve)
+    gw = await start_gateway(nursery, gateway_config(f"""
+        [[backends]]
+        name = "u"
+        url = "{up.url}"
+        timeouts = {{ between_chunks = 5.0 }}
+        [[models]]
+        name = "m"
+        backend = "u"
+    """))
+    up.script(Stream(words=5, delay=30))
+    with pytest.raises(httpx.RemoteProtocolError):
+        await gw.post("/v1/chat/completions", {**CHAT, "model": "m", "stream": True})
+    rec = await last_record(gw, 504)
+    assert rec["error_type"] == "upstream_error"
+
+
+async def test_slow_client_slows_its_upstream_read(nursery):
+    up = FakeUpstream()
+    await nursery.start(up.serve)
+    gw = await start_gateway(nursery, gateway_config(f"""
+        [[backends]]
+        name = "u"
+        url = "{up.url}"
+        [[models]]
+        name = "m"
+        backend = "u"
+    """))
+    up.script(Stream(words=2000, pad=16384))   # ~32 MB of events
+    stream = await trio.open_tcp_stream("127.0.0.1", int(gw.url.rsplit(":", 1)[1]))
+    body = json.dumps({**CHAT, "model": "m", "stream": True}).encode()
+    await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-hx-dev-1234\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    await stream.receive_some(1000)             # the head arrived; now the client stops reading
+    await trio.sleep(1.0)
+    sent_while_stalled = up.chunks_sent
+    assert sent_while_stalled < 400             # socket buffers only: the gateway does not hoard it
+    await trio.sleep(0.5)
+    assert up.chunks_sent - sent_while_stalled < 20
+    await stream.aclose()                        # hanging up ends the upstream read at once
+    with trio.fail_after(5):
+        while not gw.log.requests():
+            await trio.sleep(0.02)
+    assert gw.log.requests()[-1]["status"] == 499

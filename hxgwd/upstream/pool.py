@@ -32,12 +32,13 @@ class _StaleConnection(Exception):
 
 
 class _Conn:
-    __slots__ = ("stream", "h11", "idle_since")
+    __slots__ = ("stream", "h11", "idle_since", "heard")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=65536)
         self.idle_since = 0.0
+        self.heard = False        # any byte received for the current request
 
     async def receive(self) -> Any:
         while True:
@@ -51,6 +52,7 @@ class _Conn:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""
+            self.heard = self.heard or bool(data)
             self.h11.receive_data(data)
 
 
@@ -137,13 +139,20 @@ class Pool:
                 data = b"".join((splice_headers(head, req.headers),
                                  conn.h11.send(h11.Data(data=req.body)) if req.body else b"",
                                  conn.h11.send(h11.EndOfMessage())))
+                conn.heard = False
                 try:
                     await conn.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     if reused:
                         raise _StaleConnection() from None
                     raise UpstreamError("The upstream connection broke while sending.") from None
-                event = await conn.receive()
+                try:
+                    event = await conn.receive()
+                except UpstreamError:
+                    # closed while idle in the pool, and only noticed now: nothing was processed
+                    if reused and not conn.heard:
+                        raise _StaleConnection() from None
+                    raise
         except BaseException:
             _close_now(conn)
             raise
