@@ -174,3 +174,47 @@ async def test_daemon_refuses_unmigrated_postgres_with_exit_78(nursery, tmp_path
     assert await daemon.wait() == 78
     line = await daemon.wait_for("cannot start: database schema")
     assert "hxgwd db migrate" in line["error"]
+
+
+async def test_revocation_across_two_gateway_processes(nursery, tmp_path, new_pg_url, redis_server, upstream):  # noqa: F811
+    import subprocess
+    import sys
+
+    from tests.daemon import DaemonProcess
+
+    url = new_pg_url()
+    base = gateway_config(backends(upstream), f'[redis]\nurl = "{redis_server.url}"\n', database=url)
+    configs = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(spooled(base, tmp_path / f"spool-{name}"))
+        configs.append(str(path))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "hxgwd", *args, "-c", configs[0]],
+                              capture_output=True, text=True, timeout=60)
+
+    assert cli("db", "migrate").returncode == 0
+    daemons = [DaemonProcess(c) for c in configs]
+    for daemon in daemons:
+        await daemon.start(nursery)
+    try:
+        created = cli("keys", "create", "--name", "team-x", "--rpm", "4")
+        assert created.returncode == 0, created.stderr
+        key = created.stdout.strip().splitlines()[0]
+        h = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(timeout=10) as client:
+            for daemon in daemons:             # both hosts pick the new key up within key_refresh
+                with trio.fail_after(10):
+                    while (await client.get(daemon.url + "/v1/models", headers=h)).status_code != 200:
+                        await trio.sleep(0.05)
+            codes = [(await client.get(d.url + "/v1/models", headers=h)).status_code for d in daemons * 2]
+            assert codes.count(429) >= 2           # 2 + 4 requests against rpm 4, shared through Redis
+            assert cli("keys", "revoke", "team-x").returncode == 0
+            for daemon in daemons:             # and the revocation, within key_refresh
+                with trio.fail_after(10):
+                    while (await client.get(daemon.url + "/v1/models", headers=h)).status_code != 401:
+                        await trio.sleep(0.05)
+    finally:
+        for daemon in daemons:
+            daemon.kill()
