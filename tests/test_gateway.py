@@ -37,6 +37,25 @@ def two_backends(a: FakeUpstream, b: FakeUpstream, strategy: str = "priority", e
     """, extra)
 
 
+async def single(nursery, backend_extra: str = "", model_extra: str = "", key_extra: str = "",
+                 environ: dict | None = None):
+    """The gateway in front of one fresh upstream: backend "u", model "m"."""
+    up = FakeUpstream()
+    await nursery.start(up.serve)
+    config = gateway_config(f"""
+        {key_extra}
+        [[backends]]
+        name = "u"
+        url = "{up.url}"
+        {backend_extra}
+        [[models]]
+        name = "m"
+        backend = "u"
+        {model_extra}
+    """)
+    return await start_gateway(nursery, config, environ=environ), up
+
+
 async def two(nursery, **kw):
     a, b = FakeUpstream(name="a"), FakeUpstream(name="b")
     await nursery.start(a.serve)
@@ -302,17 +321,7 @@ async def test_chat_model_on_embeddings_endpoint_is_400(nursery):
 
 
 async def test_upstream_first_byte_timeout_is_504(nursery, autojump_clock):
-    up = FakeUpstream()
-    await nursery.start(up.serve)
-    gw = await start_gateway(nursery, gateway_config(f"""
-        [[backends]]
-        name = "slow"
-        url = "{up.url}"
-        timeouts = {{ first_byte = 2.0 }}
-        [[models]]
-        name = "m"
-        backend = "slow"
-    """))
+    gw, up = await single(nursery, backend_extra="""timeouts = { first_byte = 2.0 }""")
     up.script(Hang())
     r = await gw.post("/v1/chat/completions", {**CHAT, "model": "m"})
     assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_first_byte_timeout"
@@ -392,18 +401,8 @@ async def test_rpm_limit_is_429_with_retry_after_and_cost_recorded(nursery):
 
 
 async def test_readyz_follows_active_probes(nursery, autojump_clock):
-    up = FakeUpstream()
-    await nursery.start(up.serve)
-    gw = await start_gateway(nursery, gateway_config(f"""
-        [[backends]]
-        name = "u"
-        url = "{up.url}"
-        probe_path = "/v1/models"
-        probe_interval = 1.0
-        [[models]]
-        name = "m"
-        backend = "u"
-    """))
+    gw, up = await single(nursery, backend_extra="""probe_path = "/v1/models"
+        probe_interval = 1.0""")
     assert (await gw.client.get("/readyz")).status_code == 200
     await up.refuse()
     with trio.fail_after(60):
@@ -435,17 +434,7 @@ async def test_pooled_connection_closed_by_upstream_is_resent_once(nursery):
 
 
 async def test_stalled_stream_is_cut_after_between_chunks(nursery, autojump_clock):
-    up = FakeUpstream()
-    await nursery.start(up.serve)
-    gw = await start_gateway(nursery, gateway_config(f"""
-        [[backends]]
-        name = "u"
-        url = "{up.url}"
-        timeouts = {{ between_chunks = 5.0 }}
-        [[models]]
-        name = "m"
-        backend = "u"
-    """))
+    gw, up = await single(nursery, backend_extra="""timeouts = { between_chunks = 5.0 }""")
     up.script(Stream(words=5, delay=30))
     with pytest.raises(httpx.RemoteProtocolError):
         await gw.post("/v1/chat/completions", {**CHAT, "model": "m", "stream": True})
@@ -454,16 +443,7 @@ async def test_stalled_stream_is_cut_after_between_chunks(nursery, autojump_cloc
 
 
 async def test_slow_client_slows_its_upstream_read(nursery):
-    up = FakeUpstream()
-    await nursery.start(up.serve)
-    gw = await start_gateway(nursery, gateway_config(f"""
-        [[backends]]
-        name = "u"
-        url = "{up.url}"
-        [[models]]
-        name = "m"
-        backend = "u"
-    """))
+    gw, up = await single(nursery)
     up.script(Stream(words=2000, pad=16384))   # ~32 MB of events
     stream = await trio.open_tcp_stream("127.0.0.1", int(gw.url.rsplit(":", 1)[1]))
     body = json.dumps({**CHAT, "model": "m", "stream": True}).encode()
