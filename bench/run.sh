@@ -19,6 +19,9 @@
 #   --no-nginx              leave the nginx reverse proxy out
 #   --no-store              run hxgwd with the usage store off ([database] url = ""); by default it
 #                           is on, SQLite in OUT/state/ (never the system default /var/lib/hxgwd)
+#   --also-no-store         A/B: also start a second hxgwd with the store off (port
+#                           HXGWD_BENCH_PORT2, 4012) and measure it as target hxgwd-nostore in
+#                           the same rounds (main, delay), so the store's cost is not lost in drift
 #   --floor                 also measure bench/floor.py in the main part: a bare trio + h11
 #                           pass-through (no auth/routing/logging/timeouts), i.e. the floor of
 #                           what any trio + h11 gateway costs on this box (port HXGWD_FLOOR_PORT, 4011)
@@ -26,6 +29,7 @@
 #                           hxgwd for SECONDS (default 20) while wrk loads chat at --conns;
 #                           writes profile.svg, profile.txt (collapsed stacks), hotspots.md
 #   --out DIR               results directory (default ${TMPDIR:-/tmp}/hxgwd-bench/<stamp>-<mode>)
+#   (ports: if any default port is taken, all of them move up by 100, 200, ...; BENCH_PORT_OFFSET=N forces N)
 #   --setup                 run setup.sh tools even if nginx and wrk are present
 #   --rev REV               measure hxgwd as committed at REV (git archive into OUT/src), not the
 #                           working tree: others' uncommitted edits then cannot change the code
@@ -37,8 +41,8 @@
 # ${TMPDIR:-/tmp}/hxbench-hxgwd, separate from the shared default so that other users' servers are
 # never stopped), and the port variables of servers.sh.
 #
-# Servers already answering on their port (started by someone else) are reused and left running;
-# everything this script starts (upstreams, proxy, hxgwd) is stopped at exit, by pid.
+# Servers of another session are never used: if a default port is taken, the whole port set moves
+# (see above). Everything this script starts (upstreams, proxy, hxgwd, floor) is stopped at exit, by pid.
 # Every load run is bounded by --duration (and each run.py call by `timeout`).
 set -euo pipefail
 
@@ -50,7 +54,7 @@ SHARED="$(cd "$SHARED" && pwd)"
 
 MODE=full ROUNDS="" DURATION="" WARMUP="" CONNS=64
 PARTS="main stream delay" CASES_MAIN="chat,embeddings"
-LITELLM=0 NGINX_PROXY=1 STORE=1 FLOOR=0 PROFILE=0 PROFILE_ONLY=0 PROFILE_SECS=20 OUT="" SETUP=0 REV=""
+LITELLM=0 NGINX_PROXY=1 STORE=1 AB_NOSTORE=0 FLOOR=0 PROFILE=0 PROFILE_ONLY=0 PROFILE_SECS=20 OUT="" SETUP=0 REV=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) MODE=quick ;;
@@ -65,12 +69,13 @@ while [[ $# -gt 0 ]]; do
     --no-nginx) NGINX_PROXY=0 ;;
     --floor) FLOOR=1 ;;
     --no-store) STORE=0 ;;
+    --also-no-store) AB_NOSTORE=1 ;;
     --profile) PROFILE=1; if [[ "${2:-}" =~ ^[0-9]+$ ]]; then PROFILE_SECS="$2"; shift; fi ;;
     --profile-only) PROFILE=1; PROFILE_ONLY=1; PARTS="" ;;
     --out) OUT="$2"; shift ;;
     --setup) SETUP=1 ;;
     --rev) REV="$2"; shift ;;
-    -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,46p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -83,8 +88,29 @@ fi
 
 PY="${HXGWD_PYTHON:-$REPO/.venv/bin/python}"
 [[ -x "$PY" ]] || PY="$(command -v python3)"
-PORT="${HXGWD_BENCH_PORT:-4010}"
-FLOOR_PORT="${HXGWD_FLOOR_PORT:-4011}"
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# Ports: the defaults (upstreams 18080-18082, proxy 18090-18092, hxgwd 4010-4012) unless one of
+# them is taken (another session's servers), then the whole set moves up by 100, 200, ... We never
+# lean on servers someone else started: they may be stopped halfway through our run.
+OFFSET="${BENCH_PORT_OFFSET:-auto}"
+if [[ $OFFSET == auto ]]; then
+  for off in 0 100 200 300 400 500; do
+    free=1
+    for p in 18080 18081 18082 18090 18091 18092 18400 4010 4011 4012; do
+      if port_busy $((p + off)); then free=0; break; fi
+    done
+    if [[ $free == 1 ]]; then OFFSET=$off; break; fi
+  done
+  [[ $OFFSET != auto ]] || { echo "no free port set (offsets 0-500 tried); set BENCH_PORT_OFFSET" >&2; exit 1; }
+fi
+PORT="${HXGWD_BENCH_PORT:-$((4010 + OFFSET))}"
+FLOOR_PORT="${HXGWD_FLOOR_PORT:-$((4011 + OFFSET))}"
+PORT2="${HXGWD_BENCH_PORT2:-$((4012 + OFFSET))}"
+export BENCH_UPSTREAM_PORT="${BENCH_UPSTREAM_PORT:-$((18080 + OFFSET))}"
+export BENCH_PYUP_PORT="${BENCH_PYUP_PORT:-$((18081 + OFFSET))}"
+export BENCH_PYUP_DELAY_PORT="${BENCH_PYUP_DELAY_PORT:-$((18082 + OFFSET))}"
+export BENCH_PROXY_PORT="${BENCH_PROXY_PORT:-$((18090 + OFFSET))}"
+export BENCH_LITELLM_PORT="${BENCH_LITELLM_PORT:-$((18400 + OFFSET))}"
 KEY="${HXGWD_BENCH_KEY:-sk-hx-bench}"
 CONFIG_SRC="${HXGWD_CONFIG:-$HERE/gateway.toml}"
 export BENCH_RUN_DIR="${BENCH_RUN_DIR:-${TMPDIR:-/tmp}/hxbench-hxgwd}"
@@ -117,9 +143,15 @@ fi
 PYSPY="$(dirname "$PY")/py-spy"; [[ -x "$PYSPY" ]] || PYSPY="$(command -v py-spy || true)"
 
 # --- cleanup: only what we started, by pid ----------------------------------------------------------
-STARTED=() HX_PID="" FLOOR_PID=""
+STARTED=() HX_PID="" HX2_PID="" FLOOR_PID=""
 cleanup() {
   local rc=$?
+  if [[ -n "$HX2_PID" ]] && kill -0 "$HX2_PID" 2>/dev/null; then
+    kill -TERM "$HX2_PID" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$HX2_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$HX2_PID" 2>/dev/null && kill -KILL "$HX2_PID" 2>/dev/null || true
+    log "hxgwd-nostore stopped (pid $HX2_PID)"
+  fi
   if [[ -n "$FLOOR_PID" ]] && kill -0 "$FLOOR_PID" 2>/dev/null; then
     kill -TERM "$FLOOR_PID" 2>/dev/null || true; wait "$FLOOR_PID" 2>/dev/null || true
     log "floor stopped (pid $FLOOR_PID)"
@@ -136,18 +168,18 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-# PROC[c]: run.py process option for component c (empty if reused from elsewhere: no CPU column)
+# PROC[c]: run.py process option for component c
 declare -A PROC
 start_component() {
   local c="$1" port="$2"
   if bash "$SERVERS" status | grep -q "^$c: running"; then
-    PROC[$c]=";proc=$c"; log "$c: already running in $BENCH_RUN_DIR, reusing"; return
+    if port_busy "$port"; then
+      PROC[$c]=";proc=$c"; log "$c: already running in $BENCH_RUN_DIR on $port, reusing (left running)"; return
+    fi
+    log "$c: a leftover in $BENCH_RUN_DIR on other ports (an interrupted run?); stopping it"
+    bash "$SERVERS" stop "$c" >&2
   fi
-  if port_busy "$port"; then
-    PROC[$c]=""; log "$c: port $port is served by another process; reusing it (no CPU column, left running)"
-    return
-  fi
+  if port_busy "$port"; then echo "$c: port $port is taken by another process (set BENCH_PORT_OFFSET)" >&2; exit 1; fi
   bash "$SERVERS" start "$c" >&2
   STARTED+=("$c"); PROC[$c]=";proc=$c"
 }
@@ -196,6 +228,22 @@ hwm_kb() { awk '/^VmHWM:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 RSS_START=$(rss_kb "$HX_PID")
 log "hxgwd pid $HX_PID on 127.0.0.1:$PORT ($("$PY" -c 'import sys; print(sys.version.split()[0])'), log $HXLOG), RSS $((RSS_START / 1024)) MiB"
 
+if [[ $AB_NOSTORE == 1 ]]; then
+  if port_busy "$PORT2"; then echo "port $PORT2 is in use; set HXGWD_BENCH_PORT2" >&2; exit 1; fi
+  CONF2="$OUT/gateway-nostore.toml"
+  sed -e "s/127\.0\.0\.1:$PORT\"/127.0.0.1:$PORT2\"/" "$CONF" >"$CONF2"
+  sed -i "/^\[database\]/,/^\[/ s|^url = .*|url = \"\"|" "$CONF2"
+  chmod 600 "$CONF2"
+  ( cd "$SRC" && exec env PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m hxgwd -c "$CONF2" ) \
+    2>"$OUT/hxgwd-nostore.log" </dev/null &
+  HX2_PID=$!
+  for _ in $(seq 100); do
+    grep -q '"msg":"listening"' "$OUT/hxgwd-nostore.log" 2>/dev/null && break
+    kill -0 "$HX2_PID" 2>/dev/null || { echo "hxgwd-nostore exited at start:" >&2; cat "$OUT/hxgwd-nostore.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  log "hxgwd-nostore (store off) pid $HX2_PID on 127.0.0.1:$PORT2"
+fi
 if [[ $FLOOR == 1 ]]; then
   if port_busy "$FLOOR_PORT"; then echo "port $FLOOR_PORT is in use; set HXGWD_FLOOR_PORT" >&2; exit 1; fi
   "$PY" "$HERE/floor.py" --port "$FLOOR_PORT" --upstream "127.0.0.1:$UP" >"$OUT/floor.log" 2>&1 </dev/null &
@@ -221,6 +269,7 @@ fi
 
 # --- runs ----------------------------------------------------------------------------------------
 HXT="hxgwd=http://127.0.0.1:$PORT/v1;key=$KEY;pid=$HX_PID"
+HXT2="hxgwd-nostore=http://127.0.0.1:$PORT2/v1;key=$KEY;pid=$HX2_PID"
 COMMON=(--rounds "$ROUNDS" --duration "$DURATION" --warmup "$WARMUP" --conns "$CONNS")
 run_part() { # NAME CASES TARGET...
   local name="$1" cases="$2"; shift 2
@@ -240,6 +289,7 @@ for part in $PARTS; do
       [[ $NGINX_PROXY == 1 ]] && T+=("nginx=http://127.0.0.1:$PX/v1${PROC[proxy]}")
       [[ $FLOOR == 1 ]] && T+=("floor=http://127.0.0.1:$FLOOR_PORT/v1;pid=$FLOOR_PID")
       T+=("$HXT")
+      [[ $AB_NOSTORE == 1 ]] && T+=("$HXT2")
       [[ $LITELLM == 1 ]] && T+=("litellm=http://127.0.0.1:$LL/v1;key=$LLKEY${PROC[litellm]}")
       run_part main "$CASES_MAIN" "${T[@]}" ;;
     stream)
@@ -252,6 +302,7 @@ for part in $PARTS; do
       T=("direct-delay=http://127.0.0.1:$PYD/v1${PROC[pyup-delay]}")
       [[ $NGINX_PROXY == 1 ]] && T+=("nginx-delay=http://127.0.0.1:$((PX + 2))/v1${PROC[proxy]}")
       T+=("$HXT;model=fake-model-delay;embed_model=fake-embed-delay")
+      [[ $AB_NOSTORE == 1 ]] && T+=("$HXT2;model=fake-model-delay;embed_model=fake-embed-delay")
       [[ $LITELLM == 1 ]] && T+=("litellm-delay=http://127.0.0.1:$LL/v1;key=$LLKEY;model=fake-model-delay;embed_model=fake-embed-delay${PROC[litellm]}")
       run_part delay chat,embeddings "${T[@]}" ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
@@ -262,6 +313,7 @@ RSS_END=$(rss_kb "$HX_PID") HWM=$(hwm_kb "$HX_PID")
 kill -0 "$HX_PID" 2>/dev/null || { echo "hxgwd died during the run; see $HXLOG" >&2; exit 1; }
 {
   echo "hxgwd RSS after the runs: $((RSS_END / 1024)) MiB (peak VmHWM $((HWM / 1024)) MiB)"
+  [[ -n "$HX2_PID" ]] && echo "hxgwd-nostore RSS after the runs: $(($(rss_kb "$HX2_PID") / 1024)) MiB"
   echo "hxgwd log: $(grep -c '"msg":"request"' "$HXLOG") access-log lines, $(grep -c '"level":"error"' "$HXLOG" || true) error lines, $(grep -c '"level":"warning"' "$HXLOG" || true) warnings"
   echo "loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee -a "$OUT/facts.txt" >&2
