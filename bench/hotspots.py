@@ -119,9 +119,16 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--group", action="append", default=[], metavar="LABEL=REGEX")
     ap.add_argument("--hxgwd-groups", action="store_true", help="the cost centres of hxgwd's request path")
+    ap.add_argument("--main-thread", action="store_true",
+                    help="only stacks of the main thread (rooted in runpy/__main__): the event loop")
     a = ap.parse_args()
 
     stacks = parse(a.profile)
+    everything = sum(c for _, c in stacks)
+    main_thread = [(f, c) for f, c in stacks if f and f[0][0] in ("_run_module_as_main", "<module>")]
+    n_main = sum(c for _, c in main_thread)
+    if a.main_thread:
+        stacks = main_thread
     total = sum(c for _, c in stacks)
     if not total:
         print("no samples", file=sys.stderr)
@@ -140,7 +147,10 @@ def main() -> int:
             incl_fn[k] += n
 
     pct = lambda n: f"{100.0 * n / total:.1f}"  # noqa: E731
-    out = [f"py-spy samples: {total} (`{a.profile}`)\n",
+    out = [f"py-spy samples: {everything} (`{a.profile}`); main thread (event loop) {n_main} "
+           f"({100.0 * n_main / everything:.1f}%), other threads {everything - n_main}"
+           + ("; **percentages below are of the main thread's samples**" if a.main_thread else
+              "; percentages below are of all samples") + "\n",
            "### Self time by function (leaf frame)\n",
            "| % | samples | function | file:line (hottest lines, % of all) |", "|---:|---:|---|---|"]
     for (func, file), n in self_fn.most_common(a.top):

@@ -335,7 +335,8 @@ if [[ $PROFILE == 1 ]]; then
     -o "$OUT/profile.svg" >&2 || true
   wait "$WRK_PID" || true
   echo "profile run, wrk with py-spy attached: $(grep -o '"requests":[0-9]*' "$OUT/profile-wrk.txt" | cut -d: -f2) requests in ${WRK_SECS}s" >&2
-  python3 "$HERE/hotspots.py" "$OUT/profile.txt" --top 25 --hxgwd-groups >"$OUT/hotspots.md"
+  python3 "$HERE/hotspots.py" "$OUT/profile.txt" --top 25 --hxgwd-groups --main-thread >"$OUT/hotspots.md"
+  python3 "$HERE/hotspots.py" "$OUT/profile.txt" --top 25 >"$OUT/hotspots-all-threads.md"
   cat "$OUT/hotspots.md" >&2
 fi
 

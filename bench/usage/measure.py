@@ -426,9 +426,11 @@ def main() -> int:
     started_upstream = False
     pg = None
     variants: list[Variant] = []
-    up_port = int(os.environ.get("BENCH_UPSTREAM_PORT", "18080"))
+    # own port (not servers.sh's 18080): an upstream we stop at the end is never one that another
+    # benchmark started meanwhile took for its own and reused
+    up_port = int(os.environ.get("HXGWD_USAGE_UPSTREAM_PORT", "18180"))
     run_dir = os.path.join(out, "servers")
-    servers_env = dict(os.environ, BENCH_RUN_DIR=run_dir)
+    servers_env = dict(os.environ, BENCH_RUN_DIR=run_dir, BENCH_UPSTREAM_PORT=str(up_port))
     runs: list[dict] = []
     facts: dict = {}
     try:
@@ -609,10 +611,11 @@ def main() -> int:
         jsonl.close()
         facts["loadavg_end"] = loadavg()
         facts["rss_mib_end"] = {v.name: round(rss_mib(v.proc.pid), 1) for v in variants}
+        final = {v.name: (v.stats() or {}).get("usage") for v in variants}
+        time.sleep(1.0)   # the last stats request: logged and written
         for v in variants:
             v.scan_log()
         facts["log_non_info_lines"] = {v.name: v.log_other for v in variants}
-        final = {v.name: (v.stats() or {}).get("usage") for v in variants}
         facts["final_usage_stats"] = final
         facts["final_rows_vs_log"] = {v.name: {"rows": v.rows(), "access_log_lines": v.log_requests} for v in variants}
     finally:

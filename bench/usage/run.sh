@@ -11,7 +11,7 @@
 # (bench/run.sh, wrk, shared run.py) and no package build (PyInstaller) is running.
 # Env: HXGWD_PYTHON (default <repo>/.venv/bin/python), SHARED_BENCH (<repo>/../shared/bench),
 # HXGWD_CONFIG (bench/gateway.toml), HXGWD_USAGE_PORT (4020: off, +1 sqlite, +2 postgresql),
-# BENCH_UPSTREAM_PORT (18080), HXGWD_BENCH_KEY (sk-hx-bench).
+# HXGWD_USAGE_UPSTREAM_PORT (18180: its own static nginx upstream), HXGWD_BENCH_KEY (sk-hx-bench).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(git -C "$HERE" rev-parse --show-toplevel 2>/dev/null || (cd "$HERE/../.." && pwd))"
