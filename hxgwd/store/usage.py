@@ -172,7 +172,11 @@ class UsageSink:
                 # Let a batch gather: one thread hop and one transaction per record cost a quarter
                 # of the gateway's CPU at 1,000 requests/s (bench/usage). Bounded and short, so a
                 # record reaches the database within LINGER, and closing is never held up by it.
-                await trio.sleep(LINGER)
+                try:
+                    await trio.sleep(LINGER)
+                except trio.Cancelled:   # run() is cancelled: the record in hand goes to disk
+                    self.spooled += self._spool.append([record_line(first)])
+                    raise
             batch = self._take(first)
             first = None
             if batch is None:
