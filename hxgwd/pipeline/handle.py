@@ -46,6 +46,7 @@ class Gateway:
         self.log = log
         self.is_listening = is_listening
         self._models_cache: OrderedDict[tuple, bytes] = OrderedDict()
+        self._ids = RequestIds()
 
     async def __call__(self, request: Request, response: Response) -> None:
         head = request.head
@@ -57,7 +58,7 @@ class Gateway:
             await self._ready(response)
             return
         rt = self.holder.current
-        rid = _request_id(head.header(b"x-request-id"))
+        rid = self._ids.take(head.header(b"x-request-id"))
         response.add_header(b"x-request-id", rid.encode())
         ex = proxy.Exchange(request_id=rid, started=trio.current_time(), ts=time.time(), endpoint=path,
                             client_headers=head.headers)
@@ -193,12 +194,24 @@ def _model_entry(rt: Runtime, name: str) -> dict[str, Any]:
             "kind": target.kind, **({"group": True} if target.group else {})}
 
 
-def _request_id(given: bytes | None) -> str:
-    if given:
-        text = given.decode("latin-1")
-        if REQUEST_ID.match(text):
-            return text
-    return os.urandom(12).hex()
+class RequestIds:
+    """The client's X-Request-ID when it is sane, else a new id: milliseconds, a counter and a
+    random tag of this process, in hex. Time-ordered ids make usage inserts appends to the primary
+    key's index rather than random writes all over it, and cost no system call."""
+
+    __slots__ = ("_tag", "_seq")
+
+    def __init__(self) -> None:
+        self._tag = os.urandom(4).hex()
+        self._seq = 0
+
+    def take(self, given: bytes | None) -> str:
+        if given:
+            text = given.decode("latin-1")
+            if REQUEST_ID.match(text):
+                return text
+        self._seq = (self._seq + 1) & 0xFFFFFF
+        return f"{int(time.time() * 1000):011x}{self._seq:06x}{self._tag}"
 
 
 def _payload(body: bytes) -> dict[str, Any]:
