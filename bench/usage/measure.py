@@ -103,6 +103,16 @@ def cpu_s(pids: list[int]) -> float:
     return total
 
 
+def main_thread_cpu_s(pid: int) -> float:
+    """CPU seconds of a process's main thread (tid == pid): the event loop, without the worker threads."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def machine_busy_s() -> float:
     """CPU seconds spent busy by the whole machine since boot (all cores)."""
     with open("/proc/stat") as f:
@@ -399,6 +409,8 @@ def main() -> int:
     ap.add_argument("--wait-idle", type=float, default=1800, help="max seconds to wait for a quiet machine (0: do not wait)")
     ap.add_argument("--pg-fast", action="store_true", help="PostgreSQL with fsync=off, synchronous_commit=off (the test suite's cluster)")
     ap.add_argument("--settle", type=float, default=30.0, help="max seconds for a variant to settle after a run")
+    ap.add_argument("--profile", type=float, default=0, metavar="SECS",
+                    help="after the rounds, py-spy each variant under chat load: SECS s all threads, then SECS s GIL holders only")
     ap.add_argument("--python", default=os.environ.get("HXGWD_PYTHON", os.path.join(REPO, ".venv", "bin", "python")))
     ap.add_argument("--shared", default=os.environ.get("SHARED_BENCH", os.path.join(REPO, "..", "shared", "bench")))
     ap.add_argument("--config", default=os.environ.get("HXGWD_CONFIG", os.path.join(REPO, "bench", "gateway.toml")))
@@ -550,6 +562,7 @@ def main() -> int:
                     kids = children_map()
                     ours = lambda k: tree(me, k) + tree(pg_pid, k) + tree(up_pid, k)  # noqa: E731
                     hx0, pg0, all0, ours0 = cpu_s(tree(v.proc.pid, kids)), cpu_s(tree(pg_pid, kids)), machine_busy_s(), cpu_s(ours(kids))
+                    main0 = main_thread_cpu_s(v.proc.pid)
                     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                     sampler = Sampler(v)
                     sampler.start()
@@ -562,6 +575,7 @@ def main() -> int:
                     wall = time.monotonic() - t0
                     kids = children_map()
                     hx1, pg1, all1 = cpu_s(tree(v.proc.pid, kids)), cpu_s(tree(pg_pid, kids)), machine_busy_s()
+                    main1 = main_thread_cpu_s(v.proc.pid)
                     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
                     # wrk has been reaped: its CPU is in RUSAGE_CHILDREN, not in our tree any more
                     ours1 = cpu_s(ours(kids)) + (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
@@ -578,6 +592,9 @@ def main() -> int:
                         settled = st is None or (st.get("queued") == 0 and rows == v.log_requests)
                         if settled or time.monotonic() > deadline:
                             break
+                    if st is not None:   # again: `written` of the check above may miss the batch then in flight
+                        st = (v.stats() or {}).get("usage") or st
+                        time.sleep(0.3)
                     settle_s = time.monotonic() - t0 - wall
                     n = w["requests"]
                     errs = {k: w[k] for k in ("err_connect", "err_read", "err_write", "err_status", "err_timeout") if w[k]}
@@ -586,6 +603,8 @@ def main() -> int:
                         "rps": round(n / (w["duration_us"] / 1e6), 1), "requests": n, "errors": errs,
                         "p50_ms": w["lat_us"]["p50"] / 1000, "p99_ms": w["lat_us"]["p99"] / 1000,
                         "hx_cpu_us_per_req": round((hx1 - hx0) / n * 1e6, 1) if n else None,
+                        "hx_main_cpu_us_per_req": round((main1 - main0) / n * 1e6, 1) if n else None,
+                        "hx_main_cpu_pct": round((main1 - main0) / wall * 100, 1),
                         "pg_cpu_us_per_req": round((pg1 - pg0) / n * 1e6, 1) if (n and pg_pid and v.name == "postgresql") else None,
                         "machine_cpu_pct": round((all1 - all0) / wall * 100, 1),
                         "others_cpu_pct": round(max(0.0, (all1 - all0) - (ours1 - ours0)) / wall * 100, 1),
@@ -604,11 +623,14 @@ def main() -> int:
                     jsonl.flush()
                     u = rec["usage_delta"]
                     log(f"round {r + 1} {c:10s} {v.name:10s} {rec['rps']:8.1f} req/s  p99 {rec['p99_ms']:.1f} ms  "
-                        f"hx {rec['hx_cpu_us_per_req']} us/req  others {rec['others_cpu_pct']}% CPU  "
+                        f"hx {rec['hx_cpu_us_per_req']} us/req (main thread {rec['hx_main_cpu_us_per_req']}, {rec['hx_main_cpu_pct']}% busy)  others {rec['others_cpu_pct']}% CPU  "
                         + (f"queued<= {rec['max_queued']} written+{u['written']} spooled+{u['spooled']} dropped+{u['dropped']} "
                            f"rows+{rec['rows']} log+{rec['log_lines']}" if u else f"log+{rec['log_lines']}")
                         + ("" if settled else "  NOT SETTLED") + (f"  errors {errs}" if errs else ""))
         jsonl.close()
+        if args.profile > 0:
+            facts["profile"] = {v.name: profile(args, v, bodies["chat"] if "chat" in bodies else next(iter(bodies.values())), out)
+                                for v in variants}
         facts["loadavg_end"] = loadavg()
         facts["rss_mib_end"] = {v.name: round(rss_mib(v.proc.pid), 1) for v in variants}
         final = {v.name: (v.stats() or {}).get("usage") for v in variants}
@@ -650,6 +672,65 @@ def main() -> int:
     return 0
 
 
+def profile(args, v: Variant, body: str, out: str) -> dict:
+    """py-spy (from the hxgwd venv) on one variant under chat load: all non-idle threads, then only
+    the thread holding the GIL. Returns the share of samples per thread kind and the top frames
+    (self time) outside the event-loop thread."""
+    spy = os.path.join(os.path.dirname(args.python), "py-spy")
+    if not os.path.exists(spy):
+        log("profile: no py-spy next to the hxgwd python; skipped")
+        return {}
+    secs = args.profile
+    path, _ = CASES["chat"]
+    wrk = subprocess.Popen(["wrk", "-t", "1", "-c", str(args.conns), "-d", f"{2 * secs + 6:g}s", "--timeout", "10s",
+                            "-s", os.path.join(args.shared, "wrk", "openai.lua"), v.base + path, "--", "POST", body, BENCH_KEY],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result: dict = {}
+    try:
+        time.sleep(2)
+        for kind, extra in (("threads", []), ("gil", ["--gil"])):
+            f = os.path.join(out, f"profile-{v.name}-{kind}.txt")
+            subprocess.run([spy, "record", "--pid", str(v.proc.pid), "--duration", f"{secs:g}", "--rate", "200",
+                            "--format", "raw", "--threads", *extra, "-o", f], timeout=secs + 60,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            result[kind] = profile_summary(f)
+            log(f"profile {v.name} ({kind}): {result[kind]['share']}")
+    finally:
+        try:
+            wrk.wait(timeout=2 * secs + 30)
+        except subprocess.TimeoutExpired:
+            wrk.kill()
+            wrk.wait()
+    return result
+
+
+def profile_summary(path: str, top: int = 12) -> dict:
+    share: dict[str, int] = {}
+    selfs: dict[str, int] = {}
+    total = 0
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return {"share": {}, "top_outside_main": []}
+    for line in lines:
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        n = int(n)
+        head, _, frames = stack.partition(";")
+        name = head.split(": ", 1)[1] if ": " in head else head
+        kind = "event loop (MainThread)" if name == "MainThread" else "worker threads"
+        share[kind] = share.get(kind, 0) + n
+        total += n
+        if kind != "event loop (MainThread)" and frames:
+            leaf = frames.split(";")[-1]
+            leaf = re.sub(r" \((.*/)?([^/]+)\)$", r" (\2)", leaf)
+            selfs[leaf] = selfs.get(leaf, 0) + n
+    return {"samples": total,
+            "share": {k: f"{v / total * 100:.1f}%" for k, v in share.items()} if total else {},
+            "top_outside_main": [f"{k}: {v / total * 100:.1f}%" for k, v in sorted(selfs.items(), key=lambda kv: -kv[1])[:top]]}
+
+
 def med(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -665,12 +746,19 @@ def summarize(runs: list[dict], names: list[str], cases: list[str], facts: dict,
              f"waited {facts.get('waited_for_quiet_machine_s')} s for a quiet machine")
     L.append("")
     L.append("| case | variant | req/s (median) | min-max | vs off (median of per-round ratios) | per-round ratios "
-             "| p50 ms | p99 ms | hxgwd CPU us/req | PG CPU us/req | peak queued | spooled | dropped | rows == log lines | others' CPU % (max) |")
-    L.append("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+             "| vs off, quiet rounds only (n) "
+             "| p50 ms | p99 ms | hxgwd CPU us/req (main thread) | PG CPU us/req | peak queued | spooled | dropped | rows == log lines after each run | others' CPU % (max) |")
+    L.append("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     verdict = {"throughput": True, "channel": True, "rows": True}
     worst: dict[str, float] = {}
+    clean_all = True
     for c in cases:
         off = {r["round"]: r["rps"] for r in runs if r["case"] == c and r["variant"] == "off"}
+        # rounds in which no run of this case saw other processes use >= 10% of a core
+        rounds_c = {r["round"] for r in runs if r["case"] == c}
+        clean = {k for k in rounds_c if all(r["others_cpu_pct"] < 10 and not r["others_running"]
+                                            for r in runs if r["case"] == c and r["round"] == k)}
+        clean_all = clean_all and clean == rounds_c
         for n in names:
             rs = [r for r in runs if r["case"] == c and r["variant"] == n]
             if not rs:
@@ -678,6 +766,8 @@ def summarize(runs: list[dict], names: list[str], cases: list[str], facts: dict,
             rps = [r["rps"] for r in rs]
             ratios = [r["rps"] / off[r["round"]] for r in rs if r["round"] in off and n != "off"]
             ratio = med(ratios)
+            ratios_clean = [r["rps"] / off[r["round"]] for r in rs if r["round"] in off and r["round"] in clean and n != "off"]
+            ratio_clean = med(ratios_clean)
             if n != "off" and ratio is not None:
                 worst[f"{c}/{n}"] = ratio
                 if ratio < 0.90:
@@ -685,22 +775,27 @@ def summarize(runs: list[dict], names: list[str], cases: list[str], facts: dict,
             spooled = sum((r["usage_delta"] or {}).get("spooled", 0) for r in rs) if n != "off" else None
             dropped = sum((r["usage_delta"] or {}).get("dropped", 0) for r in rs) if n != "off" else None
             peak = max((r["max_queued"] or 0) for r in rs) if n != "off" else None
-            rows_ok = all(r["rows"] == r["log_lines"] and r["settled"] for r in rs) if n != "off" else None
+            rows_ok = all(r["rows_total"] == r["log_total"] and r["settled"] for r in rs) if n != "off" else None
             if n != "off":
                 if spooled or dropped:
                     verdict["channel"] = False
                 if not rows_ok:
                     verdict["rows"] = False
             rows_txt = "-" if rows_ok is None else ("yes (" + f"{sum(r['rows'] or 0 for r in rs):,}" + " rows)" if rows_ok else
-                                                   "NO: " + ", ".join(f"r{r['round']} {r['rows']} vs {r['log_lines']}" for r in rs if r["rows"] != r["log_lines"] or not r["settled"]))
+                                                   "NO: " + ", ".join(f"r{r['round']} {r['rows_total']} vs {r['log_total']}" for r in rs if r["rows_total"] != r["log_total"] or not r["settled"]))
             fmt = lambda x, d=1: "-" if x is None else f"{x:,.{d}f}"  # noqa: E731
             L.append(f"| {c} | {n} | {fmt(med(rps))} | {fmt(min(rps), 0)}-{fmt(max(rps), 0)} | "
                      f"{'-' if n == 'off' else f'x{ratio:.3f} ({(ratio - 1) * 100:+.1f}%)'} | "
                      f"{'-' if n == 'off' else ' '.join(f'{x:.2f}' for x in ratios)} | "
+                     f"{'-' if n == 'off' or ratio_clean is None else f'x{ratio_clean:.3f}'} ({len(clean)}) | "
                      f"{fmt(med([r['p50_ms'] for r in rs]), 2)} | {fmt(med([r['p99_ms'] for r in rs]), 2)} | "
-                     f"{fmt(med([r['hx_cpu_us_per_req'] for r in rs]), 0)} | {fmt(med([r['pg_cpu_us_per_req'] for r in rs]), 0)} | "
+                     f"{fmt(med([r['hx_cpu_us_per_req'] for r in rs]), 0)} ({fmt(med([r.get('hx_main_cpu_us_per_req') for r in rs]), 0)}) | {fmt(med([r['pg_cpu_us_per_req'] for r in rs]), 0)} | "
                      f"{'-' if peak is None else peak} | {'-' if spooled is None else spooled} | {'-' if dropped is None else dropped} | "
                      f"{rows_txt} | {max(r['others_cpu_pct'] for r in rs):.1f} |")
+    L.append("")
+    L.append("Quiet round: no run of that case in that round saw other processes use >= 10% of a core "
+             "(`others' CPU`) or another benchmark running at its end."
+             + ("" if clean_all else " Some rounds were not quiet: compare both ratio columns."))
     errors = sum(sum(r["errors"].values()) for r in runs)
     contended = [f"r{r['round']} {r['case']} {r['variant']}: {r['others_running'][:2]}" for r in runs if r["others_running"]]
     L += ["", "## Targets", ""]
@@ -719,6 +814,12 @@ def summarize(runs: list[dict], names: list[str], cases: list[str], facts: dict,
     L.append("- rows vs access-log lines (whole run: smoke, warmup, measured runs and the /admin/stats polls, which are requests too): "
              + "; ".join(f"{n} {d['rows']} vs {d['access_log_lines']}" for n, d in rv.items()))
     L.append(f"- non-info log lines: {facts.get('log_non_info_lines')}; RSS at the end (MiB): {facts.get('rss_mib_end')}")
+    if facts.get("profile"):
+        L += ["", "## py-spy under chat load (share of samples; self time outside the event-loop thread)", ""]
+        for n, p in facts["profile"].items():
+            for kind, d in p.items():
+                L.append(f"- {n}, {'all non-idle threads' if kind == 'threads' else 'GIL holder only'} ({d.get('samples')} samples): "
+                         f"{d.get('share')}; top outside main: {'; '.join(d.get('top_outside_main', [])[:8])}")
     return "\n".join(L) + "\n"
 
 
