@@ -165,8 +165,9 @@ class Spool:
             self._unsynced = False
             try:
                 self._fsync()
-            except OSError:
-                pass
+            except OSError as exc:   # as sync() does: a lost fsync is the operator's to know
+                self.last_error = f"spool fsync failed: {exc.strerror}"
+                self.log.error("cannot fsync the usage spool", directory=self.directory, error=exc.strerror)
 
     def _fsync(self) -> None:
         os.fsync(self._fd)
