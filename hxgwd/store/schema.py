@@ -18,6 +18,7 @@ forever (the usage sink still bisects a rejected batch as a last resort).
 from __future__ import annotations
 
 import json
+import math
 import operator
 from typing import Any
 
@@ -79,7 +80,12 @@ def _int_in(lo: int, hi: int):
     return convert
 
 
-_CONVERT = {"text": _text, "float": float, "bool": bool,
+def _float(value: Any) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None   # JSON, and so the batch insert, has no NaN/inf
+
+
+_CONVERT = {"text": _text, "float": _float, "bool": bool,
             "int4": _int_in(-(2 ** 31), 2 ** 31 - 1), "int8": _int_in(-(2 ** 63), 2 ** 63 - 1)}
 _GET = operator.attrgetter(*(field for _, field, _ in USAGE_COLUMNS))
 _CONVERTERS = tuple(_CONVERT[kind] for _, _, kind in USAGE_COLUMNS)
