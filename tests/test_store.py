@@ -229,6 +229,19 @@ async def test_unreachable_postgres_is_unavailable_quickly():
     await s.aclose()
 
 
+async def test_postgres_staging_table_comes_back_after_discard(new_pg_url):
+    s = open_store(database(new_pg_url()))
+    try:
+        await s.migrate()
+        assert await s.insert_usage([make_record(1)]) == 1
+        await s._call(lambda conn: conn.execute("DISCARD TEMP"))    # the pool is LIFO: same connection
+        with pytest.raises(StoreUnavailable, match="usage_in"):
+            await s.insert_usage([make_record(2)])
+        assert await s.insert_usage([make_record(2)]) == 1         # recreated, not stuck
+    finally:
+        await s.aclose()
+
+
 def test_new_key_format():
     key, digest, prefix = new_key()
     assert key.startswith("sk-hx-") and len(key) == 6 + 43 and prefix == key[:10] and len(digest) == 32

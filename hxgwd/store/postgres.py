@@ -6,12 +6,16 @@ statement_timeout (server-side bound of any statement, the backstop of every can
 connect_timeout, TCP keepalives and tcp_user_timeout (a host that vanished mid-query does not
 hold a thread for the kernel's 15-minute retransmission limit).
 
-Usage rows go in as one statement per batch whose one parameter is the batch as a JSON array of
-row arrays: INSERT ... SELECT ... FROM jsonb_array_elements($1) ON CONFLICT (request_id) DO
-NOTHING, idempotent without a staging table, no session state (fine behind a transaction pooler),
-and the worker thread hands the GIL back once per batch, not once per row (per-row adaptation, as
-executemany does, waits for the event loop thread's switch interval row by row). Measured per row:
-~6 us of client CPU, 10-16 us in the server, the same as a COPY into a staging table.
+Usage rows go in with one binary COPY per batch into a temporary staging table, then one
+INSERT ... SELECT ... ON CONFLICT (request_id) DO NOTHING: COPY is the fast path (measured 2.5x
+executemany), and the staging table gives COPY the idempotency it lacks on its own. The staging
+table's ts is a float (unix seconds) so the COPY sends plain doubles; to_timestamp() converts in
+the server. It is created once per connection, in a statement of its own (inside a batch's
+transaction a rollback would take it away), and emptied at every COMMIT. Temporary tables need
+session state: behind PgBouncer, use session pooling, not transaction pooling.
+COPY's write_row fills a 32 KiB buffer, so the worker thread hands the GIL back per 32 KiB sent, not per
+row. (One INSERT ... SELECT FROM jsonb_array_elements(%s) of the batch measured the same: ~6 us
+of client and 10-16 us of server CPU per row.)
 
 Durability: "nothing lost" assumes the server's synchronous_commit is not off. With it off, a
 server crash forgets commits it already acknowledged (measured in the outage test: 8-16 of 2,000
@@ -23,8 +27,8 @@ once apply each version once.
 
 from __future__ import annotations
 
-import json
 import math
+import weakref
 from typing import Any
 
 import psycopg
@@ -39,18 +43,16 @@ from hxgwd.store.sql import KEY_COLUMNS, SQLStore
 from hxgwd.store.threads import STOP_TIMEOUT, Connections, Engine
 
 POOL_SIZE = 4
-_SQL_TYPES = {"text": "text", "float": "float8", "bool": "boolean", "int4": "integer", "int8": "bigint"}
+_COPY_TYPES = {"text": "text", "float": "float8", "bool": "bool", "int4": "int4", "int8": "int8"}
+_STAGE_TYPES = {"text": "text", "float": "double precision", "bool": "boolean", "int4": "integer", "int8": "bigint"}
+_STAGE = ("CREATE TEMP TABLE IF NOT EXISTS usage_in ("
+          + ", ".join(f"{c} {_STAGE_TYPES[k]}" for c, _, k in schema.USAGE_COLUMNS)
+          + ") ON COMMIT DELETE ROWS")
 _COLUMNS = ", ".join(schema.COLUMN_NAMES)
-
-
-def _from_json(i: int, column: str, kind: str) -> str:
-    value = f"(r->>{i})::{_SQL_TYPES[kind]}"
-    return f"to_timestamp({value})" if column == "ts" else value
-
-
-_INSERT = (f"INSERT INTO usage ({_COLUMNS}) SELECT "
-           + ", ".join(_from_json(i, c, k) for i, (c, _, k) in enumerate(schema.USAGE_COLUMNS))
-           + " FROM jsonb_array_elements(%s::jsonb) AS rows(r) ON CONFLICT (request_id) DO NOTHING")
+_COPY = f"COPY usage_in ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+_MERGE = (f"INSERT INTO usage ({_COLUMNS}) SELECT "
+          + ", ".join("to_timestamp(ts)" if c == "ts" else c for c in schema.COLUMN_NAMES)
+          + " FROM usage_in ON CONFLICT (request_id) DO NOTHING")
 _EPOCH = {"created_at", "expires_at", "revoked_at"}
 _KEY_SELECT = ("SELECT " + ", ".join(f"extract(epoch FROM {c})::float8" if c in _EPOCH else c for c in KEY_COLUMNS)
                + " FROM api_keys")
@@ -73,6 +75,7 @@ class _Postgres(Engine):
         }
         if password is not None:
             self.kwargs["password"] = password
+        self.staged: weakref.WeakSet = weakref.WeakSet()   # connections that have usage_in
 
     def connect(self) -> psycopg.Connection:
         return psycopg.connect(self.url, **self.kwargs)
@@ -126,8 +129,23 @@ class PostgresStore(SQLStore):
             return before, max(before, len(migrations))
 
     def _insert_usage_sync(self, conn: psycopg.Connection, rows: list[tuple]) -> int:
-        rows_json = json.dumps(rows, separators=(",", ":"))
-        return conn.execute(_INSERT, (rows_json,)).rowcount   # one statement: atomic under autocommit
+        if conn not in self._pg.staged:
+            # in its own (autocommit) statement: created inside the batch's transaction, a rollback
+            # (a timeout, a cancel) would drop the table while we still believed it there
+            conn.execute(_STAGE)
+            self._pg.staged.add(conn)
+        try:
+            with conn.transaction():
+                with conn.cursor() as cur:
+                    with cur.copy(_COPY) as copy:
+                        copy.set_types([_COPY_TYPES[k] for _, _, k in schema.USAGE_COLUMNS])
+                        for row in rows:
+                            copy.write_row(row)
+                    cur.execute(_MERGE)
+                    return cur.rowcount
+        except errors.UndefinedTable:
+            self._pg.staged.discard(conn)   # DISCARD TEMP, or a pooler gave us another session
+            raise
 
     def _count_sync(self, conn: psycopg.Connection) -> int:
         return conn.execute("SELECT count(*) FROM usage").fetchone()[0]
