@@ -55,7 +55,7 @@ async def handle(gw: Any, rt: Runtime, request: Any, response: Any) -> None:
         try:
             if path == "/admin/usage":
                 _method(head, "GET")
-                return await _usage(store, params, response)
+                return await _usage(store, params, response, rt.config.limits.timezone)
             return await _keys(gw, store, path, params, request, response)
         except KeyExists as exc:
             raise Conflict(str(exc)) from None
@@ -117,7 +117,7 @@ def _key_fields(doc: dict[str, Any], gw: Any, config_names: set[str]) -> dict[st
             "budget_period": doc.get("budget_period", "month"), "expires_at": expires}
 
 
-async def _usage(store: Any, params: dict[str, str], response: Any) -> None:
+async def _usage(store: Any, params: dict[str, str], response: Any, tz: str) -> None:
     from hxgwd.store.cli import parse_when
 
     now = time.time()
@@ -130,14 +130,14 @@ async def _usage(store: Any, params: dict[str, str], response: Any) -> None:
         try:
             return float(text)           # unix seconds
         except ValueError:
-            return parse_when(text, now)
+            return parse_when(text, now, tz=tz)
 
     try:
         since, until = when(params.get("since")), when(params.get("until"))
     except ValueError:
         raise BadRequest("'since' and 'until' are unix seconds, ISO dates or durations like 24h.") from None
-    rows = await store.usage_summary(since, until, by, key=params.get("key"))
-    await _send(response, 200, {"by": by, "since": since, "until": until, "data": rows})
+    rows = await store.usage_summary(since, until, by, key=params.get("key"), tz=tz)
+    await _send(response, 200, {"by": by, "since": since, "until": until, "timezone": tz, "data": rows})
 
 
 def _method(head: Any, method: str) -> None:

@@ -179,6 +179,30 @@ async def test_usage_summary(store):
         await store.usage_summary(by="colour")
 
 
+async def test_usage_by_day_is_in_the_given_time_zone(store):
+    t0 = 1_790_000_000 - 1_790_000_000 % 86400    # a UTC midnight
+    await store.insert_usage([
+        make_record(1, ts=t0 + 10, total_ms=10.0),               # New York: the evening before
+        make_record(2, ts=t0 + 4 * 3600 - 10, total_ms=30.0),   # New York (EDT): 23:59:50 the same evening
+        make_record(3, ts=t0 + 4 * 3600 + 10, total_ms=50.0),   # New York: just past midnight
+        make_record(4, ts=t0 + 18 * 3600 + 20 * 60),            # Kathmandu (+5:45): 00:05 the next day
+    ])
+    day = lambda offset: time.strftime("%Y-%m-%d", time.gmtime(t0 + offset * 86400))   # noqa: E731
+    ny = await store.usage_summary(by="day", tz="America/New_York")
+    assert [(r["day"], r["requests"], r["avg_ms"]) for r in ny] == [(day(-1), 2, 20.0), (day(0), 2, 31.25)]
+    assert [(r["day"], r["requests"]) for r in await store.usage_summary(by="day", tz="Asia/Kathmandu")] == [
+        (day(0), 3), (day(1), 1)]
+    assert [(r["day"], r["requests"]) for r in await store.usage_summary(by="day")] == [(day(0), 4)]
+
+
+def test_dates_without_an_offset_are_in_the_given_time_zone():
+    from hxgwd.store.cli import parse_when
+
+    assert parse_when("2026-07-01", 0) == 1_782_864_000                          # UTC midnight
+    assert parse_when("2026-07-01", 0, tz="Europe/Berlin") == 1_782_864_000 - 2 * 3600
+    assert parse_when("2026-07-01T00:00:00+00:00", 0, tz="Europe/Berlin") == 1_782_864_000
+
+
 async def test_cancel_really_stops_a_postgres_statement(new_pg_url):
     s = open_store(database(new_pg_url()))
     try:

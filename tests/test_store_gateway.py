@@ -58,7 +58,8 @@ async def test_every_api_request_is_recorded_in_sqlite(nursery, tmp_path, upstre
 
 async def test_store_keys_via_admin_api_and_revocation(nursery, tmp_path, upstream):
     db = tmp_path / "hxgwd.db"
-    config = gateway_config(backends(upstream), database=f"sqlite:///{db}").replace("sha256 =", "admin = true\nsha256 =")
+    config = gateway_config(backends(upstream), '[limits]\ntimezone = "Europe/Berlin"\n',
+                            database=f"sqlite:///{db}").replace("sha256 =", "admin = true\nsha256 =")
     gw = await start_gateway(nursery, config)
     r = await gw.post("/admin/keys", {"name": "team-a", "models": ["m"], "rpm": 100})
     assert r.status_code == 201, r.text
@@ -78,6 +79,9 @@ async def test_store_keys_via_admin_api_and_revocation(nursery, tmp_path, upstre
     with trio.fail_after(10):                   # records reach the database within the writer's linger
         while {row["key"] for row in (await gw.get("/admin/usage?by=key&since=1h")).json()["data"]} < {"team-a", "dev"}:
             await trio.sleep(0.05)
+    by_day = (await gw.get("/admin/usage?by=day&since=2000-01-01")).json()
+    assert by_day["timezone"] == "Europe/Berlin" and sum(row["requests"] for row in by_day["data"]) >= 4
+    assert by_day["since"] == 946681200                      # midnight in Berlin, not in UTC
     await gw.stop()
 
 

@@ -4,7 +4,7 @@
     store.migrate() / store.schema_status()              versioned schema, ordered SQL per engine
     store.insert_usage(records)                          idempotent on request_id; used by UsageSink only
     store.create_key / list_keys / get_key / revoke_key / active_keys
-    store.usage_summary(since, until, by)                for `hxgwd usage` and the admin API
+    store.usage_summary(since, until, by, key, tz)       for `hxgwd usage` and the admin API
 
 Both drivers are blocking (stdlib sqlite3; psycopg 3's sync API, because its async API is asyncio
 only), so every method runs its SQL in a worker thread (`threads.py`) under a CapacityLimiter of
@@ -128,10 +128,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def usage_summary(self, since: float | None = None, until: float | None = None, by: str = "key",
-                            key: str | None = None) -> list[dict]:
+                            key: str | None = None, tz: str = "UTC") -> list[dict]:
         """Usage in [since, until) (unix seconds; None: unbounded) grouped by one of BY, optionally for
         one key. One dict per group: {by: value, "requests", "errors", "prompt_tokens",
-        "completion_tokens", "total_tokens", "cost_usd", "avg_ms"}; day is a UTC date "YYYY-MM-DD".
+        "completion_tokens", "total_tokens", "cost_usd", "avg_ms"}; day is a date "YYYY-MM-DD" in
+        the time zone `tz` (the gateway passes [limits] timezone, the one budgets reset in).
         Sorted by day for by="day", else by cost then requests, largest first."""
 
     @abc.abstractmethod

@@ -109,7 +109,7 @@ async def _dispatch(args: argparse.Namespace, config, store) -> int:
             return await (_db_migrate if args.db_command == "migrate" else _db_status)(store)
         await store.ensure_schema()
         if args.command == "usage":
-            return await _usage(args, store)
+            return await _usage(args, store, config.limits.timezone)
         return await {"create": _keys_create, "list": _keys_list, "show": _keys_show,
                       "revoke": _keys_revoke}[args.keys_command](args, config, store)
     finally:
@@ -150,7 +150,8 @@ async def _keys_create(args: argparse.Namespace, config, store) -> int:
         _err("--budget-usd: must not be negative")
         return 1
     models = tuple(m for arg in args.models for m in arg.split(",") if m)
-    expires = parse_when(args.expires, time.time(), future=True) if args.expires else None
+    expires = (parse_when(args.expires, time.time(), future=True, tz=config.limits.timezone)
+               if args.expires else None)
     if expires is not None and expires <= time.time():
         _err(f"--expires {args.expires}: that is in the past")
         return 1
@@ -228,7 +229,7 @@ async def _keys_revoke(args: argparse.Namespace, config, store) -> int:
 
 # --- usage -------------------------------------------------------------------------------------------
 
-async def _usage(args: argparse.Namespace, store) -> int:
+async def _usage(args: argparse.Namespace, store, tz: str) -> int:
     import json
     import time
 
@@ -236,18 +237,19 @@ async def _usage(args: argparse.Namespace, store) -> int:
     from hxgwd.store.schema import SUMMARY_FIELDS
 
     now = time.time()
-    since = parse_when(args.since, now) if args.since else None
-    until = parse_when(args.until, now) if args.until else None
-    rows = await store.usage_summary(since, until, args.by, key=args.key)
+    since = parse_when(args.since, now, tz=tz) if args.since else None
+    until = parse_when(args.until, now, tz=tz) if args.until else None
+    rows = await store.usage_summary(since, until, args.by, key=args.key, tz=tz)
     total = {f: sum(r[f] for r in rows) for f in SUMMARY_FIELDS if f != "avg_ms"}
     total["cost_usd"] = round(total["cost_usd"], 6)
     requests = total["requests"]
     total["avg_ms"] = round(sum(r["avg_ms"] * r["requests"] for r in rows) / requests, 3) if requests else 0.0
     if args.json:
         print(json.dumps({"since": iso_time(since), "until": iso_time(until), "by": args.by, "key": args.key,
-                          "rows": rows, "total": total}, indent=2))
+                          "timezone": tz, "rows": rows, "total": total}, indent=2))
         return 0
     print(f"usage from {iso_time(since) or 'the start'} to {iso_time(until) or 'now'}, by {args.by}"
+          + (f" ({tz})" if args.by == "day" else "")
           + (f", key {args.key}" if args.key else ""))
     header = (args.by.upper(), "REQUESTS", "ERRORS", "PROMPT", "COMPLETION", "TOKENS", "COST USD", "AVG MS")
     body = [(_dash(r[args.by]), r["requests"], r["errors"], r["prompt_tokens"], r["completion_tokens"],
@@ -281,11 +283,13 @@ def _foreign_state_owner(database) -> str | None:
         return str(uid)
 
 
-def parse_when(text: str, now: float, future: bool = False) -> float:
+def parse_when(text: str, now: float, future: bool = False, tz: str = "UTC") -> float:
     """A point in time as unix seconds: "now", an age ("7d": 7 days ago; with future=True, 7 days
-    from now), a UTC date, or an ISO 8601 time (UTC when it has no offset). ValueError otherwise."""
+    from now), a date (its midnight), or an ISO 8601 time; a date or time without an offset is in
+    the time zone `tz` ([limits] timezone, as budgets and `--by day` are). ValueError otherwise."""
     import datetime as dt
     import re
+    import zoneinfo
 
     text = text.strip()
     if text == "now":
@@ -299,7 +303,7 @@ def parse_when(text: str, now: float, future: bool = False) -> float:
     except ValueError:
         raise ValueError(f"{text!r}: not a time; use {WHEN_HELP}") from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
+        when = when.replace(tzinfo=zoneinfo.ZoneInfo(tz))
     return when.timestamp()
 
 

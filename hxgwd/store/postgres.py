@@ -56,8 +56,6 @@ _MERGE = (f"INSERT INTO usage ({_COLUMNS}) SELECT "
 _EPOCH = {"created_at", "expires_at", "revoked_at"}
 _KEY_SELECT = ("SELECT " + ", ".join(f"extract(epoch FROM {c})::float8" if c in _EPOCH else c for c in KEY_COLUMNS)
                + " FROM api_keys")
-_GROUP = {"key": "key", "model": "model", "deployment": "deployment",
-          "day": "to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')"}
 
 
 class _Postgres(Engine):
@@ -95,6 +93,11 @@ class _Postgres(Engine):
 
 class PostgresStore(SQLStore):
     engine = "postgresql"
+    _PARAM = "%s"
+    _TS_PARAM = "to_timestamp(%s)"
+    _ERRORS = "count(*) FILTER (WHERE status >= 400)"
+    _GROUP = {"key": "key", "model": "model", "deployment": "deployment",
+              "day": f"floor(extract(epoch FROM ts) / {schema.DAY_BUCKET})::bigint"}
 
     def __init__(self, url: str, database: Database, password: str | None = None) -> None:
         self.url_for_display = redact_url(url)
@@ -149,23 +152,6 @@ class PostgresStore(SQLStore):
 
     def _count_sync(self, conn: psycopg.Connection) -> int:
         return conn.execute("SELECT count(*) FROM usage").fetchone()[0]
-
-    def _summary_sync(self, conn: psycopg.Connection, since: float | None, until: float | None, by: str,
-                      key: str | None) -> list[tuple]:
-        where, args = [], []
-        if since is not None:
-            where.append("ts >= to_timestamp(%s)")
-            args.append(since)
-        if until is not None:
-            where.append("ts < to_timestamp(%s)")
-            args.append(until)
-        if key is not None:
-            where.append("key = %s")
-            args.append(key)
-        query = (f"SELECT {_GROUP[by]} AS g, count(*), count(*) FILTER (WHERE status >= 400), "
-                 "sum(prompt_tokens), sum(completion_tokens), sum(total_tokens), sum(cost_usd), avg(total_ms) "
-                 "FROM usage" + (" WHERE " + " AND ".join(where) if where else "") + " GROUP BY g")
-        return conn.execute(sql.SQL(query), args).fetchall()
 
     def _insert_key_sync(self, conn: psycopg.Connection, name: str, prefix: str, digest: bytes, models: str,
                          admin: bool, rpm: int | None, tpm: int | None, budget_usd: float | None,

@@ -17,9 +17,11 @@ forever (the usage sink still bisects a rejected batch as a last resort).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import operator
+import zoneinfo
 from typing import Any
 
 import attrs
@@ -251,19 +253,38 @@ def expected_version(engine: str) -> int:
 SUMMARY_FIELDS = ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "avg_ms")
 
 
-def summary_rows(by: str, rows: list[tuple]) -> list[dict]:
-    """SQL rows (group, count, errors, sums..., avg) -> dicts, NULL sums as 0, sorted."""
+# "by day" groups in the database by 15-minute buckets, and Python makes each bucket a calendar
+# date in the report's time zone: every zone's UTC offset is a multiple of 15 minutes, so a bucket
+# never straddles a local midnight, and SQLite needs no time zone support.
+DAY_BUCKET = 900
+
+
+def summary_rows(by: str, rows: list[tuple], tz: str = "UTC") -> list[dict]:
+    """SQL rows (group, count, errors, sums..., sum of total_ms) -> dicts, NULL sums as 0, sorted.
+    For by="day" the group is a DAY_BUCKET number, and buckets of one local date in `tz` merge."""
+    if by == "day":
+        rows = _buckets_to_days(rows, zoneinfo.ZoneInfo(tz))
     out = []
-    for group, requests, errors, prompt, completion, total, cost, avg_ms in rows:
+    for group, requests, errors, prompt, completion, total, cost, sum_ms in rows:
         out.append({by: group, "requests": int(requests), "errors": int(errors or 0),
                     "prompt_tokens": int(prompt or 0), "completion_tokens": int(completion or 0),
                     "total_tokens": int(total or 0), "cost_usd": round(float(cost or 0.0), 6),
-                    "avg_ms": round(float(avg_ms or 0.0), 3)})
+                    "avg_ms": round(float(sum_ms or 0.0) / requests, 3) if requests else 0.0})
     if by == "day":
         out.sort(key=lambda r: r["day"])
     else:
         out.sort(key=lambda r: (-r["cost_usd"], -r["requests"], r[by] or ""))
     return out
+
+
+def _buckets_to_days(rows: list[tuple], tz: dt.tzinfo) -> list[tuple]:
+    days: dict[str, list] = {}
+    for bucket, *sums in rows:
+        day = dt.datetime.fromtimestamp(int(bucket) * DAY_BUCKET, tz).date().isoformat()
+        acc = days.setdefault(day, [0] * len(sums))
+        for i, value in enumerate(sums):
+            acc[i] += value or 0
+    return [(day, *sums) for day, sums in days.items()]
 
 
 def models_text(models: tuple[str, ...]) -> str:

@@ -48,6 +48,12 @@ def principal(row: tuple) -> Principal:
 
 class SQLStore(Store):
     engine = ""
+    # how the engine spells: a parameter, a unix-seconds parameter compared with ts, the error
+    # count, and each grouping ("day" is a DAY_BUCKET-second bucket number, made a date in Python)
+    _PARAM = "?"
+    _TS_PARAM = "?"
+    _ERRORS = "sum(status >= 400)"
+    _GROUP: dict[str, str] = {}
 
     def __init__(self, conns: Connections) -> None:
         self._conns = conns
@@ -67,8 +73,6 @@ class SQLStore(Store):
         load). Idempotent on request_id; -> how many rows were new."""
         raise NotImplementedError
     def _count_sync(self, conn: Any) -> int: raise NotImplementedError
-    def _summary_sync(self, conn: Any, since: float | None, until: float | None, by: str,
-                      key: str | None) -> list[tuple]: raise NotImplementedError
     def _insert_key_sync(self, conn: Any, name: str, prefix: str, digest: bytes, models: str, admin: bool,
                          rpm: int | None, tpm: int | None, budget_usd: float | None, budget_period: str,
                          created_at: float, expires_at: float | None) -> tuple: raise NotImplementedError
@@ -108,11 +112,24 @@ class SQLStore(Store):
         return await self._call(self._count_sync)
 
     async def usage_summary(self, since: float | None = None, until: float | None = None, by: str = "key",
-                            key: str | None = None) -> list[dict]:
+                            key: str | None = None, tz: str = "UTC") -> list[dict]:
         if by not in BY:
             raise ValueError(f"by: one of {', '.join(BY)}")
         rows = await self._call(self._summary_sync, since, until, by, key)
-        return schema.summary_rows(by, rows)
+        return schema.summary_rows(by, rows, tz)
+
+    def _summary_sync(self, conn: Any, since: float | None, until: float | None, by: str,
+                      key: str | None) -> list[tuple]:
+        where, args = [], []
+        for condition, value in ((f"ts >= {self._TS_PARAM}", since), (f"ts < {self._TS_PARAM}", until),
+                                 (f"key = {self._PARAM}", key)):
+            if value is not None:
+                where.append(condition)
+                args.append(value)
+        query = (f"SELECT {self._GROUP[by]} AS g, count(*), {self._ERRORS}, sum(prompt_tokens), "
+                 "sum(completion_tokens), sum(total_tokens), sum(cost_usd), sum(total_ms) FROM usage"
+                 + (" WHERE " + " AND ".join(where) if where else "") + " GROUP BY g")
+        return conn.execute(query, args).fetchall()
 
     async def create_key(self, name: str, *, models: tuple[str, ...] = (), admin: bool = False,
                          rpm: int | None = None, tpm: int | None = None, budget_usd: float | None = None,

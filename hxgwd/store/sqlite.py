@@ -48,7 +48,6 @@ def _insert_sql(rows: int) -> str:
 
 
 _KEY_SELECT = f"SELECT {', '.join(KEY_COLUMNS)} FROM api_keys"
-_GROUP = {"key": "key", "model": "model", "deployment": "deployment", "day": "date(ts, 'unixepoch')"}
 
 
 class _SQLite(Engine):
@@ -116,6 +115,8 @@ class _write:
 
 class SQLiteStore(SQLStore):
     engine = "sqlite"
+    _GROUP = {"key": "key", "model": "model", "deployment": "deployment",
+              "day": f"CAST(ts / {schema.DAY_BUCKET} AS INTEGER)"}
 
     def __init__(self, path: str, database: Database) -> None:
         self.path = path
@@ -161,23 +162,6 @@ class SQLiteStore(SQLStore):
 
     def _count_sync(self, conn: sqlite3.Connection) -> int:
         return conn.execute("SELECT count(*) FROM usage").fetchone()[0]
-
-    def _summary_sync(self, conn: sqlite3.Connection, since: float | None, until: float | None, by: str,
-                      key: str | None) -> list[tuple]:
-        where, args = [], []
-        if since is not None:
-            where.append("ts >= ?")
-            args.append(since)
-        if until is not None:
-            where.append("ts < ?")
-            args.append(until)
-        if key is not None:
-            where.append("key = ?")
-            args.append(key)
-        sql = (f"SELECT {_GROUP[by]} AS g, count(*), sum(status >= 400), sum(prompt_tokens), "
-               "sum(completion_tokens), sum(total_tokens), sum(cost_usd), avg(total_ms) FROM usage"
-               + (" WHERE " + " AND ".join(where) if where else "") + " GROUP BY g")
-        return conn.execute(sql, args).fetchall()
 
     def _insert_key_sync(self, conn: sqlite3.Connection, name: str, prefix: str, digest: bytes, models: str,
                          admin: bool, rpm: int | None, tpm: int | None, budget_usd: float | None,

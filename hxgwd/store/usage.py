@@ -47,7 +47,7 @@ from hxgwd.store.spool import Spool
 RETRY_MIN = 0.2
 RETRY_MAX = 5.0
 HURRY_TIMEOUT = 5.0      # after the close deadline: time left to put the rest in the spool
-LINGER = 0.25            # seconds a first record waits for company before the batch is written
+LINGER = 0.05            # seconds a first record waits for company before the batch is written
 REJECT_LOG_INTERVAL = 10.0
 
 
