@@ -16,7 +16,7 @@ import trio
 from hxgwd.store import RecordRejected, open_store
 from hxgwd.store.schema import record_line
 from hxgwd.store.spool import SpoolError
-from hxgwd.store.usage import UsageSink
+from hxgwd.store.usage import LINGER, UsageSink
 from tests.conftest import ROOT
 from tests.test_store_support import (DownStore, ListLog, database, make_record, new_pg_url,  # noqa: F401
                                       sqlite_url, wait_until)
@@ -216,6 +216,35 @@ async def test_a_full_queue_goes_to_the_spool_not_away(tmp_path):
         await sink.aclose()
     assert await store.count_usage() == 100 and sink.statistics()["dropped"] == 0
     await store.aclose()
+
+
+class CountingStore:
+    """Stores in memory, each insert taking `latency` (virtual) seconds, and counts the inserts."""
+
+    def __init__(self, latency: float) -> None:
+        self.latency, self.batches, self.rows = latency, [], set()
+
+    async def insert_usage(self, records: list) -> int:
+        await trio.sleep(self.latency)
+        self.batches.append(len(records))
+        new = {r.request_id for r in records} - self.rows
+        self.rows |= new
+        return len(new)
+
+
+async def test_a_steady_trickle_is_written_in_linger_sized_batches(tmp_path, autojump_clock):
+    # one record a millisecond, inserts of 2 ms: the writer must not go straight back for the one
+    # or two records that came in during each insert (a thread hop and a transaction each)
+    store = CountingStore(latency=0.002)
+    sink = UsageSink(store, database(sqlite_url(tmp_path), spool_dir=str(tmp_path / "spool")), ListLog())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        for i in range(1000):
+            sink.emit(make_record(i))
+            await trio.sleep(0.001)
+        await sink.aclose()
+    assert len(store.rows) == 1000 and sink.statistics()["written"] == 1000
+    assert len(store.batches) <= 1000 * 0.001 / LINGER + 2, store.batches
 
 
 class HangingStore:
