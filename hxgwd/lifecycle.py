@@ -98,7 +98,7 @@ class Daemon:
         self.transports.retain(new.backends.values())
         self.gates.retain(new.deployments.values())
         if self.services is not None:
-            self.services.limiter.configure(new.config)
+            self.services.configure(new.config)
         self.log.configure(new.config.log.level, new.config.log.access_log)
         self.log.info("config reloaded", generation=new.generation)
         sdnotify.ready(f"serving generation {new.generation}")

@@ -28,6 +28,13 @@ class Services:
     store: Any = None            # hxgwd.store.Store
     usage: Any = None            # hxgwd.store.usage.UsageSink
     keys: Any = None             # hxgwd.store.keys.KeyCache
+    pruner: Any = None           # hxgwd.store.retention.Pruner
+
+    def configure(self, config: Any) -> None:
+        """A reload: what of the new config applies without a restart."""
+        self.limiter.configure(config)
+        if self.pruner is not None:
+            self.pruner.configure(config.database.retention_days)
 
     def key_lookups(self, rt: Runtime) -> tuple:
         return (rt.keys.get, self.keys.lookup) if self.keys is not None else (rt.keys.get,)
@@ -37,6 +44,8 @@ class Services:
         if self.usage is not None:
             out["usage"] = self.usage.statistics()
             out["keys"] = self.keys.statistics()
+            out["retention"] = {"days": self.pruner.days, "pruned": self.pruner.pruned,
+                                "last_error": self.pruner.last_error}
         return out
 
 
@@ -49,6 +58,7 @@ async def open_services(rt: Runtime, log: Any) -> AsyncIterator[Services]:
             return
         from hxgwd.store import StoreUnavailable, open_store, redact_url
         from hxgwd.store.keys import KeyCache
+        from hxgwd.store.retention import Pruner
         from hxgwd.store.usage import UsageSink
 
         store = open_store(cfg.database, rt.db_password)
@@ -61,11 +71,13 @@ async def open_services(rt: Runtime, log: Any) -> AsyncIterator[Services]:
             usage = UsageSink(store, cfg.database, log)
             keys = KeyCache(store, log, refresh=cfg.database.key_refresh,
                             load_timeout=cfg.database.connect_timeout)
+            pruner = Pruner(store, log, cfg.database.retention_days)
             async with trio.open_nursery() as nursery:
                 await nursery.start(usage.run)
                 await nursery.start(keys.run)
+                nursery.start_soon(pruner.run)
                 try:
-                    yield Services(limiter, store, usage, keys)
+                    yield Services(limiter, store, usage, keys, pruner)
                 finally:
                     with trio.CancelScope(shield=True):
                         await usage.aclose(timeout=USAGE_FLUSH_TIMEOUT)

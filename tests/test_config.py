@@ -81,6 +81,7 @@ def test_every_error_named_by_key_path():
     ('[groups.m]\nmodels = ["m"]', "groups.m: a model has the same name; a target must name one or the other"),
     ('[limits]\ntimezone = "Mars/Base"', "limits.timezone: unknown time zone 'Mars/Base'"),
     ('[database]\nurl = "mysql://x"', "database.url: use sqlite:////absolute/path.db, sqlite:///relative.db or postgresql://user@host/db"),
+    ('[database]\nretention_days = -1', "database.retention_days: must be 0 (keep all) or more"),
 ])
 def test_single_errors(snippet, expected):
     assert expected in problems(MINIMAL + snippet)

@@ -102,6 +102,44 @@ async def test_a_big_batch_with_duplicates_is_stored_once(store):
     assert await store.count_usage() == 978
 
 
+async def test_prune_deletes_the_oldest_rows_up_to_a_limit(store):
+    await store.insert_usage([make_record(i, ts=1000.0 + i) for i in range(10)])
+    assert await store.prune_usage(1005.0, 3) == 3          # 1000-1002
+    assert await store.prune_usage(1005.0, 3) == 2          # 1003-1004: the rest are newer
+    assert await store.prune_usage(1005.0, 3) == 0
+    assert [r["requests"] for r in await store.usage_summary(by="model")] == [5]
+
+
+async def test_pruner_deletes_past_the_retention_chunk_by_chunk(store):
+    from hxgwd.store.retention import DAY, Pruner
+    from tests.test_store_support import ListLog
+
+    now = 1_790_000_000.0
+    await store.insert_usage([make_record(i, prefix="old", ts=now - 40 * DAY + i) for i in range(12)]
+                             + [make_record(i, prefix="new", ts=now - 20 * DAY) for i in range(3)])
+    log = ListLog()
+    pruner = Pruner(store, log, days=0, chunk=5, pause=0)
+    assert await pruner.prune_once(now) == 0                    # 0 days: keep everything
+    pruner.configure(30)                                        # a reload
+    assert await pruner.prune_once(now) == 12 and pruner.pruned == 12
+    assert await store.count_usage() == 3
+    assert [line[1] for line in log.lines] == ["usage rows older than the retention deleted"]
+
+
+async def test_a_failed_prune_is_logged_and_kept_for_the_next_hour():
+    from hxgwd.store.retention import Pruner
+    from tests.test_store_support import ListLog
+
+    class Down:
+        async def prune_usage(self, before: float, limit: int) -> int:
+            raise StoreUnavailable("test: the database is down")
+
+    log = ListLog()
+    pruner = Pruner(Down(), log, days=7)
+    assert await pruner.prune_once(1_790_000_000.0) == 0
+    assert pruner.last_error == "test: the database is down" and log.lines[0][0] == "warning"
+
+
 async def test_non_finite_numbers_are_stored_as_null(store):
     assert await store.insert_usage([make_record(1, cost_usd=float("nan"), ttfb_ms=float("inf")),
                                      make_record(2, cost_usd=0.5)]) == 2

@@ -308,6 +308,8 @@ def _check_stores(c: m.Config) -> list[str]:
     for name in ("key_refresh", "connect_timeout", "statement_timeout"):
         if getattr(db, name) <= 0:
             p.append(f"database.{name}: must be greater than 0")
+    if db.retention_days < 0:
+        p.append("database.retention_days: must be 0 (keep all) or more")
     if c.redis.url is not None and not c.redis.url.startswith(("redis://", "rediss://", "unix://")):
         p.append("redis.url: use redis://host:port/db")
     if c.redis.timeout <= 0:

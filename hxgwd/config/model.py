@@ -136,6 +136,7 @@ class Database:
     key_refresh: float = 5.0          # keys from the store are re-read this often: revocation delay bound
     connect_timeout: float = 5.0
     statement_timeout: float = 10.0
+    retention_days: int = 0           # usage rows older than this are deleted (hourly); 0 keeps all
 
 
 @frozen

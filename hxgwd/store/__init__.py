@@ -127,6 +127,10 @@ class Store(abc.ABC):
     async def count_usage(self) -> int: ...
 
     @abc.abstractmethod
+    async def prune_usage(self, before: float, limit: int) -> int:
+        """Delete at most `limit` usage rows older than `before` (unix seconds); -> rows deleted."""
+
+    @abc.abstractmethod
     async def usage_summary(self, since: float | None = None, until: float | None = None, by: str = "key",
                             key: str | None = None, tz: str = "UTC") -> list[dict]:
         """Usage in [since, until) (unix seconds; None: unbounded) grouped by one of BY, optionally for

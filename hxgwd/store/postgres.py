@@ -153,6 +153,10 @@ class PostgresStore(SQLStore):
     def _count_sync(self, conn: psycopg.Connection) -> int:
         return conn.execute("SELECT count(*) FROM usage").fetchone()[0]
 
+    def _prune_sync(self, conn: psycopg.Connection, before: float, limit: int) -> int:
+        return conn.execute("DELETE FROM usage WHERE request_id IN (SELECT request_id FROM usage "
+                            "WHERE ts < to_timestamp(%s) ORDER BY ts LIMIT %s)", (before, limit)).rowcount
+
     def _insert_key_sync(self, conn: psycopg.Connection, name: str, prefix: str, digest: bytes, models: str,
                          admin: bool, rpm: int | None, tpm: int | None, budget_usd: float | None,
                          budget_period: str, created_at: float, expires_at: float | None) -> tuple:

@@ -73,6 +73,7 @@ class SQLStore(Store):
         load). Idempotent on request_id; -> how many rows were new."""
         raise NotImplementedError
     def _count_sync(self, conn: Any) -> int: raise NotImplementedError
+    def _prune_sync(self, conn: Any, before: float, limit: int) -> int: raise NotImplementedError
     def _insert_key_sync(self, conn: Any, name: str, prefix: str, digest: bytes, models: str, admin: bool,
                          rpm: int | None, tpm: int | None, budget_usd: float | None, budget_period: str,
                          created_at: float, expires_at: float | None) -> tuple: raise NotImplementedError
@@ -110,6 +111,9 @@ class SQLStore(Store):
 
     async def count_usage(self) -> int:
         return await self._call(self._count_sync)
+
+    async def prune_usage(self, before: float, limit: int) -> int:
+        return await self._call(self._prune_sync, before, limit)
 
     async def usage_summary(self, since: float | None = None, until: float | None = None, by: str = "key",
                             key: str | None = None, tz: str = "UTC") -> list[dict]:

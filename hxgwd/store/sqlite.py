@@ -163,6 +163,11 @@ class SQLiteStore(SQLStore):
     def _count_sync(self, conn: sqlite3.Connection) -> int:
         return conn.execute("SELECT count(*) FROM usage").fetchone()[0]
 
+    def _prune_sync(self, conn: sqlite3.Connection, before: float, limit: int) -> int:
+        with _write(conn):
+            return conn.execute("DELETE FROM usage WHERE rowid IN "
+                                "(SELECT rowid FROM usage WHERE ts < ? ORDER BY ts LIMIT ?)", (before, limit)).rowcount
+
     def _insert_key_sync(self, conn: sqlite3.Connection, name: str, prefix: str, digest: bytes, models: str,
                          admin: bool, rpm: int | None, tpm: int | None, budget_usd: float | None,
                          budget_period: str, created_at: float, expires_at: float | None) -> tuple:
