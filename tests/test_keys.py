@@ -41,6 +41,27 @@ def write_config(tmp_path, url: str, database_lines: str = "") -> str:
     return str(path)
 
 
+def test_db_prune_through_the_cli(tmp_path):
+    from tests.test_store_support import make_record
+
+    url = sqlite_url(tmp_path)
+    cfg = write_config(tmp_path, url)
+
+    async def fill() -> None:
+        store = open_store(database(url))
+        await store.migrate()
+        await store.insert_usage([make_record(i, ts=1_000_000.0 + i) for i in range(7)]
+                                 + [make_record(i, prefix="new") for i in range(3)])
+        await store.aclose()
+    trio.run(fill)
+    pruned = hxgwd("db", "prune", "-c", cfg, "--before", "2000-01-01")
+    assert pruned.returncode == 0, pruned.stderr
+    assert "deleted 7 usage rows from before 2000-01-01T00:00:00Z" in pruned.stdout
+    assert "deleted 0 usage rows" in hxgwd("db", "prune", "-c", cfg, "--before", "1d").stdout
+    bad = hxgwd("db", "prune", "-c", cfg, "--before", "yesterday")
+    assert bad.returncode == 1 and "not a time" in bad.stderr
+
+
 def test_keys_lifecycle_through_the_cli(tmp_path):
     cfg = write_config(tmp_path, sqlite_url(tmp_path))
     made = hxgwd("keys", "create", "-c", cfg, "--name", "team-a", "--models", "m1,m2", "g1", "--rpm", "60",

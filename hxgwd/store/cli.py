@@ -19,7 +19,8 @@ import argparse
 import sys
 
 COMMANDS = ("keys", "db", "usage")
-WHEN_HELP = "YYYY-MM-DD (UTC midnight), an ISO 8601 time, or an age like 30m, 12h, 7d, 4w"
+WHEN_HELP = ("YYYY-MM-DD (midnight in [limits] timezone), an ISO 8601 time (that zone unless it has an "
+             "offset), or an age like 30m, 12h, 7d, 4w")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +39,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--budget-usd", type=float, metavar="X", help="spend allowed per budget period")
     create.add_argument("--budget-period", choices=("day", "month"), default="month")
     create.add_argument("--expires", metavar="WHEN",
-                        help="expiry: YYYY-MM-DD (UTC midnight), an ISO 8601 time, or 30d / 12h from now")
+                        help="expiry: YYYY-MM-DD (midnight in [limits] timezone), an ISO 8601 time, "
+                             "or 30d / 12h from now")
     create.add_argument("--admin", action="store_true", help="may call the /admin API")
     listing = with_config(actions.add_parser("list", help="keys of the database and the config (never a secret)"))
     listing.add_argument("--all", action="store_true", help="revoked keys too")
@@ -49,10 +51,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     revoke = with_config(actions.add_parser("revoke", help="revoke a key on every gateway (within key_refresh)"))
     revoke.add_argument("name")
 
-    db = with_config(sub.add_parser("db", help="database schema: migrate, status"))
+    db = with_config(sub.add_parser("db", help="database schema: migrate, status; usage rows: prune"))
     db_actions = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     with_config(db_actions.add_parser("migrate", help="bring the schema to this hxgwd's version"))
     with_config(db_actions.add_parser("status", help="schema version: exit 0 if current, 1 if not"))
+    prune = with_config(db_actions.add_parser(
+        "prune", help="delete usage rows older than a time, now ([database] retention_days does it hourly)"))
+    prune.add_argument("--before", metavar="WHEN", required=True, help=f"delete the rows before: {WHEN_HELP}")
 
     usage = with_config(sub.add_parser("usage", help="usage report: requests, tokens, cost"))
     usage.add_argument("--since", metavar="WHEN", default="30d", help=f"start, inclusive (default 30d): {WHEN_HELP}")
@@ -105,9 +110,11 @@ def run(args: argparse.Namespace, config_path: str) -> int:
 
 async def _dispatch(args: argparse.Namespace, config, store) -> int:
     try:
-        if args.command == "db":
+        if args.command == "db" and args.db_command != "prune":
             return await (_db_migrate if args.db_command == "migrate" else _db_status)(store)
         await store.ensure_schema()
+        if args.command == "db":
+            return await _db_prune(args, store, config.limits.timezone)
         if args.command == "usage":
             return await _usage(args, store, config.limits.timezone)
         return await {"create": _keys_create, "list": _keys_list, "show": _keys_show,
@@ -136,6 +143,21 @@ async def _db_status(store) -> int:
         return 0
     print(f"hxgwd: {store.url_for_display}: {schema_problem(current, expected)}")
     return 1
+
+
+async def _db_prune(args: argparse.Namespace, store, tz: str) -> int:
+    import time
+
+    from hxgwd.store import iso_time
+    from hxgwd.store.retention import Pruner
+
+    before = parse_when(args.before, time.time(), tz=tz)
+    pruner = Pruner(store, None, days=0)
+    try:
+        await pruner.delete_before(before)
+    finally:   # a failure midway still says what was deleted (the error follows, exit 1)
+        print(f"hxgwd: {store.url_for_display}: deleted {pruner.pruned} usage rows from before {iso_time(before)}")
+    return 0
 
 
 # --- keys --------------------------------------------------------------------------------------------

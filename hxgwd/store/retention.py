@@ -42,24 +42,28 @@ class Pruner:
             await trio.sleep(INTERVAL)
 
     async def prune_once(self, now: float) -> int:
-        """Delete what is older than the retention, chunk by chunk; -> rows deleted."""
+        """Delete what is older than the retention; -> rows deleted. Never raises StoreError."""
         if self.days <= 0:
             return 0
-        before = now - self.days * DAY
-        deleted = 0
-        while True:
-            try:
-                n = await self._store.prune_usage(before, self._chunk)
-            except StoreError as exc:
-                self.last_error = str(exc)
-                self._log.warning("usage retention: prune failed; trying again in an hour", error=str(exc))
-                break
-            deleted += n
-            if n < self._chunk:
-                break
-            await trio.sleep(self._pause)
-        self.pruned += deleted
+        try:
+            deleted = await self.delete_before(now - self.days * DAY)
+        except StoreError as exc:
+            self.last_error = str(exc)
+            self._log.warning("usage retention: prune failed; trying again in an hour", error=str(exc))
+            return 0
         if deleted:
             self._log.info("usage rows older than the retention deleted", rows=deleted,
                            retention_days=self.days)
         return deleted
+
+    async def delete_before(self, before: float) -> int:
+        """Delete usage rows older than `before` (unix seconds), chunk by chunk; -> rows deleted.
+        Raises StoreError (what was deleted before it stays deleted, and counted)."""
+        deleted = 0
+        while True:
+            n = await self._store.prune_usage(before, self._chunk)
+            deleted += n
+            self.pruned += n
+            if n < self._chunk:
+                return deleted
+            await trio.sleep(self._pause)
