@@ -71,7 +71,8 @@ async def open_services(rt: Runtime, log: Any) -> AsyncIterator[Services]:
             usage = UsageSink(store, cfg.database, log)
             keys = KeyCache(store, log, refresh=cfg.database.key_refresh,
                             load_timeout=cfg.database.connect_timeout)
-            pruner = Pruner(store, log, cfg.database.retention_days)
+            pruner = Pruner(store, log, cfg.database.retention_days,
+                            timeout=cfg.database.connect_timeout + cfg.database.statement_timeout)
             async with trio.open_nursery() as nursery:
                 await nursery.start(usage.run)
                 await nursery.start(keys.run)

@@ -140,6 +140,21 @@ async def test_a_failed_prune_is_logged_and_kept_for_the_next_hour():
     assert pruner.last_error == "test: the database is down" and log.lines[0][0] == "warning"
 
 
+async def test_a_prune_that_hangs_is_given_up_at_its_timeout(autojump_clock):
+    from hxgwd.store.retention import Pruner
+    from tests.test_store_support import ListLog
+
+    class Hanging:
+        async def prune_usage(self, before: float, limit: int) -> int:
+            await trio.sleep_forever()
+
+    pruner = Pruner(Hanging(), ListLog(), days=7, timeout=15)
+    start = trio.current_time()
+    assert await pruner.prune_once(1_790_000_000.0) == 0
+    assert trio.current_time() - start == pytest.approx(15)
+    assert "did not answer within 15 s" in pruner.last_error
+
+
 async def test_non_finite_numbers_are_stored_as_null(store):
     assert await store.insert_usage([make_record(1, cost_usd=float("nan"), ttfb_ms=float("inf")),
                                      make_record(2, cost_usd=0.5)]) == 2

@@ -114,7 +114,7 @@ async def _dispatch(args: argparse.Namespace, config, store) -> int:
             return await (_db_migrate if args.db_command == "migrate" else _db_status)(store)
         await store.ensure_schema()
         if args.command == "db":
-            return await _db_prune(args, store, config.limits.timezone)
+            return await _db_prune(args, store, config)
         if args.command == "usage":
             return await _usage(args, store, config.limits.timezone)
         return await {"create": _keys_create, "list": _keys_list, "show": _keys_show,
@@ -145,14 +145,14 @@ async def _db_status(store) -> int:
     return 1
 
 
-async def _db_prune(args: argparse.Namespace, store, tz: str) -> int:
+async def _db_prune(args: argparse.Namespace, store, config) -> int:
     import time
 
     from hxgwd.store import iso_time
     from hxgwd.store.retention import Pruner
 
-    before = parse_when(args.before, time.time(), tz=tz)
-    pruner = Pruner(store, None, days=0)
+    before = parse_when(args.before, time.time(), tz=config.limits.timezone)
+    pruner = Pruner(store, None, days=0, timeout=config.database.connect_timeout + config.database.statement_timeout)
     try:
         await pruner.delete_before(before)
     finally:   # a failure midway still says what was deleted (the error follows, exit 1)

@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from hxgwd.store import Store, StoreError
+from hxgwd.store import Store, StoreError, StoreUnavailable
 
 DAY = 86400.0
 INTERVAL = 3600.0       # seconds between prunes
@@ -23,9 +23,11 @@ PAUSE = 0.05            # seconds between chunks
 
 
 class Pruner:
-    def __init__(self, store: Store, log: Any, days: int, *, chunk: int = CHUNK, pause: float = PAUSE) -> None:
+    def __init__(self, store: Store, log: Any, days: int, *, timeout: float = 15.0, chunk: int = CHUNK,
+                 pause: float = PAUSE) -> None:
         self._store, self._log = store, log
         self.days = days
+        self._timeout = timeout   # per chunk: the database's connect + statement timeouts
         self._chunk, self._pause = chunk, pause
         self.pruned = 0           # rows deleted since start
         self.last_error: str | None = None
@@ -61,7 +63,10 @@ class Pruner:
         Raises StoreError (what was deleted before it stays deleted, and counted)."""
         deleted = 0
         while True:
-            n = await self._store.prune_usage(before, self._chunk)
+            with trio.move_on_after(self._timeout) as scope:
+                n = await self._store.prune_usage(before, self._chunk)
+            if scope.cancelled_caught:
+                raise StoreUnavailable(f"the database did not answer within {self._timeout:g} s")
             deleted += n
             self.pruned += n
             if n < self._chunk:
