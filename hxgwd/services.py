@@ -44,8 +44,7 @@ class Services:
         if self.usage is not None:
             out["usage"] = self.usage.statistics()
             out["keys"] = self.keys.statistics()
-            out["retention"] = {"days": self.pruner.days, "pruned": self.pruner.pruned,
-                                "last_error": self.pruner.last_error}
+            out["retention"] = self.pruner.statistics()
         return out
 
 

@@ -32,6 +32,9 @@ class Pruner:
         self.pruned = 0           # rows deleted since start
         self.last_error: str | None = None
 
+    def statistics(self) -> dict[str, Any]:
+        return {"days": self.days, "pruned": self.pruned, "last_error": self.last_error}
+
     def configure(self, days: int) -> None:
         """A reload: the new retention applies from the next prune."""
         self.days = days

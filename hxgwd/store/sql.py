@@ -8,6 +8,7 @@ key cache, the CLI) never import a driver.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import secrets
 import time
@@ -58,28 +59,45 @@ class SQLStore(Store):
     def __init__(self, conns: Connections) -> None:
         self._conns = conns
 
-    # --- what an engine provides ---------------------------------------------------------------
+    # --- what an engine provides (abstract: an engine missing one fails when it is made) --------
 
+    @abc.abstractmethod
     def _translate(self, exc: Exception) -> Exception:
         """A driver error -> StoreUnavailable or RecordRejected (or exc itself, if a bug)."""
-        raise NotImplementedError
 
-    def _migrate_sync(self, conn: Any) -> tuple[int, int]: raise NotImplementedError
-    def _version_sync(self, conn: Any) -> int: raise NotImplementedError
+    @abc.abstractmethod
+    def _migrate_sync(self, conn: Any) -> tuple[int, int]: ...
+
+    @abc.abstractmethod
+    def _version_sync(self, conn: Any) -> int: ...
+
+    @abc.abstractmethod
     def _insert_usage_sync(self, conn: Any, rows: list[tuple]) -> int:
         """Insert rows (USAGE_COLUMNS order) in one transaction, a few statements or a COPY, not one per row:
         a worker thread that hands the GIL back around every row's statement waits out the event
         loop thread's switch interval (5 ms) each time it takes it back (1,000 rows: 2.5-4 s under
         load). Idempotent on request_id; -> how many rows were new."""
-        raise NotImplementedError
-    def _count_sync(self, conn: Any) -> int: raise NotImplementedError
-    def _prune_sync(self, conn: Any, before: float, limit: int) -> int: raise NotImplementedError
+
+    @abc.abstractmethod
+    def _count_sync(self, conn: Any) -> int: ...
+
+    @abc.abstractmethod
+    def _prune_sync(self, conn: Any, before: float, limit: int) -> int:
+        """Delete at most `limit` usage rows with ts < before, oldest first; -> rows deleted."""
+
+    @abc.abstractmethod
     def _insert_key_sync(self, conn: Any, name: str, prefix: str, digest: bytes, models: str, admin: bool,
                          rpm: int | None, tpm: int | None, budget_usd: float | None, budget_period: str,
-                         created_at: float, expires_at: float | None) -> tuple: raise NotImplementedError
-    def _select_keys_sync(self, conn: Any, where: str, args: tuple) -> list[tuple]: raise NotImplementedError
-    def _revoke_sync(self, conn: Any, name: str) -> tuple | None: raise NotImplementedError
-    def _active_sync(self, conn: Any) -> list[tuple]: raise NotImplementedError
+                         created_at: float, expires_at: float | None) -> tuple: ...
+
+    @abc.abstractmethod
+    def _select_keys_sync(self, conn: Any, where: str, args: tuple) -> list[tuple]: ...
+
+    @abc.abstractmethod
+    def _revoke_sync(self, conn: Any, name: str) -> tuple | None: ...
+
+    @abc.abstractmethod
+    def _active_sync(self, conn: Any) -> list[tuple]: ...
 
     # --- the Store interface -------------------------------------------------------------------
 
