@@ -163,15 +163,14 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services, handle_sig
                         task_status.started(addresses)
                 life.listening = False
                 for listener in listeners:
-                    await listener.aclose()
+                    listener.close()
                 grace = daemon.holder.current.config.server.shutdown_grace
                 connections.cancel_scope.deadline = trio.current_time() + grace
                 daemon.log.info("draining", grace_seconds=grace)
             root.cancel_scope.cancel()
     finally:
         for listener in listeners:
-            with trio.CancelScope(shield=True):
-                await listener.aclose()
+            listener.close()
         daemon.transports.close()
     daemon.log.info("stopped", forced=life.forced)
     return life

@@ -139,6 +139,47 @@ async def test_connection_cap_waits_in_backlog(nursery):
     await second.aclose()
 
 
+
+async def test_queued_connections_are_accepted_in_one_turn_while_the_loop_is_busy(nursery):
+    """Busy tasks make every scheduler round count: connections already waiting in the backlog
+    are all taken at once, not one per round (which left them waiting up to 0.5 s under load)."""
+    server = Server(listen=("127.0.0.1:0",), max_connections=4)
+    (listener,) = await open_listeners(server.listen, 64)
+    port = listener.socket.getsockname()[1]
+    ticks = 0
+    accepted_at: list[int] = []
+    held = trio.Event()
+
+    async def busy() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    async def serve(stream):
+        accepted_at.append(ticks)
+        await held.wait()
+        await stream.aclose()
+
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]   # queued, not accepted
+    for _ in range(8):
+        nursery.start_soon(busy)
+    slots = trio.Semaphore(server.max_connections)
+    nursery.start_soon(accept_loop, listener, slots, nursery, serve, lambda exc: None)
+    with trio.fail_after(5):
+        while len(accepted_at) < 4:
+            await trio.sleep(0.001)
+    await trio.sleep(0.05)
+    assert len(accepted_at) == 4                       # the cap holds: two wait in the backlog
+    assert max(accepted_at) - min(accepted_at) <= 8    # one round of the 8 busy tasks, not four
+    held.set()
+    with trio.fail_after(5):
+        while len(accepted_at) < 6:
+            await trio.sleep(0.001)
+    for client in clients:
+        client.close()
+    listener.close()
+
 async def test_handler_crash_is_500_without_internals_and_others_unaffected(nursery):
     port, life = await start(nursery)
     out = await talk(port, b"GET /boom HTTP/1.1\r\nHost: a\r\n\r\n")

@@ -1,9 +1,17 @@
 """Stage 1, listen: bind the listening sockets and accept connections, at most
-`server.max_connections` at a time; the rest wait in the kernel's backlog, costing us nothing."""
+`server.max_connections` at a time; the rest wait in the kernel's backlog, costing us nothing.
+
+Connections are accepted in bursts: after one readiness wait, every connection already queued is
+taken with plain non-blocking accept() calls, none of which goes through the scheduler. An accept
+through trio's SocketListener yields once per connection, and every yield waits a whole scheduling
+round of the busy connections: measured here, 64 connections arriving while 64 others were busy
+waited up to 0.5 s to be accepted, and their first requests showed it as a p99 ten times the p50.
+"""
 
 from __future__ import annotations
 
 import errno
+import socket
 from typing import Awaitable, Callable
 
 import trio
@@ -12,33 +20,63 @@ from hxgwd.config.load import parse_listen
 
 # Out of descriptors or memory: back off and retry instead of dying (trio.serve_listeners does the same).
 RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# A connection that died in the backlog, or was refused by a firewall: skip it (as trio does).
+SKIPPED_ERRORS = {getattr(errno, name) for name in (
+    "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
+    "EOPNOTSUPP", "ENETUNREACH") if hasattr(errno, name)}
+# Most connections taken per readiness wait, so that a flood of them cannot hold the loop either.
+ACCEPT_BURST = 64
 
 
-async def open_listeners(addresses: tuple[str, ...], backlog: int) -> list[trio.SocketListener]:
-    listeners: list[trio.SocketListener] = []
+class Listener:
+    """One bound, listening, non-blocking socket."""
+
+    __slots__ = ("socket",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+    @property
+    def address(self) -> str:
+        host, port = self.socket.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def close(self) -> None:
+        if self.socket.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.socket)   # wakes an accept loop still waiting on it
+            self.socket.close()
+
+
+async def open_listeners(addresses: tuple[str, ...], backlog: int) -> list[Listener]:
+    listeners: list[Listener] = []
     try:
         for addr in addresses:
             host, port = parse_listen(addr)
-            listeners.extend(await trio.open_tcp_listeners(port, host=host, backlog=backlog))
+            for family, type_, proto, _name, sockaddr in await trio.socket.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+                sock = socket.socket(family, type_, proto)
+                listeners.append(Listener(sock))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(sockaddr)
+                sock.listen(backlog)
+                sock.setblocking(False)
     except BaseException:
         for listener in listeners:
-            await listener.aclose()
+            listener.close()
         raise
     return listeners
 
 
-def bound_addresses(listeners: list[trio.SocketListener]) -> list[str]:
-    out = []
-    for listener in listeners:
-        host, port = listener.socket.getsockname()[:2]
-        out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-    return out
+def bound_addresses(listeners: list[Listener]) -> list[str]:
+    return [listener.address for listener in listeners]
 
 
-async def accept_loop(listener: trio.SocketListener, slots: trio.Semaphore, nursery: trio.Nursery,
+async def accept_loop(listener: Listener, slots: trio.Semaphore, nursery: trio.Nursery,
                       serve: Callable[[trio.SocketStream], Awaitable[None]],
                       on_resource_error: Callable[[OSError], None]) -> None:
-    """Accept forever; `serve` runs in `nursery`, each connection holding one of `slots`."""
+    """Accept until cancelled; `serve` runs in `nursery`, each connection holding one of `slots`."""
 
     async def run(stream: trio.SocketStream) -> None:
         try:
@@ -46,18 +84,36 @@ async def accept_loop(listener: trio.SocketListener, slots: trio.Semaphore, nurs
         finally:
             slots.release()
 
+    sock = listener.socket
     while True:
         await slots.acquire()
         try:
-            stream = await listener.accept()
-        except OSError as exc:
+            await trio.lowlevel.wait_readable(sock)
+        except trio.ClosedResourceError:   # the listener was closed: nothing more to accept
             slots.release()
-            if exc.errno not in RESOURCE_ERRORS:
-                raise
-            on_resource_error(exc)
-            await trio.sleep(0.1)
-            continue
+            return
         except BaseException:
             slots.release()
             raise
-        nursery.start_soon(run, stream)
+        for taken in range(ACCEPT_BURST):   # one slot is held at the top of each turn
+            try:
+                conn, _addr = sock.accept()
+            except BlockingIOError:
+                slots.release()
+                break
+            except OSError as exc:
+                slots.release()
+                if exc.errno in SKIPPED_ERRORS:
+                    break
+                if exc.errno not in RESOURCE_ERRORS:
+                    raise
+                on_resource_error(exc)
+                await trio.sleep(0.1)
+                break
+            nursery.start_soon(run, trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+            if taken + 1 == ACCEPT_BURST:
+                break
+            try:
+                slots.acquire_nowait()
+            except trio.WouldBlock:
+                break
