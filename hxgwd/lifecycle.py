@@ -27,6 +27,7 @@ from hxgwd.logs import Logger
 from hxgwd.pipeline.connection import HttpConnection
 from hxgwd.pipeline.handle import Gateway
 from hxgwd.pipeline.listen import accept_loop, bound_addresses, open_listeners
+from hxgwd.sockio import SocketIO
 from hxgwd.pipeline.route import Router
 from hxgwd.services import Services, open_services
 from hxgwd.runtime import Runtime, RuntimeHolder, build_runtime
@@ -133,7 +134,7 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services, handle_sig
     def settings():
         return daemon.holder.current.config.server
 
-    async def serve_connection(stream: trio.SocketStream) -> None:
+    async def serve_connection(stream: SocketIO) -> None:
         await HttpConnection(stream, settings, gateway, life).run()
 
     def on_resource_error(exc: OSError) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import struct
 from typing import Any
 
@@ -64,11 +65,12 @@ class Received:
 
 class FakeUpstream:
     def __init__(self, *, dimensions: int = 1024, prompt_only_embeddings: bool = False,
-                 latency_per_kb: float = 0.0, name: str = "fake") -> None:
+                 latency_per_kb: float = 0.0, name: str = "fake", tls: ssl.SSLContext | None = None) -> None:
         self.dimensions = dimensions
         self.prompt_only_embeddings = prompt_only_embeddings
         self.latency_per_kb = latency_per_kb
         self.name = name
+        self.tls = tls                   # serve HTTPS with this server context
         self.requests: list[Received] = []
         self.default: Any = None
         self._script: list[Any] = []
@@ -84,7 +86,7 @@ class FakeUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def script(self, *actions: Any) -> None:
         self._script.extend(actions)
@@ -128,9 +130,10 @@ class FakeUpstream:
 
     # --- per connection ----------------------------------------------------------------------
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, tcp: trio.SocketStream) -> None:
         self.connections += 1
-        self._open.add(stream)
+        self._open.add(tcp)
+        stream: trio.abc.Stream = trio.SSLStream(tcp, self.tls, server_side=True) if self.tls else tcp
         conn = h11.Connection(h11.SERVER)
         try:
             while True:
@@ -144,7 +147,7 @@ class FakeUpstream:
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
             pass
         finally:
-            self._open.discard(stream)
+            self._open.discard(tcp)
             with trio.move_on_after(1, shield=True):
                 await stream.aclose()
 
@@ -278,7 +281,9 @@ async def _send(stream: trio.SocketStream, conn: h11.Connection, status: int, pa
                           + conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage()))
 
 
-def _reset(stream: trio.SocketStream) -> None:
+def _reset(stream: trio.abc.Stream) -> None:
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
     try:
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
+import ssl
 import struct
+import subprocess
 
 import httpx
 import pytest
@@ -460,3 +463,50 @@ async def test_slow_client_slows_its_upstream_read(nursery):
         while not gw.log.requests():
             await trio.sleep(0.02)
     assert gw.log.requests()[-1]["status"] == 499
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1, made with the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return d / "cert.pem", d / "key.pem"
+
+
+async def test_https_backend_pooled_streamed_and_verified(nursery, tls_files):
+    cert, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    up = FakeUpstream(tls=server_ctx)
+    await nursery.start(up.serve)
+    gw = await start_gateway(nursery, gateway_config(f"""
+        [[backends]]
+        name = "trusted"
+        url = "{up.url}"
+        ca_file = "{cert}"
+        [[backends]]
+        name = "untrusted"
+        url = "{up.url}"
+        [[models]]
+        name = "m"
+        backend = "trusted"
+        [[models]]
+        name = "bad"
+        backend = "untrusted"
+    """))
+    assert up.url.startswith("https://")
+    for _ in range(2):
+        r = await gw.post("/v1/chat/completions", {**CHAT, "model": "m"})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "HX-OK"
+    assert up.connections == 1                      # the second request reused the TLS connection
+    async with gw.client.stream("POST", "/v1/chat/completions", headers=AUTH,
+                                json={**CHAT, "model": "m", "stream": True}) as r:
+        body = b"".join([chunk async for chunk in r.aiter_bytes()])
+    assert r.status_code == 200 and body.rstrip().endswith(b"data: [DONE]")
+    r = await gw.post("/v1/chat/completions", {**CHAT, "model": "bad"})   # not signed by a known CA
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_connect_failed"
+    assert "HX-OK" not in r.text

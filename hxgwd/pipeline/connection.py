@@ -21,6 +21,7 @@ from hxgwd.config.model import Server
 from hxgwd.errors import GatewayError, PayloadTooLarge, RequestTimeout
 from hxgwd.pipeline.parse import (END_OF_BODY, NEED_DATA, PEER_CLOSED, Headers, RequestHead,
                                   ServerConn)
+from hxgwd.sockio import SocketIO
 
 RECEIVE_SIZE = 65536
 
@@ -104,7 +105,7 @@ Handler = Callable[[Request, Response], Awaitable[None]]
 
 
 class HttpConnection:
-    def __init__(self, stream: trio.SocketStream, settings: Callable[[], Server], handler: Handler,
+    def __init__(self, stream: SocketIO, settings: Callable[[], Server], handler: Handler,
                  life: Lifecycle) -> None:
         self.stream = stream
         self._settings = settings
@@ -130,8 +131,7 @@ class HttpConnection:
                 await self._request_loop()
                 nursery.cancel_scope.cancel()
         finally:
-            with trio.move_on_after(1, shield=True):   # bounded, so a dead peer cannot hold shutdown
-                await self.stream.aclose()
+            self.stream.close()
 
     # --- the two tasks -----------------------------------------------------------------------
 
@@ -263,12 +263,8 @@ class HttpConnection:
         if not data:
             return
         try:
-            # a bare CancelScope: fail_after costs two more context managers on every write
-            with trio.CancelScope(deadline=trio.current_time() + self._write_timeout) as scope:
-                await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            scope = None
-        if scope is None or scope.cancelled_caught:
+            await self.stream.send_all(data, trio.current_time() + self._write_timeout)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             self.client_gone = True
             self.protocol.send_failed()
             raise ClientGone()

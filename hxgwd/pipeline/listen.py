@@ -17,6 +17,7 @@ from typing import Awaitable, Callable
 import trio
 
 from hxgwd.config.load import parse_listen
+from hxgwd.sockio import SocketIO
 
 # Out of descriptors or memory: back off and retry instead of dying (trio.serve_listeners does the same).
 RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -74,11 +75,11 @@ def bound_addresses(listeners: list[Listener]) -> list[str]:
 
 
 async def accept_loop(listener: Listener, slots: trio.Semaphore, nursery: trio.Nursery,
-                      serve: Callable[[trio.SocketStream], Awaitable[None]],
+                      serve: Callable[[SocketIO], Awaitable[None]],
                       on_resource_error: Callable[[OSError], None]) -> None:
     """Accept until cancelled; `serve` runs in `nursery`, each connection holding one of `slots`."""
 
-    async def run(stream: trio.SocketStream) -> None:
+    async def run(stream: SocketIO) -> None:
         try:
             await serve(stream)
         finally:
@@ -110,7 +111,9 @@ async def accept_loop(listener: Listener, slots: trio.Semaphore, nursery: trio.N
                 on_resource_error(exc)
                 await trio.sleep(0.1)
                 break
-            nursery.start_soon(run, trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+            if conn.family != socket.AF_UNIX:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            nursery.start_soon(run, SocketIO(conn))
             if taken + 1 == ACCEPT_BURST:
                 break
             try:

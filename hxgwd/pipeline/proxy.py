@@ -203,28 +203,27 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
 
 
 async def _read(up: UpstreamResponse, limit: int, between_chunks: float, tolerate: bool = False) -> bytes:
-    """The whole body, each piece within `between_chunks` of the last (one scope, moved along)."""
+    """The whole body, each piece within `between_chunks` of the last."""
     parts, size = [], 0
     try:
-        with trio.CancelScope(deadline=trio.current_time() + between_chunks) as scope:
-            while True:
-                chunk = await up.receive()
-                if not chunk:
+        while True:
+            chunk = await up.receive(trio.current_time() + between_chunks)
+            if not chunk:
+                return b"".join(parts)
+            size += len(chunk)
+            if size > limit:
+                if tolerate:
                     return b"".join(parts)
-                size += len(chunk)
-                if size > limit:
-                    if tolerate:
-                        return b"".join(parts)
-                    raise UpstreamError("The upstream answer is larger than the gateway accepts.")
-                parts.append(chunk)
-                scope.deadline = trio.current_time() + between_chunks
+                raise UpstreamError("The upstream answer is larger than the gateway accepts.")
+            parts.append(chunk)
     except UpstreamError:
         if tolerate:
             return b"".join(parts)
         raise
-    if tolerate:
-        return b"".join(parts)
-    raise UpstreamTimeout("The upstream stopped sending mid-answer.", code="upstream_read_timeout")
+    except trio.TooSlowError:
+        if tolerate:
+            return b"".join(parts)
+        raise UpstreamTimeout("The upstream stopped sending mid-answer.", code="upstream_read_timeout") from None
 
 
 async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan, up: UpstreamResponse,
@@ -237,10 +236,10 @@ async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan
     await response.start(200, headers)
     try:
         while True:
-            with trio.CancelScope(deadline=trio.current_time() + between_chunks) as scope:
-                chunk = await up.receive()
-            if scope.cancelled_caught:
-                raise UpstreamTimeout("The upstream stream stalled.", code="upstream_read_timeout")
+            try:
+                chunk = await up.receive(trio.current_time() + between_chunks)
+            except trio.TooSlowError:
+                raise UpstreamTimeout("The upstream stream stalled.", code="upstream_read_timeout") from None
             if not chunk:
                 break
             out = relay.feed(chunk)

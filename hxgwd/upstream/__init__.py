@@ -30,8 +30,9 @@ class UpstreamResponse(Protocol):
     status: int
     headers: Headers
 
-    async def receive(self) -> bytes:
-        """The next piece of the body, b"" at its end."""
+    async def receive(self, deadline: float = ...) -> bytes:
+        """The next piece of the body, b"" at its end; trio.TooSlowError if none by `deadline`
+        (trio clock; no limit by default)."""
 
     async def aclose(self) -> None:
         """Release the connection (kept for reuse only if the body was read to its end)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import struct
 import time
 import uuid
@@ -35,7 +36,7 @@ class EchoResponse:
         self._next = 0
         self._pace = pace
 
-    async def receive(self) -> bytes:
+    async def receive(self, deadline: float = math.inf) -> bytes:
         if self._next >= len(self._chunks):
             return b""
         if self._pace and self._next:

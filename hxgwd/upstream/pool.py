@@ -12,6 +12,7 @@ pool does one list pop or append per request.
 
 from __future__ import annotations
 
+import math
 import ssl
 from typing import Any
 
@@ -22,6 +23,7 @@ from hxgwd.config.model import Timeouts
 from hxgwd.pipeline.parse import splice_headers
 from hxgwd.errors import Unavailable, UpstreamError, UpstreamTimeout
 from hxgwd.runtime import Origin
+from hxgwd.sockio import SocketIO
 from hxgwd.upstream import Headers, UpstreamRequest
 
 RECEIVE_SIZE = 65536
@@ -34,13 +36,14 @@ class _StaleConnection(Exception):
 class _Conn:
     __slots__ = ("stream", "h11", "idle_since", "heard")
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: "SocketIO | _TLSStream") -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=65536)
         self.idle_since = 0.0
         self.heard = False        # any byte received for the current request
 
-    async def receive(self) -> Any:
+    async def receive(self, deadline: float) -> Any:
+        """The next h11 event; trio.TooSlowError if it needs bytes that do not come by `deadline`."""
         while True:
             try:
                 event = self.h11.next_event()
@@ -49,11 +52,38 @@ class _Conn:
             if event is not h11.NEED_DATA:
                 return event
             try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = await self.stream.receive_some(RECEIVE_SIZE, deadline)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             self.heard = self.heard or bool(data)
             self.h11.receive_data(data)
+
+
+class _TLSStream:
+    """trio's SSLStream behind the same calls as SocketIO (deadlines as numbers)."""
+
+    __slots__ = ("tls",)
+
+    def __init__(self, tls: trio.SSLStream) -> None:
+        self.tls = tls
+
+    async def send_all(self, data: bytes, deadline: float) -> None:
+        with trio.CancelScope(deadline=deadline) as scope:
+            await self.tls.send_all(data)
+        if scope.cancelled_caught:
+            raise trio.TooSlowError()
+
+    async def receive_some(self, max_bytes: int, deadline: float) -> bytes:
+        with trio.CancelScope(deadline=deadline):
+            try:
+                return await self.tls.receive_some(max_bytes)
+            except trio.BrokenResourceError:
+                return b""
+        raise trio.TooSlowError()
+
+    def close(self) -> None:
+        """Without awaiting, so without the TLS close_notify."""
+        self.tls.transport_stream.socket.close()
 
 
 class PooledResponse:
@@ -68,11 +98,11 @@ class PooledResponse:
         self._conn = conn
         self._done = False
 
-    async def receive(self) -> bytes:
-        """The next piece of the body; b"" at its end."""
+    async def receive(self, deadline: float = math.inf) -> bytes:
+        """The next piece of the body; b"" at its end; trio.TooSlowError if none by `deadline`."""
         if self._done:
             return b""
-        event = await self._conn.receive()
+        event = await self._conn.receive(deadline)
         if type(event) is h11.Data:
             return bytes(event.data)
         if type(event) is h11.EndOfMessage:
@@ -133,32 +163,32 @@ class Pool:
         # h11 frames the request (host, length); the other headers were validated where they came
         # from (the client's request by h11, ours at config load) and are spliced in as they are
         framing = [(b"host", self.origin.host_header), (b"content-length", str(len(req.body)).encode())]
+        deadline = trio.current_time() + timeout
         try:
-            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
-                head = conn.h11.send(h11.Request(method=req.method, target=req.path, headers=framing))
-                data = b"".join((splice_headers(head, req.headers),
-                                 conn.h11.send(h11.Data(data=req.body)) if req.body else b"",
-                                 conn.h11.send(h11.EndOfMessage())))
-                conn.heard = False
-                try:
-                    await conn.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    if reused:
-                        raise _StaleConnection() from None
-                    raise UpstreamError("The upstream connection broke while sending.") from None
-                try:
-                    event = await conn.receive()
-                except UpstreamError:
-                    # closed while idle in the pool, and only noticed now: nothing was processed
-                    if reused and not conn.heard:
-                        raise _StaleConnection() from None
-                    raise
+            head = conn.h11.send(h11.Request(method=req.method, target=req.path, headers=framing))
+            data = b"".join((splice_headers(head, req.headers),
+                             conn.h11.send(h11.Data(data=req.body)) if req.body else b"",
+                             conn.h11.send(h11.EndOfMessage())))
+            conn.heard = False
+            try:
+                await conn.stream.send_all(data, deadline)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                if reused:
+                    raise _StaleConnection() from None
+                raise UpstreamError("The upstream connection broke while sending.") from None
+            try:
+                event = await conn.receive(deadline)
+            except UpstreamError:
+                # closed while idle in the pool, and only noticed now: nothing was processed
+                if reused and not conn.heard:
+                    raise _StaleConnection() from None
+                raise
+        except trio.TooSlowError:
+            _close_now(conn)
+            raise UpstreamTimeout("The upstream did not answer in time.", code="upstream_first_byte_timeout") from None
         except BaseException:
             _close_now(conn)
             raise
-        if scope.cancelled_caught:
-            _close_now(conn)
-            raise UpstreamTimeout("The upstream did not answer in time.", code="upstream_first_byte_timeout")
         if type(event) is h11.Response:
             return PooledResponse(self, conn, event.status_code, list(event.headers))
         _close_now(conn)
@@ -179,10 +209,17 @@ class Pool:
         o = self.origin
         try:
             with trio.fail_after(timeout):
-                stream: trio.abc.Stream = await trio.open_tcp_stream(o.host, o.port)
-                if self._ssl is not None:
-                    stream = trio.SSLStream(stream, self._ssl, server_hostname=o.host, https_compatible=True)
-                    await stream.do_handshake()
+                tcp = await trio.open_tcp_stream(o.host, o.port)
+                if self._ssl is None:
+                    stream: SocketIO | _TLSStream = SocketIO.adopt(tcp)
+                else:
+                    tls = trio.SSLStream(tcp, self._ssl, server_hostname=o.host, https_compatible=True)
+                    stream = _TLSStream(tls)
+                    try:
+                        await tls.do_handshake()
+                    except BaseException:
+                        stream.close()
+                        raise
         except trio.TooSlowError:
             raise UpstreamTimeout("Connecting to the upstream timed out.", code="upstream_connect_timeout") from None
         except (OSError, trio.BrokenResourceError, ssl.SSLError):
@@ -217,8 +254,5 @@ class Pool:
 
 
 def _close_now(conn: _Conn) -> None:
-    """Close without awaiting: plain sockets close at once; TLS skips the close_notify."""
-    stream = conn.stream
-    sock_stream = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    sock_stream.socket.close()
+    conn.stream.close()
 
