@@ -50,26 +50,36 @@ class Request:
         self._received = 0
 
     async def body_chunks(self) -> AsyncIterator[bytes]:
-        limit = self._settings.max_body_bytes
-        if self.head.content_length is not None and self.head.content_length > limit:
-            raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
-        conn = self._conn
-        if conn.protocol.waiting_for_100_continue:
-            await conn.send(conn.protocol.response_continue())
-        while True:
-            event = await conn.next_event(self._settings.body_timeout, "body")
-            if event is END_OF_BODY:
-                conn.watch_for_hangup()
-                return
-            if type(event) is not bytes:
-                raise ClientGone()
-            self._received += len(event)
-            if self._received > limit:
-                raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
-            yield event
+        """The body piece by piece as it arrives, never more than one piece held."""
+        while (piece := await self._next_piece()) is not None:
+            yield piece
 
     async def read_body(self) -> bytes:
-        return b"".join([chunk async for chunk in self.body_chunks()])
+        """The whole body (bounded by `max_body_bytes`); a loop, not an async generator, which
+        costs more than the read itself for the usual body that arrived with its head."""
+        parts = []
+        while (piece := await self._next_piece()) is not None:
+            parts.append(piece)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _next_piece(self) -> bytes | None:
+        conn = self._conn
+        limit = self._settings.max_body_bytes
+        if self._received == 0:
+            if self.head.content_length is not None and self.head.content_length > limit:
+                raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
+            if conn.protocol.waiting_for_100_continue:
+                await conn.send(conn.protocol.response_continue())
+        event = await conn.next_event(self._settings.body_timeout, "body")
+        if event is END_OF_BODY:
+            conn.watch_for_hangup()
+            return None
+        if type(event) is not bytes:
+            raise ClientGone()
+        self._received += len(event)
+        if self._received > limit:
+            raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
+        return event
 
 
 class Response:
