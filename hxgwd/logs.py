@@ -51,7 +51,7 @@ class Logger:
 
     def access(self, record: RequestRecord) -> None:
         if self.access_log:
-            self._write({"time": self._stamp(record.ts), "level": "info", "msg": "request", **record.log_fields()})
+            self._write(record.log_fields({"time": self._stamp(record.ts), "level": "info", "msg": "request"}))
 
     def _write(self, fields: dict[str, Any]) -> None:
         try:

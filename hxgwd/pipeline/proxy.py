@@ -107,18 +107,17 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], transf
         router.started(dep, began)
         ttfb_before = ex.ttfb
         ex.ttfb = None
-        outcome = Outcome(ok=False, status=0, ttfb=0.0, duration=0.0, features=features)
+        outcome: Outcome | None = None      # None: left by an error of ours, a failure all the same
         try:
             with trio.CancelScope(deadline=settings.deadline) as overall:
                 gate = gates.get(dep)
                 if gate is None:
-                    outcome = await _attempt(ex, dep, calls, transports, settings, response, features)
+                    outcome = await _attempt(ex, dep, calls, transports, settings, response, features, began)
                 else:
                     async with gate.slot(dep.config.queue_timeout):
-                        outcome = await _attempt(ex, dep, calls, transports, settings, response, features)
+                        outcome = await _attempt(ex, dep, calls, transports, settings, response, features, began)
             if overall.cancelled_caught:
-                outcome = Outcome(ok=False, status=0, ttfb=0.0, duration=trio.current_time() - began,
-                                  features=features)
+                outcome = None
                 if response.started:
                     raise UpstreamTimeout("The request took longer than its total deadline.")
                 last = _Retry(UpstreamTimeout("The upstream did not answer within the request deadline.",
@@ -127,21 +126,26 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], transf
             return
         except DeploymentBusy as busy:   # not the deployment's fault: no failure to learn from
             last = _Retry(busy, None)
-            outcome = Outcome(ok=True, status=0, ttfb=0.0, duration=0.0, features=features, cancelled=True)
+            outcome = Outcome(ok=True, status=0, ttfb=0.0, duration=0.0, features=features, cancelled=True,
+                              began=began)
         except _Retry as retry:
             last = retry
             outcome = Outcome(ok=False, status=retry.answer[0] if retry.answer else 0,
                               ttfb=0.0, duration=trio.current_time() - began, features=features,
-                              retry_after=retry.retry_after())
+                              retry_after=retry.retry_after(), began=began)
         except (trio.Cancelled, ClientGone):
             outcome = Outcome(ok=True, status=0, ttfb=0.0, duration=trio.current_time() - began,
-                              features=features, cancelled=True)
+                              features=features, cancelled=True, began=began)
             raise
         finally:
             if ex.ttfb is None:
                 ex.ttfb = ttfb_before
-            ex.upstream_time += trio.current_time() - began
-            router.finished(dep, attrs.evolve(outcome, began=began), trio.current_time())
+            now = trio.current_time()
+            ex.upstream_time += now - began
+            if outcome is None:
+                outcome = Outcome(ok=False, status=0, ttfb=0.0, duration=now - began, features=features,
+                                  began=began)
+            router.finished(dep, outcome, now)
     if last is None:
         raise UpstreamError("No deployment could take the request.", code="no_deployment_available")
     if last.answer is not None:
@@ -154,7 +158,10 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], transf
 
 
 async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, transports: Transports,
-                   settings: ProxySettings, response: Response, features: RequestFeatures) -> Outcome:
+                   settings: ProxySettings, response: Response, features: RequestFeatures,
+                   started: float) -> Outcome:
+    """`started`: when router.started() was told (the Outcome carries it); timings run from here,
+    after any wait for the deployment's concurrency gate."""
     transport = transports.get(dep.backend)
     timeouts = dep.backend.timeouts
     headers = transform.upstream_headers(ex.client_headers, dep, ex.request_id.encode())
@@ -176,7 +183,8 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
             if calls.stream and up.status == 200 and _is_event_stream(up.headers):
                 await _relay_stream(ex, dep, calls, up, settings, response, timeouts.between_chunks)
                 return Outcome(ok=True, status=200, ttfb=ex.ttfb or 0.0, duration=trio.current_time() - began,
-                               features=features, output_tokens=(ex.usage or {}).get("completion_tokens"))
+                               features=features, output_tokens=(ex.usage or {}).get("completion_tokens"),
+                               began=started)
             try:
                 bodies.append(await _read(up, settings.max_response_bytes, timeouts.between_chunks))
             except UpstreamError as exc:
@@ -199,7 +207,7 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
     duration = trio.current_time() - began
     await _send_whole(ex, response, status, headers_out, body, dep, upstream_so_far=duration)
     return Outcome(ok=status < 500, status=status, ttfb=ex.ttfb or 0.0, duration=duration,
-                   features=features, output_tokens=(ex.usage or {}).get("completion_tokens"))
+                   features=features, output_tokens=(ex.usage or {}).get("completion_tokens"), began=started)
 
 
 async def _read(up: UpstreamResponse, limit: int, between_chunks: float, tolerate: bool = False) -> bytes:
