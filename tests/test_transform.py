@@ -105,3 +105,30 @@ def test_header_filters():
     down = transform.downstream_headers([(b"transfer-encoding", b"chunked"), (b"server", b"uvicorn"),
                                          (b"x-ratelimit-remaining-requests", b"9")])
     assert down == [(b"x-ratelimit-remaining-requests", b"9")]
+
+
+def test_unchanged_body_goes_upstream_byte_for_byte():
+    d = dep()    # public "pub", upstream "up"
+    raw = b'{"model": "up", "messages": [{"role": "user", "content": "say \\"model\\": 1.0"}], "temperature": 1.0}'
+    assert transform.plan_calls("/chat/completions", json.loads(raw), d, "pub", raw).bodies == (raw,)
+    raw = b'{"model":"up","input":"x"}'
+    assert transform.plan_calls("/embeddings", json.loads(raw), d, "pub", raw).bodies == (raw,)
+
+
+@pytest.mark.parametrize("raw, endpoint, backend", [
+    (b'{"model": "pub", "messages": []}', "/chat/completions", {}),                 # renamed
+    (b'{"model": "other", "model": "up", "messages": []}', "/chat/completions", {}),  # duplicate key
+    (b'{"model": "up", "stream": true}', "/chat/completions", {}),                    # include_usage added
+    (b'{"model": "up", "input": "x", "encoding_format": "base64"}', "/embeddings", {}),
+    (b'{"model": "up", "input": "x"}', "/embeddings", {"embeddings_input": "prompt"}),
+])
+def test_changed_body_is_re_encoded(raw, endpoint, backend):
+    plan = transform.plan_calls(endpoint, json.loads(raw), dep(**backend), "pub", raw)
+    assert all(body != raw for body in plan.bodies)
+    assert all(json.loads(body).get("model") == "up" for body in plan.bodies)
+
+
+def test_stream_asking_for_usage_itself_is_sent_unchanged():
+    raw = b'{"model": "up", "stream": true, "stream_options": {"include_usage": true}}'
+    plan = transform.plan_calls("/chat/completions", json.loads(raw), dep(), "pub", raw)
+    assert plan.bodies == (raw,) and plan.stream and not plan.strip_stream_usage

@@ -121,7 +121,7 @@ class Gateway:
             deadline=ex.started + rt.config.timeouts.total,
             max_response_bytes=rt.config.server.max_response_bytes,
             max_sse_event_bytes=rt.config.server.max_sse_event_bytes)
-        await proxy.forward(ex, plan, lambda dep: transform.plan_calls(endpoint, payload, dep, name),
+        await proxy.forward(ex, plan, lambda dep: transform.plan_calls(endpoint, payload, dep, name, body),
                             self.router, self.transports, self.gates, settings, features, response)
 
     def _authenticate(self, rt: Runtime, ex: proxy.Exchange, headers) -> Principal:
