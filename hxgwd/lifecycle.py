@@ -14,7 +14,6 @@ in-flight requests `server.shutdown_grace` seconds before cancelling them.
 
 from __future__ import annotations
 
-import gc
 import signal
 from typing import Callable
 
@@ -158,11 +157,6 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services, handle_sig
                         for listener in listeners:
                             acceptors.start_soon(accept_loop, listener, slots, connections,
                                                  serve_connection, on_resource_error)
-                        # Everything loaded so far (modules, the config snapshot) lives as long as
-                        # the process: out of the collector's sight, a full collection under load
-                        # took 28 ms instead of most of that. Freed by refcount as usual.
-                        gc.collect()
-                        gc.freeze()
                         life.listening = True
                         daemon.log.info("listening", addresses=addresses,
                                         generation=daemon.holder.current.generation)
