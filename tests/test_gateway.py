@@ -465,6 +465,42 @@ async def test_slow_client_slows_its_upstream_read(nursery):
     assert gw.log.requests()[-1]["status"] == 499
 
 
+async def test_non_streamed_answer_stalling_after_its_head_is_504(nursery, autojump_clock):
+    gw, up = await single(nursery, backend_extra="""timeouts = { between_chunks = 5.0 }""")
+    up.script(Stream(words=5, delay=30))       # a head, one piece, then nothing for 30 s
+    r = await gw.post("/v1/chat/completions", {**CHAT, "model": "m"})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_read_timeout"
+
+
+async def test_client_not_reading_is_dropped_after_write_timeout(nursery, autojump_clock):
+    up = FakeUpstream()
+    await nursery.start(up.serve)
+    config = gateway_config(f"""
+        [[backends]]
+        name = "u"
+        url = "{up.url}"
+        [[models]]
+        name = "m"
+        backend = "u"
+    """).replace('listen = ["127.0.0.1:0"]\n', 'listen = ["127.0.0.1:0"]\nwrite_timeout = 10.0\n', 1)
+    assert "write_timeout = 10.0" in config
+    gw = await start_gateway(nursery, config)
+    up.script(Stream(words=2000, pad=16384))   # ~32 MB of events, far more than socket buffers
+    stream = await trio.open_tcp_stream("127.0.0.1", int(gw.url.rsplit(":", 1)[1]))
+    body = json.dumps({**CHAT, "model": "m", "stream": True}).encode()
+    await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-hx-dev-1234\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    await stream.receive_some(1000)             # then never read again
+    began = trio.current_time()
+    with trio.fail_after(60):
+        while not gw.log.requests():
+            await trio.sleep(0.5)
+    assert gw.log.requests()[-1]["status"] == 499
+    assert 10.0 <= trio.current_time() - began < 20.0
+    assert up.chunks_sent < 2000
+    await stream.aclose()
+
+
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory):
     """A self-signed certificate for 127.0.0.1, made with the openssl command."""
