@@ -43,6 +43,7 @@ class Stream:
     first_delay: float = 0.0         # before the response head
     reset_after: int | None = None   # chunks sent before the connection is reset
     pad: int = 0                     # extra bytes of padding in each chunk
+    burst: bool = False              # every event in one write, as an upstream that ran ahead does
 
 
 @attrs.define
@@ -236,6 +237,12 @@ class FakeUpstream:
         if (doc.get("stream_options") or {}).get("include_usage"):
             chunks.append({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": action.words,
                                                     "total_tokens": 7 + action.words}})
+        if action.burst:    # one HTTP chunk per event, all in one write
+            events = [b"data: " + json.dumps({"object": "chat.completion.chunk", **c}).encode() + b"\n\n"
+                      for c in chunks] + [b"data: [DONE]\n\n"]
+            await stream.send_all(b"".join(conn.send(h11.Data(data=e)) for e in events) + conn.send(h11.EndOfMessage()))
+            self.chunks_sent += len(chunks)
+            return True
         for i, chunk in enumerate(chunks):
             if action.reset_after is not None and i >= action.reset_after:
                 _reset(stream)

@@ -240,6 +240,32 @@ async def test_stream_relayed_byte_exact_with_usage_stripped(nursery):
     assert rec["stream"] is True and rec["completion_tokens"] == 5 and rec["prompt_tokens"] == 7
 
 
+async def test_stream_events_that_arrived_together_leave_in_one_write(nursery):
+    gw, up = await single(nursery)
+    up.script(Stream(words=50, burst=True))
+    stream = await trio.open_tcp_stream("127.0.0.1", int(gw.url.rsplit(":", 1)[1]))
+    body = json.dumps({**CHAT, "model": "m", "stream": True}).encode()
+    await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-hx-dev-1234\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    raw = b""
+    with trio.fail_after(10):
+        while not raw.endswith(b"\r\n0\r\n\r\n"):
+            raw += await stream.receive_some(65536)
+    await stream.aclose()
+    rest = raw.split(b"\r\n\r\n", 1)[1]
+    sizes, payload = [], b""
+    while True:                                   # the chunked framing, as the client sees it
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        sizes.append(size)
+        payload, rest = payload + rest[:size], rest[size + 2:]
+    events = [e for e in payload.split(b"\n\n") if e]
+    assert len(events) == 50 + 1 + 1 and events[-1] == b"data: [DONE]"    # all of them, byte for byte
+    assert len(sizes) <= 3                        # not one write per event
+
+
 async def test_stream_keeps_usage_when_client_asked(nursery):
     gw, a, b = await two(nursery)
     r = await gw.post("/v1/chat/completions", {**CHAT, "model": "m-a", "stream": True,

@@ -30,6 +30,7 @@ from hxgwd.upstream import Transports, UpstreamRequest, UpstreamResponse
 from hxgwd.upstream.gates import DeploymentBusy, Gates
 
 RETRY_STATUSES = frozenset((408, 409, 429))
+COALESCE_BYTES = 65536      # most stream bytes gathered into one write to the client
 ERROR_BODY_LIMIT = 65536
 
 
@@ -242,6 +243,7 @@ async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan
     headers = transform.downstream_headers(up.headers)
     headers += [(b"x-accel-buffering", b"no"), *_gateway_headers(ex, dep, trio.current_time() - ex.started)]
     await response.start(200, headers)
+    up_done = False
     try:
         while True:
             try:
@@ -251,9 +253,18 @@ async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan
             if not chunk:
                 break
             out = relay.feed(chunk)
+            # What has already arrived behind it goes out in the same write: one system call and
+            # one chunk for a burst of events, never a wait for more.
+            while len(out) < COALESCE_BYTES and (more := up.receive_ready()) is not None:
+                if not more:
+                    up_done = True
+                    break
+                out += relay.feed(more)
             if out:
                 ex.bytes_out += len(out)
                 await response.send(out)
+            if up_done:
+                break
         rest = relay.end()
         if rest:
             ex.bytes_out += len(rest)

@@ -34,6 +34,9 @@ class UpstreamResponse(Protocol):
         """The next piece of the body, b"" at its end; trio.TooSlowError if none by `deadline`
         (trio clock; no limit by default)."""
 
+    def receive_ready(self) -> bytes | None:
+        """The next piece if it has already arrived (b"" at the end), else None; never waits."""
+
     async def aclose(self) -> None:
         """Release the connection (kept for reuse only if the body was read to its end)."""
 

@@ -36,6 +36,9 @@ class EchoResponse:
         self._next = 0
         self._pace = pace
 
+    def receive_ready(self) -> bytes | None:
+        return None     # each piece is its own arrival, as a stream's would be
+
     async def receive(self, deadline: float = math.inf) -> bytes:
         if self._next >= len(self._chunks):
             return b""

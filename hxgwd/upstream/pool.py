@@ -102,7 +102,19 @@ class PooledResponse:
         """The next piece of the body; b"" at its end; trio.TooSlowError if none by `deadline`."""
         if self._done:
             return b""
-        event = await self._conn.receive(deadline)
+        return self._piece(await self._conn.receive(deadline))
+
+    def receive_ready(self) -> bytes | None:
+        """The next piece if it has already arrived (b"" at the end), else None; never waits."""
+        if self._done:
+            return b""
+        try:
+            event = self._conn.h11.next_event()
+        except h11.RemoteProtocolError:
+            raise UpstreamError("The upstream sent a malformed HTTP response.") from None
+        return None if event is h11.NEED_DATA else self._piece(event)
+
+    def _piece(self, event: Any) -> bytes:
         if type(event) is h11.Data:
             return bytes(event.data)
         if type(event) is h11.EndOfMessage:
