@@ -64,12 +64,9 @@ class SocketIO:
     async def receive_some(self, max_bytes: int, deadline: float = math.inf) -> bytes:
         """Up to `max_bytes`; b"" when the peer closed (or reset) the connection."""
         sock = self.socket
-        try:
-            return sock.recv(max_bytes)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            return _eof(sock, exc)
+        data = _receive_now(sock, max_bytes)
+        if data is not None:
+            return data
         if deadline == math.inf:      # a watch for the client hanging up, say: no scope to pay for
             return await _receive_when_ready(sock, max_bytes)
         with trio.CancelScope(deadline=deadline):
@@ -92,12 +89,19 @@ class SocketIO:
 async def _receive_when_ready(sock: socket.socket, max_bytes: int) -> bytes:
     while True:
         await _wait_readable(sock)
-        try:
-            return sock.recv(max_bytes)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            return _eof(sock, exc)
+        data = _receive_now(sock, max_bytes)
+        if data is not None:
+            return data
+
+
+def _receive_now(sock: socket.socket, max_bytes: int) -> bytes | None:
+    """What recv() gives without blocking; None when it would block."""
+    try:
+        return sock.recv(max_bytes)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        return _eof(sock, exc)
 
 
 def _broken(sock: socket.socket, exc: OSError) -> Exception:

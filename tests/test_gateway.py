@@ -41,7 +41,7 @@ def two_backends(a: FakeUpstream, b: FakeUpstream, strategy: str = "priority", e
 
 
 async def single(nursery, backend_extra: str = "", model_extra: str = "", key_extra: str = "",
-                 environ: dict | None = None):
+                 environ: dict | None = None, server_extra: str = ""):
     """The gateway in front of one fresh upstream: backend "u", model "m"."""
     up = FakeUpstream()
     await nursery.start(up.serve)
@@ -55,8 +55,17 @@ async def single(nursery, backend_extra: str = "", model_extra: str = "", key_ex
         name = "m"
         backend = "u"
         {model_extra}
-    """)
+    """).replace('listen = ["127.0.0.1:0"]\n', f'listen = ["127.0.0.1:0"]\n{server_extra}\n', 1)
     return await start_gateway(nursery, config, environ=environ), up
+
+
+async def raw_stream_request(gw) -> trio.SocketStream:
+    """A streamed chat request for model "m" on a plain socket, so the test controls the reading."""
+    stream = await trio.open_tcp_stream("127.0.0.1", int(gw.url.rsplit(":", 1)[1]))
+    body = json.dumps({**CHAT, "model": "m", "stream": True}).encode()
+    await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-hx-dev-1234\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    return stream
 
 
 async def two(nursery, **kw):
@@ -243,10 +252,7 @@ async def test_stream_relayed_byte_exact_with_usage_stripped(nursery):
 async def test_stream_events_that_arrived_together_leave_in_one_write(nursery):
     gw, up = await single(nursery)
     up.script(Stream(words=50, burst=True))
-    stream = await trio.open_tcp_stream("127.0.0.1", int(gw.url.rsplit(":", 1)[1]))
-    body = json.dumps({**CHAT, "model": "m", "stream": True}).encode()
-    await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-hx-dev-1234\r\n"
-                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    stream = await raw_stream_request(gw)
     raw = b""
     with trio.fail_after(10):
         while not raw.endswith(b"\r\n0\r\n\r\n"):
@@ -474,10 +480,7 @@ async def test_stalled_stream_is_cut_after_between_chunks(nursery, autojump_cloc
 async def test_slow_client_slows_its_upstream_read(nursery):
     gw, up = await single(nursery)
     up.script(Stream(words=2000, pad=16384))   # ~32 MB of events
-    stream = await trio.open_tcp_stream("127.0.0.1", int(gw.url.rsplit(":", 1)[1]))
-    body = json.dumps({**CHAT, "model": "m", "stream": True}).encode()
-    await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-hx-dev-1234\r\n"
-                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    stream = await raw_stream_request(gw)
     await stream.receive_some(1000)             # the head arrived; now the client stops reading
     await trio.sleep(1.0)
     sent_while_stalled = up.chunks_sent
@@ -499,23 +502,9 @@ async def test_non_streamed_answer_stalling_after_its_head_is_504(nursery, autoj
 
 
 async def test_client_not_reading_is_dropped_after_write_timeout(nursery, autojump_clock):
-    up = FakeUpstream()
-    await nursery.start(up.serve)
-    config = gateway_config(f"""
-        [[backends]]
-        name = "u"
-        url = "{up.url}"
-        [[models]]
-        name = "m"
-        backend = "u"
-    """).replace('listen = ["127.0.0.1:0"]\n', 'listen = ["127.0.0.1:0"]\nwrite_timeout = 10.0\n', 1)
-    assert "write_timeout = 10.0" in config
-    gw = await start_gateway(nursery, config)
+    gw, up = await single(nursery, server_extra="write_timeout = 10.0")
     up.script(Stream(words=2000, pad=16384))   # ~32 MB of events, far more than socket buffers
-    stream = await trio.open_tcp_stream("127.0.0.1", int(gw.url.rsplit(":", 1)[1]))
-    body = json.dumps({**CHAT, "model": "m", "stream": True}).encode()
-    await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-hx-dev-1234\r\n"
-                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    stream = await raw_stream_request(gw)
     await stream.receive_some(1000)             # then never read again
     began = trio.current_time()
     with trio.fail_after(60):
