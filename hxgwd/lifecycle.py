@@ -15,7 +15,6 @@ in-flight requests `server.shutdown_grace` seconds before cancelling them.
 from __future__ import annotations
 
 import signal
-from typing import Callable
 
 import attrs
 import trio
@@ -27,10 +26,10 @@ from hxgwd.logs import Logger
 from hxgwd.pipeline.connection import HttpConnection
 from hxgwd.pipeline.handle import Gateway
 from hxgwd.pipeline.listen import accept_loop, bound_addresses, open_listeners
-from hxgwd.sockio import SocketIO
 from hxgwd.pipeline.route import Router
 from hxgwd.services import Services, open_services
 from hxgwd.runtime import Runtime, RuntimeHolder, build_runtime
+from hxgwd.sockio import SocketIO
 from hxgwd.upstream import Transports
 from hxgwd.upstream.gates import Gates
 from hxgwd.upstream.probe import probe_loop

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from hxgwd.pipeline.route import Router
-from tests.conftest import AUTH, gateway_config, start_gateway
+from tests.conftest import gateway_config, start_gateway
 from tests.fakeupstream import FakeUpstream, Reply, Stream
 
 CHAT = {"messages": [{"role": "user", "content": "Return exactly the text: HX-OK"}], "max_tokens": 10}
