@@ -40,24 +40,14 @@ class SocketIO:
 
     async def send_all(self, data: bytes, deadline: float = math.inf) -> None:
         sock = self.socket
-        try:
-            sent = sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise _broken(sock, exc) from None
+        sent = _send_now(sock, data)
         if sent == len(data):
             return
         view = memoryview(data)
         with trio.CancelScope(deadline=deadline) as scope:
             while sent < len(view):
                 await _wait_writable(sock)
-                try:
-                    sent += sock.send(view[sent:])
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    raise _broken(sock, exc) from None
+                sent += _send_now(sock, view[sent:])
         if scope.cancelled_caught:
             raise trio.TooSlowError()
 
@@ -92,6 +82,16 @@ async def _receive_when_ready(sock: socket.socket, max_bytes: int) -> bytes:
         data = _receive_now(sock, max_bytes)
         if data is not None:
             return data
+
+
+def _send_now(sock: socket.socket, data: bytes | memoryview) -> int:
+    """How much send() takes without blocking (0 when it would block)."""
+    try:
+        return sock.send(data)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        raise _broken(sock, exc) from None
 
 
 def _receive_now(sock: socket.socket, max_bytes: int) -> bytes | None:

@@ -243,7 +243,6 @@ async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan
     headers = transform.downstream_headers(up.headers)
     headers += [(b"x-accel-buffering", b"no"), *_gateway_headers(ex, dep, trio.current_time() - ex.started)]
     await response.start(200, headers)
-    up_done = False
     try:
         while True:
             try:
@@ -254,17 +253,13 @@ async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan
                 break
             out = relay.feed(chunk)
             # What has already arrived behind it goes out in the same write: one system call and
-            # one chunk for a burst of events, never a wait for more.
-            while len(out) < COALESCE_BYTES and (more := up.receive_ready()) is not None:
-                if not more:
-                    up_done = True
-                    break
+            # one chunk for a burst of events, never a wait for more. (None: the rest is still on
+            # its way; b"": the end, which the next receive() reports without waiting.)
+            while len(out) < COALESCE_BYTES and (more := up.receive_ready()):
                 out += relay.feed(more)
             if out:
                 ex.bytes_out += len(out)
                 await response.send(out)
-            if up_done:
-                break
         rest = relay.end()
         if rest:
             ex.bytes_out += len(rest)

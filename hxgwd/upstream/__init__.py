@@ -35,7 +35,8 @@ class UpstreamResponse(Protocol):
         (trio clock; no limit by default)."""
 
     def receive_ready(self) -> bytes | None:
-        """The next piece if it has already arrived (b"" at the end), else None; never waits."""
+        """The next piece if it has already arrived, else None; never waits. b"" at the end,
+        after which receive() returns b"" at once."""
 
     async def aclose(self) -> None:
         """Release the connection (kept for reuse only if the body was read to its end)."""

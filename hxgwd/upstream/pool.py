@@ -42,13 +42,17 @@ class _Conn:
         self.idle_since = 0.0
         self.heard = False        # any byte received for the current request
 
+    def next_ready(self) -> Any:
+        """The next h11 event from the bytes already received, or h11.NEED_DATA."""
+        try:
+            return self.h11.next_event()
+        except h11.RemoteProtocolError:
+            raise UpstreamError("The upstream sent a malformed HTTP response.") from None
+
     async def receive(self, deadline: float) -> Any:
         """The next h11 event; trio.TooSlowError if it needs bytes that do not come by `deadline`."""
         while True:
-            try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError:
-                raise UpstreamError("The upstream sent a malformed HTTP response.") from None
+            event = self.next_ready()
             if event is not h11.NEED_DATA:
                 return event
             try:
@@ -108,10 +112,7 @@ class PooledResponse:
         """The next piece if it has already arrived (b"" at the end), else None; never waits."""
         if self._done:
             return b""
-        try:
-            event = self._conn.h11.next_event()
-        except h11.RemoteProtocolError:
-            raise UpstreamError("The upstream sent a malformed HTTP response.") from None
+        event = self._conn.next_ready()
         return None if event is h11.NEED_DATA else self._piece(event)
 
     def _piece(self, event: Any) -> bytes:
