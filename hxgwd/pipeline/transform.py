@@ -55,9 +55,6 @@ def plan_calls(endpoint: str, payload: dict[str, Any], dep: Deployment, public_m
     """`raw`: the client's body that `payload` was parsed from. Sent on unchanged when nothing in
     it needs to change: the client's bytes, byte for byte, and no re-encoding per request."""
     backend = dep.backend.config
-    if raw is not None and _unchanged(endpoint, payload, dep, raw):
-        stream = endpoint != "/embeddings" and payload.get("stream") is True
-        return CallPlan(endpoint, (raw,), stream, False, False, False, public_model)
     body = dict(payload)
     body["model"] = dep.upstream_model
     stream = body.get("stream") is True
@@ -70,13 +67,16 @@ def plan_calls(endpoint: str, payload: dict[str, Any], dep: Deployment, public_m
             body["stream_options"] = options
             strip_usage = True
     if endpoint != "/embeddings":
-        return CallPlan(endpoint, (_dumps(body),), stream, strip_usage, False, False, public_model)
+        return CallPlan(endpoint, (_encoded(body, payload, raw),), stream, strip_usage, False, False,
+                        public_model)
 
     client_base64 = body.get("encoding_format") == "base64"
     if client_base64 and backend.embeddings_encoding == "float":
         body["encoding_format"] = "float"
     if backend.embeddings_input == "input":
-        return CallPlan(endpoint, (_dumps(body),), False, False, False, client_base64, public_model)
+        # a base64 request keeps being re-encoded, as before the pass-through (its test pins that)
+        body_bytes = _dumps(body) if client_base64 else _encoded(body, payload, raw)
+        return CallPlan(endpoint, (body_bytes,), False, False, False, client_base64, public_model)
     given = body.pop("input", None)
     body.pop("encoding_format", None)    # single-prompt backends know floats only
     items = [given] if isinstance(given, str) else given
@@ -86,22 +86,14 @@ def plan_calls(endpoint: str, payload: dict[str, Any], dep: Deployment, public_m
     return CallPlan(endpoint, bodies, False, False, True, client_base64, public_model)
 
 
-def _unchanged(endpoint: str, payload: dict[str, Any], dep: Deployment, raw: bytes) -> bool:
-    if payload.get("model") != dep.upstream_model:
-        return False
+def _encoded(body: dict[str, Any], payload: dict[str, Any], raw: bytes | None) -> bytes:
+    """The client's own bytes when the plan changed nothing in the body, else `body` encoded."""
     # One "model" key in the whole text, so the upstream reads the model we authorised and routed:
     # with a duplicate key, parsers differ on which one wins. (Inside a JSON string the quotes
     # are escaped, so text cannot fake a match.)
-    if raw.count(b'"model"') != 1:
-        return False
-    backend = dep.backend.config
-    stream = payload.get("stream") is True
-    if endpoint == "/embeddings":
-        return not stream and backend.embeddings_input == "input" and payload.get("encoding_format") != "base64"
-    if stream and backend.stream_usage:      # we add include_usage unless the client asked for it
-        options = payload.get("stream_options")
-        return isinstance(options, dict) and bool(options.get("include_usage"))
-    return True
+    if raw is not None and body == payload and raw.count(b'"model"') == 1:
+        return raw
+    return _dumps(body)
 
 
 def upstream_headers(client: Headers, dep: Deployment, request_id: bytes) -> Headers:
