@@ -51,12 +51,15 @@ class SocketIO:
         if scope.cancelled_caught:
             raise trio.TooSlowError()
 
-    async def receive_some(self, max_bytes: int, deadline: float = math.inf) -> bytes:
-        """Up to `max_bytes`; b"" when the peer closed (or reset) the connection."""
+    async def receive_some(self, max_bytes: int, deadline: float = math.inf, *, wait_first: bool = False) -> bytes:
+        """Up to `max_bytes`; b"" when the peer closed (or reset) the connection. `wait_first`:
+        the peer cannot have sent anything yet (it is answering what we just sent), so skip the
+        recv() that would only fail with EAGAIN and wait for readability at once."""
         sock = self.socket
-        data = _receive_now(sock, max_bytes)
-        if data is not None:
-            return data
+        if not wait_first:
+            data = _receive_now(sock, max_bytes)
+            if data is not None:
+                return data
         if deadline == math.inf:      # a watch for the client hanging up, say: no scope to pay for
             return await _receive_when_ready(sock, max_bytes)
         with trio.CancelScope(deadline=deadline):

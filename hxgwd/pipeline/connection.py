@@ -126,7 +126,8 @@ class HttpConnection:
         self._write_timeout = first.write_timeout
         self._read_permit = trio.Event()
         self._data_ready = trio.Event()
-        self._request_scope: trio.CancelScope | None = None
+        self._cancel_connection = trio.CancelScope()   # replaced by the nursery's in run()
+        self._handling = False
         self.client_gone = False
         try:
             host, port = stream.socket.getpeername()[:2]
@@ -137,6 +138,7 @@ class HttpConnection:
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
+                self._cancel_connection = nursery.cancel_scope
                 nursery.start_soon(self._read_loop)
                 await self._request_loop()
                 nursery.cancel_scope.cancel()
@@ -146,13 +148,18 @@ class HttpConnection:
     # --- the two tasks -----------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
+        # A client does not send its next request before it has our answer to this one, so after
+        # a receive that drained the socket the next one waits for readability at once instead of
+        # failing with EAGAIN first (pipelined bytes that came along are in the parser already).
+        drained = False
         while True:
             await self._read_permit.wait()
             self._read_permit = trio.Event()
             try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
+                data = await self.stream.receive_some(RECEIVE_SIZE, wait_first=drained)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
+            drained = 0 < len(data) < RECEIVE_SIZE
             try:
                 self.protocol.feed(data)
             except RuntimeError:   # h11 refuses data after the client's EOF; nothing more to read
@@ -160,8 +167,11 @@ class HttpConnection:
             self._data_ready.set()
             if not data:
                 self.client_gone = True
-                if self._request_scope is not None:
-                    self._request_scope.cancel()   # cancels the handler, its upstream call included
+                if self._handling:
+                    # the handler, its upstream call included, and with it the connection: nothing
+                    # more can come from or go to a client that hung up (one scope per connection,
+                    # not one per request: a CancelScope costs more than the rest of this loop)
+                    self._cancel_connection.cancel()
                 return
 
     async def _request_loop(self) -> None:
@@ -214,12 +224,11 @@ class HttpConnection:
         extra: Headers = [(b"connection", b"close")] if (self._life.draining or not head.keep_alive) else []
         response = Response(self, extra)
         request = Request(head, self.peer, self, settings)
+        self._handling = True
         try:
-            with trio.CancelScope() as scope:
-                self._request_scope = scope
-                if self.protocol.request_complete or head.content_length == 0:
-                    self.watch_for_hangup()
-                await self._handler(request, response)
+            if self.protocol.request_complete or head.content_length == 0:
+                self.watch_for_hangup()
+            await self._handler(request, response)
         except ClientGone:
             self.client_gone = True
         except GatewayError as exc:
@@ -230,7 +239,7 @@ class HttpConnection:
             if not response.started:
                 await self._send_quietly(self.protocol.response_error(GatewayError("Internal error.")))
         finally:
-            self._request_scope = None
+            self._handling = False
 
     async def _discard_body(self, settings: Server) -> bool:
         """Read and drop what is left of a request body the handler did not want, if small."""

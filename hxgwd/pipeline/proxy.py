@@ -201,12 +201,14 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
     body = bodies[-1]
     if status == 200 and calls.path == "/embeddings":
         body = transform.finish_embeddings(calls, bodies) or body
-    if status == 200:
-        ex.usage = transform.usage_from_body(body)
     ex.status = status
     headers_out = transform.downstream_headers(first.headers)
     duration = trio.current_time() - began
-    await _send_whole(ex, response, status, headers_out, body, dep, upstream_so_far=duration)
+    try:
+        await _send_whole(ex, response, status, headers_out, body, dep, upstream_so_far=duration)
+    finally:   # after the answer is out, not before (it only feeds the record), but always
+        if status == 200:
+            ex.usage = transform.usage_from_body(body)
     return Outcome(ok=status < 500, status=status, ttfb=ex.ttfb or 0.0, duration=duration,
                    features=features, output_tokens=(ex.usage or {}).get("completion_tokens"), began=started)
 

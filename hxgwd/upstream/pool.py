@@ -49,16 +49,18 @@ class _Conn:
         except h11.RemoteProtocolError:
             raise UpstreamError("The upstream sent a malformed HTTP response.") from None
 
-    async def receive(self, deadline: float) -> Any:
-        """The next h11 event; trio.TooSlowError if it needs bytes that do not come by `deadline`."""
+    async def receive(self, deadline: float, *, answering: bool = False) -> Any:
+        """The next h11 event; trio.TooSlowError if it needs bytes that do not come by `deadline`.
+        `answering`: the request was just sent, so the upstream cannot have answered yet."""
         while True:
             event = self.next_ready()
             if event is not h11.NEED_DATA:
                 return event
             try:
-                data = await self.stream.receive_some(RECEIVE_SIZE, deadline)
+                data = await self.stream.receive_some(RECEIVE_SIZE, deadline, wait_first=answering)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
+            answering = False
             self.heard = self.heard or bool(data)
             self.h11.receive_data(data)
 
@@ -77,8 +79,8 @@ class _TLSStream:
         if scope.cancelled_caught:
             raise trio.TooSlowError()
 
-    async def receive_some(self, max_bytes: int, deadline: float) -> bytes:
-        with trio.CancelScope(deadline=deadline):
+    async def receive_some(self, max_bytes: int, deadline: float, *, wait_first: bool = False) -> bytes:
+        with trio.CancelScope(deadline=deadline):   # wait_first: SSLStream knows what it buffered
             try:
                 return await self.tls.receive_some(max_bytes)
             except trio.BrokenResourceError:
@@ -190,7 +192,7 @@ class Pool:
                     raise _StaleConnection() from None
                 raise UpstreamError("The upstream connection broke while sending.") from None
             try:
-                event = await conn.receive(deadline)
+                event = await conn.receive(deadline, answering=True)
             except UpstreamError:
                 # closed while idle in the pool, and only noticed now: nothing was processed
                 if reused and not conn.heard:
