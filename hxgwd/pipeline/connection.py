@@ -126,6 +126,7 @@ class HttpConnection:
         self._write_timeout = first.write_timeout
         self._read_permit = trio.Event()
         self._data_ready = trio.Event()
+        self._receiving = False     # the reader is in a receive: whatever comes sets _data_ready
         self._cancel_connection = trio.CancelScope()   # replaced by the nursery's in run()
         self._handling = False
         self.client_gone = False
@@ -155,10 +156,12 @@ class HttpConnection:
         while True:
             await self._read_permit.wait()
             self._read_permit = trio.Event()
+            self._receiving = True
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE, wait_first=drained)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
+            self._receiving = False
             drained = 0 < len(data) < RECEIVE_SIZE
             try:
                 self.protocol.feed(data)
@@ -206,7 +209,7 @@ class HttpConnection:
                 if self._life.draining:
                     return False
                 self._data_ready = trio.Event()
-                self._read_permit.set()
+                self._ask_for_data()
                 await self._data_ready.wait()
             finally:
                 self._life.idle_scopes.discard(idle)
@@ -262,6 +265,14 @@ class HttpConnection:
         """Let the reader wait for the client while the handler works: EOF cancels the request."""
         self._read_permit.set()
 
+    def _ask_for_data(self) -> None:
+        # Not when the reader is already receiving (the watch for a hang-up armed during the last
+        # request): a permit then would send it straight back to the socket after this data, in
+        # the middle of the next request's work; without one it re-arms when the handler asks it to
+        # (watch_for_hangup), and so while the handler waits for its upstream.
+        if not self._receiving:
+            self._read_permit.set()
+
     async def next_event(self, timeout: float, phase: str) -> object:
         """The next protocol event, receiving as needed; RequestTimeout after `timeout`."""
         deadline = trio.current_time() + timeout
@@ -272,7 +283,7 @@ class HttpConnection:
             if self.client_gone:
                 return PEER_CLOSED
             self._data_ready = trio.Event()
-            self._read_permit.set()
+            self._ask_for_data()
             with trio.CancelScope(deadline=deadline) as scope:
                 await self._data_ready.wait()
             if scope.cancelled_caught:
