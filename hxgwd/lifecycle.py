@@ -22,6 +22,7 @@ import trio
 from hxgwd import sdnotify
 from hxgwd.config.load import ConfigError
 from hxgwd.config.model import Config
+from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
 from hxgwd.pipeline.connection import HttpConnection
 from hxgwd.pipeline.handle import Gateway
@@ -127,8 +128,9 @@ async def serve(daemon: Daemon, *, life: Lifecycle | None = None, handle_signals
 async def _serve(daemon: Daemon, life: Lifecycle, services: Services, handle_signals: bool,
                  task_status: trio.TaskStatus[list[str]]) -> Lifecycle:
     cfg = daemon.holder.current.config
+    idle = IdleWork(life.log_exception)
     gateway = Gateway(daemon.holder, daemon.router, daemon.transports, daemon.gates, services, daemon.log,
-                      is_listening=lambda: life.listening)
+                      idle, is_listening=lambda: life.listening)
 
     def settings():
         return daemon.holder.current.config.server
@@ -146,6 +148,7 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services, handle_sig
         async with trio.open_nursery() as root:
             if handle_signals:
                 await root.start(signal_loop, daemon, life)
+            await root.start(idle.run)   # cancelled after the connections end; runs what is left
             root.start_soon(maintenance, daemon.transports)
             root.start_soon(probe_loop, daemon.holder, daemon.router)
             async with trio.open_nursery() as connections:

@@ -80,7 +80,8 @@ CHAT = {"messages": [{"role": "user", "content": "Return exactly the text: HX-OK
 
 
 async def last_record(gw, status: int | None = None) -> dict:
-    """The newest access-log record; the line is written just after the last byte is sent."""
+    """The newest access-log record; the line is written at the loop's first quiet moment after
+    the last byte is sent (hxgwd/idle.py)."""
     with trio.fail_after(5):
         while True:
             recs = [r for r in gw.log.requests() if status is None or r["status"] == status]
@@ -429,7 +430,7 @@ async def test_rpm_limit_is_429_with_retry_after_and_cost_recorded(nursery):
     r = await gw.client.get("/v1/models", headers=h)           # every endpoint is admitted the same way
     assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_rpm"
     assert int(r.headers["retry-after"]) >= 1
-    rec = [x for x in gw.log.requests() if x["status"] == 200][-1]
+    rec = await last_record(gw, 200)
     assert rec["cost_usd"] == pytest.approx((7 * 1.0 + 3 * 2.0) / 1000)
     r = await gw.post("/v1/chat/completions", {**CHAT, "model": "m"})   # other keys are not limited
     assert r.status_code == 200

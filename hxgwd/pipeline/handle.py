@@ -19,6 +19,7 @@ import trio
 
 from hxgwd import __version__
 from hxgwd.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
+from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
 from hxgwd import admin
 from hxgwd.pipeline import authenticate, limit, proxy, record, route, transform
@@ -36,7 +37,8 @@ NO_TOKENS = limit.Estimate(tokens=0, cost_usd=0.0)   # /v1/models: counts toward
 
 class Gateway:
     def __init__(self, holder: RuntimeHolder, router: route.Router, transports: Transports, gates: Gates,
-                 services: Services, log: Logger, *, is_listening: Callable[[], bool] = lambda: True) -> None:
+                 services: Services, log: Logger, idle: IdleWork, *,
+                 is_listening: Callable[[], bool] = lambda: True) -> None:
         self.holder = holder
         self.services = services
         self.limiter = services.limiter
@@ -44,6 +46,7 @@ class Gateway:
         self.transports = transports
         self.gates = gates
         self.log = log
+        self.idle = idle
         self.is_listening = is_listening
         self._models_cache: OrderedDict[tuple, bytes] = OrderedDict()
         self._ids = RequestIds()
@@ -73,13 +76,16 @@ class Gateway:
             ex.client_gone = True     # cancelled by a hang-up (or a forced shutdown)
             raise
         finally:
+            ended = trio.current_time()
             cost = self._cost(ex)
             if ex.reservation is not None:   # settle shields itself: it runs even when cancelled
                 tokens = (ex.usage or {}).get("total_tokens")
                 failed = ex.status >= 400 or ex.status == 0
                 await self.limiter.settle(ex.reservation, 0 if failed and tokens is None else tokens,
                                           0.0 if failed and cost is None else cost)
-            self._record(rt, ex, cost)
+            # the access line and the usage record wait for a quiet moment: not on the next
+            # request's path (idle.py)
+            self.idle.defer(self._record, rt, ex, cost, ended)
 
     async def _api(self, rt: Runtime, ex: proxy.Exchange, request: Request, response: Response) -> None:
         head = request.head
@@ -170,7 +176,7 @@ class Gateway:
         return limit.usage_cost(ex.served.config, ex.usage.get("prompt_tokens") or 0,
                                 ex.usage.get("completion_tokens") or 0)
 
-    def _record(self, rt: Runtime, ex: proxy.Exchange, cost: float | None) -> None:
+    def _record(self, rt: Runtime, ex: proxy.Exchange, cost: float | None, ended: float) -> None:
         err = ex.error
         status = record.STATUS_CLIENT_CLOSED if ex.client_gone else ex.status
         rec = record.RequestRecord(
@@ -179,7 +185,7 @@ class Gateway:
             error_type=err.type if err else ("client_closed" if ex.client_gone else None),
             fault=err.fault if err else ("client" if ex.client_gone else None),
             stream=ex.stream, **record.usage_tokens(ex.usage), cost_usd=cost, bytes_in=ex.bytes_in,
-            bytes_out=ex.bytes_out, total_ms=(trio.current_time() - ex.started) * 1000,
+            bytes_out=ex.bytes_out, total_ms=(ended - ex.started) * 1000,
             upstream_ms=ex.upstream_time * 1000,
             ttfb_ms=ex.ttfb * 1000 if ex.ttfb is not None else None,
             attempts=ex.attempts, route=ex.route, generation=rt.generation)
