@@ -1,0 +1,94 @@
+"""hxgwd/idle.py: deferred bookkeeping runs when the loop is quiet, is bounded, and is never lost."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from hxgwd.idle import IdleWork
+
+
+def _errors() -> tuple[list[str], object]:
+    seen: list[str] = []
+    return seen, lambda where, exc: seen.append(f"{where}: {exc}")
+
+
+async def test_outside_run_work_is_done_at_once():
+    done: list[int] = []
+    idle = IdleWork(_errors()[1])
+    idle.defer(done.append, 1)
+    assert done == [1]
+
+
+async def test_work_waits_while_others_are_busy_and_runs_when_the_loop_is_quiet(nursery):
+    done: list[str] = []
+    idle = IdleWork(_errors()[1])
+    await nursery.start(idle.run)
+    idle.defer(done.append, "record")
+    for _ in range(20):             # a busy task that never blocks, only yields: never quiet
+        await trio.lowlevel.checkpoint()
+        assert done == []
+    await trio.sleep(0.01)          # now every task waits
+    assert done == ["record"]
+
+
+async def test_a_full_queue_is_run_by_the_task_that_defers(nursery):
+    done: list[int] = []
+    idle = IdleWork(_errors()[1], max_pending=4)
+    await nursery.start(idle.run)
+    for i in range(3):
+        idle.defer(done.append, i)
+    assert done == []
+    idle.defer(done.append, 3)      # the fourth: all four at once, in order
+    assert done == [0, 1, 2, 3]
+
+
+async def test_errors_are_reported_and_the_rest_still_runs(nursery):
+    done: list[int] = []
+    seen, on_error = _errors()
+    idle = IdleWork(on_error)
+    await nursery.start(idle.run)
+
+    def broken() -> None:
+        raise ValueError("boom")
+
+    idle.defer(broken)
+    idle.defer(done.append, 1)
+    await trio.testing.wait_all_tasks_blocked(0.01)
+    assert seen == ["deferred work: boom"] and done == [1]
+
+
+async def test_what_is_pending_when_run_ends_is_done_then():
+    done: list[int] = []
+    idle = IdleWork(_errors()[1])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(idle.run)
+        idle.defer(done.append, 1)
+        nursery.cancel_scope.cancel()   # before any quiet moment
+    assert done == [1]
+    idle.defer(done.append, 2)          # after run(): at once
+    assert done == [1, 2]
+
+
+class _CountWaits(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.waits = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.waits += 1
+
+
+async def test_an_idle_daemon_sleeps_rather_than_polling(nursery):
+    # with nothing deferred the task waits on an event, not for idleness: an idle waiter makes
+    # the loop poll without sleeping, thousands of times in 50 ms
+    idle = IdleWork(_errors()[1])
+    await nursery.start(idle.run)
+    idle.defer(lambda: None)
+    await trio.sleep(0.01)
+    counter = _CountWaits()
+    trio.lowlevel.add_instrument(counter)
+    try:
+        await trio.sleep(0.05)
+    finally:
+        trio.lowlevel.remove_instrument(counter)
+    assert counter.waits < 10
