@@ -4,27 +4,33 @@ Serving one client at a time, the loop is busy from a request's head to its answ
 next request arrives while this one's bookkeeping (the access-log line and the usage record, ~30 µs)
 still runs: that bookkeeping sat on the next request's latency. Deferred here, it runs at the next
 moment the loop has nothing else to do, typically while a request waits for its upstream. Such a
-moment is found with trio's `wait_all_tasks_blocked` (public API, kept in trio.testing), which wakes
-its caller only after an I/O poll found nothing to run.
+moment is found with trio's `wait_all_tasks_blocked` (public API, documented under trio.testing),
+which wakes its caller only after an I/O poll found nothing to run.
 
-Under load those moments are rare, so the queue is bounded: at `max_pending` the task that defers
-runs the lot itself, which costs what running each at once would have. Outside `run()` (before the
-daemon serves, after it stopped) work is done at once.
+Under load those moments are rare, so the queue is bounded: once `max_pending` are waiting, each
+new one makes the task that defers run the oldest itself, which costs what running it at once
+would have, and never a burst of them on one request's path. Outside `run()` (before the daemon
+serves, after it stopped) work is done at once.
 """
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Callable
 
 import trio
-import trio.testing
+try:   # trio.testing re-exports it from here; importing trio.testing itself pulls in pytest when
+    # that is installed (+8 MiB resident)
+    from trio._core import wait_all_tasks_blocked
+except ImportError:   # pragma: no cover - a trio that moved it
+    from trio.testing import wait_all_tasks_blocked
 
 
 class IdleWork:
     def __init__(self, on_error: Callable[[str, BaseException], None], max_pending: int = 128) -> None:
         self._on_error = on_error
         self._max_pending = max_pending
-        self._pending: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._pending: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = collections.deque()
         self._wanted = trio.Event()
         self._running = False
 
@@ -33,16 +39,17 @@ class IdleWork:
         if not self._running:
             self._call(fn, args)
             return
-        self._pending.append((fn, args))
-        if len(self._pending) >= self._max_pending:
-            self.run_pending()
-        elif len(self._pending) == 1:
+        pending = self._pending
+        pending.append((fn, args))
+        if len(pending) > self._max_pending:
+            self._call(*pending.popleft())
+        elif len(pending) == 1:
             self._wanted.set()
 
     def run_pending(self) -> None:
-        pending, self._pending = self._pending, []
-        for fn, args in pending:
-            self._call(fn, args)
+        pending = self._pending
+        while pending:
+            self._call(*pending.popleft())
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._running = True
@@ -53,7 +60,7 @@ class IdleWork:
                 # the loop poll without sleeping, forever
                 await self._wanted.wait()
                 self._wanted = trio.Event()
-                await trio.testing.wait_all_tasks_blocked()
+                await wait_all_tasks_blocked()
                 self.run_pending()
         finally:
             self._running = False

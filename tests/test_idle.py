@@ -32,15 +32,19 @@ async def test_work_waits_while_others_are_busy_and_runs_when_the_loop_is_quiet(
     assert done == ["record"]
 
 
-async def test_a_full_queue_is_run_by_the_task_that_defers(nursery):
+async def test_past_the_bound_each_defer_runs_the_oldest(nursery):
     done: list[int] = []
-    idle = IdleWork(_errors()[1], max_pending=4)
+    idle = IdleWork(_errors()[1], max_pending=3)
     await nursery.start(idle.run)
     for i in range(3):
         idle.defer(done.append, i)
     assert done == []
-    idle.defer(done.append, 3)      # the fourth: all four at once, in order
-    assert done == [0, 1, 2, 3]
+    idle.defer(done.append, 3)      # one over: the oldest runs now, one at a time, in order
+    assert done == [0]
+    idle.defer(done.append, 4)
+    assert done == [0, 1]
+    await trio.testing.wait_all_tasks_blocked(0.01)
+    assert done == [0, 1, 2, 3, 4]
 
 
 async def test_errors_are_reported_and_the_rest_still_runs(nursery):

@@ -3,8 +3,9 @@ deadline, and calls the handler once per request. Knows HTTP, not OpenAI.
 
 Two tasks per connection. The reader task receives only when given a permit: when the request
 loop needs more bytes, and once while a handler runs, so that a client hanging up cancels the
-request at once (its upstream call included) instead of being noticed at the end. At most one
-receive buffer is ever held, so a fast client cannot queue memory behind a slow handler.
+request at once (its upstream call included, and the connection with it) instead of being
+noticed at the end. At most one receive buffer is ever held, so a fast client cannot queue memory
+behind a slow handler.
 
 Phases and answers: idle keep-alive -> silent close; first byte to last header -> 408; between
 body pieces -> 408; body over the limit -> 413; one write not taken by the client within
