@@ -66,6 +66,10 @@ class SocketIO:
             return await _receive_when_ready(sock, max_bytes)
         raise trio.TooSlowError()   # only reached when the scope was cancelled by its deadline
 
+    def receive_now(self, max_bytes: int) -> bytes | None:
+        """What the socket holds right now (b"" at its end), or None if nothing; never waits."""
+        return _receive_now(self.socket, max_bytes)
+
     def close(self) -> None:
         """Close at once (no lingering, no await); a task waiting on the socket gets
         trio.ClosedResourceError."""
