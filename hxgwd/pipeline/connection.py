@@ -25,6 +25,7 @@ from hxgwd.pipeline.parse import (END_OF_BODY, NEED_DATA, PEER_CLOSED, Headers, 
 from hxgwd.sockio import SocketIO
 
 RECEIVE_SIZE = 65536
+YIELD_EVERY = 16            # requests taken without a wait before the connection yields the loop
 
 
 class ClientGone(Exception):
@@ -128,6 +129,7 @@ class HttpConnection:
         self._read_permit = trio.Event()
         self._data_ready = trio.Event()
         self._receiving = False     # the reader is in a receive: whatever comes sets _data_ready
+        self._taken_in_a_row = 0    # requests whose bytes _take_arrived found waiting, in a row
         self._cancel_connection = trio.CancelScope()   # replaced by the nursery's in run()
         self._handling = False
         self.client_gone = False
@@ -205,10 +207,14 @@ class HttpConnection:
         if self.protocol.has_buffered_data:
             return True
         if self._take_arrived():
-            # a client sending back to back must not keep the loop to itself: answers that need
-            # no upstream (/healthz) would otherwise never yield
-            await trio.lowlevel.checkpoint()
+            # A client sending back to back must not keep the loop to itself: answers that need no
+            # upstream (/healthz, errors) never yield. Every so often, not every time: a proxied
+            # request yields anyway while it waits for its upstream.
+            self._taken_in_a_row += 1
+            if self._taken_in_a_row % YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
             return True
+        self._taken_in_a_row = 0
         with trio.CancelScope(deadline=trio.current_time() + settings.keepalive_timeout) as idle:
             self._life.idle_scopes.add(idle)
             try:
