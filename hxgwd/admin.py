@@ -44,6 +44,7 @@ async def handle(gw: Any, rt: Runtime, request: Any, response: Any) -> None:
         return await _send(response, 200, {
             "generation": rt.generation, **gw.services.statistics(),
             "concurrency": gw.gates.statistics(),
+            "deferred": gw.idle.statistics(),
             "pools": {f"{p.origin.scheme}://{p.origin.host}:{p.origin.port}": p.statistics()
                       for p in gw.transports.pools()}})
     if path == "/admin/keys" or path.startswith("/admin/keys/") or path == "/admin/usage":

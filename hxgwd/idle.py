@@ -33,6 +33,7 @@ class IdleWork:
         self._pending: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = collections.deque()
         self._wanted = trio.Event()
         self._running = False
+        self.overflowed = 0      # pieces run at once because max_pending were already waiting
 
     def defer(self, fn: Callable[..., None], *args: Any) -> None:
         """Call fn(*args) at the next quiet moment; it must not raise (errors are only logged)."""
@@ -42,9 +43,13 @@ class IdleWork:
         pending = self._pending
         pending.append((fn, args))
         if len(pending) > self._max_pending:
+            self.overflowed += 1
             self._call(*pending.popleft())
         elif len(pending) == 1:
             self._wanted.set()
+
+    def statistics(self) -> dict[str, int]:
+        return {"pending": len(self._pending), "max_pending": self._max_pending, "overflowed": self.overflowed}
 
     def run_pending(self) -> None:
         pending = self._pending

@@ -39,12 +39,15 @@ async def test_past_the_bound_each_defer_runs_the_oldest(nursery):
     for i in range(3):
         idle.defer(done.append, i)
     assert done == []
+    assert idle.statistics() == {"pending": 3, "max_pending": 3, "overflowed": 0}
     idle.defer(done.append, 3)      # one over: the oldest runs now, one at a time, in order
     assert done == [0]
     idle.defer(done.append, 4)
     assert done == [0, 1]
+    assert idle.statistics() == {"pending": 3, "max_pending": 3, "overflowed": 2}
     await trio.testing.wait_all_tasks_blocked(0.01)
     assert done == [0, 1, 2, 3, 4]
+    assert idle.statistics()["pending"] == 0
 
 
 async def test_errors_are_reported_and_the_rest_still_runs(nursery):

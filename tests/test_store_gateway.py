@@ -82,7 +82,9 @@ async def test_store_keys_via_admin_api_and_revocation(nursery, tmp_path, upstre
     by_day = (await gw.get("/admin/usage?by=day&since=2000-01-01")).json()
     assert by_day["timezone"] == "Europe/Berlin" and sum(row["requests"] for row in by_day["data"]) >= 4
     assert by_day["since"] == 946681200                      # midnight in Berlin, not in UTC
-    assert (await gw.get("/admin/stats")).json()["retention"] == {"days": 0, "pruned": 0, "last_error": None}
+    stats = (await gw.get("/admin/stats")).json()
+    assert stats["retention"] == {"days": 0, "pruned": 0, "last_error": None}
+    assert stats["deferred"]["max_pending"] == 128 and stats["deferred"]["overflowed"] == 0
     await gw.stop()
 
 
