@@ -36,7 +36,7 @@ class IdleWork:
         self._pending: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = collections.deque()
         self._wanted = trio.Event()
         self._running = False
-        self.overflowed = 0      # pieces run at once because max_pending were already waiting
+        self._overflowed = 0     # pieces run at once because max_pending were already waiting
 
     def defer(self, fn: Callable[..., None], *args: Any) -> None:
         """Call fn(*args) at the next quiet moment; it must not raise (errors are only logged)."""
@@ -46,15 +46,15 @@ class IdleWork:
         pending = self._pending
         pending.append((fn, args))
         if len(pending) > self._max_pending:
-            self.overflowed += 1
+            self._overflowed += 1
             self._call(*pending.popleft())
         elif len(pending) == 1:
             self._wanted.set()
 
     def statistics(self) -> dict[str, int]:
-        return {"pending": len(self._pending), "max_pending": self._max_pending, "overflowed": self.overflowed}
+        return {"pending": len(self._pending), "max_pending": self._max_pending, "overflowed": self._overflowed}
 
-    def run_pending(self) -> None:
+    def _run_pending(self) -> None:
         pending = self._pending
         while pending:
             self._call(*pending.popleft())
@@ -69,10 +69,10 @@ class IdleWork:
                 await self._wanted.wait()
                 self._wanted = trio.Event()
                 await wait_all_tasks_blocked()
-                self.run_pending()
+                self._run_pending()
         finally:
             self._running = False
-            self.run_pending()
+            self._run_pending()
 
     def _call(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
         try:
