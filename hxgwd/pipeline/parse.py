@@ -78,11 +78,13 @@ class ServerConn:
         if type(event) is h11.Data:
             return bytes(event.data)
         if type(event) is h11.Request:
+            # h11's Headers is a Sequence whose iteration is a Python generator: copied once here
+            headers = list(event.headers)
             # h11 bounds a head that is still arriving; one that arrived whole is measured here
-            size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+            size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in headers)
             if size > self._max_header_bytes:
                 raise HeadersTooLarge("Request headers are too large.")
-            return _head(event, self._h11)
+            return _head(event, headers)
         if type(event) is h11.EndOfMessage:
             return END_OF_BODY
         if type(event) is h11.ConnectionClosed:
@@ -184,18 +186,20 @@ def splice_headers(head: bytes, rest: list[tuple[bytes, bytes]]) -> bytes:
     return head[:-2] + b"".join([name + b": " + value + b"\r\n" for name, value in rest]) + b"\r\n"
 
 
-def _head(event: h11.Request, conn: h11.Connection) -> RequestHead:
+def _head(event: h11.Request, headers: Headers) -> RequestHead:
     length = None
-    for name, value in event.headers:
+    keep_alive = event.http_version == b"1.1"
+    for name, value in headers:
         if name == b"content-length":
             length = int(value)
+        elif name == b"connection" and b"close" in value.lower():
+            keep_alive = False
     return RequestHead(
         method=event.method.decode("ascii"),
         target=event.target.decode("ascii", errors="replace"),
-        headers=list(event.headers),
+        headers=headers,
         content_length=length,
-        keep_alive=event.http_version == b"1.1"
-        and not any(n == b"connection" and b"close" in v.lower() for n, v in event.headers),
+        keep_alive=keep_alive,
     )
 
 

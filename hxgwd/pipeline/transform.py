@@ -155,6 +155,10 @@ def _vectors(doc: Any) -> list[Any] | None:
     return None
 
 
+_RAW_DECODE = json.JSONDecoder().raw_decode    # a decoder is built once: building one costs more than
+                                               # decoding a usage object
+
+
 def usage_from_body(body: bytes) -> dict[str, int] | None:
     """The `usage` object of a JSON answer, found from its end so large answers are not parsed."""
     at = body.rfind(b'"usage"')
@@ -164,7 +168,7 @@ def usage_from_body(body: bytes) -> dict[str, int] | None:
     if start < 0:
         return None
     try:
-        usage, _ = json.JSONDecoder().raw_decode(body[start:].decode("utf-8", errors="replace"))
+        usage, _ = _RAW_DECODE(body[start:].decode("utf-8", errors="replace"))
     except ValueError:
         return None
     return _clean_usage(usage)
