@@ -49,6 +49,7 @@ class PeerClosed:
 
 REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 NEED_DATA = h11.NEED_DATA
+END_OF_MESSAGE = h11.EndOfMessage()   # h11 events are immutable: one serves every message
 END_OF_BODY = EndOfBody()
 PEER_CLOSED = PeerClosed()
 
@@ -117,7 +118,7 @@ class ServerConn:
         return self._h11.send(h11.Data(data=data)) if data else b""
 
     def response_end(self) -> bytes:
-        return self._h11.send(h11.EndOfMessage())
+        return self._h11.send(END_OF_MESSAGE)
 
     def response_full(self, status: int, headers: Headers, body: bytes) -> bytes:
         """A whole response with a Content-Length, as one write."""
@@ -126,7 +127,7 @@ class ServerConn:
         h = self._h11
         head = h.send(h11.Response(status_code=status, headers=framing, reason=REASONS.get(status, b"")))
         return b"".join((splice_headers(head, rest), h.send(h11.Data(data=body)) if body else b"",
-                         h.send(h11.EndOfMessage())))
+                         h.send(END_OF_MESSAGE)))
 
     def response_error(self, exc: GatewayError, headers: Headers = ()) -> bytes:
         """An error answer, closing the connection; b"" if a response was already begun."""

@@ -20,7 +20,7 @@ import h11
 import trio
 
 from hxgwd.config.model import Timeouts
-from hxgwd.pipeline.parse import splice_headers
+from hxgwd.pipeline.parse import END_OF_MESSAGE, splice_headers
 from hxgwd.errors import Unavailable, UpstreamError, UpstreamTimeout
 from hxgwd.runtime import Origin
 from hxgwd.sockio import SocketIO
@@ -51,11 +51,15 @@ class _Conn:
 
     async def receive(self, deadline: float, *, answering: bool = False) -> Any:
         """The next h11 event; trio.TooSlowError if it needs bytes that do not come by `deadline`.
-        `answering`: the request was just sent, so the upstream cannot have answered yet."""
+        `answering`: the request was just sent, so the upstream cannot have answered yet: unless
+        h11 still holds bytes, there is nothing to parse before the wait."""
+        if answering and self.h11.trailing_data[0]:
+            answering = False      # sent before our request was: a misbehaving upstream
         while True:
-            event = self.next_ready()
-            if event is not h11.NEED_DATA:
-                return event
+            if not answering:
+                event = self.next_ready()
+                if event is not h11.NEED_DATA:
+                    return event
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE, deadline, wait_first=answering)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -183,7 +187,7 @@ class Pool:
             head = conn.h11.send(h11.Request(method=req.method, target=req.path, headers=framing))
             data = b"".join((splice_headers(head, req.headers),
                              conn.h11.send(h11.Data(data=req.body)) if req.body else b"",
-                             conn.h11.send(h11.EndOfMessage())))
+                             conn.h11.send(END_OF_MESSAGE)))
             conn.heard = False
             try:
                 await conn.stream.send_all(data, deadline)
