@@ -29,14 +29,14 @@ async def echo_handler(request: Request, response: Response) -> None:
     await response.send_full(200, [(b"content-type", b"text/plain")], b"got:" + body)
 
 
-async def start(nursery, **settings) -> tuple[int, Life]:
+async def start(nursery, handler=echo_handler, **settings) -> tuple[int, Life]:
     server = Server(listen=("127.0.0.1:0",), **settings)
     life = Life()
     (listener,) = await open_listeners(server.listen, 16)
     slots = trio.Semaphore(server.max_connections)
 
     async def serve(stream):
-        await HttpConnection(stream, lambda: server, echo_handler, life).run()
+        await HttpConnection(stream, lambda: server, handler, life).run()
 
     nursery.start_soon(accept_loop, listener, slots, nursery, serve, lambda exc: None)
     return listener.socket.getsockname()[1], life
@@ -179,6 +179,32 @@ async def test_queued_connections_are_accepted_in_one_turn_while_the_loop_is_bus
     for client in clients:
         client.close()
     listener.close()
+
+
+async def test_pipelining_client_takes_turns_with_other_connections(nursery):
+    """Answers that need no upstream never wait, so a client that pipelines them could hold the
+    loop for a whole receive buffer of requests at a time; it yields every few instead."""
+    served: list[str] = []
+
+    async def handler(request: Request, response: Response) -> None:
+        served.append(request.head.path)
+        await response.send_full(200, [], b"ok")
+
+    port, _ = await start(nursery, handler)
+    piped = await trio.open_tcp_stream("127.0.0.1", port)
+    other = await trio.open_tcp_stream("127.0.0.1", port)
+    await piped.send_all(b"GET /piped HTTP/1.1\r\nHost: a\r\n\r\n" * 60)
+    with trio.fail_after(5):
+        while not served:           # the pipeline is being served (or, held whole, is done)
+            await trio.sleep(0)
+    await other.send_all(b"GET /other HTTP/1.1\r\nHost: a\r\n\r\n")
+    with trio.fail_after(5):
+        while len(served) < 61:
+            await trio.sleep(0)
+    assert served.index("/other") < 40      # well before the pipeline ended: the loop was shared
+    for stream in (piped, other):
+        await stream.aclose()
+
 
 async def test_handler_crash_is_500_without_internals_and_others_unaffected(nursery):
     port, life = await start(nursery)

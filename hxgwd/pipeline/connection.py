@@ -27,7 +27,7 @@ from hxgwd.pipeline.parse import (END_OF_BODY, NEED_DATA, PEER_CLOSED, Headers, 
 from hxgwd.sockio import SocketIO
 
 RECEIVE_SIZE = 65536
-YIELD_EVERY = 4             # requests taken without a wait before the connection yields the loop:
+YIELD_EVERY = 4             # requests served without a wait before the connection yields the loop:
                             # 16 measured p99 67 ms at 64 conns (saturated), 4 gave 60, yielding
                             # every time 41 ms but gave back most of the gain (bench/ab.py)
 
@@ -133,7 +133,7 @@ class HttpConnection:
         self._read_permit = trio.Event()
         self._data_ready = trio.Event()
         self._receiving = False     # the reader is in a receive: whatever comes sets _data_ready
-        self._taken_in_a_row = 0    # requests whose bytes _take_arrived found waiting, in a row
+        self._ready_in_a_row = 0    # requests whose bytes were here already (buffered or taken), in a row
         self._cancel_connection = trio.CancelScope()   # replaced by the nursery's in run()
         self._handling = False
         self.client_gone = False
@@ -208,17 +208,15 @@ class HttpConnection:
 
     async def _wait_for_request(self, settings: Server) -> bool:
         """Wait, up to the keep-alive timeout, for the first byte of the next request."""
-        if self.protocol.has_buffered_data:
-            return True
-        if self._take_arrived():
-            # A client sending back to back must not keep the loop to itself: answers that need no
-            # upstream (/healthz, errors) never yield. Every so often, not every time: a proxied
-            # request yields anyway while it waits for its upstream.
-            self._taken_in_a_row += 1
-            if self._taken_in_a_row % YIELD_EVERY == 0:
+        if self.protocol.has_buffered_data or self._take_arrived():
+            # A client sending back to back, or pipelining, must not keep the loop to itself:
+            # answers that need no upstream (/healthz, /v1/models, errors) never yield. Every so
+            # often, not every time: a proxied request yields anyway while it waits for its upstream.
+            self._ready_in_a_row += 1
+            if self._ready_in_a_row % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
             return True
-        self._taken_in_a_row = 0
+        self._ready_in_a_row = 0
         with trio.CancelScope(deadline=trio.current_time() + settings.keepalive_timeout) as idle:
             self._life.idle_scopes.add(idle)
             try:
