@@ -32,7 +32,7 @@ async def test_work_waits_while_others_are_busy_and_runs_when_the_loop_is_quiet(
     assert done == ["record"]
 
 
-async def test_past_the_bound_each_defer_runs_the_oldest(nursery):
+async def test_past_the_bound_a_defer_runs_the_backlog(nursery):
     done: list[int] = []
     idle = IdleWork(_errors()[1], max_pending=3)
     await nursery.start(idle.run)
@@ -40,14 +40,14 @@ async def test_past_the_bound_each_defer_runs_the_oldest(nursery):
         idle.defer(done.append, i)
     assert done == []
     assert idle.statistics() == {"pending": 3, "max_pending": 3, "overflowed": 0}
-    idle.defer(done.append, 3)      # one over: the oldest runs now, one at a time, in order
-    assert done == [0]
-    idle.defer(done.append, 4)
-    assert done == [0, 1]
-    assert idle.statistics() == {"pending": 3, "max_pending": 3, "overflowed": 2}
+    idle.defer(done.append, 3)      # one over: all that waits runs now, in order, without a quiet moment
+    assert done == [0, 1, 2, 3]
+    assert idle.statistics() == {"pending": 0, "max_pending": 3, "overflowed": 4}
+    idle.defer(done.append, 4)      # under the bound again: waits for a quiet moment
+    assert done == [0, 1, 2, 3]
     await trio.testing.wait_all_tasks_blocked(0.01)
     assert done == [0, 1, 2, 3, 4]
-    assert idle.statistics()["pending"] == 0
+    assert idle.statistics() == {"pending": 0, "max_pending": 3, "overflowed": 4}
 
 
 async def test_errors_are_reported_and_the_rest_still_runs(nursery):
