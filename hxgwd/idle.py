@@ -10,7 +10,7 @@ which wakes its caller only after an I/O poll found nothing to run.
 A quiet moment runs everything waiting. Under load those moments are rare, so the queue is
 bounded: once more than `max_pending` are waiting, the task that defers runs all of them itself,
 in one go. Run together, pieces of the same kind find their code and data in the CPU's caches:
-that cost 7 % less CPU per request at 64 connections than running the oldest one at each defer
+that cost 4-8 % less CPU per request at 64 connections than running the oldest one at each defer
 (bench/ab.py), for a stall of ~1 ms every `max_pending` requests of a saturated loop. The price
 of batches: a backlog that a rare quiet moment runs in one go delays a request arriving meanwhile
 (one client back to back: p99 at one connection, see bench/RESULTS.md); running one piece per
