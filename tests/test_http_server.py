@@ -98,6 +98,16 @@ async def test_slow_headers_408(nursery, autojump_clock):
     assert out.startswith(b"HTTP/1.1 408")
 
 
+async def test_connection_close_is_closed_once_answered(nursery, autojump_clock):
+    # not after the body timeout: the client may read until the close, and the slot is freed
+    port, _ = await start(nursery, body_timeout=30)
+    for request, answer in ((b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", b"got:"),
+                            (b"POST /x HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc", b"got:abc")):
+        with trio.fail_after(1):
+            out = await talk(port, request)
+        assert out.startswith(b"HTTP/1.1 200") and out.endswith(answer)
+
+
 async def test_slow_body_408(nursery, autojump_clock):
     port, _ = await start(nursery, body_timeout=5)
     out = await talk(port, b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")

@@ -155,7 +155,8 @@ class ServerConn:
 
     @property
     def request_complete(self) -> bool:
-        return self._h11.their_state is h11.DONE
+        # MUST_CLOSE: the whole request came, with `Connection: close` (or over HTTP/1.0)
+        return self._h11.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
 
     @property
     def reusable(self) -> bool:
