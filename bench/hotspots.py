@@ -74,7 +74,7 @@ def parse(path: str):
 # Cost centres of hxgwd's request path (checked against hxgwd at the time of writing; a renamed
 # function silently drops out, so read a 0 % with care).
 HXGWD_GROUPS = [
-    ("parse the client request (h11 server side)", r"^(ServerConn\.next|HttpConnection\._read_head) "),
+    ("parse the client request (h11 server side)", r"^(ServerConn\.next|HttpConnection\._next_request) "),
     ("read the request body", r"^Request\.read_body "),
     ("authenticate", r"^Gateway\._authenticate "),
     ("JSON parse of the request (_payload)", r"^_payload "),

@@ -98,6 +98,24 @@ async def test_slow_headers_408(nursery, autojump_clock):
     assert out.startswith(b"HTTP/1.1 408")
 
 
+async def test_pipelined_partial_head_gets_the_header_timeout_not_the_keepalive(nursery, autojump_clock):
+    # the start of a second request came with the first: the client owes us a head, and 408 says so
+    port, _ = await start(nursery, header_timeout=5, keepalive_timeout=3600)
+    with trio.fail_after(60):
+        out = await talk(port, POST + b"GET / HTTP/1.1\r\nHost: a\r\n")
+    first, second = out.split(b"got:abc", 1)
+    assert first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 408")
+
+
+async def test_a_long_pipeline_is_answered_in_order(nursery):
+    port, _ = await start(nursery)
+    requests = b"".join(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n%d" % (len(str(i)), i)
+                        for i in range(300))
+    out = await talk(port, requests + b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    bodies = [part.split(b"\r\n\r\n", 1)[1] for part in out.split(b"HTTP/1.1 ")[1:]]
+    assert bodies == [b"got:%d" % i for i in range(300)] + [b"got:"]
+
+
 async def test_connection_close_is_closed_once_answered(nursery, autojump_clock):
     # not after the body timeout: the client may read until the close, and the slot is freed
     port, _ = await start(nursery, body_timeout=30)

@@ -188,10 +188,8 @@ class HttpConnection:
         while True:
             settings = self._settings()
             self._write_timeout = settings.write_timeout
-            if not await self._wait_for_request(settings):
-                return
             try:
-                head = await self._read_head(settings)
+                head = await self._next_request(settings)
             except GatewayError as exc:     # 400, 408, 431: answer and close
                 await self._send_quietly(self.protocol.response_error(exc))
                 return
@@ -206,17 +204,40 @@ class HttpConnection:
                 return
             self.protocol.start_next_cycle()
 
-    async def _wait_for_request(self, settings: Server) -> bool:
+    async def _next_request(self, settings: Server) -> RequestHead | None:
+        """The next request's head: waits up to the keep-alive timeout for its first byte, then up
+        to the header timeout for the rest; None when the client closed or stayed idle."""
+        # A pipelined request may be in the parser whole already. Asking the parser first, rather
+        # than whether it holds any bytes, keeps the question cheap: h11 answers that one only with
+        # a copy of its whole buffer, once per request of a pipeline (quadratic in its length).
+        event = self.protocol.next()
+        if event is NEED_DATA:
+            # what the parser holds now is at most part of a head (h11 bounds it), so the copy is too
+            if self.protocol.has_buffered_data or self._take_arrived():
+                await self._take_turn()
+            else:
+                self._ready_in_a_row = 0
+                if not await self._wait_for_first_byte(settings):
+                    return None
+            event = await self.next_event(settings.header_timeout, "head")
+        else:
+            await self._take_turn()
+        if event is PEER_CLOSED:
+            return None
+        if type(event) is not RequestHead:
+            raise RequestTimeout("Incomplete request.")
+        return event
+
+    async def _take_turn(self) -> None:
+        # A client sending back to back, or pipelining, must not keep the loop to itself: answers
+        # that need no upstream (/healthz, /v1/models, errors) never yield. Every so often, not
+        # every time: a proxied request yields anyway while it waits for its upstream.
+        self._ready_in_a_row += 1
+        if self._ready_in_a_row % YIELD_EVERY == 0:
+            await trio.lowlevel.checkpoint()
+
+    async def _wait_for_first_byte(self, settings: Server) -> bool:
         """Wait, up to the keep-alive timeout, for the first byte of the next request."""
-        if self.protocol.has_buffered_data or self._take_arrived():
-            # A client sending back to back, or pipelining, must not keep the loop to itself:
-            # answers that need no upstream (/healthz, /v1/models, errors) never yield. Every so
-            # often, not every time: a proxied request yields anyway while it waits for its upstream.
-            self._ready_in_a_row += 1
-            if self._ready_in_a_row % YIELD_EVERY == 0:
-                await trio.lowlevel.checkpoint()
-            return True
-        self._ready_in_a_row = 0
         with trio.CancelScope(deadline=trio.current_time() + settings.keepalive_timeout) as idle:
             self._life.idle_scopes.add(idle)
             try:
@@ -241,14 +262,6 @@ class HttpConnection:
             return False
         self.protocol.feed(data)
         return True
-
-    async def _read_head(self, settings: Server) -> RequestHead | None:
-        event = await self.next_event(settings.header_timeout, "head")
-        if event is PEER_CLOSED:
-            return None
-        if type(event) is not RequestHead:
-            raise RequestTimeout("Incomplete request.")
-        return event
 
     async def _serve_one(self, head: RequestHead, settings: Server) -> None:
         extra: Headers = [(b"connection", b"close")] if (self._life.draining or not head.keep_alive) else []

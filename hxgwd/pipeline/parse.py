@@ -96,6 +96,8 @@ class ServerConn:
 
     @property
     def has_buffered_data(self) -> bool:
+        """Whether received bytes wait in the parser. Costs a copy of them (h11 has no cheaper
+        public way to ask): ask after `next()` said NEED_DATA, when they are at most part of a head."""
         data, _closed = self._h11.trailing_data
         return bool(data)
 
