@@ -20,10 +20,11 @@ from typing import Any
 
 import trio
 
-from hxgwd.errors import BadRequest, MethodNotAllowed, NotFound, Unavailable
+from hxgwd.errors import BadRequest, NotFound, Unavailable, require_method
 from hxgwd.runtime import Runtime
 
 JSON = (b"content-type", b"application/json")
+READS = ("GET", "HEAD")          # HEAD is answered as GET, without the body (errors.require_method)
 
 
 class Conflict(BadRequest):
@@ -36,11 +37,11 @@ async def handle(gw: Any, rt: Runtime, request: Any, response: Any) -> None:
     path, _, query = head.target.partition("?")
     params = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
     if path == "/admin/routing":
-        _method(head, "GET")
+        require_method(head.method, "GET")
         return await _send(response, 200, {"generation": rt.generation,
                                            "targets": gw.router.table(rt, trio.current_time())})
     if path == "/admin/stats":
-        _method(head, "GET")
+        require_method(head.method, "GET")
         return await _send(response, 200, {
             "generation": rt.generation, **gw.services.statistics(),
             "concurrency": gw.gates.statistics(),
@@ -55,7 +56,7 @@ async def handle(gw: Any, rt: Runtime, request: Any, response: Any) -> None:
 
         try:
             if path == "/admin/usage":
-                _method(head, "GET")
+                require_method(head.method, "GET")
                 return await _usage(store, params, response, rt.config.limits.timezone)
             return await _keys(gw, store, path, params, request, response)
         except KeyExists as exc:
@@ -71,10 +72,10 @@ async def _keys(gw: Any, store: Any, path: str, params: dict[str, str], request:
     head = request.head
     now = time.time()
     if path == "/admin/keys":
-        if head.method == "GET":
+        if head.method in READS:
             keys = await store.list_keys(include_revoked=params.get("revoked") in ("1", "true"))
             return await _send(response, 200, {"object": "list", "data": [k.as_dict(now) for k in keys]})
-        _method(head, "POST")
+        require_method(head.method, "POST", "GET")
         doc = _json_object(await request.read_body())
         fields = _key_fields(doc, gw, ROOT_NAMES := {k.name for k in gw.holder.current.config.keys})
         if fields["name"] in ROOT_NAMES:
@@ -83,9 +84,9 @@ async def _keys(gw: Any, store: Any, path: str, params: dict[str, str], request:
         await gw.services.keys.refresh()
         return await _send(response, 201, {"key": key, **info.as_dict(now)})
     name = urllib.parse.unquote(path[len("/admin/keys/"):])
-    if head.method == "GET":
+    if head.method in READS:
         return await _send(response, 200, (await store.get_key(name)).as_dict(now))
-    _method(head, "DELETE")
+    require_method(head.method, "DELETE", "GET")
     info = await store.revoke_key(name)
     await gw.services.keys.refresh()
     return await _send(response, 200, info.as_dict(now))
@@ -139,11 +140,6 @@ async def _usage(store: Any, params: dict[str, str], response: Any, tz: str) -> 
         raise BadRequest("'since' and 'until' are unix seconds, ISO dates or durations like 24h.") from None
     rows = await store.usage_summary(since, until, by, key=params.get("key"), tz=tz)
     await _send(response, 200, {"by": by, "since": since, "until": until, "timezone": tz, "data": rows})
-
-
-def _method(head: Any, method: str) -> None:
-    if head.method != method:
-        raise MethodNotAllowed(f"Use {method} for this endpoint.")
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

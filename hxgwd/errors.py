@@ -91,6 +91,22 @@ class MethodNotAllowed(BadRequest):
     status = 405
     code = "method_not_allowed"
 
+    def __init__(self, allow: tuple[str, ...]) -> None:
+        super().__init__(f"Use {allow[0]} for this endpoint.")
+        self.allow = allow
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"allow", ", ".join(self.allow).encode()), *super().headers()]
+
+
+def require_method(method: str, *allowed: str) -> None:
+    """405, with the Allow header, unless `method` is one of `allowed`. HEAD goes wherever GET
+    does: the HTTP layer answers it as GET without the body (RFC 9110, 9.3.2)."""
+    if "GET" in allowed:
+        allowed += ("HEAD",)
+    if method not in allowed:
+        raise MethodNotAllowed(allowed)
+
 
 class RequestTimeout(BadRequest):
     status = 408

@@ -183,7 +183,10 @@ async def test_unknown_model_endpoint_and_method(nursery):
     r = await gw.post("/v1/nothing", CHAT)
     assert r.status_code == 404
     r = await gw.get("/v1/chat/completions")
-    assert r.status_code == 405
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    r = await gw.post("/v1/models", CHAT)
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
     r = await gw.client.post("/v1/chat/completions", content=b"{not json", headers=AUTH)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = await gw.post("/v1/chat/completions", {"messages": []})
@@ -196,6 +199,19 @@ async def test_health_and_ready_need_no_auth(nursery):
     assert r.json() == {"ok": True, "version": r.json()["version"], "generation": 1}
     r = await gw.client.get("/readyz")
     assert r.status_code == 200 and r.json()["ready"] is True
+
+
+async def test_head_is_answered_like_get_without_a_body(nursery):
+    # load balancers and uptime checks probe with HEAD; the connection stays usable after it
+    gw, a, b = await two(nursery)
+    for path, headers in (("/healthz", {}), ("/readyz", {}), ("/v1/models", AUTH)):
+        got = await gw.client.get(path, headers=headers)
+        r = await gw.client.head(path, headers=headers)
+        assert r.status_code == 200 and r.content == b"", path
+        assert r.headers["content-length"] == got.headers["content-length"], path
+    r = await gw.client.head("/v1/models")
+    assert r.status_code == 401 and r.content == b""
+    assert (await gw.client.get("/healthz")).json()["ok"] is True
 
 
 async def test_failover_on_refused_500_429_and_reset(nursery):

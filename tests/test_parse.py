@@ -52,6 +52,29 @@ def test_chunked_body_and_response_bytes():
     assert conn.reusable
 
 
+@pytest.mark.parametrize("target, path", [
+    (b"http://gw:4010/v1/models?x=1", "/v1/models?x=1"), (b"HTTPS://gw", "/"), (b"http://gw?x=1", "/?x=1"),
+    (b"/v1/models", "/v1/models"), (b"ftp://gw/v1/models", "ftp://gw/v1/models")])
+def test_absolute_form_target_is_reduced_to_its_path(target, path):
+    conn = ServerConn(16384)
+    conn.feed(b"GET " + target + b" HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert conn.next().target == path
+
+
+def test_head_is_answered_without_a_body_and_the_connection_stays_usable():
+    conn = ServerConn(16384)
+    conn.feed(b"HEAD /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert events(conn)[0].method == "HEAD"
+    out = conn.response_full(200, [(b"content-type", b"application/json")], b'{"ok": true}')
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"\r\n\r\n")
+    assert b"content-length: 12\r\n" in out.lower()
+    assert conn.reusable
+    conn.start_next_cycle()
+    conn.feed(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+    events(conn)
+    assert conn.response_full(200, [], b'{"ok": true}').endswith(b'{"ok": true}')
+
+
 def test_malformed_is_400_and_headers_over_limit_431():
     conn = ServerConn(16384)
     conn.feed(b"GARBAGE\r\n\r\n")

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import trio
 
 from hxgwd import __version__
-from hxgwd.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
+from hxgwd.errors import BadRequest, GatewayError, NotFound, require_method
 from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
 from hxgwd import admin
@@ -91,8 +91,7 @@ class Gateway:
         head = request.head
         path = ex.endpoint
         if path == "/v1/models" or path.startswith("/v1/models/"):
-            if head.method != "GET":
-                raise MethodNotAllowed("Use GET for this endpoint.")
+            require_method(head.method, "GET")
             principal = self._authenticate(rt, ex, head.headers)
             ex.reservation = await self.limiter.admit(principal, NO_TOKENS)
             await self._models(rt, principal, path, response)
@@ -107,7 +106,7 @@ class Gateway:
         if path not in API_POST:
             raise NotFound(f"Unknown endpoint {path}.", code="unknown_url")
         if head.method != "POST":
-            raise MethodNotAllowed("Use POST for this endpoint.")
+            require_method(head.method, "POST")
         principal = self._authenticate(rt, ex, head.headers)
         body = await request.read_body()
         ex.bytes_in = len(body)

@@ -60,6 +60,7 @@ class ServerConn:
     def __init__(self, max_header_bytes: int) -> None:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self._max_header_bytes = max_header_bytes
+        self._head_only = False      # the request is a HEAD: its answer is sent without a body
 
     def __repr__(self) -> str:
         return f"<ServerConn client={self._h11.their_state} server={self._h11.our_state}>"
@@ -85,6 +86,7 @@ class ServerConn:
             size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in headers)
             if size > self._max_header_bytes:
                 raise HeadersTooLarge("Request headers are too large.")
+            self._head_only = event.method == b"HEAD"
             return _head(event, headers)
         if type(event) is h11.EndOfMessage:
             return END_OF_BODY
@@ -117,18 +119,19 @@ class ServerConn:
         return splice_headers(head, rest)
 
     def response_body(self, data: bytes) -> bytes:
-        return self._h11.send(h11.Data(data=data)) if data else b""
+        return self._h11.send(h11.Data(data=data)) if data and not self._head_only else b""
 
     def response_end(self) -> bytes:
         return self._h11.send(END_OF_MESSAGE)
 
     def response_full(self, status: int, headers: Headers, body: bytes) -> bytes:
-        """A whole response with a Content-Length, as one write."""
+        """A whole response with a Content-Length, as one write (the head alone to a HEAD)."""
         framing, rest = _split(headers)
         framing.append((b"content-length", str(len(body)).encode()))
         h = self._h11
         head = h.send(h11.Response(status_code=status, headers=framing, reason=REASONS.get(status, b"")))
-        return b"".join((splice_headers(head, rest), h.send(h11.Data(data=body)) if body else b"",
+        return b"".join((splice_headers(head, rest),
+                         h.send(h11.Data(data=body)) if body and not self._head_only else b"",
                          h.send(END_OF_MESSAGE)))
 
     def response_error(self, exc: GatewayError, headers: Headers = ()) -> bytes:
@@ -198,9 +201,16 @@ def _head(event: h11.Request, headers: Headers) -> RequestHead:
             length = int(value)
         elif name == b"connection" and b"close" in value.lower():
             keep_alive = False
+    target = event.target
+    if target[:1] != b"/":
+        # absolute form (`GET http://host/path`), which servers must accept (RFC 9112, 3.2.2)
+        scheme, sep, rest = target.partition(b"://")
+        if sep and scheme.lower() in (b"http", b"https"):
+            end = next((i for i, c in enumerate(rest) if c in b"/?"), len(rest))    # after host:port
+            target = rest[end:] if rest[end:end + 1] == b"/" else b"/" + rest[end:]
     return RequestHead(
         method=event.method.decode("ascii"),
-        target=event.target.decode("ascii", errors="replace"),
+        target=target.decode("ascii", errors="replace"),
         headers=headers,
         content_length=length,
         keep_alive=keep_alive,
