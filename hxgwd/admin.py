@@ -20,7 +20,9 @@ from typing import Any
 
 import trio
 
+from hxgwd.config.load import NAME_RE
 from hxgwd.errors import BadRequest, NotFound, Unavailable, require_method
+from hxgwd.pipeline.parse import json_document
 from hxgwd.runtime import Runtime
 
 JSON = (b"content-type", b"application/json")
@@ -98,21 +100,24 @@ def _key_fields(doc: dict[str, Any], gw: Any, config_names: set[str]) -> dict[st
     if unknown:
         raise BadRequest(f"Unknown fields: {', '.join(sorted(unknown))}.", param=sorted(unknown)[0])
     name = doc.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise BadRequest("'name' is required.", param="name")
+    if not isinstance(name, str) or not NAME_RE.match(name.strip()):
+        raise BadRequest("'name' is 1-128 letters, digits and ._:/@- (starting with a letter or digit).",
+                         param="name")
     models = doc.get("models", [])
     targets = gw.holder.current.targets
-    if not isinstance(models, list) or any(m not in targets for m in models):
+    if not isinstance(models, list) or any(not isinstance(m, str) or m not in targets for m in models):
         raise BadRequest("'models' must list models or groups of the config.", param="models")
     for field in ("rpm", "tpm"):
-        if doc.get(field) is not None and (not isinstance(doc[field], int) or doc[field] < 1):
+        value = doc.get(field)
+        if value is not None and (type(value) is not int or not 1 <= value < 1 << 40):
             raise BadRequest(f"'{field}' must be a positive integer.", param=field)
-    if doc.get("budget_usd") is not None and (not isinstance(doc["budget_usd"], (int, float)) or doc["budget_usd"] < 0):
+    budget = doc.get("budget_usd")
+    if budget is not None and (type(budget) not in (int, float) or not 0 <= budget < 1e12):
         raise BadRequest("'budget_usd' must be 0 or more.", param="budget_usd")
     if doc.get("budget_period", "month") not in ("day", "month"):
         raise BadRequest("'budget_period' is 'day' or 'month'.", param="budget_period")
     expires = doc.get("expires_at")
-    if expires is not None and not isinstance(expires, (int, float)):
+    if expires is not None and (type(expires) not in (int, float) or not 0 <= expires < 1e11):
         raise BadRequest("'expires_at' is unix seconds.", param="expires_at")
     return {"name": name.strip(), "models": tuple(models), "admin": bool(doc.get("admin", False)),
             "rpm": doc.get("rpm"), "tpm": doc.get("tpm"), "budget_usd": doc.get("budget_usd"),
@@ -130,9 +135,12 @@ async def _usage(store: Any, params: dict[str, str], response: Any, tz: str) -> 
         if not text:
             return None
         try:
-            return float(text)           # unix seconds
+            seconds = float(text)        # unix seconds
         except ValueError:
             return parse_when(text, now, tz=tz)
+        if not 0 <= seconds < 1e11:      # NaN and inf included
+            raise ValueError(text)
+        return seconds
 
     try:
         since, until = when(params.get("since")), when(params.get("until"))
@@ -144,7 +152,7 @@ async def _usage(store: Any, params: dict[str, str], response: Any, tz: str) -> 
 
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(body or b"{}")
+        doc = json_document(body or b"{}")
     except ValueError:
         raise BadRequest("The body is not JSON.", code="invalid_json") from None
     if not isinstance(doc, dict):

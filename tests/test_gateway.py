@@ -211,6 +211,8 @@ async def test_head_is_answered_like_get_without_a_body(nursery):
         assert r.headers["content-length"] == got.headers["content-length"], path
     r = await gw.client.head("/v1/models")
     assert r.status_code == 401 and r.content == b""
+    r = await gw.client.post("/healthz")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
     assert (await gw.client.get("/healthz")).json()["ok"] is True
 
 

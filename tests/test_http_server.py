@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import attrs
+import pytest
 import trio
 
 from hxgwd.config.model import Server
@@ -25,6 +26,9 @@ class Life:
 async def echo_handler(request: Request, response: Response) -> None:
     if request.head.path == "/boom":
         raise RuntimeError("secret internals")
+    if request.head.path == "/refuse":       # answers without reading the body, as a 401 does
+        await response.send_full(401, [], b"no")
+        return
     body = await request.read_body()
     await response.send_full(200, [(b"content-type", b"text/plain")], b"got:" + body)
 
@@ -124,6 +128,40 @@ async def test_connection_close_is_closed_once_answered(nursery, autojump_clock)
         with trio.fail_after(1):
             out = await talk(port, request)
         assert out.startswith(b"HTTP/1.1 200") and out.endswith(answer)
+
+
+async def test_content_length_and_chunked_together_is_served_then_closed(nursery):
+    # h11 frames it by the chunks; what comes after it on the connection is not trusted
+    port, _ = await start(nursery)
+    out = await talk(port, b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n"
+                           b"\r\n3\r\nabc\r\n0\r\n\r\n" + b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"got:abc") and out.count(b"HTTP/1.1") == 1
+    assert b"connection: close" in out.lower()
+
+
+@pytest.mark.parametrize("path, status", [("/refuse", b"401"), ("/x", b"413")])
+async def test_a_large_body_left_unread_still_lets_the_client_read_the_answer(nursery, path, status):
+    # closed under a client still sending, the kernel would reset the connection, answer and all
+    port, _ = await start(nursery, max_body_bytes=1 << 20)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    body = b"a" * (8 << 20)           # more than the socket buffers hold
+    with trio.fail_after(10):
+        await stream.send_all(b"POST %s HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % (path.encode(), len(body)))
+        try:
+            await stream.send_all(body)
+        except trio.BrokenResourceError:
+            pass                      # the gateway stopped reading: fine, once the answer is readable
+        out = b""
+        while chunk := await stream.receive_some(65536):
+            out += chunk
+    assert out.startswith(b"HTTP/1.1 " + status) and b"connection: close" in out.lower()
+
+
+async def test_slow_body_408_closes_at_once(nursery, autojump_clock):
+    port, _ = await start(nursery, body_timeout=5)
+    with trio.fail_after(5 + 1):      # not 5 more seconds waiting for the rest of the body
+        out = await talk(port, b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+    assert out.startswith(b"HTTP/1.1 408") and b"connection: close" in out.lower()
 
 
 async def test_slow_body_408(nursery, autojump_clock):

@@ -107,6 +107,14 @@ def test_header_filters():
     assert down == [(b"x-ratelimit-remaining-requests", b"9")]
 
 
+def test_headers_listed_in_connection_are_hop_by_hop_both_ways():
+    up = transform.upstream_headers([(b"connection", b"keep-alive, X-Trace"), (b"x-trace", b"t"),
+                                     (b"x-kept", b"k")], dep(), b"rid")
+    assert (b"x-kept", b"k") in up and b"x-trace" not in [n for n, _ in up]
+    down = transform.downstream_headers([(b"connection", b"x-hop"), (b"x-hop", b"1"), (b"x-kept", b"2")])
+    assert down == [(b"x-kept", b"2")]
+
+
 def test_unchanged_body_goes_upstream_byte_for_byte():
     d = dep()    # public "pub", upstream "up"
     raw = b'{"model": "up", "messages": [{"role": "user", "content": "say \\"model\\": 1.0"}], "temperature": 1.0}'

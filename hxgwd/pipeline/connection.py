@@ -16,6 +16,7 @@ write_timeout -> connection dropped.
 
 from __future__ import annotations
 
+import socket
 from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 import trio
@@ -27,6 +28,9 @@ from hxgwd.pipeline.parse import (END_OF_BODY, NEED_DATA, PEER_CLOSED, Headers, 
 from hxgwd.sockio import SocketIO
 
 RECEIVE_SIZE = 65536
+DISCARD_BYTES = 65536       # most of an unwanted request body read to keep its connection
+LINGER_SECONDS = 2.0        # longest read-and-drop of a request body before closing under it
+CLOSE: Headers = [(b"connection", b"close")]
 YIELD_EVERY = 4             # requests served without a wait before the connection yields the loop:
                             # 16 measured p99 67 ms at 64 conns (saturated), 4 gave 60, yielding
                             # every time 41 ms but gave back most of the gain (bench/ab.py)
@@ -73,10 +77,15 @@ class Request:
         limit = self._settings.max_body_bytes
         if self._received == 0:
             if self.head.content_length is not None and self.head.content_length > limit:
+                conn.closing = True
                 raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
             if conn.protocol.waiting_for_100_continue:
                 await conn.send(conn.protocol.response_continue())
-        event = await conn.next_event(self._settings.body_timeout, "body")
+        try:
+            event = await conn.next_event(self._settings.body_timeout, "body")
+        except RequestTimeout:
+            conn.closing = True      # the rest of the body may still come: no next request after it
+            raise
         if event is END_OF_BODY:
             conn.watch_for_hangup()
             return None
@@ -84,6 +93,7 @@ class Request:
             raise ClientGone()
         self._received += len(event)
         if self._received > limit:
+            conn.closing = True
             raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
         return event
 
@@ -104,11 +114,13 @@ class Response:
 
     async def send_full(self, status: int, headers: Headers, body: bytes) -> None:
         self.started = True
-        await self._conn.send(self._conn.protocol.response_full(status, headers + self._extra, body))
+        conn = self._conn
+        await conn.send(conn.protocol.response_full(status, headers + self._extra + conn.closing_headers(), body))
 
     async def start(self, status: int, headers: Headers) -> None:
         self.started = True
-        await self._conn.send(self._conn.protocol.response_head(status, headers + self._extra))
+        conn = self._conn
+        await conn.send(conn.protocol.response_head(status, headers + self._extra + conn.closing_headers()))
 
     async def send(self, data: bytes) -> None:
         await self._conn.send(self._conn.protocol.response_body(data))
@@ -136,6 +148,8 @@ class HttpConnection:
         self._ready_in_a_row = 0    # requests whose bytes were here already (buffered or taken), in a row
         self._cancel_connection = trio.CancelScope()   # replaced by the nursery's in run()
         self._handling = False
+        self._head: RequestHead | None = None
+        self.closing = False        # the connection ends after this response, which says so
         self.client_gone = False
         try:
             host, port = stream.socket.getpeername()[:2]
@@ -150,6 +164,8 @@ class HttpConnection:
                 nursery.start_soon(self._read_loop)
                 await self._request_loop()
                 nursery.cancel_scope.cancel()
+            if self.closing and not self.client_gone and not self.protocol.request_complete:
+                await self._linger(self._settings().max_body_bytes)
         finally:
             self.stream.close()
 
@@ -196,7 +212,8 @@ class HttpConnection:
             if head is None:
                 return
             await self._serve_one(head, settings)
-            if self.client_gone or not self.protocol.response_complete:
+            if self.client_gone or not self.protocol.response_complete or self.protocol.closes_after_response:
+                self.closing = True
                 return
             if not self.protocol.request_complete and not await self._discard_body(settings):
                 return
@@ -264,8 +281,9 @@ class HttpConnection:
         return True
 
     async def _serve_one(self, head: RequestHead, settings: Server) -> None:
-        extra: Headers = [(b"connection", b"close")] if (self._life.draining or not head.keep_alive) else []
-        response = Response(self, extra)
+        self._head = head
+        self.closing = self._life.draining or not head.keep_alive
+        response = Response(self, [])
         request = Request(head, self.peer, self, settings)
         self._handling = True
         try:
@@ -284,11 +302,39 @@ class HttpConnection:
         finally:
             self._handling = False
 
+    def closing_headers(self) -> Headers:
+        """`Connection: close` for a response after which the connection ends: asked for, draining,
+        or a request body left unread that is not worth reading just to keep the connection (over
+        DISCARD_BYTES, of unknown length, or failed: over the limit, or stalled)."""
+        if not self.closing and not self.protocol.request_complete:
+            length = self._head.content_length if self._head is not None else None
+            self.closing = length is None or length > DISCARD_BYTES
+        return CLOSE if self.closing else []
+
+    async def _linger(self, max_bytes: int) -> None:
+        """Closing with part of the request body unread: the kernel answers data that arrives after
+        close() with a reset, which can destroy our answer before the client read it (it is
+        usually still sending). So stop sending, then read and drop what comes, for a little while."""
+        try:
+            self.stream.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        dropped = 0
+        with trio.move_on_after(LINGER_SECONDS):
+            while dropped <= max_bytes:
+                try:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                if not data:
+                    return
+                dropped += len(data)
+
     async def _discard_body(self, settings: Server) -> bool:
         """Read and drop what is left of a request body the handler did not want, if small."""
         dropped = 0
         try:
-            while dropped <= 65536:
+            while dropped <= DISCARD_BYTES:
                 event = await self.next_event(settings.body_timeout, "body")
                 if event is END_OF_BODY:
                     return True

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import time
+import urllib.parse
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -23,7 +24,8 @@ from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
 from hxgwd import admin
 from hxgwd.pipeline import authenticate, limit, proxy, record, route, transform
-from hxgwd.pipeline.connection import Request, Response
+from hxgwd.pipeline.connection import ClientGone, Request, Response
+from hxgwd.pipeline.parse import json_document
 from hxgwd.runtime import Principal, Runtime, RuntimeHolder
 from hxgwd.services import Services
 from hxgwd.upstream import Transports
@@ -33,6 +35,7 @@ JSON = (b"content-type", b"application/json")
 API_POST = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 NO_TOKENS = limit.Estimate(tokens=0, cost_usd=0.0)   # /v1/models: counts toward rpm only
+MAX_TOKENS_ESTIMATED = 1 << 24     # more output than any model's context window holds today
 
 
 class Gateway:
@@ -55,9 +58,11 @@ class Gateway:
         head = request.head
         path = head.path
         if path == "/healthz":
+            require_method(head.method, "GET")
             await self._health(response)
             return
         if path == "/readyz":
+            require_method(head.method, "GET")
             await self._ready(response)
             return
         rt = self.holder.current
@@ -72,6 +77,12 @@ class Gateway:
             if response.started:
                 raise
             await response.send_full(exc.status, [JSON, *exc.headers()], exc.body())
+        except Exception as exc:
+            if isinstance(exc, ClientGone):
+                ex.client_gone = True
+            else:                 # a bug: the HTTP layer answers 500 and logs it; recorded as ours
+                ex.error, ex.status = GatewayError("Internal error."), 500
+            raise
         except BaseException:
             ex.client_gone = True     # cancelled by a hang-up (or a forced shutdown)
             raise
@@ -137,7 +148,7 @@ class Gateway:
     async def _models(self, rt: Runtime, principal: Principal, path: str, response: Response) -> None:
         names = [n for n in rt.targets if principal.may_use(n)]
         if path != "/v1/models":
-            wanted = path[len("/v1/models/"):]
+            wanted = urllib.parse.unquote(path[len("/v1/models/"):])   # the SDK quotes the "/" of "org/model"
             if wanted not in names:
                 raise NotFound(f"The model '{wanted}' does not exist.", code="model_not_found", param="model")
             body = json.dumps(_model_entry(rt, wanted)).encode()
@@ -221,7 +232,7 @@ class RequestIds:
 
 def _payload(body: bytes) -> dict[str, Any]:
     try:
-        payload = json.loads(body)
+        payload = json_document(body)
     except ValueError:
         raise BadRequest("We could not parse the JSON body of your request.", code="invalid_json") from None
     if not isinstance(payload, dict):
@@ -239,8 +250,10 @@ def _target_name(header: bytes | None, payload: dict[str, Any]) -> str:
 
 
 def _max_tokens(payload: dict[str, Any]) -> int:
+    """For the estimates of limits and routing only (the body goes upstream as it came): bounded,
+    so that one request's absurd value cannot overflow a cost or skew what others are routed on."""
     for name in ("max_completion_tokens", "max_tokens"):
         value = payload.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+            return min(value, MAX_TOKENS_ESTIMATED)
     return 0

@@ -8,7 +8,9 @@ I/O and the timeouts.
 
 from __future__ import annotations
 
-from typing import Iterable
+import json
+import math
+from typing import Any, Iterable
 
 from http import HTTPStatus
 
@@ -25,7 +27,7 @@ class RequestHead:
     method: str
     target: str
     headers: Headers                 # names lowercased by h11, in arrival order
-    content_length: int | None       # None: chunked, or no body
+    content_length: int | None       # None: chunked; 0 also when no body is framed
     keep_alive: bool
 
     @property
@@ -159,6 +161,11 @@ class ServerConn:
         return self._h11.our_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
 
     @property
+    def closes_after_response(self) -> bool:
+        """The response said (or HTTP/1.0 implied) that the connection ends with it."""
+        return self._h11.our_state in (h11.MUST_CLOSE, h11.CLOSED)
+
+    @property
     def request_complete(self) -> bool:
         # MUST_CLOSE: the whole request came, with `Connection: close` (or over HTTP/1.0)
         return self._h11.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
@@ -196,11 +203,20 @@ def splice_headers(head: bytes, rest: list[tuple[bytes, bytes]]) -> bytes:
 def _head(event: h11.Request, headers: Headers) -> RequestHead:
     length = None
     keep_alive = event.http_version == b"1.1"
+    chunked = False
     for name, value in headers:
         if name == b"content-length":
             length = int(value)
         elif name == b"connection" and b"close" in value.lower():
             keep_alive = False
+        elif name == b"transfer-encoding":
+            chunked = True
+    if chunked and length is not None:
+        # h11 frames the body by Transfer-Encoding, as it must; whatever sent both may frame it
+        # otherwise, so nothing after this request on the connection is trusted (RFC 9112, 6.3)
+        length, keep_alive = None, False
+    elif not chunked and length is None:
+        length = 0          # neither header: no body (RFC 9112, 6.3)
     target = event.target
     if target[:1] != b"/":
         # absolute form (`GET http://host/path`), which servers must accept (RFC 9112, 3.2.2)
@@ -215,6 +231,30 @@ def _head(event: h11.Request, headers: Headers) -> RequestHead:
         content_length=length,
         keep_alive=keep_alive,
     )
+
+
+def json_document(body: bytes) -> Any:
+    """A request body as JSON, strictly (RFC 8259): UTF-8 without a BOM, and no NaN or Infinity,
+    which Python's json takes but other parsers, upstreams included, refuse. ValueError otherwise,
+    nesting too deep for the parser included."""
+    try:
+        return _STRICT_DECODE(body.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):   # 1e400
+        raise ValueError("number out of range")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+_STRICT_DECODE = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant).decode   # built once
 
 
 def _translate(exc: h11.RemoteProtocolError) -> GatewayError:

@@ -108,7 +108,7 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], transf
         router.started(dep, began)
         ttfb_before = ex.ttfb
         ex.ttfb = None
-        outcome: Outcome | None = None      # None: left by an error of ours, a failure all the same
+        outcome: Outcome | None = None      # None: the deployment failed (timeout, broken answer)
         try:
             with trio.CancelScope(deadline=settings.deadline) as overall:
                 gate = gates.get(dep)
@@ -134,7 +134,12 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], transf
             outcome = Outcome(ok=False, status=retry.answer[0] if retry.answer else 0,
                               ttfb=0.0, duration=trio.current_time() - began, features=features,
                               retry_after=retry.retry_after(), began=began)
-        except (trio.Cancelled, ClientGone):
+        except UpstreamError:     # mid-answer, after the response began: the deployment's failure
+            raise
+        except BaseException:
+            # the client left, or an error of ours or of the caller's input: nothing to learn about
+            # the deployment, and nothing to hold against it (a client must not be able to open
+            # its breaker for everyone)
             outcome = Outcome(ok=True, status=0, ttfb=0.0, duration=trio.current_time() - began,
                               features=features, cancelled=True, began=began)
             raise

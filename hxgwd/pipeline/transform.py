@@ -98,6 +98,8 @@ def _encoded(body: dict[str, Any], payload: dict[str, Any], raw: bytes | None) -
 
 def upstream_headers(client: Headers, dep: Deployment, request_id: bytes) -> Headers:
     out = [(n, v) for n, v in client if n not in DROP_UPSTREAM and not n.startswith(b"x-hx-")]
+    if listed := connection_listed(client):
+        out = [(n, v) for n, v in out if n not in listed]
     out.append((b"content-type", b"application/json"))
     out.append((b"x-request-id", request_id))
     backend = dep.backend
@@ -109,7 +111,19 @@ def upstream_headers(client: Headers, dep: Deployment, request_id: bytes) -> Hea
 
 
 def downstream_headers(upstream: Headers) -> Headers:
-    return [(n, v) for n, v in upstream if n not in DROP_DOWNSTREAM]
+    out = [(n, v) for n, v in upstream if n not in DROP_DOWNSTREAM]
+    if listed := connection_listed(upstream):
+        out = [(n, v) for n, v in out if n not in listed]
+    return out
+
+
+def connection_listed(headers: Headers) -> set[bytes] | None:
+    """Header names that `Connection` lists: hop-by-hop too, so a proxy drops them (RFC 9110, 7.6.1)."""
+    listed = None
+    for name, value in headers:
+        if name == b"connection" and value not in (b"keep-alive", b"close"):
+            listed = (listed or set()) | {t.strip() for t in value.lower().split(b",")}
+    return listed
 
 
 # --- non-streamed answers ----------------------------------------------------------------------
@@ -177,8 +191,9 @@ def usage_from_body(body: bytes) -> dict[str, int] | None:
 def _clean_usage(usage: Any) -> dict[str, int] | None:
     if not isinstance(usage, dict):
         return None
-    out = {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")
-           if isinstance(usage.get(k), int)}
+    # counts from an upstream are trusted to be counts, not to be sane: bounded before any arithmetic
+    out = {k: v for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+           if type(v := usage.get(k)) is int and 0 <= v < 1 << 40}
     return out or None
 
 

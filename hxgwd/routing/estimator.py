@@ -252,6 +252,8 @@ class Ewma:
     alpha: float = 0.1
 
     def add(self, x: float) -> None:
+        if not math.isfinite(x):    # one bad sample would stay in the average for good
+            return
         self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
 
     def get(self, default: float) -> float:

@@ -113,6 +113,8 @@ class EchoBackend:
         prompt = body.get("prompt", "")
         if isinstance(prompt, list):
             prompt = prompt[0] if prompt and isinstance(prompt[0], str) else ""
+        if not isinstance(prompt, str):
+            return _error(400, "'prompt' must be a string or an array of strings.", "prompt")
         words, finish = _limit(str(prompt).split(), body)
         usage = {"prompt_tokens": len(str(prompt).split()), "completion_tokens": len(words),
                  "total_tokens": len(str(prompt).split()) + len(words)}
@@ -133,12 +135,12 @@ class EchoBackend:
 
     def _embeddings(self, body: dict[str, Any]) -> EchoResponse:
         given = body.get("input", body.get("prompt"))
-        if isinstance(given, str) or (isinstance(given, list) and given and isinstance(given[0], int)):
+        if isinstance(given, str) or _is_tokens(given):
             items = [given]
-        elif isinstance(given, list) and given:
+        elif isinstance(given, list) and given and all(isinstance(i, str) or _is_tokens(i) for i in given):
             items = given
         else:
-            return _error(400, "'input' must be a string or a non-empty array.", "input")
+            return _error(400, "'input' must be a string, an array of strings, or token arrays.", "input")
         as_base64 = body.get("encoding_format") == "base64"
         data, tokens = [], 0
         for i, item in enumerate(items):
@@ -163,8 +165,14 @@ def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):   # content parts: keep the text ones
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        return " ".join(p["text"] for p in content
+                        if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
     return ""
+
+
+def _is_tokens(value: Any) -> bool:
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
 
 
 def _limit(words: list[str], body: dict[str, Any]) -> tuple[list[str], str]:
