@@ -74,6 +74,9 @@ class Unauthorized(BadRequest):
     type = "authentication_error"
     code = "invalid_api_key"
 
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"www-authenticate", b"Bearer"), *super().headers()]     # RFC 9110, 11.6.1
+
 
 class Forbidden(BadRequest):
     status = 403

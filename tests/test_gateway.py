@@ -124,7 +124,7 @@ async def test_header_wins_over_body_model(nursery):
 async def test_auth_errors_are_openai_shaped(nursery):
     gw, a, b = await two(nursery)
     r = await gw.client.post("/v1/chat/completions", json=CHAT)
-    assert r.status_code == 401
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     r = await gw.client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer nope"})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
@@ -237,6 +237,10 @@ async def test_caller_4xx_is_returned_as_is(nursery):
     r = await gw.post("/v1/chat/completions", CHAT, headers={"X-HX-Model-Group": "hx-chat"})
     assert r.status_code == 400 and r.json()["error"]["message"] == "bad temperature"
     assert b.requests == []
+    with trio.fail_after(5):       # the access line is written at the loop's next quiet moment
+        while not gw.log.requests():
+            await trio.sleep(0.01)
+    assert gw.log.requests()[0]["fault"] == "caller"      # whose fault, as for our own answers
 
 
 async def test_all_failing_passes_last_answer_or_502(nursery):

@@ -85,6 +85,14 @@ async def test_absurd_max_tokens_is_served_and_leaves_routing_finite(nursery):
     assert [line for line in await settled_log(gw, 3) if line["level"] == "error"] == []
 
 
+async def test_stream_is_only_the_json_true(nursery):
+    gw = await start_gateway(nursery, CONFIG)
+    for value in ("true", 1):
+        r = await gw.post("/v1/chat/completions", {**CHAT, "stream": value})
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+        assert r.json()["choices"][0]["message"]["content"] == "hi"
+
+
 async def test_model_ids_are_percent_decoded_as_the_sdk_sends_them(nursery):
     gw = await start_gateway(nursery, CONFIG)
     assert (await gw.get("/v1/models/org%2Fmodel")).json()["id"] == "org/model"

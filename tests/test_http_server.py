@@ -182,10 +182,12 @@ async def test_expect_100_continue(nursery):
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     await stream.send_all(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
     first = await stream.receive_some(4096)
-    assert first.startswith(b"HTTP/1.1 100")
+    assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
     await stream.send_all(b"abc")
     rest = await stream.receive_some(4096)
     assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"got:abc")
+    await stream.send_all(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nExpect: 100-continue\r\n\r\n")
+    assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 200")    # no body to invite
     await stream.aclose()
 
 

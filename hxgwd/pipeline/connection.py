@@ -79,7 +79,7 @@ class Request:
             if self.head.content_length is not None and self.head.content_length > limit:
                 conn.closing = True
                 raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
-            if conn.protocol.waiting_for_100_continue:
+            if conn.protocol.waiting_for_100_continue and self.head.content_length != 0:
                 await conn.send(conn.protocol.response_continue())
         try:
             event = await conn.next_event(self._settings.body_timeout, "body")

@@ -193,7 +193,7 @@ class Gateway:
             ts=ex.ts, request_id=ex.request_id, key=ex.key, endpoint=ex.endpoint, model=ex.model,
             group=ex.group, deployment=ex.deployment, backend=ex.backend, status=status,
             error_type=err.type if err else ("client_closed" if ex.client_gone else None),
-            fault=err.fault if err else ("client" if ex.client_gone else None),
+            fault=err.fault if err else ("client" if ex.client_gone else _upstream_fault(status)),
             stream=ex.stream, **record.usage_tokens(ex.usage), cost_usd=cost, bytes_in=ex.bytes_in,
             bytes_out=ex.bytes_out, total_ms=(ended - ex.started) * 1000,
             upstream_ms=ex.upstream_time * 1000,
@@ -228,6 +228,14 @@ class RequestIds:
                 return text
         self._seq = (self._seq + 1) & 0xFFFFFF
         return f"{int(time.time() * 1000):011x}{self._seq:06x}{self._tag}"
+
+
+def _upstream_fault(status: int) -> str | None:
+    """Whose fault an upstream's error answer, passed through, was: its 4xx are the caller's
+    (bad request, unknown model), its 5xx and 429 its own (a provider's limit, not ours)."""
+    if status < 400:
+        return None
+    return "caller" if status < 500 and status != 429 else "upstream"
 
 
 def _payload(body: bytes) -> dict[str, Any]:

@@ -112,7 +112,7 @@ class ServerConn:
     # --- output ------------------------------------------------------------------------------
 
     def response_continue(self) -> bytes:
-        return self._h11.send(h11.InformationalResponse(status_code=100, headers=[]))
+        return self._h11.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
 
     def response_head(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
         framing, rest = _split(headers)

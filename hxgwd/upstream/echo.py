@@ -90,7 +90,7 @@ class EchoBackend:
         usage = {"prompt_tokens": prompt_words, "completion_tokens": len(words),
                  "total_tokens": prompt_words + len(words)}
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if not body.get("stream"):
+        if body.get("stream") is not True:   # as the gateway reads it: "true" or 1 is not a stream
             return _json(200, {
                 "id": ident, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)},
@@ -119,7 +119,7 @@ class EchoBackend:
         usage = {"prompt_tokens": len(str(prompt).split()), "completion_tokens": len(words),
                  "total_tokens": len(str(prompt).split()) + len(words)}
         ident, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), str(body.get("model", "echo"))
-        if not body.get("stream"):
+        if body.get("stream") is not True:   # as the gateway reads it: "true" or 1 is not a stream
             return _json(200, {"id": ident, "object": "text_completion", "created": created, "model": model,
                                "choices": [{"index": 0, "text": " ".join(words), "logprobs": None,
                                             "finish_reason": finish}], "usage": usage})
