@@ -11,7 +11,10 @@ receive buffer is ever held and a fast client cannot queue memory behind a slow 
 
 Phases and answers: idle keep-alive -> silent close; first byte to last header -> 408; between
 body pieces -> 408; body over the limit -> 413; one write not taken by the client within
-write_timeout -> connection dropped.
+write_timeout -> connection dropped. An answer given before the request body was read (a 401, the
+errors above) keeps the connection only if the rest is small enough to read and drop; otherwise it
+says `Connection: close`, and the body is drained for a moment before the close, so that the
+client, usually still sending, is not reset before it read the answer.
 """
 
 from __future__ import annotations
