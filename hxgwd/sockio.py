@@ -12,7 +12,9 @@ and fairness keep working: a call that returns without waiting is not a checkpoi
 that could loop without ever waiting must checkpoint themselves.
 
 Errors are trio's: the peer gone -> trio.BrokenResourceError, closed here ->
-trio.ClosedResourceError, deadline passed -> trio.TooSlowError.
+trio.ClosedResourceError, deadline passed -> trio.TooSlowError. A receive returns b"" only for an
+orderly end (FIN); a reset is BrokenResourceError, since a body that ends with the connection is
+complete only when the connection ended cleanly.
 """
 
 from __future__ import annotations
@@ -70,6 +72,16 @@ class SocketIO:
         """What the socket holds right now (b"" at its end), or None if nothing; never waits."""
         return _receive_now(self.socket, max_bytes)
 
+    def has_pending(self) -> bool:
+        """Whether anything waits to be read (bytes, the end, a reset), without taking it."""
+        try:
+            self.socket.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return True
+
     def close(self) -> None:
         """Close at once (no lingering, no await); a task waiting on the socket gets
         trio.ClosedResourceError."""
@@ -108,7 +120,7 @@ def _receive_now(sock: socket.socket, max_bytes: int) -> bytes | None:
     except BlockingIOError:
         return None
     except OSError as exc:
-        return _eof(sock, exc)
+        raise _broken(sock, exc) from None
 
 
 def _broken(sock: socket.socket, exc: OSError) -> Exception:
@@ -116,8 +128,3 @@ def _broken(sock: socket.socket, exc: OSError) -> Exception:
         return trio.ClosedResourceError("the socket was closed")
     return trio.BrokenResourceError(f"socket error: {exc.strerror or exc}")
 
-
-def _eof(sock: socket.socket, exc: OSError) -> bytes:
-    if sock.fileno() < 0:
-        raise trio.ClosedResourceError("the socket was closed")
-    return b""   # ECONNRESET and the like: for a reader, the end of the stream

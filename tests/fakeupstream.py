@@ -7,7 +7,8 @@
     up.requests                                  # what it received: method, path, headers, json
 
 Actions: Reply (status, body, delay), Stream (events, delay between chunks, reset after N),
-Hang (never answers), Reset (closes the connection at once, with RST), and `refuse()` / `accept()`
+Hang (never answers), Reset (closes the connection at once, with RST), Raw (bytes as they are,
+for broken answers), and `refuse()` / `accept()`
 close and reopen the listening socket, so connects are refused. `latency_per_kb` adds a delay that
 grows with the request's size, for routing tests. `prompt_only_embeddings` makes /embeddings accept
 `prompt` (a string) and reject `input`, answering `{"embedding": [...]}` like Ollama's API.
@@ -49,6 +50,17 @@ class Stream:
 @attrs.define
 class Hang:
     pass
+
+
+@attrs.define
+class Raw:
+    """Bytes written as they are, for answers h11 would not write; the connection is then
+    `then`: "hold" (kept open, never read again), "close" or "reset". `later` is written
+    `later_delay` seconds after, on a held connection: an answer to nothing."""
+    data: bytes
+    then: str = "hold"
+    later: bytes = b""
+    later_delay: float = 0.0
 
 
 @attrs.define
@@ -174,6 +186,19 @@ class FakeUpstream:
                 return False
             if isinstance(action, Reset):
                 _reset(stream)
+                return False
+            if isinstance(action, Raw):
+                await stream.send_all(action.data)
+                if action.then == "reset":
+                    _reset(stream)
+                elif action.then == "close":
+                    await stream.aclose()
+                else:
+                    if action.later:
+                        await trio.sleep(action.later_delay)
+                        await stream.send_all(action.later)
+                    while await _receive_or_eof(stream):
+                        pass
                 return False
             if isinstance(action, Stream) or (action is None and isinstance(doc, dict) and doc.get("stream")):
                 return await self._stream(stream, conn, doc or {}, action or Stream())

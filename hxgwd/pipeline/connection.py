@@ -276,8 +276,8 @@ class HttpConnection:
         timer. The reader, if waiting, then finds nothing and waits on."""
         try:
             data = self.stream.receive_now(RECEIVE_SIZE)
-        except trio.ClosedResourceError:
-            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False        # the reader finds the same and ends the connection
         if not data:           # nothing yet, or the end: the reader's way handles both
             return False
         self.protocol.feed(data)

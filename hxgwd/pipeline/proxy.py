@@ -15,6 +15,7 @@ one event in memory, and a client that hangs up cancels the upstream read at onc
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import attrs
@@ -79,14 +80,17 @@ class _Retry(Exception):
         self.answer = answer
 
     def retry_after(self) -> float | None:
-        if self.answer is None:
+        """The wait a 429 or 503 asked for: cooling instead of a failure (routing/breaker.py).
+        Only a real wait counts: 0, negative or NaN would let a failing deployment dodge its breaker."""
+        if self.answer is None or self.answer[0] not in (429, 503):
             return None
         for name, value in self.answer[1]:
             if name == b"retry-after":
                 try:
-                    return max(0.0, float(value))
+                    seconds = float(value)
                 except ValueError:
                     return None     # an HTTP date: rare from model servers; the breaker still applies
+                return seconds if 0 < seconds < math.inf else None
         return None
 
 
@@ -173,7 +177,7 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
     headers = transform.upstream_headers(ex.client_headers, dep, ex.request_id.encode())
     began = trio.current_time()
     bodies: list[bytes] = []
-    first: UpstreamResponse | None = None
+    answer: UpstreamResponse | None = None    # whose status and headers go to the client
     for body in calls.bodies:
         req = UpstreamRequest("POST", dep.backend.path(calls.path), headers, body)
         try:
@@ -195,19 +199,22 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
                 bodies.append(await _read(up, settings.max_response_bytes, timeouts.between_chunks))
             except UpstreamError as exc:
                 raise _Retry(exc, None) from None
-            if first is None:
-                first = up
-            if up.status != 200:    # a 4xx of the caller's making: returned as is
+            if answer is None or up.status != 200:
+                answer = up
+            if up.status != 200:    # a 4xx of the caller's making (of any item): returned as is
                 break
         finally:
             await up.aclose()
-    assert first is not None
-    status = first.status
+    assert answer is not None
+    status = answer.status
     body = bodies[-1]
     if status == 200 and calls.path == "/embeddings":
-        body = transform.finish_embeddings(calls, bodies) or body
+        try:
+            body = transform.finish_embeddings(calls, bodies) or body
+        except UpstreamError as exc:
+            raise _Retry(exc, None) from None
     ex.status = status
-    headers_out = transform.downstream_headers(first.headers)
+    headers_out = transform.downstream_headers(answer.headers)
     duration = trio.current_time() - began
     try:
         await _send_whole(ex, response, status, headers_out, body, dep, upstream_so_far=duration)

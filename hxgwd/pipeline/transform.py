@@ -129,9 +129,18 @@ def connection_listed(headers: Headers) -> set[bytes] | None:
 # --- non-streamed answers ----------------------------------------------------------------------
 
 def finish_embeddings(plan: CallPlan, bodies: list[bytes]) -> bytes | None:
-    """The client's answer built from the backend's, or None to relay `bodies[0]` unchanged."""
+    """The client's answer built from the backend's, or None to relay `bodies[0]` unchanged;
+    UpstreamError for an answer it cannot be built from (a 502, held against the deployment)."""
     if not plan.embeddings_merge and not (plan.client_base64 and FLOAT_VECTOR.search(bodies[0])):
         return None
+    try:
+        return _merge_embeddings(plan, bodies)
+    except (ValueError, TypeError, OverflowError, struct.error):
+        # vectors of strings or NaN, numbers a float32 cannot hold, ...: nothing valid to send
+        raise UpstreamError("The upstream sent an embeddings answer of an unknown shape.") from None
+
+
+def _merge_embeddings(plan: CallPlan, bodies: list[bytes]) -> bytes:
     data: list[dict[str, Any]] = []
     prompt_tokens = total_tokens = 0
     model = plan.public_model
@@ -144,9 +153,9 @@ def finish_embeddings(plan: CallPlan, bodies: list[bytes]) -> bytes | None:
         if vectors is None:
             raise UpstreamError("The upstream sent an embeddings answer of an unknown shape.")
         data.extend({"object": "embedding", "index": 0, "embedding": v} for v in vectors)
-        usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else {}
-        prompt_tokens += int(usage.get("prompt_tokens") or 0)
-        total_tokens += int(usage.get("total_tokens") or usage.get("prompt_tokens") or 0)
+        usage = _clean_usage(doc.get("usage")) or {}      # counts only if they are counts
+        prompt_tokens += usage.get("prompt_tokens", 0)
+        total_tokens += usage.get("total_tokens", usage.get("prompt_tokens", 0))
     for i, item in enumerate(data):
         item["index"] = i
         if plan.client_base64 and isinstance(item["embedding"], list):
@@ -156,11 +165,15 @@ def finish_embeddings(plan: CallPlan, bodies: list[bytes]) -> bytes | None:
                    "usage": {"prompt_tokens": prompt_tokens, "total_tokens": total_tokens}})
 
 
+def _index(item: Any) -> int:
+    return item["index"] if isinstance(item, dict) and type(item.get("index")) is int else 0
+
+
 def _vectors(doc: Any) -> list[Any] | None:
     if not isinstance(doc, dict):
         return None
     if isinstance(doc.get("data"), list):
-        items = sorted(doc["data"], key=lambda d: d.get("index", 0) if isinstance(d, dict) else 0)
+        items = sorted(doc["data"], key=_index)
         return [d.get("embedding") for d in items if isinstance(d, dict)]
     if isinstance(doc.get("embedding"), list):          # {"embedding": [...]}: one vector
         return [doc["embedding"]]
@@ -255,7 +268,8 @@ class SseRelay:
         return not (self._strip_usage and not doc.get("choices"))
 
 
-_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode   # built once, not per call
+# built once, not per call; NaN is not JSON, and nothing we build may hold it
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 def _dumps(doc: Any) -> bytes:

@@ -63,7 +63,8 @@ class _Conn:
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE, deadline, wait_first=answering)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
+                # a reset, not an end: a body delimited by the close would pass for complete
+                raise UpstreamError("The upstream connection was reset.") from None
             answering = False
             self.heard = self.heard or bool(data)
             self.h11.receive_data(data)
@@ -85,11 +86,11 @@ class _TLSStream:
 
     async def receive_some(self, max_bytes: int, deadline: float, *, wait_first: bool = False) -> bytes:
         with trio.CancelScope(deadline=deadline):   # wait_first: SSLStream knows what it buffered
-            try:
-                return await self.tls.receive_some(max_bytes)
-            except trio.BrokenResourceError:
-                return b""
+            return await self.tls.receive_some(max_bytes)
         raise trio.TooSlowError()
+
+    def has_pending(self) -> bool:
+        return self.tls.transport_stream.socket.is_readable()
 
     def close(self) -> None:
         """Without awaiting, so without the TLS close_notify."""
@@ -197,6 +198,8 @@ class Pool:
                 raise UpstreamError("The upstream connection broke while sending.") from None
             try:
                 event = await conn.receive(deadline, answering=True)
+                while type(event) is h11.InformationalResponse:    # 100 Continue, 103 Early Hints
+                    event = await conn.receive(deadline)
             except UpstreamError:
                 # closed while idle in the pool, and only noticed now: nothing was processed
                 if reused and not conn.heard:
@@ -219,7 +222,9 @@ class Pool:
         now = trio.current_time()
         while self._idle:
             conn = self._idle.pop()
-            if now - conn.idle_since < self.idle_timeout:
+            # Anything that arrived while it sat idle (an answer to nothing, a close) would be
+            # read as the answer to the next request: that connection is done.
+            if now - conn.idle_since < self.idle_timeout and not conn.stream.has_pending():
                 return conn
             _close_now(conn)
         return None
@@ -250,7 +255,10 @@ class Pool:
         self.in_flight -= 1
         self._slots.release()
         c = conn.h11
-        if reusable and c.our_state is h11.DONE and c.their_state is h11.DONE and len(self._idle) < self.max_idle:
+        # bytes after the answer (more than its length said, a second answer) are not the next
+        # request's answer: such a connection is closed, not reused
+        if (reusable and c.our_state is h11.DONE and c.their_state is h11.DONE and not c.trailing_data[0]
+                and len(self._idle) < self.max_idle):
             c.start_next_cycle()
             conn.idle_since = trio.current_time()
             self._idle.append(conn)
