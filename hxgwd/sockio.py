@@ -40,7 +40,9 @@ class SocketIO:
         """Take over the socket of a connected trio stream (which is unusable afterwards)."""
         return cls(socket.socket(fileno=stream.socket.detach()))
 
-    async def send_all(self, data: bytes, deadline: float = math.inf) -> None:
+    async def send_all(self, data: bytes, deadline: float = math.inf, *, stall_timeout: float | None = None) -> None:
+        """All of `data` by `deadline`; with `stall_timeout`, each time the peer takes some, the
+        deadline moves to that long from then: a slow reader that keeps reading is not cut off."""
         sock = self.socket
         sent = _send_now(sock, data)
         if sent == len(data):
@@ -49,7 +51,10 @@ class SocketIO:
         with trio.CancelScope(deadline=deadline) as scope:
             while sent < len(view):
                 await _wait_writable(sock)
-                sent += _send_now(sock, view[sent:])
+                taken = _send_now(sock, view[sent:])
+                sent += taken
+                if taken and stall_timeout is not None:
+                    scope.deadline = trio.current_time() + stall_timeout
         if scope.cancelled_caught:
             raise trio.TooSlowError()
 

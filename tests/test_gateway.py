@@ -539,6 +539,26 @@ async def test_client_not_reading_is_dropped_after_write_timeout(nursery, autoju
     await stream.aclose()
 
 
+async def test_client_reading_slowly_but_steadily_is_not_dropped(nursery, autojump_clock):
+    # write_timeout is for a client that takes nothing, not for one that takes a big answer slowly
+    gw, up = await single(nursery, server_extra="write_timeout = 30.0")
+    answer = b'{"pad": "' + b"x" * (12 << 20) + b'"}'     # one write, far more than socket buffers hold
+    up.script(Reply(200, body=answer))
+    stream = await trio.open_tcp_stream("127.0.0.1", int(gw.url.rsplit(":", 1)[1]))
+    body = json.dumps({**CHAT, "model": "m"}).encode()
+    await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-hx-dev-1234\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    received = 0
+    # 256 KiB a second: the write takes ~50 s, the kernel says "writable" every few seconds
+    with trio.fail_after(1000):
+        while received < len(answer):
+            chunk = await stream.receive_some(65536)
+            assert chunk, "dropped"
+            received += len(chunk)
+            await trio.sleep(0.25)
+    await stream.aclose()
+
+
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory):
     """A self-signed certificate for 127.0.0.1, made with the openssl command."""

@@ -26,7 +26,7 @@ class Server:
     header_timeout: float = 10.0         # from the first byte of a request to its last header -> 408
     body_timeout: float = 30.0           # between two pieces of a request body -> 408
     keepalive_timeout: float = 75.0      # idle keep-alive connection -> closed silently
-    write_timeout: float = 60.0          # one write to a client that does not read -> connection dropped
+    write_timeout: float = 60.0          # a client that takes none of a write this long -> dropped
     shutdown_grace: float = 25.0         # SIGTERM: in-flight requests get this long to finish
     max_response_bytes: int = 64 * MiB   # a non-streamed upstream answer is buffered up to this -> 502
     max_sse_event_bytes: int = 1 * MiB   # one server-sent event from upstream -> 502 if larger

@@ -10,7 +10,7 @@ reader's wake-up. Either way bytes are received only when the parser holds none,
 receive buffer is ever held and a fast client cannot queue memory behind a slow handler.
 
 Phases and answers: idle keep-alive -> silent close; first byte to last header -> 408; between
-body pieces -> 408; body over the limit -> 413; one write not taken by the client within
+body pieces -> 408; body over the limit -> 413; a client that takes none of a write for
 write_timeout -> connection dropped. An answer given before the request body was read (a 401, the
 errors above) keeps the connection only if the rest is small enough to read and drop; otherwise it
 says `Connection: close`, and the body is drained for a moment before the close, so that the
@@ -382,7 +382,8 @@ class HttpConnection:
         if not data:
             return
         try:
-            await self.stream.send_all(data, trio.current_time() + self._write_timeout)
+            timeout = self._write_timeout
+            await self.stream.send_all(data, trio.current_time() + timeout, stall_timeout=timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             self.client_gone = True
             self.protocol.send_failed()
