@@ -9,7 +9,9 @@ import json
 import trio
 
 from tests.fakeupstream import Raw, Reply
-from tests.test_gateway import CHAT, single, two
+from tests.test_gateway import AUTH, CHAT, single, two
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 
 
 def answer(text: str, *, framed: bool = True) -> bytes:
@@ -91,3 +93,14 @@ async def test_a_caller_error_on_any_item_of_a_split_embeddings_call_is_passed_t
                                          "param": None, "code": "model_not_found"}}))
     r = await gw.post("/v1/embeddings", {"model": "m", "input": ["a", "b"]})
     assert r.status_code == 404 and r.json()["error"]["message"] == "no such model"
+
+
+async def test_a_stream_that_breaks_before_its_first_event_fails_over(nursery, autojump_clock):
+    gw, a, b = await two(nursery, extra="[timeouts]\nbetween_chunks = 5.0\n")
+    for broken in (Raw(SSE_HEAD), Raw(SSE_HEAD, then="reset")):      # stalls; resets
+        a.script(broken)
+        async with gw.client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True},
+                                    headers={**AUTH, "X-HX-Model-Group": "hx-chat"}) as r:
+            body = b"".join([chunk async for chunk in r.aiter_raw()])
+        assert r.status_code == 200 and r.headers["x-hx-deployment"] == "m-b@b"
+        assert body.endswith(b"data: [DONE]\n\n")

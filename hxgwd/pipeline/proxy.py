@@ -2,8 +2,8 @@
 relay that answer to the client.
 
 Failover happens only before the first byte reaches the client: a transport failure (refused,
-reset, timeout before the response head), or an answer of 5xx, 429, 408 or 409, moves the request
-to the next deployment. Any other 4xx is the caller's fault and is returned as is. The last
+reset, timeout before the response head, or for a stream before its first bytes), or an answer of
+5xx, 429, 408 or 409, moves the request to the next deployment. Any other 4xx is the caller's fault and is returned as is. The last
 upstream answer is passed through when every attempt fails that way; a transport failure on the
 last attempt becomes our own 502 / 504.
 
@@ -254,17 +254,20 @@ async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan
     ex.stream = True
     ex.status = 200
     relay = transform.SseRelay(calls.strip_stream_usage, settings.max_sse_event_bytes)
+    # Nothing reaches the client before the stream's first bytes: a stream that breaks or stalls
+    # before them is still failed over, like a 5xx.
+    try:
+        chunk = await up.receive(trio.current_time() + between_chunks)
+    except trio.TooSlowError:
+        raise _Retry(UpstreamTimeout("The upstream stream stalled before its first event.",
+                                     code="upstream_read_timeout"), None) from None
+    except UpstreamError as exc:
+        raise _Retry(exc, None) from None
     headers = transform.downstream_headers(up.headers)
     headers += [(b"x-accel-buffering", b"no"), *_gateway_headers(ex, dep, trio.current_time() - ex.started)]
     await response.start(200, headers)
     try:
-        while True:
-            try:
-                chunk = await up.receive(trio.current_time() + between_chunks)
-            except trio.TooSlowError:
-                raise UpstreamTimeout("The upstream stream stalled.", code="upstream_read_timeout") from None
-            if not chunk:
-                break
+        while chunk:
             out = relay.feed(chunk)
             # What has already arrived behind it goes out in the same write: one system call and
             # one chunk for a burst of events, never a wait for more. (None: the rest is still on
@@ -274,6 +277,10 @@ async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan
             if out:
                 ex.bytes_out += len(out)
                 await response.send(out)
+            try:
+                chunk = await up.receive(trio.current_time() + between_chunks)
+            except trio.TooSlowError:
+                raise UpstreamTimeout("The upstream stream stalled.", code="upstream_read_timeout") from None
         rest = relay.end()
         if rest:
             ex.bytes_out += len(rest)
