@@ -90,6 +90,13 @@ def test_sse_relay_byte_exact_split_anywhere_and_usage_stripped():
     assert relay.feed(stream) == stream
 
 
+def test_usage_chunk_the_client_did_not_ask_for_goes_even_with_counts_that_are_not_counts():
+    odd = b'data: {"choices":[],"usage":{"prompt_tokens":"7","completion_tokens":-1}}\n\n'
+    relay = transform.SseRelay(strip_usage=True, max_event_bytes=1 << 20)
+    assert relay.feed(odd + b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
+    assert relay.usage is None
+
+
 def test_sse_event_bound():
     relay = transform.SseRelay(strip_usage=False, max_event_bytes=100)
     with pytest.raises(Exception):

@@ -104,3 +104,16 @@ async def test_a_stream_that_breaks_before_its_first_event_fails_over(nursery, a
             body = b"".join([chunk async for chunk in r.aiter_raw()])
         assert r.status_code == 200 and r.headers["x-hx-deployment"] == "m-b@b"
         assert body.endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_backend_refusing_the_gateways_key_fails_over_and_never_reaches_the_client(nursery):
+    gw, a, b = await two(nursery)
+    refused = {"error": {"message": "Incorrect API key provided: sk-back****-a", "type": "invalid_request_error",
+                         "param": None, "code": "invalid_api_key"}}
+    a.script(Reply(401, body=refused))
+    r = await gw.post("/v1/chat/completions", CHAT, headers={"X-HX-Model-Group": "hx-chat"})
+    assert r.status_code == 200 and r.headers["x-hx-deployment"] == "m-b@b"
+    a.script(Reply(403, body=refused))
+    r = await gw.post("/v1/chat/completions", {**CHAT, "model": "m-a"})
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_auth_failed"
+    assert b"sk-back" not in r.content

@@ -1,11 +1,12 @@
 """Stage 7, proxy: send a request to the deployments of a plan in order until one answers, and
 relay that answer to the client.
 
-Failover happens only before the first byte reaches the client: a transport failure (refused,
+Failover happens only before the first byte reaches the client. A transport failure (refused,
 reset, timeout before the response head, or for a stream before its first bytes), or an answer of
-5xx, 429, 408 or 409, moves the request to the next deployment. Any other 4xx is the caller's fault and is returned as is. The last
-upstream answer is passed through when every attempt fails that way; a transport failure on the
-last attempt becomes our own 502 / 504.
+5xx, 429, 408 or 409, moves the request to the next deployment. So does a 401 or 403: it refused
+the gateway's own key for that backend, so it becomes our 502 on the last attempt. Any other 4xx
+is the caller's fault and is returned as is. The last upstream answer is passed through when every
+attempt fails that way; a transport failure on the last attempt becomes our own 502 / 504.
 
 Non-streamed answers are read whole (bounded by `server.max_response_bytes`) before anything is
 sent, so a backend that breaks mid-body is still failed over. Streams are relayed event by event
@@ -187,6 +188,11 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
         try:
             if ex.ttfb is None:
                 ex.ttfb = trio.current_time() - began
+            if up.status in (401, 403):
+                # The gateway's own key for this backend was refused (a client's key never goes
+                # upstream): not the caller's doing, and the upstream's message may quote the key.
+                raise _Retry(UpstreamError(f"The backend refused the gateway's credentials ({up.status}).",
+                                           code="upstream_auth_failed"), None)
             if up.status >= 500 or up.status in RETRY_STATUSES:
                 answer = await _read(up, ERROR_BODY_LIMIT, timeouts.between_chunks, tolerate=True)
                 raise _Retry(None, (up.status, transform.downstream_headers(up.headers), answer))

@@ -261,10 +261,10 @@ class SseRelay:
             doc = json.loads(payload)
         except ValueError:
             return True
-        usage = _clean_usage(doc.get("usage")) if isinstance(doc, dict) else None
-        if usage is None:
-            return True
-        self.usage = usage
+        if not isinstance(doc, dict) or not isinstance(doc.get("usage"), dict):
+            return True            # "usage": null rides on every chunk of a stream that asked for it
+        self.usage = _clean_usage(doc["usage"]) or self.usage
+        # the usage chunk we asked for on the client's behalf goes, whatever its counts look like
         return not (self._strip_usage and not doc.get("choices"))
 
 
