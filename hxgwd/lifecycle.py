@@ -53,6 +53,11 @@ class Lifecycle:
     def log_exception(self, where: str, exc: BaseException) -> None:
         self.log.exception(f"unexpected error in {where}", exc)
 
+    def log_refused(self, peer: str, status: int, code: str | None) -> None:
+        """A request the HTTP layer answered itself (malformed, too large, too slow): no access
+        line comes from the gateway for it, so the operator sees it here."""
+        self.log.info("request refused", peer=peer, status=status, code=code)
+
     def begin_shutdown(self) -> None:
         if self.draining:
             self.forced = True

@@ -18,9 +18,13 @@ class Life:
     draining: bool = False
     idle_scopes: set = attrs.field(factory=set)
     errors: list = attrs.field(factory=list)
+    refused: list = attrs.field(factory=list)
 
     def log_exception(self, where, exc):
         self.errors.append(exc)
+
+    def log_refused(self, peer, status, code):
+        self.refused.append((status, code))
 
 
 async def echo_handler(request: Request, response: Response) -> None:
@@ -91,9 +95,10 @@ async def test_headers_too_large_431(nursery):
 
 
 async def test_malformed_400_and_close(nursery):
-    port, _ = await start(nursery)
+    port, life = await start(nursery)
     out = await talk(port, b"NOT HTTP AT ALL\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 400") and b"connection: close" in out.lower()
+    assert life.refused == [(400, "bad_http")]          # logged: no access line comes for it
 
 
 async def test_slow_headers_408(nursery, autojump_clock):

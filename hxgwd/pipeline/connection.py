@@ -49,6 +49,8 @@ class Lifecycle(Protocol):
 
     def log_exception(self, where: str, exc: BaseException) -> None: ...
 
+    def log_refused(self, peer: str, status: int, code: str | None) -> None: ...
+
 
 class Request:
     """A request as the handler sees it: the head now, the body when asked for."""
@@ -210,6 +212,7 @@ class HttpConnection:
             try:
                 head = await self._next_request(settings)
             except GatewayError as exc:     # 400, 408, 431: answer and close
+                self._life.log_refused(self.peer, exc.status, exc.code)
                 await self._send_quietly(self.protocol.response_error(exc))
                 return
             if head is None:
