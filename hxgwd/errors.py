@@ -9,6 +9,7 @@
     │   ├── RequestTimeout                408     invalid_request_error
     │   ├── PayloadTooLarge               413     invalid_request_error
     │   ├── HeadersTooLarge               431     invalid_request_error
+    │   ├── VersionNotSupported           505     invalid_request_error
     │   └── RateLimited                   429     rate_limit_error        (+ Retry-After)
     └── UpstreamError                     502     upstream_error
         ├── UpstreamTimeout               504     upstream_error
@@ -124,6 +125,11 @@ class PayloadTooLarge(BadRequest):
 class HeadersTooLarge(BadRequest):
     status = 431
     code = "headers_too_large"
+
+
+class VersionNotSupported(BadRequest):
+    status = 505
+    code = "http_version_not_supported"
 
 
 class RateLimited(BadRequest):

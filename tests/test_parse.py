@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hxgwd.errors import BadRequest, HeadersTooLarge
+from hxgwd.errors import BadRequest, GatewayError, HeadersTooLarge
 from hxgwd.pipeline.parse import END_OF_BODY, NEED_DATA, PEER_CLOSED, RequestHead, ServerConn
 
 REQ = (b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
@@ -73,6 +73,17 @@ def test_head_is_answered_without_a_body_and_the_connection_stays_usable():
     conn.feed(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
     events(conn)
     assert conn.response_full(200, [], b'{"ok": true}').endswith(b'{"ok": true}')
+
+
+@pytest.mark.parametrize("request_bytes", [b"GET /healthz HTTP/2.0\r\nHost: a\r\n\r\n",
+                                           b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"])
+def test_http2_is_505(request_bytes):
+    conn = ServerConn(16384)
+    conn.feed(request_bytes)
+    with pytest.raises(GatewayError) as exc:
+        conn.next()
+    assert exc.value.status == 505
+    assert conn.response_error(exc.value).startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n")
 
 
 def test_malformed_is_400_and_headers_over_limit_431():

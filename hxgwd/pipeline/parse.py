@@ -17,7 +17,7 @@ from http import HTTPStatus
 import attrs
 import h11
 
-from hxgwd.errors import BadRequest, GatewayError, HeadersTooLarge
+from hxgwd.errors import BadRequest, GatewayError, HeadersTooLarge, VersionNotSupported
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -88,6 +88,8 @@ class ServerConn:
             size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in headers)
             if size > self._max_header_bytes:
                 raise HeadersTooLarge("Request headers are too large.")
+            if event.http_version not in (b"1.1", b"1.0"):   # h11 takes "HTTP/2.0" (the h2 preface too)
+                raise VersionNotSupported("Use HTTP/1.1.")
             self._head_only = event.method == b"HEAD"
             return _head(event, headers)
         if type(event) is h11.EndOfMessage:
