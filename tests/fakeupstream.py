@@ -61,6 +61,7 @@ class Raw:
     then: str = "hold"
     later: bytes = b""
     later_delay: float = 0.0
+    delay: float = 0.0               # before `data`
 
 
 @attrs.define
@@ -188,6 +189,7 @@ class FakeUpstream:
                 _reset(stream)
                 return False
             if isinstance(action, Raw):
+                await trio.sleep(action.delay)
                 await stream.send_all(action.data)
                 if action.then == "reset":
                     _reset(stream)

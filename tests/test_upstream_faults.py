@@ -117,3 +117,14 @@ async def test_a_backend_refusing_the_gateways_key_fails_over_and_never_reaches_
     r = await gw.post("/v1/chat/completions", {**CHAT, "model": "m-a"})
     assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_auth_failed"
     assert b"sk-back" not in r.content
+
+
+async def test_a_request_is_resent_only_when_its_reused_connection_failed_at_once(nursery, autojump_clock):
+    gw, up = await single(nursery)
+    assert (await gw.post("/v1/chat/completions", {**CHAT, "model": "m"})).status_code == 200
+    up.script(Raw(b"", then="close"))             # closed as our request arrived: resent
+    r = await gw.post("/v1/chat/completions", {**CHAT, "model": "m"})
+    assert r.status_code == 200 and len(up.requests) == 3
+    up.script(Raw(b"", then="close", delay=5))    # read it, worked on it, died: never run twice
+    r = await gw.post("/v1/chat/completions", {**CHAT, "model": "m"})
+    assert r.status_code == 502 and len(up.requests) == 4
