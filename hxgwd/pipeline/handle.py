@@ -77,11 +77,11 @@ class Gateway:
             if response.started:
                 raise
             await response.send_full(exc.status, [JSON, *exc.headers()], exc.body())
-        except Exception as exc:
-            if isinstance(exc, ClientGone):
-                ex.client_gone = True
-            else:                 # a bug: the HTTP layer answers 500 and logs it; recorded as ours
-                ex.error, ex.status = GatewayError("Internal error."), 500
+        except ClientGone:
+            ex.client_gone = True
+            raise
+        except Exception:         # a bug: the HTTP layer answers 500 and logs it; recorded as ours
+            ex.error, ex.status = GatewayError("Internal error."), 500
             raise
         except BaseException:
             ex.client_gone = True     # cancelled by a hang-up (or a forced shutdown)
