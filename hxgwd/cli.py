@@ -150,13 +150,22 @@ def cmd_run(path: str) -> int:
     gc.freeze()
     try:
         life = trio.run(serve, daemon)
-    except SchemaError as exc:
-        log.error("cannot start: database schema", error=str(exc))
-        return EXIT_CONFIG
-    except SpoolError as exc:
-        log.error("cannot start: usage spool", error=str(exc))
-        return EXIT_CANTCREAT
-    except OSError as exc:
-        log.error("cannot listen", error=exc.strerror or str(exc), addresses=list(runtime.config.server.listen))
-        return EXIT_LISTEN
+    except Exception as raised:
+        exc = _sole_cause(raised)   # a failure at start may come wrapped by the nursery it ran in
+        if isinstance(exc, SchemaError):
+            log.error("cannot start: database schema", error=str(exc))
+            return EXIT_CONFIG
+        if isinstance(exc, SpoolError):
+            log.error("cannot start: usage spool", error=str(exc))
+            return EXIT_CANTCREAT
+        if isinstance(exc, OSError):   # listeners are bound before any task starts
+            log.error("cannot listen", error=exc.strerror or str(exc), addresses=list(runtime.config.server.listen))
+            return EXIT_LISTEN
+        raise
     return EXIT_FORCED if life.forced else 0
+
+
+def _sole_cause(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -38,6 +38,9 @@ from hxgwd.upstream.probe import probe_loop
 # A Ctrl-C reaches both processes of a PyInstaller onefile binary, and the bootloader forwards its
 # copy: the same signal again within this many seconds is that echo, not an operator insisting.
 SIGNAL_ECHO_WINDOW = 0.5
+# Longest wait for a reload to read and compile the config (and the key files it names): a FIFO or
+# a hung network mount must not leave the daemon reloading for ever.
+RELOAD_TIMEOUT = 10.0
 
 
 @attrs.define
@@ -58,11 +61,13 @@ class Lifecycle:
         line comes from the gateway for it, so the operator sees it here."""
         self.log.info("request refused", peer=peer, status=status, code=code)
 
-    def begin_shutdown(self) -> None:
+    def begin_shutdown(self, services: Services | None = None) -> None:
         if self.draining:
             self.forced = True
             if self.connections is not None:
                 self.connections.cancel()
+            if services is not None:
+                services.flush.cancel()
             return
         self.draining = True
         self.accepting.cancel()
@@ -84,13 +89,51 @@ class Daemon:
     transports: Transports = attrs.field(factory=Transports)
     gates: Gates = attrs.field(factory=Gates)
     services: Services | None = None
+    _reloading: bool = False        # a reload task runs
+    _reload_again: bool = False     # a SIGHUP came during it: the file may have changed since it was read
+    _reader_stuck: bool = False     # a reload gave up on a read that has not returned yet
+
+    def request_reload(self, nursery: trio.Nursery) -> None:
+        """A SIGHUP: reload in a task of its own, so that the signal loop keeps taking SIGTERM while
+        a file is read. SIGHUPs during a reload make one more reload after it, not one each."""
+        if self._reloading:
+            self._reload_again = True
+            return
+        self._reloading = True
+        nursery.start_soon(self._reload_while_asked)
+
+    async def _reload_while_asked(self) -> None:
+        try:
+            while True:
+                self._reload_again = False
+                await self.reload()
+                if not self._reload_again:
+                    return
+        finally:
+            self._reloading = False
 
     async def reload(self) -> bool:
         """Read, check and compile the config off the event loop; swap it in, or keep the old one."""
         old = self.holder.current
+        if self._reader_stuck:
+            self.log.error("reload refused: an earlier one is still blocked reading the config",
+                           generation=old.generation)
+            return False
         sdnotify.reloading()
+        path, generation = self.config_path, old.generation + 1
+
+        def build() -> Runtime:
+            try:
+                return build_runtime(path, generation)
+            finally:
+                self._reader_stuck = False
+
+        self._reader_stuck = True         # until the read returns, even after we stopped waiting
         try:
-            new: Runtime = await trio.to_thread.run_sync(build_runtime, self.config_path, old.generation + 1)
+            with trio.move_on_after(RELOAD_TIMEOUT) as waited:
+                new: Runtime = await trio.to_thread.run_sync(build, abandon_on_cancel=True)
+            if waited.cancelled_caught:
+                raise ConfigError([f"reading the config took over {RELOAD_TIMEOUT:g} s (a FIFO, a hung mount?)"])
         except ConfigError as exc:
             self.log.error("reload rejected, still serving the previous config",
                            generation=old.generation, problems=exc.problems)
@@ -125,13 +168,19 @@ async def serve(daemon: Daemon, *, life: Lifecycle | None = None, handle_signals
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> Lifecycle:
     life = life or Lifecycle(daemon.log)
     daemon.router.configure(daemon.holder.current.config.routing)
-    async with open_services(daemon.holder.current, daemon.log) as services:
-        daemon.services = services
-        return await _serve(daemon, life, services, handle_signals, task_status)
+    async with trio.open_nursery() as outer:
+        if handle_signals:   # up to the very end: a second signal also cuts the flush of usage records
+            await outer.start(signal_loop, daemon, life)
+        async with open_services(daemon.holder.current, daemon.log) as services:
+            daemon.services = services
+            await _serve(daemon, life, services, task_status)
+        outer.cancel_scope.cancel()
+    daemon.log.info("stopped", forced=life.forced)
+    return life
 
 
-async def _serve(daemon: Daemon, life: Lifecycle, services: Services, handle_signals: bool,
-                 task_status: trio.TaskStatus[list[str]]) -> Lifecycle:
+async def _serve(daemon: Daemon, life: Lifecycle, services: Services,
+                 task_status: trio.TaskStatus[list[str]]) -> None:
     cfg = daemon.holder.current.config
     idle = IdleWork(life.log_exception)
     gateway = Gateway(daemon.holder, daemon.router, daemon.transports, daemon.gates, services, daemon.log,
@@ -151,8 +200,6 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services, handle_sig
     addresses = bound_addresses(listeners)
     try:
         async with trio.open_nursery() as root:
-            if handle_signals:
-                await root.start(signal_loop, daemon, life)
             await root.start(idle.run)   # cancelled after the connections end; runs what is left
             root.start_soon(maintenance, daemon.transports)
             root.start_soon(probe_loop, daemon.holder, daemon.router)
@@ -180,28 +227,27 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services, handle_sig
         for listener in listeners:
             listener.close()
         daemon.transports.close()
-    daemon.log.info("stopped", forced=life.forced)
-    return life
 
 
 async def signal_loop(daemon: Daemon, life: Lifecycle,
                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
-        task_status.started()
-        last: tuple[int, float] | None = None
-        async for signum in signals:
-            now = trio.current_time()
-            if signum == signal.SIGHUP:
-                if daemon.config_path:
-                    await daemon.reload()
-                continue
-            if last is not None and last[0] == signum and now - last[1] < SIGNAL_ECHO_WINDOW:
-                continue
-            last = (signum, now)
-            daemon.log.info("shutdown requested" if not life.draining else "forced shutdown",
-                            signal=signal.Signals(signum).name)
-            sdnotify.stopping()
-            life.begin_shutdown()
+        async with trio.open_nursery() as reloads:
+            task_status.started()
+            last: tuple[int, float] | None = None
+            async for signum in signals:
+                now = trio.current_time()
+                if signum == signal.SIGHUP:
+                    if daemon.config_path:
+                        daemon.request_reload(reloads)
+                    continue
+                if last is not None and last[0] == signum and now - last[1] < SIGNAL_ECHO_WINDOW:
+                    continue
+                last = (signum, now)
+                daemon.log.info("shutdown requested" if not life.draining else "forced shutdown",
+                                signal=signal.Signals(signum).name)
+                sdnotify.stopping()
+                life.begin_shutdown(daemon.services)
 
 
 async def maintenance(transports: Transports, interval: float = 5.0) -> None:

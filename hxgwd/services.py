@@ -29,6 +29,8 @@ class Services:
     usage: Any = None            # hxgwd.store.usage.UsageSink
     keys: Any = None             # hxgwd.store.keys.KeyCache
     pruner: Any = None           # hxgwd.store.retention.Pruner
+    # the flush of usage records at shutdown: shielded from the drain's end, cut by a forced stop
+    flush: trio.CancelScope = attrs.field(factory=lambda: trio.CancelScope(shield=True))
 
     def configure(self, config: Any) -> None:
         """A reload: what of the new config applies without a restart."""
@@ -76,10 +78,11 @@ async def open_services(rt: Runtime, log: Any) -> AsyncIterator[Services]:
                 await nursery.start(usage.run)
                 await nursery.start(keys.run)
                 nursery.start_soon(pruner.run)
+                services = Services(limiter, store, usage, keys, pruner)
                 try:
-                    yield Services(limiter, store, usage, keys, pruner)
+                    yield services
                 finally:
-                    with trio.CancelScope(shield=True):
+                    with services.flush:
                         await usage.aclose(timeout=USAGE_FLUSH_TIMEOUT)
                     nursery.cancel_scope.cancel()
         finally:

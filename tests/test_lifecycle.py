@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sqlite3
 
 import httpx
 import pytest
@@ -143,3 +145,87 @@ async def test_bad_config_at_start_exits_78_and_busy_port_71(nursery, tmp_path):
         daemon = DaemonProcess(str(busy))
         await daemon.start(nursery, wait_listening=False)
         assert await daemon.wait() == 71
+
+
+async def test_spool_in_use_or_unusable_exits_73(nursery, tmp_path):
+    (tmp_path / "file").write_text("")
+    config = gateway_config('[[backends]]\nname = "e"\nkind = "echo"\n', database=f"sqlite:///{tmp_path}/hx.db")
+    first_path, taken_path, broken_path = tmp_path / "a.toml", tmp_path / "b.toml", tmp_path / "c.toml"
+    first_path.write_text(config.replace("key_refresh = 0.2", f'key_refresh = 0.2\nspool_dir = "{tmp_path}/spool"'))
+    taken_path.write_text(first_path.read_text())
+    broken_path.write_text(config.replace("key_refresh = 0.2", f'key_refresh = 0.2\nspool_dir = "{tmp_path}/file/spool"'))
+    first = DaemonProcess(str(first_path))
+    await first.start(nursery)
+    for path, why in ((taken_path, "in use by another hxgwd"), (broken_path, "unusable")):
+        daemon = DaemonProcess(str(path))
+        await daemon.start(nursery, wait_listening=False)
+        assert await daemon.wait() == 73
+        (line,) = [line for line in daemon.lines if line["level"] == "error"]
+        assert line["msg"] == "cannot start: usage spool" and why in line["error"]
+    first.signal(signal.SIGTERM)
+    assert await first.wait() == 0
+
+
+async def test_sigterm_works_while_a_reload_is_stuck_reading_the_config(setup):
+    up, path, daemon = setup
+    path.unlink()
+    os.mkfifo(path)                     # whoever opens it waits for a writer that never comes
+    daemon.signal(signal.SIGHUP)
+    await trio.sleep(0.5)
+    async with httpx.AsyncClient(base_url=daemon.url, headers=AUTH, timeout=10) as client:
+        assert (await client.post("/v1/chat/completions", json={**CHAT, "model": "m"})).status_code == 200
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait(10) == 0
+
+
+async def test_second_signal_cuts_a_stuck_usage_flush_and_exits_3(nursery, tmp_path):
+    db = tmp_path / "hx.db"
+    path = tmp_path / "hxgwd.toml"
+    path.write_text(gateway_config('[[backends]]\nname = "e"\nkind = "echo"\n[[models]]\nname = "m"\nbackend = "e"\n',
+                                   database=f"sqlite:///{db}"))
+    daemon = DaemonProcess(str(path))
+    await daemon.start(nursery)
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")     # the usage writer waits for it (busy timeout)
+    try:
+        async with httpx.AsyncClient(base_url=daemon.url, headers=AUTH, timeout=10) as client:
+            for _ in range(3):
+                assert (await client.post("/v1/chat/completions", json={**CHAT, "model": "m"})).status_code == 200
+        daemon.signal(signal.SIGTERM)
+        await daemon.wait_for("draining")
+        await trio.sleep(1.0)           # past the Ctrl-C echo window, into the flush
+        assert daemon.proc.returncode is None
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait(3) == 3
+        assert daemon.lines[-1]["msg"] == "stopped" and daemon.lines[-1]["forced"] is True
+    finally:
+        lock.close()
+
+
+async def test_a_reload_gives_up_on_a_read_that_never_returns(tmp_path, autojump_clock):
+    from hxgwd.lifecycle import RELOAD_TIMEOUT, Daemon
+    from hxgwd.logs import Logger
+    from hxgwd.runtime import RuntimeHolder, compile_config
+    from hxgwd.config import load
+    from tests.conftest import CapturedLog
+
+    text = gateway_config('[[backends]]\nname = "e"\nkind = "echo"\n')
+    fifo = tmp_path / "hxgwd.toml"
+    os.mkfifo(fifo)
+    log = CapturedLog()
+    daemon = Daemon(RuntimeHolder(compile_config(load.loads(text), 1, environ={})), Logger(out=log),
+                    config_path=str(fifo))
+    began = trio.current_time()
+    assert await daemon.reload() is False              # gave up, still on generation 1
+    assert trio.current_time() - began >= RELOAD_TIMEOUT
+    assert await daemon.reload() is False              # the first read still blocks: not another
+    assert [line["msg"] for line in log.lines()] == [
+        "reload rejected, still serving the previous config",
+        "reload refused: an earlier one is still blocked reading the config"]
+    writer = os.open(fifo, os.O_WRONLY)                 # the stuck read gets its file at last
+    os.write(writer, text.encode())
+    os.close(writer)
+    with trio.fail_after(RELOAD_TIMEOUT * 2):
+        while daemon._reader_stuck:
+            await trio.sleep(0.01)
+    assert daemon.holder.current.generation == 1

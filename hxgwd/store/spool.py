@@ -70,8 +70,11 @@ class Spool:
         """Create the directory (0750), take its lock, and account for segments left by earlier runs."""
         if self.opened:
             return
-        os.makedirs(self.directory, mode=0o750, exist_ok=True)
-        lock_fd = os.open(os.path.join(self.directory, ".lock"), os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            os.makedirs(self.directory, mode=0o750, exist_ok=True)
+            lock_fd = os.open(os.path.join(self.directory, ".lock"), os.O_RDWR | os.O_CREAT, 0o640)
+        except OSError as exc:
+            raise SpoolError(f"spool directory {self.directory} is unusable: {exc.strerror or exc}") from None
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
