@@ -226,3 +226,26 @@ async def test_revocation_across_two_gateway_processes(nursery, tmp_path, new_pg
     finally:
         for daemon in daemons:
             daemon.kill()
+
+
+async def test_sqlite_file_deleted_while_serving_loses_no_record(nursery, tmp_path, upstream):
+    # open connections would go on writing to the deleted file: the rows would vanish with it
+    db = tmp_path / "hx.db"
+    cfg = spooled(gateway_config(backends(upstream), database=f"sqlite:///{db}"), tmp_path / "spool")
+    first = await start_gateway(nursery, cfg)
+    assert (await first.post("/v1/chat/completions", {**CHAT, "model": "m"})).status_code == 200
+    usage = first.daemon.services.usage
+    with trio.fail_after(10):
+        while usage.statistics()["written"] < 1:
+            await trio.sleep(0.05)
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"hx.db{suffix}").unlink(missing_ok=True)
+    for _ in range(10):
+        assert (await first.post("/v1/chat/completions", {**CHAT, "model": "m"})).status_code == 200
+    await first.stop()
+    assert usage.statistics()["written"] == 1 and usage.statistics()["spooled"] == 10
+    second = await start_gateway(nursery, cfg)          # migrates the new file, replays the spool
+    with trio.fail_after(20):
+        while sqlite3.connect(db).execute("SELECT count(*) FROM usage").fetchone()[0] < 10:
+            await trio.sleep(0.1)
+    await second.stop()

@@ -53,6 +53,7 @@ _KEY_SELECT = f"SELECT {', '.join(KEY_COLUMNS)} FROM api_keys"
 class _SQLite(Engine):
     def __init__(self, path: str, busy_timeout: float) -> None:
         self.path, self.busy_timeout = path, busy_timeout
+        self._files: dict[int, tuple[int, int]] = {}    # id(conn) -> (st_dev, st_ino) it opened
 
     def connect(self) -> sqlite3.Connection:
         try:
@@ -66,10 +67,27 @@ class _SQLite(Engine):
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA journal_size_limit = 67108864")   # truncate a big WAL back to 64 MiB
+            st = os.stat(self.path)
         except BaseException:
             conn.close()
             raise
+        self._files[id(conn)] = (st.st_dev, st.st_ino)
         return conn
+
+    def current(self, conn: sqlite3.Connection) -> bool:
+        # A connection keeps writing to the file it opened even once that file is deleted or
+        # replaced, and those rows are gone for good. A new connection to a file without the
+        # schema fails its inserts instead, so the records go to the spool (replayed once a
+        # restart has migrated the new file).
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return self._files.get(id(conn)) == (st.st_dev, st.st_ino)
+
+    def close(self, conn: sqlite3.Connection) -> None:
+        self._files.pop(id(conn), None)
+        super().close(conn)
 
     def stop(self, conn: sqlite3.Connection) -> None:
         conn.interrupt()

@@ -48,6 +48,10 @@ class Engine:
         """After a failed call: may conn go back to the pool?"""
         return True
 
+    def current(self, conn: Any) -> bool:
+        """Before reuse: does an idle pooled conn still reach the database it was opened on?"""
+        return True
+
     def stale(self, conn: Any, exc: BaseException) -> bool:
         """Did this call fail because an idle pooled connection had died meanwhile?"""
         return False
@@ -126,9 +130,14 @@ class Connections:
             raise
 
     def _get(self) -> tuple[Any, bool]:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
+        while True:
+            with self._lock:
+                if not self._idle:
+                    break
+                conn = self._idle.pop()
+            if self.engine.current(conn):
+                return conn, True
+            self.engine.close(conn)
         return self.engine.connect(), False
 
     def _put(self, conn: Any, reuse: bool) -> None:
