@@ -89,6 +89,8 @@ class Daemon:
     transports: Transports = attrs.field(factory=Transports)
     gates: Gates = attrs.field(factory=Gates)
     services: Services | None = None
+    # what restart-only settings are running with: the config at start, whatever reloads came since
+    started_with: Config | None = None
     _reloading: bool = False        # a reload task runs
     _reload_again: bool = False     # a SIGHUP came during it: the file may have changed since it was read
     _reader_stuck: bool = False     # a reload gave up on a read that has not returned yet
@@ -139,7 +141,9 @@ class Daemon:
                            generation=old.generation, problems=exc.problems)
             sdnotify.ready(f"serving generation {old.generation} (last reload rejected)")
             return False
-        for setting in needs_restart(old.config, new.config):
+        if self.started_with is None:
+            self.started_with = old.config
+        for setting in needs_restart(self.started_with, new.config):
             self.log.warning("changed setting takes effect only after a restart", setting=setting)
         self.holder.swap(new)
         self.router.configure(new.config.routing)

@@ -67,6 +67,11 @@ async def test_restart_only_settings_are_logged(setup):
     daemon.signal(signal.SIGHUP)
     line = await daemon.wait_for("changed setting takes effect only after a restart", after=mark)
     assert line["setting"] == "server.listen"
+    path.write_text(config(up))          # back to what it listens on: nothing waits for a restart
+    mark = len(daemon.lines)
+    daemon.signal(signal.SIGHUP)
+    await daemon.wait_for("config reloaded", after=mark)
+    assert [line for line in daemon.lines[mark:] if line["level"] == "warning"] == []
 
 
 async def test_stream_in_flight_survives_reload(setup):
