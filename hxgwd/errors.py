@@ -14,6 +14,7 @@
     └── UpstreamError                     502     upstream_error
         ├── UpstreamTimeout               504     upstream_error
         └── Unavailable                   503     service_unavailable     (+ Retry-After)
+            └── ShuttingDown              503     service_unavailable     (cut off by a shutdown)
 
 Messages are fixed texts chosen by the code that raises; exception text from libraries never
 reaches a client. `fault` says whose fault an error is (caller, policy, upstream, gateway): it goes
@@ -155,6 +156,11 @@ class Unavailable(UpstreamError):
     status = 503
     type = "service_unavailable"
     code = "no_deployment_available"
+
+
+class ShuttingDown(Unavailable):
+    code = "shutdown"
+    fault = "gateway"
 
 
 STATUS_ERRORS: dict[int, type[GatewayError]] = {

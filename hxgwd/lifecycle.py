@@ -188,7 +188,8 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services,
     cfg = daemon.holder.current.config
     idle = IdleWork(life.log_exception)
     gateway = Gateway(daemon.holder, daemon.router, daemon.transports, daemon.gates, services, daemon.log,
-                      idle, is_listening=lambda: life.listening)
+                      idle, is_listening=lambda: life.listening,
+                      is_cutting_off=lambda: life.connections is not None and life.connections.cancel_called)
 
     def settings():
         return daemon.holder.current.config.server

@@ -517,6 +517,17 @@ async def test_slow_client_slows_its_upstream_read(nursery):
     assert gw.log.requests()[-1]["status"] == 499
 
 
+async def test_a_stream_cut_by_the_end_of_the_shutdown_grace_is_recorded_as_ours(nursery, autojump_clock):
+    gw, up = await single(nursery, server_extra="shutdown_grace = 2.0")
+    up.script(Stream(words=100, delay=1.0))
+    stream = await raw_stream_request(gw)
+    await stream.receive_some(1000)
+    await gw.stop()                  # drains for 2 s, then cuts the stream off
+    rec = gw.log.requests()[-1]
+    assert (rec["status"], rec["error_type"], rec["fault"]) == (503, "service_unavailable", "gateway")
+    await stream.aclose()
+
+
 async def test_non_streamed_answer_stalling_after_its_head_is_504(nursery, autojump_clock):
     gw, up = await single(nursery, backend_extra="""timeouts = { between_chunks = 5.0 }""")
     up.script(Stream(words=5, delay=30))       # a head, one piece, then nothing for 30 s

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import trio
 
 from hxgwd import __version__
-from hxgwd.errors import BadRequest, GatewayError, NotFound, require_method
+from hxgwd.errors import BadRequest, GatewayError, NotFound, ShuttingDown, require_method
 from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
 from hxgwd import admin
@@ -41,7 +41,8 @@ MAX_TOKENS_ESTIMATED = 1 << 24     # more output than any model's context window
 class Gateway:
     def __init__(self, holder: RuntimeHolder, router: route.Router, transports: Transports, gates: Gates,
                  services: Services, log: Logger, idle: IdleWork, *,
-                 is_listening: Callable[[], bool] = lambda: True) -> None:
+                 is_listening: Callable[[], bool] = lambda: True,
+                 is_cutting_off: Callable[[], bool] = lambda: False) -> None:
         self.holder = holder
         self.services = services
         self.limiter = services.limiter
@@ -51,6 +52,7 @@ class Gateway:
         self.log = log
         self.idle = idle
         self.is_listening = is_listening
+        self.is_cutting_off = is_cutting_off   # shutdown: the grace is over, or a second signal came
         self._models_cache: OrderedDict[tuple, bytes] = OrderedDict()
         self._ids = RequestIds()
 
@@ -83,8 +85,12 @@ class Gateway:
         except Exception:         # a bug: the HTTP layer answers 500 and logs it; recorded as ours
             ex.error, ex.status = GatewayError("Internal error."), 500
             raise
-        except BaseException:
-            ex.client_gone = True     # cancelled by a hang-up (or a forced shutdown)
+        except BaseException:         # cancelled: by a hang-up, or by the end of the shutdown grace
+            if self.is_cutting_off():
+                ex.error = ShuttingDown("The gateway stopped before the answer was complete.")
+                ex.status = ex.error.status
+            else:
+                ex.client_gone = True
             raise
         finally:
             ended = trio.current_time()
