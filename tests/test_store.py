@@ -62,6 +62,9 @@ async def test_postgres_daemon_checks_but_never_migrates(new_pg_url):
         with pytest.raises(SchemaError, match="hxgwd db migrate"):
             await s.ensure_schema()
         assert await s.schema_status() == (0, 1)
+        # a database that was down at start and came back without the schema: say what to do
+        with pytest.raises(StoreUnavailable, match="run `hxgwd db migrate`"):
+            await s.insert_usage([make_record(1)])
         # two hosts migrating at once: each version is applied once
         results = []
         async with trio.open_nursery() as nursery:

@@ -107,8 +107,11 @@ class PostgresStore(SQLStore):
     def _translate(self, exc: Exception) -> Exception:
         if isinstance(exc, (psycopg.DataError, psycopg.IntegrityError, UnicodeError, OverflowError)):
             return RecordRejected(f"postgresql: {exc}")
+        if isinstance(exc, errors.UndefinedTable):   # down at start, back without the schema
+            return StoreUnavailable(f"postgresql {self.url_for_display}: the schema is missing; "
+                                    f"run `hxgwd db migrate` ({str(exc).strip()})")
         if isinstance(exc, psycopg.Error):
-            # down, refused, timed out, cancelled, read-only, schema missing (UndefinedTable)
+            # down, refused, timed out, cancelled, read-only
             return StoreUnavailable(f"postgresql {self.url_for_display}: {str(exc).strip()}")
         return exc
 
