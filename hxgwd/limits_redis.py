@@ -308,9 +308,10 @@ class RedisLimiter:
             self._outage_counts[1] += 1
             raise LimitsUnavailable("Usage limits cannot be checked right now. Please try again shortly.",
                                     retry_after=1)
+        reservation = self.local.admit(principal, est, now)   # RateLimited: not an admission
         self.stats["fallback_admits"] += 1
         self._outage_counts[0] += 1
-        return self.local.admit(principal, est, now)
+        return reservation
 
     # --- settlement ------------------------------------------------------------------------------
 

@@ -195,7 +195,7 @@ async def test_redis_down_with_policy_local_falls_back_and_recovers(redis_server
             assert await lim.admit(key(), Estimate(1, 1.0)) is None
             down = [line for line in log.lines() if line["msg"] == "limits: redis unavailable"]
             assert len(down) == 1 and down[0]["level"] == "warning" and down[0]["policy"] == "local"
-            assert lim.stats["outages"] == 1 and lim.stats["fallback_admits"] >= 21
+            assert lim.stats["outages"] == 1 and lim.stats["fallback_admits"] == 21    # the refused one is not
         finally:
             redis_server.restart()
 
