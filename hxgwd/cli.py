@@ -21,6 +21,7 @@ import os
 import sys
 
 DEFAULT_CONFIG = "/etc/hxgwd/hxgwd.toml"
+EXIT_USAGE = 2            # as argparse exits on a bad command line
 EXIT_FORCED = 3
 EXIT_LISTEN = 71
 EXIT_CANTCREAT = 73
@@ -72,6 +73,12 @@ def cmd_genkey(name: str) -> int:
     import hashlib
     import secrets
 
+    from hxgwd.config.load import NAME_RE
+
+    if not NAME_RE.match(name):   # printed into TOML as it is: nothing that could need quoting
+        print(f"hxgwd genkey: --name {name!r}: use 1-128 letters, digits and ._:/@- (starting with "
+              "a letter or digit)", file=sys.stderr)
+        return EXIT_USAGE
     key = "sk-hx-" + secrets.token_urlsafe(32)
     digest = hashlib.sha256(key.encode()).hexdigest()
     print("# The new key, shown this once; give it to the client and do not store it elsewhere:")

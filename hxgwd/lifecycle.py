@@ -141,6 +141,10 @@ class Daemon:
                            generation=old.generation, problems=exc.problems)
             sdnotify.ready(f"serving generation {old.generation} (last reload rejected)")
             return False
+        except Exception as exc:     # a bug of the config code: still never worth the running daemon
+            self.log.exception("reload failed, still serving the previous config", exc)
+            sdnotify.ready(f"serving generation {old.generation} (last reload failed)")
+            return False
         if self.started_with is None:
             self.started_with = old.config
         for setting in needs_restart(self.started_with, new.config):

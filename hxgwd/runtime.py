@@ -135,8 +135,11 @@ def compile_config(config: m.Config, generation: int, source: str = "<config>",
     def secret(path: str, env_name: str | None, file_name: str | None) -> str | None:
         try:
             if env_name:
-                if not env.get(env_name):
+                if env_name not in env:
                     problems.append(f"{path}: environment variable {env_name} is not set")
+                    return None
+                if not env[env_name].strip():
+                    problems.append(f"{path}: environment variable {env_name} is empty")
                     return None
                 return env[env_name].strip()
             if file_name:
@@ -146,6 +149,8 @@ def compile_config(config: m.Config, generation: int, source: str = "<config>",
                 return value or None
         except OSError as exc:
             problems.append(f"{path}: cannot read {file_name}: {exc.strerror}")
+        except UnicodeDecodeError:
+            problems.append(f"{path}: {file_name} is not UTF-8 text")
         return None
 
     keys: dict[bytes, Principal] = {}

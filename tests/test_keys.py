@@ -37,6 +37,17 @@ def write_config(tmp_path, url: str, database_lines: str = "") -> str:
         [[keys]]
         name = "from-config"
         sha256 = "{'ab' * 32}"
+        [[backends]]
+        name = "e"
+        kind = "echo"
+        [[models]]
+        name = "m1"
+        backend = "e"
+        [[models]]
+        name = "m2"
+        backend = "e"
+        [groups.g1]
+        models = ["m1", "m2"]
     """))
     return str(path)
 
@@ -86,6 +97,10 @@ def test_keys_lifecycle_through_the_cli(tmp_path):
     assert again.returncode == 1 and "exists" in again.stderr
     clash = hxgwd("keys", "create", "-c", cfg, "--name", "from-config")
     assert clash.returncode == 1 and "config file" in clash.stderr
+    for bad in (["--name", 'x"\nadmin = true'], ["--name", "ok", "--budget-usd", "inf"],
+                ["--name", "ok", "--budget-usd", "nan"], ["--name", "ok", "--models", "nosuch"]):
+        refused = hxgwd("keys", "create", "-c", cfg, *bad)
+        assert refused.returncode == 1 and refused.stderr.startswith("hxgwd: --"), bad
 
     revoked = hxgwd("-c", cfg, "keys", "revoke", "team-a")    # -c before the command works too
     assert revoked.returncode == 0 and "revoked" in revoked.stdout

@@ -39,6 +39,8 @@ def warnings(path: str, config: m.Config) -> list[str]:
     out = []
     files = [("config file", path)] + [(f"key file of key {k.name!r}", k.key_file) for k in config.keys if k.key_file]
     files += [(f"api key file of backend {b.name!r}", b.api_key_file) for b in config.backends if b.api_key_file]
+    files += [(f"{table} password file", getattr(config, table).password_file) for table in ("database", "redis")
+              if getattr(config, table).password_file]
     for what, file in files:
         try:
             mode = os.stat(file).st_mode

@@ -15,13 +15,23 @@ REDACTED = "<redacted>"
 def to_dict(config: m.Config, *, redact: bool = True) -> dict[str, Any]:
     doc = _plain(config)
     doc["groups"] = {g.pop("name"): g for g in doc["groups"]}
-    if redact:
-        for key in doc["keys"]:
-            if "sha256" in key:   # a hash, not the key; shown shortened so lines stay recognisable
-                key["sha256"] = key["sha256"][:8] + "..."
+    if redact:   # key hashes stay: a hash of a random key gives nothing away, and the dump loads again
         for backend in doc["backends"]:
             backend["headers"] = {name: REDACTED for name in backend["headers"]}
+        for table in ("database", "redis"):
+            if doc[table].get("url"):
+                doc[table]["url"] = _redact_password(doc[table]["url"])
     return doc
+
+
+def _redact_password(url: str) -> str:
+    """scheme://user:secret@host/... -> scheme://user:<redacted>@host/..."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if not (sep and at and ":" in userinfo):
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:{REDACTED}@{host}{slash}{path}"
 
 
 def dumps(config: m.Config, *, redact: bool = True) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import re
 import tomllib
 import types
@@ -35,7 +36,13 @@ def load_file(path: str) -> m.Config:
             data = f.read()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    return loads(data.decode("utf-8", errors="replace"), source=path)
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise ConfigError([f"{path}: starts with a byte order mark (BOM); save it as UTF-8 without one"])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 (byte {exc.start}); TOML files are UTF-8"]) from None
+    return loads(text, source=path)
 
 
 def loads(text: str, source: str = "<config>") -> m.Config:
@@ -55,6 +62,12 @@ def from_dict(doc: dict[str, Any]) -> m.Config:
     elif groups is not None:
         problems.append("groups: expected a table of [groups.NAME] tables")
         doc.pop("groups")
+    defaults = doc.get("timeouts")
+    if isinstance(defaults, dict) and isinstance(doc.get("backends"), list):
+        # a backend's `timeouts = {...}` overrides some of [timeouts]; the rest come from there
+        doc["backends"] = [{**b, "timeouts": {**defaults, **b["timeouts"]}}
+                           if isinstance(b, dict) and isinstance(b.get("timeouts"), dict) else b
+                           for b in doc["backends"]]
     config = _build(m.Config, doc, "", problems, group_paths=isinstance(groups, dict) and list(groups))
     if config is not None:
         problems.extend(validate(config))
@@ -132,6 +145,9 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{path}: expected a number")
             return INVALID
+        if not math.isfinite(value):   # TOML has nan and inf; no setting here means either
+            problems.append(f"{path}: must be a finite number")
+            return INVALID
         return float(value)
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
         problems.append(f"{path}: expected an integer")
@@ -155,15 +171,23 @@ def validate(c: m.Config) -> list[str]:
     s = c.server
     if not s.listen:
         p.append("server.listen: at least one address is required")
+    bound: dict[tuple[str, int], int] = {}
     for i, addr in enumerate(s.listen):
         try:
-            parse_listen(addr)
+            host, port = parse_listen(addr)
         except ValueError as exc:
             p.append(f"server.listen[{i}]: {exc}")
+            continue
+        if port and ((host, port) in bound or ("0.0.0.0", port) in bound
+                     or (host == "0.0.0.0" and any(q == port and ":" not in h for h, q in bound))):
+            p.append(f"server.listen[{i}]: {addr!r} overlaps an address listed before it")
+        bound[(host, port)] = i
     for name in ("max_connections", "backlog", "max_header_bytes", "max_body_bytes",
                  "max_response_bytes", "max_sse_event_bytes"):
         if getattr(s, name) < 1:
             p.append(f"server.{name}: must be at least 1")
+    if s.backlog > 65535:
+        p.append("server.backlog: must be at most 65535")
     if s.max_header_bytes < 1024:
         p.append("server.max_header_bytes: must be at least 1024")
     for name in ("header_timeout", "body_timeout", "keepalive_timeout", "write_timeout", "shutdown_grace"):
@@ -328,13 +352,19 @@ def _check_timeouts(t: m.Timeouts, path: str) -> list[str]:
 
 
 def check_url(url: str) -> str | None:
-    parts = urllib.parse.urlsplit(url)
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7f for c in url):
+        return "must not contain spaces or control characters"
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:           # "http://[zz]:80", "http://[::1"
+        return f"not a valid URL ({exc})"
     if parts.scheme not in ("http", "https"):
         return "scheme must be http or https"
     if not parts.hostname:
         return "has no host"
     try:
-        parts.port
+        if parts.port == 0:
+            raise ValueError
     except ValueError:
         return "port must be a number from 1 to 65535"
     if parts.query or parts.fragment:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hxgwd.config.load import NAME_RE
+
 COMMANDS = ("keys", "db", "usage")
 WHEN_HELP = ("YYYY-MM-DD (midnight in [limits] timezone), an ISO 8601 time (that zone unless it has an "
              "offset), or an age like 30m, 12h, 7d, 4w")
@@ -168,8 +170,16 @@ async def _keys_create(args: argparse.Namespace, config, store) -> int:
     if any(k.name == args.name for k in config.keys):
         _err(f"a key named {args.name!r} is in the config file; choose another name")
         return 1
-    if args.budget_usd is not None and args.budget_usd < 0:
-        _err("--budget-usd: must not be negative")
+    if not NAME_RE.match(args.name):   # the same rule as config keys: it goes into logs and tables
+        _err(f"--name {args.name!r}: use 1-128 letters, digits and ._:/@- (starting with a letter or digit)")
+        return 1
+    if args.budget_usd is not None and not 0 <= args.budget_usd < 1e12:   # NaN and inf included
+        _err("--budget-usd: must be a number, 0 or more")
+        return 1
+    targets = {md.name for md in config.models} | {g.name for g in config.groups}
+    unknown = [m for arg in args.models for m in arg.split(",") if m and m not in targets]
+    if unknown:
+        _err(f"--models: no model or group named {unknown[0]!r} in the config")
         return 1
     models = tuple(m for arg in args.models for m in arg.split(",") if m)
     expires = (parse_when(args.expires, time.time(), future=True, tz=config.limits.timezone)
