@@ -97,6 +97,13 @@ def test_single_errors(snippet, expected):
     assert any(p.startswith(expected) for p in problems(MINIMAL + snippet))
 
 
+def test_errors_name_entries_by_their_place_in_the_file_even_after_a_broken_one():
+    got = problems(MINIMAL + '[[keys]]\nsha256 = "' + "ab" * 32 + '"\n[[keys]]\nname = "second"\nsha256 = "BAD"\n'
+                   '[[backends]]\nurl = "http://h"\n[[backends]]\nname = "b2"\nurl = "ftp://h"\n')
+    assert "keys[0].name: required" in got and "keys[1].sha256: must be 64 lowercase hex digits (sha256 of the key)" in got
+    assert "backends[1].name: required" in got and "backends[2].url: scheme must be http or https" in got
+
+
 def test_a_backends_timeouts_override_only_what_they_name():
     config = load.loads(MINIMAL + '[timeouts]\nconnect = 1.0\ntotal = 30.0\n'
                         '[[backends]]\nname = "b"\nurl = "http://h"\ntimeouts = { first_byte = 60.0 }\n')

@@ -68,9 +68,11 @@ def from_dict(doc: dict[str, Any]) -> m.Config:
         doc["backends"] = [{**b, "timeouts": {**defaults, **b["timeouts"]}}
                            if isinstance(b, dict) and isinstance(b.get("timeouts"), dict) else b
                            for b in doc["backends"]]
-    config = _build(m.Config, doc, "", problems, group_paths=isinstance(groups, dict) and list(groups))
+    positions: dict[str, list[int]] = {}
+    config = _build(m.Config, doc, "", problems, group_paths=isinstance(groups, dict) and list(groups),
+                    positions=positions)
     if config is not None:
-        problems.extend(validate(config))
+        problems.extend(validate(config, positions))
     if problems:
         raise ConfigError(problems)
     return config
@@ -84,7 +86,8 @@ def _join(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _build(cls: type, data: Any, path: str, problems: list[str], group_paths: Any = None) -> Any:
+def _build(cls: type, data: Any, path: str, problems: list[str], group_paths: Any = None,
+           positions: dict[str, list[int]] | None = None) -> Any:
     if not isinstance(data, dict):
         problems.append(f"{path or '<root>'}: expected a table")
         return None
@@ -104,7 +107,7 @@ def _build(cls: type, data: Any, path: str, problems: list[str], group_paths: An
             value = tuple(g for g in (_build(m.Group, g, f"groups.{n}", problems)
                                       for n, g in zip(group_paths, data[name])) if g is not None)
         else:
-            value = _convert(field.type, data[name], _join(path, name), problems)
+            value = _convert(field.type, data[name], _join(path, name), problems, positions)
         if value is not INVALID and value is not None:
             kwargs[name] = value   # containers keep their valid parts, so later checks still run
     if any(name not in kwargs and fields[name].default is attrs.NOTHING for name in fields):
@@ -115,7 +118,8 @@ def _build(cls: type, data: Any, path: str, problems: list[str], group_paths: An
 INVALID = object()   # a scalar of the wrong type: its field falls back to the default
 
 
-def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
+def _convert(tp: Any, value: Any, path: str, problems: list[str],
+             positions: dict[str, list[int]] | None = None) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -131,8 +135,11 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         if not isinstance(value, list):
             problems.append(f"{path}: expected an array")
             return ()
-        items = (_convert(args[0], v, _join(path, i), problems) for i, v in enumerate(value))
-        return tuple(v for v in items if v is not INVALID and v is not None)
+        kept = [(i, v) for i, v in ((i, _convert(args[0], v, _join(path, i), problems)) for i, v in enumerate(value))
+                if v is not INVALID and v is not None]
+        if positions is not None:    # an invalid entry is left out: later checks name entries by their place
+            positions[path] = [i for i, _ in kept]
+        return tuple(v for _, v in kept)
     if origin is dict:
         if not isinstance(value, dict):
             problems.append(f"{path}: expected a table")
@@ -166,8 +173,14 @@ TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")        # RFC 9110 token
 VALUE_RE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")           # no CR, LF or other controls
 
 
-def validate(c: m.Config) -> list[str]:
+def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list[str]:
+    """Checks across fields; `positions`: where in the file each kept array entry stood."""
     p: list[str] = []
+
+    def at(table: str, i: int) -> str:
+        places = (positions or {}).get(table)
+        return f"{table}[{places[i] if places else i}]"
+
     s = c.server
     if not s.listen:
         p.append("server.listen: at least one address is required")
@@ -199,7 +212,7 @@ def validate(c: m.Config) -> list[str]:
 
     key_names: set[str] = set()
     for i, k in enumerate(c.keys):
-        path = f"keys[{i}]"
+        path = at('keys', i)
         if not NAME_RE.match(k.name):
             p.append(f"{path}.name: use letters, digits and ._:/@- (up to 128)")
         if k.name in key_names:
@@ -213,7 +226,7 @@ def validate(c: m.Config) -> list[str]:
 
     backend_names: set[str] = set()
     for i, b in enumerate(c.backends):
-        path = f"backends[{i}]"
+        path = at('backends', i)
         if not NAME_RE.match(b.name):
             p.append(f"{path}.name: use letters, digits and ._:/@- (up to 128)")
         if b.name in backend_names:
@@ -247,7 +260,7 @@ def validate(c: m.Config) -> list[str]:
 
     model_names: dict[str, str] = {}
     for i, md in enumerate(c.models):
-        path = f"models[{i}]"
+        path = at('models', i)
         if not NAME_RE.match(md.name):
             p.append(f"{path}.name: use letters, digits and ._:/@- (up to 128)")
         if md.backend not in backend_names:
@@ -258,7 +271,7 @@ def validate(c: m.Config) -> list[str]:
             p.append(f"{path}.kind: deployments of {md.name!r} disagree on kind")
 
     for i, md in enumerate(c.models):
-        path = f"models[{i}]"
+        path = at('models', i)
         for name in ("max_concurrency", "max_queue", "input_cost_per_1k", "output_cost_per_1k"):
             if getattr(md, name) < 0:
                 p.append(f"{path}.{name}: must be 0 or more")
@@ -266,17 +279,17 @@ def validate(c: m.Config) -> list[str]:
             p.append(f"{path}.queue_timeout: must be greater than 0")
     for i, b in enumerate(c.backends):
         if b.probe_path is not None and not b.probe_path.startswith("/"):
-            p.append(f"backends[{i}].probe_path: must start with /")
+            p.append(f"{at('backends', i)}.probe_path: must start with /")
         if b.probe_interval <= 0 or b.probe_timeout <= 0:
-            p.append(f"backends[{i}]: probe_interval and probe_timeout must be greater than 0")
+            p.append(f"{at('backends', i)}: probe_interval and probe_timeout must be greater than 0")
         if b.embeddings_path is not None and not b.embeddings_path.startswith("/"):
-            p.append(f"backends[{i}].embeddings_path: must start with /")
+            p.append(f"{at('backends', i)}.embeddings_path: must start with /")
     for i, k in enumerate(c.keys):
         for name in ("rpm", "tpm"):
             if getattr(k, name) is not None and getattr(k, name) < 1:
-                p.append(f"keys[{i}].{name}: must be at least 1")
+                p.append(f"{at('keys', i)}.{name}: must be at least 1")
         if k.budget_usd is not None and k.budget_usd < 0:
-            p.append(f"keys[{i}].budget_usd: must be 0 or more")
+            p.append(f"{at('keys', i)}.budget_usd: must be 0 or more")
     r = c.routing
     for name in ("breaker_failures", "breaker_min_requests"):
         if getattr(r, name) < 1:
@@ -313,7 +326,7 @@ def validate(c: m.Config) -> list[str]:
     for i, k in enumerate(c.keys):
         for j, name in enumerate(k.models):
             if name not in model_names and name not in group_names:
-                p.append(f"keys[{i}].models[{j}]: no model or group named {name!r}")
+                p.append(f"{at('keys', i)}.models[{j}]: no model or group named {name!r}")
     return p
 
 
