@@ -29,7 +29,9 @@ EXIT_CONFIG = 78
 
 
 def config_path(args: argparse.Namespace) -> str:
-    return args.config or os.environ.get("HXGWD_CONFIG") or DEFAULT_CONFIG
+    if args.config is not None:    # `-c ""` is a mistake to report, not a wish for the default
+        return args.config
+    return os.environ.get("HXGWD_CONFIG") or DEFAULT_CONFIG
 
 
 def build_parser() -> argparse.ArgumentParser:

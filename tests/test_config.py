@@ -184,6 +184,8 @@ def test_check_config_cli(tmp_path):
     assert "server.listen[0]" in out.stderr and "server.bogus: unknown key" in out.stderr
     via_env = run_cli("--check-config", env={"HXGWD_CONFIG": str(bad)})
     assert via_env.returncode == 1
+    empty = run_cli("--check-config", "-c", "", env={"HXGWD_CONFIG": EXAMPLE})
+    assert empty.returncode == 1 and "cannot read" in empty.stderr
 
 
 def test_check_config_warns_about_readable_secrets(tmp_path):
