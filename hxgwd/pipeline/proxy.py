@@ -194,8 +194,8 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
                 raise _Retry(UpstreamError(f"The backend refused the gateway's credentials ({up.status}).",
                                            code="upstream_auth_failed"), None)
             if up.status >= 500 or up.status in RETRY_STATUSES:
-                answer = await _read(up, ERROR_BODY_LIMIT, timeouts.between_chunks, tolerate=True)
-                raise _Retry(None, (up.status, transform.downstream_headers(up.headers), answer))
+                error_body = await _read(up, ERROR_BODY_LIMIT, timeouts.between_chunks, tolerate=True)
+                raise _Retry(None, (up.status, transform.downstream_headers(up.headers), error_body))
             if calls.stream and up.status == 200 and _is_event_stream(up.headers):
                 await _relay_stream(ex, dep, calls, up, settings, response, timeouts.between_chunks)
                 return Outcome(ok=True, status=200, ttfb=ex.ttfb or 0.0, duration=trio.current_time() - began,
@@ -263,11 +263,8 @@ async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan
     # Nothing reaches the client before the stream's first bytes: a stream that breaks or stalls
     # before them is still failed over, like a 5xx.
     try:
-        chunk = await up.receive(trio.current_time() + between_chunks)
-    except trio.TooSlowError:
-        raise _Retry(UpstreamTimeout("The upstream stream stalled before its first event.",
-                                     code="upstream_read_timeout"), None) from None
-    except UpstreamError as exc:
+        chunk = await _next_chunk(up, between_chunks)
+    except UpstreamError as exc:      # UpstreamTimeout included
         raise _Retry(exc, None) from None
     headers = transform.downstream_headers(up.headers)
     headers += [(b"x-accel-buffering", b"no"), *_gateway_headers(ex, dep, trio.current_time() - ex.started)]
@@ -283,10 +280,7 @@ async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan
             if out:
                 ex.bytes_out += len(out)
                 await response.send(out)
-            try:
-                chunk = await up.receive(trio.current_time() + between_chunks)
-            except trio.TooSlowError:
-                raise UpstreamTimeout("The upstream stream stalled.", code="upstream_read_timeout") from None
+            chunk = await _next_chunk(up, between_chunks)
         rest = relay.end()
         if rest:
             ex.bytes_out += len(rest)
@@ -294,6 +288,13 @@ async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan
         await response.end()
     finally:
         ex.usage = relay.usage
+
+
+async def _next_chunk(up: UpstreamResponse, between_chunks: float) -> bytes:
+    try:
+        return await up.receive(trio.current_time() + between_chunks)
+    except trio.TooSlowError:
+        raise UpstreamTimeout("The upstream stream stalled.", code="upstream_read_timeout") from None
 
 
 async def _send_whole(ex: Exchange, response: Response, status: int, headers: Headers, body: bytes,

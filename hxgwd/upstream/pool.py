@@ -56,10 +56,9 @@ class _Conn:
 
     async def receive(self, deadline: float, *, answering: bool = False) -> Any:
         """The next h11 event; trio.TooSlowError if it needs bytes that do not come by `deadline`.
-        `answering`: the request was just sent, so the upstream cannot have answered yet: unless
-        h11 still holds bytes, there is nothing to parse before the wait."""
-        if answering and self.h11.trailing_data[0]:
-            answering = False      # sent before our request was: a misbehaving upstream
+        `answering`: the request was just sent, so the upstream cannot have answered yet, and h11
+        holds nothing (a connection is reused only with nothing left after its last answer): there
+        is nothing to parse before the wait."""
         while True:
             if not answering:
                 event = self.next_ready()
