@@ -8,6 +8,7 @@ import attrs
 import tomli_w
 
 from hxgwd.config import model as m
+from hxgwd.store import redact_url
 
 REDACTED = "<redacted>"
 
@@ -20,18 +21,8 @@ def to_dict(config: m.Config, *, redact: bool = True) -> dict[str, Any]:
             backend["headers"] = {name: REDACTED for name in backend["headers"]}
         for table in ("database", "redis"):
             if doc[table].get("url"):
-                doc[table]["url"] = _redact_password(doc[table]["url"])
+                doc[table]["url"] = redact_url(doc[table]["url"], mask=REDACTED)
     return doc
-
-
-def _redact_password(url: str) -> str:
-    """scheme://user:secret@host/... -> scheme://user:<redacted>@host/..."""
-    scheme, sep, rest = url.partition("://")
-    netloc, slash, path = rest.partition("/")
-    userinfo, at, host = netloc.rpartition("@")
-    if not (sep and at and ":" in userinfo):
-        return url
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:{REDACTED}@{host}{slash}{path}"
 
 
 def dumps(config: m.Config, *, redact: bool = True) -> str:

@@ -135,8 +135,8 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str],
         if not isinstance(value, list):
             problems.append(f"{path}: expected an array")
             return ()
-        kept = [(i, v) for i, v in ((i, _convert(args[0], v, _join(path, i), problems)) for i, v in enumerate(value))
-                if v is not INVALID and v is not None]
+        converted = ((i, _convert(args[0], v, _join(path, i), problems)) for i, v in enumerate(value))
+        kept = [(i, v) for i, v in converted if v is not INVALID and v is not None]
         if positions is not None:    # an invalid entry is left out: later checks name entries by their place
             positions[path] = [i for i, _ in kept]
         return tuple(v for _, v in kept)

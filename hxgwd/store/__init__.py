@@ -220,7 +220,7 @@ def read_password(database, environ=None) -> str | None:
     return None
 
 
-def redact_url(url: str) -> str:
+def redact_url(url: str, mask: str = "***") -> str:
     """postgresql://user:secret@host/db -> postgresql://user:***@host/db."""
     scheme, sep, rest = url.partition("://")
     if not sep:
@@ -228,7 +228,7 @@ def redact_url(url: str) -> str:
     netloc, slash, path = rest.partition("/")
     userinfo, at, hostpart = netloc.rpartition("@")
     if at and ":" in userinfo:
-        userinfo = userinfo.split(":", 1)[0] + ":***"
+        userinfo = userinfo.split(":", 1)[0] + ":" + mask
     return f"{scheme}://{userinfo}{at}{hostpart}{slash}{path}"
 
 

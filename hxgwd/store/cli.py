@@ -176,12 +176,12 @@ async def _keys_create(args: argparse.Namespace, config, store) -> int:
     if args.budget_usd is not None and not 0 <= args.budget_usd < 1e12:   # NaN and inf included
         _err("--budget-usd: must be a number, 0 or more")
         return 1
+    models = tuple(m for arg in args.models for m in arg.split(",") if m)
     targets = {md.name for md in config.models} | {g.name for g in config.groups}
-    unknown = [m for arg in args.models for m in arg.split(",") if m and m not in targets]
+    unknown = [m for m in models if m not in targets]
     if unknown:
         _err(f"--models: no model or group named {unknown[0]!r} in the config")
         return 1
-    models = tuple(m for arg in args.models for m in arg.split(",") if m)
     expires = (parse_when(args.expires, time.time(), future=True, tz=config.limits.timezone)
                if args.expires else None)
     if expires is not None and expires <= time.time():
