@@ -122,12 +122,33 @@ class RuntimeHolder:
 
 def build_runtime(path: str, generation: int, environ: Mapping[str, str] | None = None) -> Runtime:
     """Read, validate and compile a config file; raise ConfigError listing every problem."""
-    return compile_config(load.load_file(path), generation, path, environ)
+    draft = load.draft_file(path)
+    if draft.problems:
+        # the secrets' sources are checked too, so that one run reports every problem of the file
+        found = read_secrets(draft.config, environ, entry_path=draft.entry_path).problems if draft.config else []
+        raise ConfigError(draft.in_file_order(draft.problems + found))
+    try:
+        return compile_config(draft.config, generation, path, environ)
+    except ConfigError as exc:
+        raise ConfigError(draft.in_file_order(exc.problems)) from None
 
 
-def compile_config(config: m.Config, generation: int, source: str = "<config>",
-                   environ: Mapping[str, str] | None = None,
-                   read_secret: Callable[[str], str] | None = None) -> Runtime:
+@attrs.frozen
+class Secrets:
+    """What the config's secret sources hold, entry by entry (None where a source failed)."""
+
+    key_digests: tuple[bytes | None, ...] = attrs.field(repr=False)     # per config.keys entry
+    backend_api_keys: tuple[str | None, ...] = attrs.field(repr=False)  # per config.backends entry
+    db_password: str | None = attrs.field(repr=False)
+    redis_password: str | None = attrs.field(repr=False)
+    problems: list[str]
+
+
+def read_secrets(config: m.Config, environ: Mapping[str, str] | None = None,
+                 read_secret: Callable[[str], str] | None = None,
+                 entry_path: Callable[[str, int], str] = lambda table, i: f"{table}[{i}]") -> Secrets:
+    """Reads every key_env/key_file, api_key_env/api_key_file and password source of `config`;
+    `entry_path` names an array entry (by its place in the file when entries were left out)."""
     env = os.environ if environ is None else environ
     read = read_secret or _read_secret
     problems: list[str] = []
@@ -153,25 +174,47 @@ def compile_config(config: m.Config, generation: int, source: str = "<config>",
             problems.append(f"{path}: {file_name} is not UTF-8 text")
         return None
 
-    keys: dict[bytes, Principal] = {}
+    digests: list[bytes | None] = []
+    named: dict[bytes, str] = {}
     for i, k in enumerate(config.keys):
-        if k.sha256:
-            digest = bytes.fromhex(k.sha256)
+        if k.sha256:    # one that is not 64 hex digits is a problem of the draft's already
+            digest: bytes | None = bytes.fromhex(k.sha256) if load.HEX64_RE.match(k.sha256) else None
         else:
             field = "key_env" if k.key_env else "key_file"
-            value = secret(f"keys[{i}].{field}", k.key_env, k.key_file)
-            if value is None:
-                continue
-            digest = hashlib.sha256(value.encode()).digest()
-        if digest in keys:
-            problems.append(f"keys[{i}]: same key as {keys[digest].key_name!r}")
+            value = secret(f"{entry_path('keys', i)}.{field}", k.key_env, k.key_file)
+            digest = hashlib.sha256(value.encode()).digest() if value is not None else None
+        if digest is not None and digest in named:
+            problems.append(f"{entry_path('keys', i)}: same key as {named[digest]!r}")
+        if digest is not None:
+            named[digest] = k.name
+        digests.append(digest)
+    api_keys = []
+    for i, b in enumerate(config.backends):
+        field = "api_key_env" if b.api_key_env else "api_key_file"
+        api_keys.append(secret(f"{entry_path('backends', i)}.{field}", b.api_key_env, b.api_key_file))
+    db, rd = config.database, config.redis
+    db_password = secret("database." + ("password_env" if db.password_env else "password_file"),
+                         db.password_env, db.password_file)
+    redis_password = secret("redis." + ("password_env" if rd.password_env else "password_file"),
+                            rd.password_env, rd.password_file)
+    return Secrets(tuple(digests), tuple(api_keys), db_password, redis_password, problems)
+
+
+def compile_config(config: m.Config, generation: int, source: str = "<config>",
+                   environ: Mapping[str, str] | None = None,
+                   read_secret: Callable[[str], str] | None = None) -> Runtime:
+    secrets = read_secrets(config, environ, read_secret)
+    if secrets.problems:
+        raise ConfigError(secrets.problems)
+
+    keys: dict[bytes, Principal] = {}
+    for k, digest in zip(config.keys, secrets.key_digests):
+        assert digest is not None     # a source that failed is among the problems
         keys[digest] = Principal(k.name, frozenset(k.models) if k.models else None, k.admin, digest,
                                  k.rpm, k.tpm, k.budget_usd, k.budget_period)
 
     backends: dict[str, BackendRuntime] = {}
-    for i, b in enumerate(config.backends):
-        field = "api_key_env" if b.api_key_env else "api_key_file"
-        api_key = secret(f"backends[{i}].{field}", b.api_key_env, b.api_key_file)
+    for b, api_key in zip(config.backends, secrets.backend_api_keys):
         origin, base = _split_url(b.url) if b.kind == "openai" else (None, "")
         backends[b.name] = BackendRuntime(b.name, b, origin, base, b.timeouts or config.timeouts, api_key)
 
@@ -197,16 +240,8 @@ def compile_config(config: m.Config, generation: int, source: str = "<config>",
         deps = tuple(d for name in g.models for d in by_model[name])
         targets[g.name] = Target(g.name, deps[0].kind, g.name, g, deps)
 
-    db = config.database
-    db_password = secret("database." + ("password_env" if db.password_env else "password_file"),
-                         db.password_env, db.password_file)
-    rd = config.redis
-    redis_password = secret("redis." + ("password_env" if rd.password_env else "password_file"),
-                            rd.password_env, rd.password_file)
-    if problems:
-        raise ConfigError(problems)
     return Runtime(config, generation, source, keys, targets, deployments, backends, time.time(),
-                   db_password, redis_password)
+                   secrets.db_password, secrets.redis_password)
 
 
 def _read_secret(path: str) -> str:

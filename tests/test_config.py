@@ -219,3 +219,43 @@ def test_print_config_effective_and_valid(tmp_path):
     out = run_cli("--print-config", "-c", EXAMPLE)
     assert out.returncode == 0
     assert "keepalive_timeout = 75.0" in out.stdout
+
+
+def test_check_config_reports_secret_sources_with_every_other_error_in_file_order(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""
+[server]
+listen = ["nope"]
+[[keys]]
+name = "from-env"
+key_env = "HX_TEST_CLIENT_KEY"
+[[keys]]
+name = "bad-hash"
+sha256 = "xyz"
+[[keys]]
+name = "from-file"
+key_file = "{tmp_path}/missing-key"
+[[backends]]
+name = "lit"
+url = "ftp://h"
+api_key_file = "{tmp_path}/missing-api-key"
+[[models]]
+name = "m"
+backend = "nowhere"
+""")
+    out = run_cli("--check-config", "-c", str(cfg), env={"HX_TEST_CLIENT_KEY": " "})
+    assert out.returncode == 1
+    errors = [line.removeprefix("  error: ") for line in out.stderr.splitlines() if line.startswith("  error: ")]
+    assert [e.split(": ")[0] for e in errors] == [
+        "server.listen[0]", "keys[0].key_env", "keys[1].sha256", "keys[2].key_file",
+        "backends[0].url", "backends[0].api_key_file", "models[0].backend"]
+    assert "keys[0].key_env: environment variable HX_TEST_CLIENT_KEY is empty" in errors
+    assert f"keys[2].key_file: cannot read {tmp_path}/missing-key: No such file or directory" in errors
+    assert f"{cfg}: 7 error(s)" in out.stderr
+
+
+def test_errors_come_in_file_order_whatever_order_the_checks_run_in():
+    got = problems('[[backends]]\nname = "b"\nurl = "ftp://h"\n[[models]]\nname = "m"\nbackend = "b"\nweight = 0\n'
+                   '[[keys]]\nname = "k"\nsha256 = "BAD"\n[server]\nlisten = ["x"]\n')
+    assert [p.split(": ")[0] for p in got] == ["backends[0].url", "models[0].weight", "keys[0].sha256",
+                                               "server.listen[0]"]

@@ -30,7 +30,46 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+@attrs.frozen
+class Draft:
+    """A parsed file with its problems, and as much of a `Config` as could be built despite them.
+
+    Checks that come after loading (the secrets' sources, in runtime.py) run on the draft too,
+    so that one run reports every problem of a file.
+    """
+
+    config: m.Config | None      # None only if not even the top level could be built
+    problems: list[str]          # in file order
+    doc: dict[str, Any]          # as parsed, for placing problems in the file
+    positions: dict[str, list[int]]   # array path -> where each kept entry stood in the file
+
+    def entry_path(self, table: str, i: int) -> str:
+        return entry_path(self.positions, table, i)
+
+    def in_file_order(self, problems: list[str]) -> list[str]:
+        return in_file_order(problems, self.doc)
+
+
 def load_file(path: str) -> m.Config:
+    return _loaded(draft_file(path))
+
+
+def loads(text: str, source: str = "<config>") -> m.Config:
+    return _loaded(draft(_parse(text, source)))
+
+
+def from_dict(doc: dict[str, Any]) -> m.Config:
+    return _loaded(draft(doc))
+
+
+def _loaded(d: Draft) -> m.Config:
+    if d.problems or d.config is None:
+        raise ConfigError(d.problems)
+    return d.config
+
+
+def draft_file(path: str) -> Draft:
+    """Raises ConfigError only if there is no TOML document to draft from."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -42,20 +81,19 @@ def load_file(path: str) -> m.Config:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 (byte {exc.start}); TOML files are UTF-8"]) from None
-    return loads(text, source=path)
+    return draft(_parse(text, source=path))
 
 
-def loads(text: str, source: str = "<config>") -> m.Config:
+def _parse(text: str, source: str) -> dict[str, Any]:
     try:
-        doc = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{source}: TOML syntax: {exc}"]) from None
-    return from_dict(doc)
 
 
-def from_dict(doc: dict[str, Any]) -> m.Config:
+def draft(parsed: dict[str, Any]) -> Draft:
     problems: list[str] = []
-    doc = dict(doc)
+    doc = dict(parsed)
     groups = doc.get("groups")
     if isinstance(groups, dict):   # [groups.NAME] tables become Group records named NAME
         doc["groups"] = [{"name": name, **g} if isinstance(g, dict) else g for name, g in groups.items()]
@@ -73,9 +111,48 @@ def from_dict(doc: dict[str, Any]) -> m.Config:
                     positions=positions)
     if config is not None:
         problems.extend(validate(config, positions))
-    if problems:
-        raise ConfigError(problems)
-    return config
+    return Draft(config, in_file_order(problems, parsed), parsed, positions)
+
+
+# --- where a problem stands in the file ------------------------------------------------------
+
+def entry_path(positions: dict[str, list[int]] | None, table: str, i: int) -> str:
+    """The path of the `i`th kept entry of array `table`, numbered by its place in the file."""
+    places = (positions or {}).get(table)
+    return f"{table}[{places[i] if places else i}]"
+
+
+def in_file_order(problems: list[str], doc: dict[str, Any]) -> list[str]:
+    """Sorted by where their key paths stand in the file: tables in the order they first appear,
+    an array's entries in order, a table's keys in order; a key that is missing sorts at the end
+    of its table. Problems at one place keep the order they were found in."""
+    return sorted(problems, key=lambda problem: _place(doc, problem.split(": ", 1)[0]))
+
+
+def _place(doc: dict[str, Any], path: str) -> tuple[int, ...]:
+    ranks: list[int] = []
+    node: Any = doc
+    rest = path
+    while rest:
+        if rest.startswith("["):
+            index, _, rest = rest[1:].partition("]")
+            if not (index.isdigit() and isinstance(node, list)):
+                break
+            ranks.append(int(index))
+            node = node[int(index)] if int(index) < len(node) else None
+            continue
+        rest = rest.removeprefix(".")
+        if not isinstance(node, dict):
+            break
+        # the longest key that leads the path: names may hold dots ([groups."a.b"])
+        keys = [k for k in node if rest == k or rest.startswith((f"{k}.", f"{k}["))]
+        if not keys:
+            ranks.append(len(node))
+            break
+        key = max(keys, key=len)
+        ranks.append(list(node).index(key))
+        node, rest = node[key], rest[len(key):]
+    return tuple(ranks)
 
 
 # --- building by field types -------------------------------------------------------------------
@@ -178,8 +255,7 @@ def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list
     p: list[str] = []
 
     def at(table: str, i: int) -> str:
-        places = (positions or {}).get(table)
-        return f"{table}[{places[i] if places else i}]"
+        return entry_path(positions, table, i)
 
     s = c.server
     if not s.listen:
