@@ -118,6 +118,21 @@ def test_keys_lifecycle_through_the_cli(tmp_path):
     assert trio.run(active) == []
 
 
+def test_commands_that_only_read_or_change_rows_create_no_sqlite_database(tmp_path):
+    cfg = write_config(tmp_path, sqlite_url(tmp_path))
+    state = tmp_path / "state"
+    for command in (["db", "status"], ["keys", "list"], ["keys", "show", "team-a"], ["usage"],
+                    ["keys", "revoke", "team-a"], ["db", "prune", "--before", "1d"]):
+        out = hxgwd(*command, "-c", cfg)
+        assert out.returncode == 1, command
+        assert out.stderr == (f"hxgwd: no database at {state}/hxgwd.db yet: `hxgwd db migrate`, "
+                              "`hxgwd keys create` or the daemon's first start creates it\n"), command
+        assert not state.exists(), command
+    assert hxgwd("db", "migrate", "-c", cfg).returncode == 0
+    assert hxgwd("db", "status", "-c", cfg).returncode == 0
+    assert hxgwd("keys", "list", "-c", cfg).returncode == 0
+
+
 def test_db_commands_on_postgres(tmp_path, new_pg_url):
     cfg = write_config(tmp_path, new_pg_url())
     status = hxgwd("db", "status", "-c", cfg)

@@ -14,8 +14,8 @@ the store's own, and a trio cancellation really stops the statement: `interrupt(
 down or slow.
 
 Errors: `StoreUnavailable` (cannot reach or use the database now: retry later), `RecordRejected`
-(the database refused these rows: retrying will not help), `SchemaError`, `KeyExists`,
-`KeyNotFound`; all are `StoreError`.
+(the database refused these rows: retrying will not help), `SchemaError`, `NoDatabase`,
+`KeyExists`, `KeyNotFound`; all are `StoreError`.
 
 This module imports nothing heavy: `hxgwd --version` imports it through the CLI hook. Engines and
 drivers are imported by `open_store`.
@@ -44,6 +44,10 @@ class RecordRejected(StoreError):
 
 class SchemaError(StoreError):
     """The schema is not at the version this hxgwd expects."""
+
+
+class NoDatabase(StoreError):
+    """The SQLite file does not exist, and this store was opened not to create it."""
 
 
 class KeyExists(StoreError):
@@ -169,14 +173,16 @@ class Store(abc.ABC):
         await self.aclose()
 
 
-def open_store(database, password: str | None = None) -> "Store":
+def open_store(database, password: str | None = None, create: bool = True) -> "Store":
     """The store for a `[database]` config section. Does no I/O: connections (and the SQLite file
-    and its directory) are made on first use. `database.url` must not be empty."""
+    and its directory) are made on first use. `database.url` must not be empty. With
+    create=False, a SQLite file that does not exist is not made: every call raises NoDatabase
+    (for the commands that only read or change what is there; PostgreSQL never makes one)."""
     url = database.url
     if url.startswith("sqlite:///"):
         from hxgwd.store.sqlite import SQLiteStore
 
-        return SQLiteStore(sqlite_path(url), database)
+        return SQLiteStore(sqlite_path(url), database, create=create)
     if url.split("://", 1)[0] in ("postgresql", "postgres"):
         from hxgwd.store.postgres import PostgresStore
 

@@ -6,11 +6,13 @@ hxgwd/cli.py builds these parsers for every start, `--version` included; the sto
 drivers are imported by `run`.
 
 A new key is printed once, alone on stdout (so `KEY=$(hxgwd keys create --name x)` works); the
-notes about it go to stderr. SQLite is migrated on first use by any command, as the daemon does;
-a PostgreSQL schema is changed only by `hxgwd db migrate`.
+notes about it go to stderr. A SQLite file is made only by the commands that write something of
+their own (`keys create`, `db migrate`) and by the daemon; the others, on a path with no file yet,
+say so and make nothing. An existing SQLite file is migrated on first use by any command, as the
+daemon does; a PostgreSQL schema is changed only by `hxgwd db migrate`.
 
-Exit codes: 0 done; 1 failed (store unreachable, unknown key, schema out of date: `db status`
-says 1 when a migration is due); 2 bad command line.
+Exit codes: 0 done; 1 failed (store unreachable, no SQLite database at that path yet, unknown key,
+schema out of date: `db status` says 1 when a migration is due); 2 bad command line.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace, config_path: str) -> int:
     from hxgwd.store import StoreError, open_store, read_password
 
     try:
-        store = open_store(config.database, read_password(config.database))
+        store = open_store(config.database, read_password(config.database), create=_makes_database(args))
         return trio.run(_dispatch, args, config, store)
     except (StoreError, ValueError) as exc:
         _err(str(exc))
@@ -108,6 +110,13 @@ def run(args: argparse.Namespace, config_path: str) -> int:
     except ImportError as exc:   # psycopg is an optional dependency
         _err(f"cannot use {config.database.url.split(':')[0]}: {exc} (pip install 'hxgwd[postgres]')")
         return 1
+
+
+def _makes_database(args: argparse.Namespace) -> bool:
+    """Whether this command may make the SQLite file: only those that store something of their own.
+    A status, a list or a report of a mistyped path must not leave an empty database behind."""
+    action = getattr(args, "keys_command", None) or getattr(args, "db_command", None)
+    return (args.command, action) in (("keys", "create"), ("db", "migrate"))
 
 
 async def _dispatch(args: argparse.Namespace, config, store) -> int:

@@ -10,10 +10,12 @@ pinned; `threads.Connections` hands one connection to one thread at a time. A co
 stopped with `interrupt()` on cancel; that does not end a wait on the busy handler, which is why
 busy_timeout is bounded by database.statement_timeout.
 
-The file and its directory (mode 0750) are created on first use; the file itself is 0640 (it
-holds key hashes and usage). When root creates it (a CLI command before the daemon ever ran), it
-is given to the owner of its directory, so the daemon's user can still open it; SQLite then
-gives the -wal and -shm files the same owner.
+The file and its directory (mode 0750) are created on first use, unless the store was opened
+with create=False (the CLI commands that only read or change rows): then a missing file is a
+NoDatabase error and nothing is made. The file is 0640 (it holds key hashes and usage). When
+root creates it (a CLI command before the daemon ever ran), it is given to the owner of its
+directory, so the daemon's user can still open it; SQLite then gives the -wal and -shm files the
+same owner.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import itertools
 import os
 import sqlite3
 import time
+import urllib.parse
 from typing import Any
 
 from hxgwd.config.model import Database
-from hxgwd.store import KeyExists, RecordRejected, StoreUnavailable
+from hxgwd.store import KeyExists, NoDatabase, RecordRejected, StoreUnavailable
 from hxgwd.store import schema
 from hxgwd.store.sql import KEY_COLUMNS, SQLStore
 from hxgwd.store.threads import Connections, Engine
@@ -51,15 +54,22 @@ _KEY_SELECT = f"SELECT {', '.join(KEY_COLUMNS)} FROM api_keys"
 
 
 class _SQLite(Engine):
-    def __init__(self, path: str, busy_timeout: float) -> None:
-        self.path, self.busy_timeout = path, busy_timeout
+    def __init__(self, path: str, busy_timeout: float, create: bool) -> None:
+        self.path, self.busy_timeout, self.create = path, busy_timeout, create
         self._files: dict[int, tuple[int, int]] = {}    # id(conn) -> (st_dev, st_ino) it opened
 
     def connect(self) -> sqlite3.Connection:
         try:
-            _create_file(self.path)
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                                   check_same_thread=False)
+            if self.create:
+                _create_file(self.path)
+                target, uri = self.path, False
+            elif not os.path.exists(self.path):
+                raise NoDatabase(f"no database at {self.path} yet: `hxgwd db migrate`, `hxgwd keys create` "
+                                 "or the daemon's first start creates it")
+            else:   # mode=rw: should the file go right now, sqlite3 fails instead of making a new one
+                target, uri = f"file:{urllib.parse.quote(os.path.abspath(self.path))}?mode=rw", True
+            conn = sqlite3.connect(target, timeout=self.busy_timeout, isolation_level=None,
+                                   check_same_thread=False, uri=uri)
         except OSError as exc:
             raise sqlite3.OperationalError(f"cannot create {self.path}: {exc.strerror}") from None
         try:
@@ -136,10 +146,10 @@ class SQLiteStore(SQLStore):
     _GROUP = {"key": "key", "model": "model", "deployment": "deployment",
               "day": f"CAST(ts / {schema.DAY_BUCKET} AS INTEGER)"}
 
-    def __init__(self, path: str, database: Database) -> None:
+    def __init__(self, path: str, database: Database, create: bool = True) -> None:
         self.path = path
         self.url_for_display = database.url
-        super().__init__(Connections(_SQLite(path, database.statement_timeout), POOL_SIZE))
+        super().__init__(Connections(_SQLite(path, database.statement_timeout, create), POOL_SIZE))
 
     def _translate(self, exc: Exception) -> Exception:
         if isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, OverflowError,
