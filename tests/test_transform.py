@@ -90,6 +90,25 @@ def test_sse_relay_byte_exact_split_anywhere_and_usage_stripped():
     assert relay.feed(stream) == stream
 
 
+def test_sse_lines_may_end_in_cr_lf_or_crlf_mixed_and_split_anywhere():
+    events = [b'data: {"choices":[{"delta":{"content":"a"}}]}\r\r',             # lone CRs
+              b'event: x\rdata: {"choices":[{"delta":{"content":"b"}}]}\r\n\n',   # CRLF, then LF
+              b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}\n\r\n',
+              b"data: [DONE]\r\r\n"]                                              # CR, then CRLF
+    stream = b"".join(events)
+    for cut in range(1, len(stream)):
+        relay = transform.SseRelay(strip_usage=True, max_event_bytes=1 << 20)
+        first = relay.feed(stream[:cut])
+        assert events[0].startswith(first) or first.startswith(events[0])   # whole events only
+        out = first + relay.feed(stream[cut:])
+        assert out == events[0] + events[1] + events[3], cut     # complete without waiting for end()
+        assert relay.usage == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    relay = transform.SseRelay(strip_usage=False, max_event_bytes=1 << 20)
+    assert relay.feed(b"data: a\r\n\r") == b""               # the LF of a CRLF may follow
+    assert relay.feed(b"\ndata: b\n\n") == b"data: a\r\n\r\ndata: b\n\n"
+    assert relay.events == 2
+
+
 def test_usage_chunk_the_client_did_not_ask_for_goes_even_with_counts_that_are_not_counts():
     odd = b'data: {"choices":[],"usage":{"prompt_tokens":"7","completion_tokens":-1}}\n\n'
     relay = transform.SseRelay(strip_usage=True, max_event_bytes=1 << 20)

@@ -212,6 +212,11 @@ def _clean_usage(usage: Any) -> dict[str, int] | None:
 
 # --- streamed answers --------------------------------------------------------------------------
 
+# An event ends at a blank line, and SSE lines end in CRLF, LF or a lone CR, mixed as they come
+# (WHATWG HTML, 9.2.6). A lone CR is one not followed by LF.
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+
+
 class SseRelay:
     """Splits an upstream event stream into whole events, relayed byte for byte; notes usage.
 
@@ -232,12 +237,10 @@ class SseRelay:
         buf = self._buf + data if self._buf else data
         out = []
         start = 0
-        while True:
-            lf = buf.find(b"\n\n", start)
-            crlf = buf.find(b"\r\n\r\n", start)
-            if lf < 0 and crlf < 0:
-                break
-            end = lf + 2 if crlf < 0 or 0 <= lf < crlf else crlf + 4
+        while (found := _EVENT_END.search(buf, start)) is not None:
+            end = found.end()
+            if end == len(buf) and buf[-1] == 13:
+                break     # a CR last: the LF of a CRLF may still be on its way
             event = buf[start:end]
             start = end
             self.events += 1
