@@ -90,10 +90,13 @@ class Daemon:
     gates: Gates = attrs.field(factory=Gates)
     services: Services | None = None
     # what restart-only settings are running with: the config at start, whatever reloads came since
-    started_with: Config | None = None
+    started_with: Config = attrs.field(init=False)
     _reloading: bool = False        # a reload task runs
     _reload_again: bool = False     # a SIGHUP came during it: the file may have changed since it was read
     _reader_stuck: bool = False     # a reload gave up on a read that has not returned yet
+
+    def __attrs_post_init__(self) -> None:
+        self.started_with = self.holder.current.config
 
     def request_reload(self, nursery: trio.Nursery) -> None:
         """A SIGHUP: reload in a task of its own, so that the signal loop keeps taking SIGTERM while
@@ -145,8 +148,6 @@ class Daemon:
             self.log.exception("reload failed, still serving the previous config", exc)
             sdnotify.ready(f"serving generation {old.generation} (last reload failed)")
             return False
-        if self.started_with is None:
-            self.started_with = old.config
         for setting in needs_restart(self.started_with, new.config):
             self.log.warning("changed setting takes effect only after a restart", setting=setting)
         self.holder.swap(new)
