@@ -378,4 +378,4 @@ def test_usage_command_json_and_table(tmp_path):
     table = hxgwd("usage", "--by", "day", "--key", "team-b").stdout
     assert "REQUESTS" in table and "TOTAL" in table and time.strftime("%Y-%m-%d", time.gmtime()) in table
     bad = hxgwd("usage", "--since", "last tuesday")
-    assert bad.returncode == 1 and "not a time" in bad.stderr
+    assert bad.returncode == 2 and "--since 'last tuesday': not a time" in bad.stderr

@@ -12,7 +12,8 @@ say so and make nothing. An existing SQLite file is migrated on first use by any
 daemon does; a PostgreSQL schema is changed only by `hxgwd db migrate`.
 
 Exit codes: 0 done; 1 failed (store unreachable, no SQLite database at that path yet, unknown key,
-schema out of date: `db status` says 1 when a migration is due); 2 bad command line.
+schema out of date: `db status` says 1 when a migration is due); 2 bad command line (a time flag
+that is not a time, or an --expires in the past, included).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import sys
 from hxgwd.config.load import NAME_RE
 
 COMMANDS = ("keys", "db", "usage")
-WHEN_HELP = ("YYYY-MM-DD (midnight in [limits] timezone), an ISO 8601 time (that zone unless it has an "
-             "offset), or an age like 30m, 12h, 7d, 4w")
+WHEN_FORMS = "YYYY-MM-DD (midnight in [limits] timezone), an ISO 8601 time (that zone unless it has an offset)"
+WHEN_HELP = f"{WHEN_FORMS}, or an age like 30m, 12h, 7d, 4w"
+EXPIRES_HELP = f"{WHEN_FORMS}, or a time from now like 30d, 12h"
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -42,9 +44,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--tpm", type=_positive_int, help="tokens per minute")
     create.add_argument("--budget-usd", type=float, metavar="X", help="spend allowed per budget period")
     create.add_argument("--budget-period", choices=("day", "month"), default="month")
-    create.add_argument("--expires", metavar="WHEN",
-                        help="expiry: YYYY-MM-DD (midnight in [limits] timezone), an ISO 8601 time, "
-                             "or 30d / 12h from now")
+    create.add_argument("--expires", metavar="WHEN", help=f"expiry: {EXPIRES_HELP}")
     create.add_argument("--admin", action="store_true", help="may call the /admin API")
     listing = with_config(actions.add_parser("list", help="keys of the database and the config (never a secret)"))
     listing.add_argument("--all", action="store_true", help="revoked keys too")
@@ -88,6 +88,12 @@ def run(args: argparse.Namespace, config_path: str) -> int:
         for problem in exc.problems:
             print(f"  error: {problem}", file=sys.stderr)
         return 1
+    problem = _time_flag_problem(args, config.limits.timezone)
+    if problem:
+        from hxgwd.cli import EXIT_USAGE    # a bad flag value: as argparse exits for the flags it checks
+
+        _err(problem)
+        return EXIT_USAGE
     if not config.database.url:
         _err(f"{config_path}: the database is disabled ([database] url is empty)")
         return 1
@@ -117,6 +123,26 @@ def _makes_database(args: argparse.Namespace) -> bool:
     A status, a list or a report of a mistyped path must not leave an empty database behind."""
     action = getattr(args, "keys_command", None) or getattr(args, "db_command", None)
     return (args.command, action) in (("keys", "create"), ("db", "migrate"))
+
+
+def _time_flag_problem(args: argparse.Namespace, tz: str) -> str | None:
+    """A one-line message naming the first of --since, --until, --before, --expires whose value
+    is not a time (or an --expires in the past); checked before the store is opened, as argparse
+    checks the other flags. The commands parse them again, knowing they will not fail."""
+    import time
+
+    now = time.time()
+    for flag in ("since", "until", "before", "expires"):
+        text = getattr(args, flag, None)
+        if text is None or (not text and flag != "before"):   # an empty --since/--until: no bound
+            continue
+        try:
+            when = parse_when(text, now, future=flag == "expires", tz=tz)
+        except ValueError as exc:
+            return f"--{flag} {exc}"
+        if flag == "expires" and when <= now:
+            return f"--expires {text}: that is in the past"
+    return None
 
 
 async def _dispatch(args: argparse.Namespace, config, store) -> int:
@@ -193,9 +219,6 @@ async def _keys_create(args: argparse.Namespace, config, store) -> int:
         return 1
     expires = (parse_when(args.expires, time.time(), future=True, tz=config.limits.timezone)
                if args.expires else None)
-    if expires is not None and expires <= time.time():
-        _err(f"--expires {args.expires}: that is in the past")
-        return 1
     key, info = await store.create_key(args.name, models=models, admin=args.admin, rpm=args.rpm, tpm=args.tpm,
                                        budget_usd=args.budget_usd, budget_period=args.budget_period,
                                        expires_at=expires)
@@ -342,7 +365,7 @@ def parse_when(text: str, now: float, future: bool = False, tz: str = "UTC") -> 
     try:
         when = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"{text!r}: not a time; use {WHEN_HELP}") from None
+        raise ValueError(f"{text!r}: not a time; use {EXPIRES_HELP if future else WHEN_HELP}") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=zoneinfo.ZoneInfo(tz))
     return when.timestamp()
