@@ -20,9 +20,11 @@ passes the previous, current and next period; the script picks by the server clo
 agree at midnight.
 
 Redis errors and timeouts (`[redis] timeout` per call) follow `on_redis_error`:
-- "local": admit from this host's in-memory counters (limits then hold per host). Budgets start
-  from the spend Redis last reported, and what is spent meanwhile is added to Redis with the key's
-  next admission there.
+- "local": admit from this host's in-memory counters (limits then hold per host). Their rpm and
+  tpm windows count what Redis admitted through this host as well (each admission and its
+  settled tokens, mirrored; they decide nothing while Redis answers), so a key that had used its
+  minute does not get a fresh one when the fallback begins. Budgets start from the spend Redis
+  last reported, and what is spent meanwhile is added to Redis with the key's next admission there.
 - "deny": refuse with 503 `limits_unavailable`, Retry-After 1. A 503 rather than a 429: the client
   did nothing wrong, the gateway cannot check; SDKs retry both.
 An outage is logged once when it starts and once when it ends (with counts). While Redis is
@@ -41,12 +43,13 @@ import re
 import time
 from typing import Any, AsyncIterator, Callable, Protocol
 
+import attrs
 import trio
 
 from hxgwd.config import model as m
 from hxgwd.errors import Unavailable
 from hxgwd.pipeline import limit
-from hxgwd.pipeline.limit import BUDGET, RPM, TPM, Estimate, LocalLimiter, Reservation
+from hxgwd.pipeline.limit import BUDGET, RPM, TPM, Estimate, KeyState, LocalLimiter, Reservation
 from hxgwd.runtime import Principal
 
 PREFIX = "hxgwd:"
@@ -199,6 +202,14 @@ return 1
 CODES = {1: RPM, 2: TPM, 3: BUDGET}
 
 
+@attrs.frozen
+class RedisReservation(Reservation):
+    """What Redis admitted; `bucket` is Redis's second, `local_bucket` the second (this host's
+    clock) its mirror counts in, in the local windows the fallback uses."""
+
+    local_bucket: int = 0
+
+
 def _tag(name: str) -> str:
     return name if SAFE_NAME.match(name) else "h-" + hashlib.sha256(name.encode()).hexdigest()[:32]
 
@@ -298,9 +309,27 @@ class RedisLimiter:
         if budget is not None:
             period = periods[int(pi) - 1]
             self._seen[name] = (period.key, int(spent))
-        return Reservation(name, int(bucket), est.tokens if tpm is not None else None,
-                           cost if budget is not None else None, period.key if period else None,
-                           period.end if period else 0.0, "redis")
+        local_bucket = self._mirror(name, rpm is not None, est.tokens if tpm is not None else None)
+        return RedisReservation(name, int(bucket), est.tokens if tpm is not None else None,
+                                cost if budget is not None else None, period.key if period else None,
+                                period.end if period else 0.0, "redis", local_bucket)
+
+    def _mirror(self, name: str, request: bool, tokens: int | None) -> int:
+        """Count what Redis admitted in this host's windows too: should Redis go away, the
+        fallback then begins with the minute as used, not a fresh one on every host. Only the
+        fallback reads them (LocalLimiter's own counters, `admitted` among them, stay as they
+        are). -> the local bucket it counts in."""
+        st = self.local.keys.get(name)
+        if st is None:
+            st = self.local.keys[name] = KeyState()
+        bucket = st.bucket(self.clock())
+        if request:
+            st.rpm.prune(bucket)     # as LocalLimiter.admit does: at most a minute of buckets
+            st.rpm.add(bucket, 1)
+        if tokens is not None:
+            st.tpm.prune(bucket)
+            st.tpm.add(bucket, tokens)
+        return bucket
 
     def _fallback(self, principal: Principal, est: Estimate, now: float) -> Reservation | None:
         if self.policy == "deny":
@@ -328,6 +357,9 @@ class RedisLimiter:
             return
         delta = None if actual is None else actual - res.nano_usd
         tok = res.tokens is not None and tokens is not None and tokens != res.tokens
+        mirrored = self.local.keys.get(res.key)
+        if tok and isinstance(res, RedisReservation) and mirrored is not None:
+            mirrored.tpm.correct(res.local_bucket, res.tokens, tokens, mirrored.bucket(now))
         if not tok and not delta:
             return
         if self._skip():

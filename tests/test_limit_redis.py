@@ -313,3 +313,24 @@ async def test_redis_zero_limits_refuse(redis_server):
             await lim.admit(key(budget_usd=0.0), Estimate(1, 0.001))
         assert info.value.code == "budget_exceeded"
         assert (await lim.admit(key(budget_usd=0.0), Estimate(1, 0.0))).nano_usd == 0
+
+
+async def test_the_local_fallback_begins_with_the_minute_redis_admitted(redis_server):
+    async with limiter(redis_server.url, "local") as (lim, _log):
+        by_requests, by_tokens = key(rpm=3), key(tpm=1000)
+        for _ in range(3):
+            assert (await lim.admit(by_requests, Estimate(1, 0.0))).where == "redis"
+        res = await lim.admit(by_tokens, Estimate(900, 0.0))
+        await lim.settle(res, 300, None)                 # 300 used of 1000 in this minute
+        assert lim.local.statistics()["admitted"] == 0   # while Redis answers, it decides alone
+        redis_server.stop()
+        try:
+            with trio.fail_after(2), pytest.raises(RateLimited) as info:
+                await lim.admit(by_requests, Estimate(1, 0.0))
+            assert info.value.code == "rate_limit_rpm" and "limit 3, used 3" in info.value.message and lim.down
+            assert (await lim.admit(by_tokens, Estimate(700, 0.0))).where == "local"
+            with pytest.raises(RateLimited) as info:
+                await lim.admit(by_tokens, Estimate(1, 0.0))
+            assert info.value.code == "rate_limit_tpm" and "used 1000" in info.value.message
+        finally:
+            redis_server.restart()
