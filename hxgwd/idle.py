@@ -2,20 +2,21 @@
 
 Serving one client at a time, the loop is busy from a request's head to its answer, and the client's
 next request arrives while this one's bookkeeping (the access-log line and the usage record, ~30 µs)
-still runs: that bookkeeping sat on the next request's latency. Deferred here, it runs at the next
-moment the loop has nothing else to do, typically while a request waits for its upstream. Such a
-moment is found with trio's `wait_all_tasks_blocked` (public API, documented under trio.testing),
-which wakes its caller only after an I/O poll found nothing to run.
+still runs: that bookkeeping sat on the next request's latency. Deferred here, it runs once the
+loop has had nothing to do for `quiet_for` (1 ms): trio's `wait_all_tasks_blocked` with that
+cushion (public API, documented under trio.testing), woken only after I/O polls found nothing to
+run for that long. Without the cushion, a quiet moment was any gap, and the gap between an answer
+and the same client's next request is a few µs: the work ran there and the request waited behind
+it. With it, one client back to back measured 34 µs less p50 at one connection and no worse p99
+(bench/ab.py, 3 rounds).
 
 A quiet moment runs everything waiting. Under load those moments are rare, so the queue is
 bounded: once more than `max_pending` are waiting, the task that defers runs all of them itself,
 in one go. Run together, pieces of the same kind find their code and data in the CPU's caches:
 that cost 4-8 % less CPU per request at 64 connections than running the oldest one at each defer
-(bench/ab.py), for a stall of ~1 ms every `max_pending` requests of a saturated loop. The price
-of batches: a backlog that a rare quiet moment runs in one go delays a request arriving meanwhile
-(one client back to back: p99 at one connection, see bench/RESULTS.md); running one piece per
-moment instead cost ~40 µs of p50 at one connection for a p99 better by a few tenths of a ms.
-Outside `run()` (before the daemon serves, after it stopped) work is done at once.
+(bench/ab.py), for a stall of ~1-4 ms every `max_pending` requests of a busy loop (under 1 % of
+requests, so below p99). Outside `run()` (before the daemon serves, after it stopped) work is
+done at once.
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ try:   # trio.testing re-exports it from here; importing trio.testing itself pul
 except ImportError:   # pragma: no cover - a trio that moved it
     from trio.testing import wait_all_tasks_blocked
 
+QUIET_FOR = 0.001    # seconds of real time with nothing to run; epoll waits in whole milliseconds
+
 
 class IdleWork:
-    def __init__(self, on_error: Callable[[str, BaseException], None], max_pending: int = 128) -> None:
+    def __init__(self, on_error: Callable[[str, BaseException], None], max_pending: int = 128,
+                 quiet_for: float = QUIET_FOR) -> None:
         self._on_error = on_error
+        self._quiet_for = quiet_for
         self._max_pending = max_pending
         self._pending: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = collections.deque()
         self._wanted = trio.Event()
@@ -70,7 +75,7 @@ class IdleWork:
                 # the loop poll without sleeping, forever
                 await self._wanted.wait()
                 self._wanted = trio.Event()
-                await wait_all_tasks_blocked()
+                await wait_all_tasks_blocked(self._quiet_for)
                 self._run_pending()
         finally:
             self._running = False

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+
 import trio
 import trio.testing
 
@@ -99,3 +103,35 @@ async def test_an_idle_daemon_sleeps_rather_than_polling(nursery):
     finally:
         trio.lowlevel.remove_instrument(counter)
     assert counter.waits < 10
+
+
+async def test_gaps_shorter_than_quiet_for_do_not_count_as_quiet(nursery):
+    # A client back to back: its next request comes a few µs after our answer. Work deferred then
+    # must not run in that gap (the request would wait behind it), only once the loop has had
+    # nothing to do for quiet_for. The peer is a thread, so each gap is real time with every task
+    # blocked on the socket; quiet_for is set far above the gaps so that a busy machine cannot
+    # stretch one into a quiet moment.
+    done: list[str] = []
+    idle = IdleWork(_errors()[1], quiet_for=0.5)
+    await nursery.start(idle.run)
+    mine, theirs = socket.socketpair()
+    ours = trio.socket.from_stdlib_socket(mine)
+    echo = threading.Thread(target=_echo, args=(theirs, 200), daemon=True)
+    echo.start()
+    idle.defer(done.append, "record")
+    with ours:
+        for _ in range(200):
+            await ours.send(b"x")
+            assert await ours.recv(1) == b"x"
+        assert done == []                   # 200 gaps of ~0.2 ms: none was quiet enough
+        await trio.testing.wait_all_tasks_blocked(0.6)    # after IdleWork's 0.5 s of quiet
+    echo.join()
+    assert done == ["record"]
+
+
+def _echo(sock: socket.socket, rounds: int) -> None:
+    with sock:
+        for _ in range(rounds):
+            data = sock.recv(1)
+            time.sleep(0.0002)
+            sock.send(data)
