@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from hxgwd.config.load import NAME_RE
-from hxgwd.errors import BadRequest, NotFound, Unavailable, require_method
+from hxgwd.errors import BadRequest, NotFound, Unavailable, UpstreamTimeout, require_method
 from hxgwd.pipeline.parse import json_document
 from hxgwd.runtime import Runtime
 
@@ -32,6 +32,12 @@ READS = ("GET", "HEAD")          # HEAD is answered as GET, without the body (er
 class Conflict(BadRequest):
     status = 409
     code = "conflict"
+
+
+class DatabaseTimeout(UpstreamTimeout):
+    """504: the database answers, but not this query within [database] statement_timeout."""
+
+    code = "database_timeout"
 
 
 async def handle(gw: Any, rt: Runtime, request: Any, response: Any) -> None:
@@ -54,7 +60,7 @@ async def handle(gw: Any, rt: Runtime, request: Any, response: Any) -> None:
         store = gw.services.store
         if store is None:
             raise Unavailable("No database is configured ([database] url).", code="no_database")
-        from hxgwd.store import KeyExists, KeyNotFound, StoreUnavailable
+        from hxgwd.store import KeyExists, KeyNotFound, StoreTimeout, StoreUnavailable
 
         try:
             if path == "/admin/usage":
@@ -65,6 +71,10 @@ async def handle(gw: Any, rt: Runtime, request: Any, response: Any) -> None:
             raise Conflict(str(exc)) from None
         except KeyNotFound as exc:
             raise NotFound(str(exc), code="key_not_found") from None
+        except StoreTimeout:
+            query = "usage query" if path == "/admin/usage" else "database query"
+            within = f"{rt.config.database.statement_timeout:g} s ([database] statement_timeout)"
+            raise DatabaseTimeout(f"The {query} timed out: the database did not answer within {within}.") from None
         except StoreUnavailable:
             raise Unavailable("The database is unreachable.", code="database_unavailable", retry_after=5) from None
     raise NotFound(f"Unknown endpoint {path}.", code="unknown_url")

@@ -14,8 +14,8 @@ import time
 import pytest
 import trio
 
-from hxgwd.store import (KeyExists, KeyNotFound, RecordRejected, SchemaError, StoreUnavailable, default_spool_dir,
-                         open_store, redact_url, sqlite_path)
+from hxgwd.store import (KeyExists, KeyNotFound, RecordRejected, SchemaError, StoreTimeout, StoreUnavailable,
+                         default_spool_dir, open_store, redact_url, sqlite_path)
 from hxgwd.store.sql import new_key
 from tests.servers import free_port
 from tests.test_store_support import (database, make_record, new_pg_url, sqlite_url, store,  # noqa: F401
@@ -296,6 +296,25 @@ async def test_cancel_really_stops_a_sqlite_statement(tmp_path):
         assert await s.count_usage() == 0
     finally:
         await s.aclose()
+
+
+async def test_a_sqlite_lock_held_past_statement_timeout_is_a_timeout(tmp_path):
+    s = open_store(database(sqlite_url(tmp_path), statement_timeout=0.3))
+    await s.migrate()
+    await s.aclose()                                 # no pooled connection shares the file now
+    holder = sqlite3.connect(sqlite_path(sqlite_url(tmp_path)), isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode = EXCLUSIVE")   # a writer that lets nobody else in
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("DELETE FROM usage")
+        start = time.monotonic()
+        with pytest.raises(StoreTimeout, match="timed out"):
+            await s.usage_summary()
+        assert 0.25 < time.monotonic() - start < 3
+    finally:
+        holder.close()
+    assert await s.usage_summary() == []
+    await s.aclose()
 
 
 async def test_unreachable_postgres_is_unavailable_quickly():

@@ -249,3 +249,36 @@ async def test_sqlite_file_deleted_while_serving_loses_no_record(nursery, tmp_pa
         while sqlite3.connect(db).execute("SELECT count(*) FROM usage").fetchone()[0] < 10:
             await trio.sleep(0.1)
     await second.stop()
+
+
+async def test_admin_usage_tells_a_query_that_timed_out_from_an_unreachable_database(
+        nursery, tmp_path, new_pg_url, upstream):  # noqa: F811
+    url = new_pg_url()
+    from hxgwd.config.model import Database
+    from hxgwd.store import open_store
+    store = open_store(Database(url=url))
+    await store.migrate()
+    await store.aclose()
+    cfg = spooled(gateway_config(backends(upstream), database=url), tmp_path / "spool").replace(
+        "key_refresh = 0.2", "key_refresh = 0.2\nstatement_timeout = 0.3\nconnect_timeout = 1.0").replace(
+        "sha256 =", "admin = true\nsha256 =")
+    gw = await start_gateway(nursery, cfg)
+    assert (await gw.get("/admin/usage?since=1h")).status_code == 200
+    with psycopg.connect(url) as locker:           # holds the table until the block ends
+        locker.execute("LOCK TABLE usage IN ACCESS EXCLUSIVE MODE")
+        with trio.fail_after(5):
+            r = await gw.get("/admin/usage?since=1h")
+    assert r.status_code == 504
+    assert r.json() == {"error": {
+        "message": "The usage query timed out: the database did not answer within 0.3 s "
+                   "([database] statement_timeout).",
+        "type": "upstream_error", "param": None, "code": "database_timeout"}}
+    assert (await gw.get("/admin/usage?since=1h")).status_code == 200
+    await gw.stop()
+
+    from tests.servers import free_port
+    gone = await start_gateway(nursery, cfg.replace(url, f"postgresql://nobody@127.0.0.1:{free_port()}/none"))
+    r = await gone.get("/admin/usage?since=1h")
+    assert (r.status_code, r.json()["error"]["code"]) == (503, "database_unavailable")
+    assert r.json()["error"]["message"] == "The database is unreachable."
+    await gone.stop()

@@ -13,7 +13,8 @@ the store's own, and a trio cancellation really stops the statement: `interrupt(
 `keys.KeyCache`, records are handed to `usage.UsageSink`, which spools to disk when the store is
 down or slow.
 
-Errors: `StoreUnavailable` (cannot reach or use the database now: retry later), `RecordRejected`
+Errors: `StoreUnavailable` (cannot reach or use the database now: retry later; `StoreTimeout`, one
+of them, when a statement ran out of statement_timeout), `RecordRejected`
 (the database refused these rows: retrying will not help), `SchemaError`, `NoDatabase`,
 `KeyExists`, `KeyNotFound`; all are `StoreError`.
 
@@ -36,6 +37,12 @@ class StoreError(Exception):
 
 class StoreUnavailable(StoreError):
     """The database cannot be reached or used right now (down, timed out, locked, schema missing)."""
+
+
+class StoreTimeout(StoreUnavailable):
+    """A statement ran out of `[database] statement_timeout`: the database answers, but this
+    query waited too long (a lock held elsewhere, a slow plan). Retry later, like any
+    StoreUnavailable; a caller that answers someone says "timed out", not "unreachable"."""
 
 
 class RecordRejected(StoreError):

@@ -37,7 +37,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
 from hxgwd.config.model import Database
-from hxgwd.store import KeyExists, RecordRejected, StoreUnavailable, redact_url
+from hxgwd.store import KeyExists, RecordRejected, StoreTimeout, StoreUnavailable, redact_url
 from hxgwd.store import schema
 from hxgwd.store.sql import KEY_COLUMNS, SQLStore
 from hxgwd.store.threads import STOP_TIMEOUT, Connections, Engine
@@ -110,8 +110,11 @@ class PostgresStore(SQLStore):
         if isinstance(exc, errors.UndefinedTable):   # down at start, back without the schema
             return StoreUnavailable(f"postgresql {self.url_for_display}: the schema is missing; "
                                     f"run `hxgwd db migrate` ({str(exc).strip()})")
+        if isinstance(exc, (errors.QueryCanceled, errors.LockNotAvailable)) and "timeout" in str(exc):
+            # "canceling statement due to statement timeout" (or lock_timeout, if the server sets one)
+            return StoreTimeout(f"postgresql {self.url_for_display}: timed out: {str(exc).strip()}")
         if isinstance(exc, psycopg.Error):
-            # down, refused, timed out, cancelled, read-only
+            # down, refused, connect timed out, cancelled, read-only
             return StoreUnavailable(f"postgresql {self.url_for_display}: {str(exc).strip()}")
         return exc
 

@@ -29,7 +29,7 @@ import urllib.parse
 from typing import Any
 
 from hxgwd.config.model import Database
-from hxgwd.store import KeyExists, NoDatabase, RecordRejected, StoreUnavailable
+from hxgwd.store import KeyExists, NoDatabase, RecordRejected, StoreTimeout, StoreUnavailable
 from hxgwd.store import schema
 from hxgwd.store.sql import KEY_COLUMNS, SQLStore
 from hxgwd.store.threads import Connections, Engine
@@ -155,8 +155,11 @@ class SQLiteStore(SQLStore):
         if isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, OverflowError,
                             UnicodeError)):   # a value SQLite will not take; ProgrammingError is our bug
             return RecordRejected(f"sqlite: {exc}")
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY:
+            # another connection held the lock for all of busy_timeout (= statement_timeout)
+            return StoreTimeout(f"sqlite {self.path}: timed out: {exc}")
         if isinstance(exc, (sqlite3.Error, OSError)):
-            # locked, I/O error, disk full, no such table, interrupted, not a database
+            # I/O error, disk full, no such table, interrupted, not a database
             return StoreUnavailable(f"sqlite {self.path}: {exc}")
         return exc
 
