@@ -305,6 +305,28 @@ class LocalLimiter:
         if res.nano_usd is not None and cost_usd is not None and st.period == res.period:
             st.spent = max(0, st.spent + to_nano(cost_usd) - res.nano_usd)
 
+    def count_admitted_elsewhere(self, key: str, request: bool, tokens: int | None, now: float) -> int:
+        """Count in this host's rpm/tpm windows a request another limiter (Redis) admitted, so that
+        a fallback to these counters begins with the minute as used; `admitted` stays as it is.
+        -> the bucket it was counted in, for `correct_tokens`."""
+        st = self.keys.get(key)
+        if st is None:
+            st = self.keys[key] = KeyState()
+        bucket = st.bucket(now)
+        if request:
+            st.rpm.prune(bucket)     # as admit() does: at most a minute of buckets
+            st.rpm.add(bucket, 1)
+        if tokens is not None:
+            st.tpm.prune(bucket)
+            st.tpm.add(bucket, tokens)
+        return bucket
+
+    def correct_tokens(self, key: str, bucket: int, reserved: int, actual: int, now: float) -> None:
+        """A settle's token correction for what `count_admitted_elsewhere` counted."""
+        st = self.keys.get(key)
+        if st is not None:
+            st.tpm.correct(bucket, reserved, actual, st.bucket(now))
+
     def seed_spend(self, key: str, period: str, nano_usd: int) -> None:
         """Raise a key's local budget count to what another store (Redis) last reported."""
         st = self.keys.get(key)
