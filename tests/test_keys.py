@@ -98,7 +98,7 @@ def test_keys_lifecycle_through_the_cli(tmp_path):
     for bad in (["--name", 'x"\nadmin = true'], ["--name", "ok", "--budget-usd", "inf"],
                 ["--name", "ok", "--budget-usd", "nan"], ["--name", "ok", "--models", "nosuch"]):
         refused = hxgwd("keys", "create", "-c", cfg, *bad)
-        assert refused.returncode == 1 and refused.stderr.startswith("hxgwd: --"), bad
+        assert refused.returncode == 2 and refused.stderr.startswith("hxgwd: --"), bad   # usage errors
 
     revoked = hxgwd("-c", cfg, "keys", "revoke", "team-a")    # -c before the command works too
     assert revoked.returncode == 0 and "revoked" in revoked.stdout

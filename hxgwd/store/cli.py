@@ -88,7 +88,7 @@ def run(args: argparse.Namespace, config_path: str) -> int:
         for problem in exc.problems:
             print(f"  error: {problem}", file=sys.stderr)
         return 1
-    problem = _time_flag_problem(args, config.limits.timezone)
+    problem = _time_flag_problem(args, config.limits.timezone) or _key_flag_problem(args, config)
     if problem:
         from hxgwd.cli import EXIT_USAGE    # a bad flag value: as argparse exits for the flags it checks
 
@@ -143,6 +143,25 @@ def _time_flag_problem(args: argparse.Namespace, tz: str) -> str | None:
         if flag == "expires" and when <= now:
             return f"--expires {text}: that is in the past"
     return None
+
+
+def _key_flag_problem(args: argparse.Namespace, config) -> str | None:
+    """`keys create`'s --name, --budget-usd and --models, checked like the time flags."""
+    if getattr(args, "keys_command", None) != "create":
+        return None
+    if not NAME_RE.match(args.name):   # the same rule as config keys: it goes into logs and tables
+        return f"--name {args.name!r}: use 1-128 letters, digits and ._:/@- (starting with a letter or digit)"
+    if args.budget_usd is not None and not 0 <= args.budget_usd < 1e12:   # NaN and inf included
+        return "--budget-usd: must be a number, 0 or more"
+    targets = {md.name for md in config.models} | {g.name for g in config.groups}
+    unknown = [name for name in _models_flag(args) if name not in targets]
+    if unknown:
+        return f"--models: no model or group named {unknown[0]!r} in the config"
+    return None
+
+
+def _models_flag(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(name for arg in args.models for name in arg.split(",") if name)
 
 
 async def _dispatch(args: argparse.Namespace, config, store) -> int:
@@ -205,18 +224,7 @@ async def _keys_create(args: argparse.Namespace, config, store) -> int:
     if any(k.name == args.name for k in config.keys):
         _err(f"a key named {args.name!r} is in the config file; choose another name")
         return 1
-    if not NAME_RE.match(args.name):   # the same rule as config keys: it goes into logs and tables
-        _err(f"--name {args.name!r}: use 1-128 letters, digits and ._:/@- (starting with a letter or digit)")
-        return 1
-    if args.budget_usd is not None and not 0 <= args.budget_usd < 1e12:   # NaN and inf included
-        _err("--budget-usd: must be a number, 0 or more")
-        return 1
-    models = tuple(m for arg in args.models for m in arg.split(",") if m)
-    targets = {md.name for md in config.models} | {g.name for g in config.groups}
-    unknown = [m for m in models if m not in targets]
-    if unknown:
-        _err(f"--models: no model or group named {unknown[0]!r} in the config")
-        return 1
+    models = _models_flag(args)
     expires = (parse_when(args.expires, time.time(), future=True, tz=config.limits.timezone)
                if args.expires else None)
     key, info = await store.create_key(args.name, models=models, admin=args.admin, rpm=args.rpm, tpm=args.tpm,
