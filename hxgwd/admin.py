@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from hxgwd.config.load import NAME_RE
+from hxgwd.config.validate import NAME_RE
 from hxgwd.errors import BadRequest, NotFound, Unavailable, UpstreamTimeout, require_method
 from hxgwd.pipeline.parse import json_document
 from hxgwd.runtime import Runtime

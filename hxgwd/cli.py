@@ -75,7 +75,7 @@ def cmd_genkey(name: str) -> int:
     import hashlib
     import secrets
 
-    from hxgwd.config.load import NAME_RE
+    from hxgwd.config.validate import NAME_RE
 
     if not NAME_RE.match(name):   # printed into TOML as it is: nothing that could need quoting
         print(f"hxgwd genkey: --name {name!r}: use 1-128 letters, digits and ._:/@- (starting with "

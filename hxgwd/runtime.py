@@ -19,6 +19,7 @@ import attrs
 from hxgwd.config import load
 from hxgwd.config import model as m
 from hxgwd.config.load import ConfigError
+from hxgwd.config.validate import HEX64_RE
 
 
 @attrs.frozen
@@ -178,7 +179,7 @@ def read_secrets(config: m.Config, environ: Mapping[str, str] | None = None,
     named: dict[bytes, str] = {}
     for i, k in enumerate(config.keys):
         if k.sha256:    # one that is not 64 hex digits is a problem of the draft's already
-            digest: bytes | None = bytes.fromhex(k.sha256) if load.HEX64_RE.match(k.sha256) else None
+            digest: bytes | None = bytes.fromhex(k.sha256) if HEX64_RE.match(k.sha256) else None
         else:
             field = "key_env" if k.key_env else "key_file"
             value = secret(f"{entry_path('keys', i)}.{field}", k.key_env, k.key_file)

@@ -2,7 +2,7 @@
 
 Field names are the TOML keys. `load.py` builds these from a parsed TOML document and rejects
 unknown keys; `dump.py` writes them back. Validation that spans several tables (a model naming a
-backend that does not exist) lives in `load.validate`, so every class here stays a plain record.
+backend that does not exist) lives in `validate.py`, so every class here stays a plain record.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 
 import trio
 
-from hxgwd.config.load import parse_listen
+from hxgwd.config.validate import parse_listen
 from hxgwd.sockio import SocketIO
 
 # Out of descriptors or memory: back off and retry instead of dying (trio.serve_listeners does the same).

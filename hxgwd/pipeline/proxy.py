@@ -24,7 +24,7 @@ import trio
 
 from hxgwd.errors import GatewayError, Unavailable, UpstreamError, UpstreamTimeout
 from hxgwd.pipeline import transform
-from hxgwd.pipeline.connection import ClientGone, Response
+from hxgwd.pipeline.connection import Response
 from hxgwd.pipeline.parse import Headers
 from hxgwd.pipeline.route import Outcome, Plan, RequestFeatures, Router
 from hxgwd.runtime import Deployment

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hxgwd.config.load import NAME_RE
+from hxgwd.config.validate import NAME_RE
 
 COMMANDS = ("keys", "db", "usage")
 WHEN_FORMS = "YYYY-MM-DD (midnight in [limits] timezone), an ISO 8601 time (that zone unless it has an offset)"

@@ -1,0 +1,249 @@
+"""Checks across fields and tables of a built `Config` (load.py builds it field by field): names,
+references between tables, listen addresses, URLs, timeouts. Each problem names its key path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import urllib.parse
+
+import attrs
+
+from hxgwd.config import model as m
+from hxgwd.config.places import entry_path
+
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
+HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")        # RFC 9110 token
+VALUE_RE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")           # no CR, LF or other controls
+
+
+def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list[str]:
+    """Checks across fields; `positions`: where in the file each kept array entry stood."""
+    p: list[str] = []
+
+    def at(table: str, i: int) -> str:
+        return entry_path(positions, table, i)
+
+    s = c.server
+    if not s.listen:
+        p.append("server.listen: at least one address is required")
+    bound: dict[tuple[str, int], int] = {}
+    for i, addr in enumerate(s.listen):
+        try:
+            host, port = parse_listen(addr)
+        except ValueError as exc:
+            p.append(f"server.listen[{i}]: {exc}")
+            continue
+        if port and ((host, port) in bound or ("0.0.0.0", port) in bound
+                     or (host == "0.0.0.0" and any(q == port and ":" not in h for h, q in bound))):
+            p.append(f"server.listen[{i}]: {addr!r} overlaps an address listed before it")
+        bound[(host, port)] = i
+    for name in ("max_connections", "backlog", "max_header_bytes", "max_body_bytes",
+                 "max_response_bytes", "max_sse_event_bytes"):
+        if getattr(s, name) < 1:
+            p.append(f"server.{name}: must be at least 1")
+    if s.backlog > 65535:
+        p.append("server.backlog: must be at most 65535")
+    if s.max_header_bytes < 1024:
+        p.append("server.max_header_bytes: must be at least 1024")
+    for name in ("header_timeout", "body_timeout", "keepalive_timeout", "write_timeout", "shutdown_grace"):
+        if getattr(s, name) <= 0:
+            p.append(f"server.{name}: must be greater than 0")
+    p.extend(_check_timeouts(c.timeouts, "timeouts"))
+    if c.routing.max_attempts < 1:
+        p.append("routing.max_attempts: must be at least 1")
+
+    key_names: set[str] = set()
+    for i, k in enumerate(c.keys):
+        path = at('keys', i)
+        if not NAME_RE.match(k.name):
+            p.append(f"{path}.name: use letters, digits and ._:/@- (up to 128)")
+        if k.name in key_names:
+            p.append(f"{path}.name: duplicate key name {k.name!r}")
+        key_names.add(k.name)
+        sources = [n for n in ("sha256", "key_env", "key_file") if getattr(k, n)]
+        if len(sources) != 1:
+            p.append(f"{path}: set exactly one of sha256, key_env, key_file")
+        if k.sha256 and not HEX64_RE.match(k.sha256):
+            p.append(f"{path}.sha256: must be 64 lowercase hex digits (sha256 of the key)")
+
+    backend_names: set[str] = set()
+    for i, b in enumerate(c.backends):
+        path = at('backends', i)
+        if not NAME_RE.match(b.name):
+            p.append(f"{path}.name: use letters, digits and ._:/@- (up to 128)")
+        if b.name in backend_names:
+            p.append(f"{path}.name: duplicate backend name {b.name!r}")
+        backend_names.add(b.name)
+        if b.kind == "openai":
+            problem = check_url(b.url)
+            if problem:
+                p.append(f"{path}.url: {problem}")
+        elif b.url:
+            p.append(f"{path}.url: an echo backend has no url")
+        if b.api_key_env and b.api_key_file:
+            p.append(f"{path}: set at most one of api_key_env, api_key_file")
+        if b.max_connections < 1:
+            p.append(f"{path}.max_connections: must be at least 1")
+        if b.max_idle_connections < 0:
+            p.append(f"{path}.max_idle_connections: must be 0 or more")
+        if b.idle_timeout <= 0:
+            p.append(f"{path}.idle_timeout: must be greater than 0")
+        if not 1 <= b.echo_dimensions <= 65536:
+            p.append(f"{path}.echo_dimensions: must be between 1 and 65536")
+        if b.echo_delay < 0:
+            p.append(f"{path}.echo_delay: must be 0 or more")
+        for h, value in b.headers.items():
+            if h.lower() in ("host", "content-length", "transfer-encoding", "connection", "authorization"):
+                p.append(f"{path}.headers.{h}: set by the gateway, cannot be overridden")
+            elif not TOKEN_RE.match(h) or not VALUE_RE.match(value):
+                p.append(f"{path}.headers.{h}: not a valid HTTP header name and value")
+        if b.timeouts is not None:
+            p.extend(_check_timeouts(b.timeouts, f"{path}.timeouts"))
+
+    model_names: dict[str, str] = {}
+    for i, md in enumerate(c.models):
+        path = at('models', i)
+        if not NAME_RE.match(md.name):
+            p.append(f"{path}.name: use letters, digits and ._:/@- (up to 128)")
+        if md.backend not in backend_names:
+            p.append(f"{path}.backend: no backend named {md.backend!r}")
+        if md.weight <= 0:
+            p.append(f"{path}.weight: must be greater than 0")
+        if model_names.setdefault(md.name, md.kind) != md.kind:
+            p.append(f"{path}.kind: deployments of {md.name!r} disagree on kind")
+
+    for i, md in enumerate(c.models):
+        path = at('models', i)
+        for name in ("max_concurrency", "max_queue", "input_cost_per_1k", "output_cost_per_1k"):
+            if getattr(md, name) < 0:
+                p.append(f"{path}.{name}: must be 0 or more")
+        if md.queue_timeout <= 0:
+            p.append(f"{path}.queue_timeout: must be greater than 0")
+    for i, b in enumerate(c.backends):
+        if b.probe_path is not None and not b.probe_path.startswith("/"):
+            p.append(f"{at('backends', i)}.probe_path: must start with /")
+        if b.probe_interval <= 0 or b.probe_timeout <= 0:
+            p.append(f"{at('backends', i)}: probe_interval and probe_timeout must be greater than 0")
+        if b.embeddings_path is not None and not b.embeddings_path.startswith("/"):
+            p.append(f"{at('backends', i)}.embeddings_path: must start with /")
+    for i, k in enumerate(c.keys):
+        for name in ("rpm", "tpm"):
+            if getattr(k, name) is not None and getattr(k, name) < 1:
+                p.append(f"{at('keys', i)}.{name}: must be at least 1")
+        if k.budget_usd is not None and k.budget_usd < 0:
+            p.append(f"{at('keys', i)}.budget_usd: must be 0 or more")
+    r = c.routing
+    for name in ("breaker_failures", "breaker_min_requests"):
+        if getattr(r, name) < 1:
+            p.append(f"routing.{name}: must be at least 1")
+    if not 0 < r.breaker_error_rate <= 1:
+        p.append("routing.breaker_error_rate: must be above 0 and at most 1")
+    for name in ("breaker_window", "breaker_cooldown", "max_retry_after"):
+        if getattr(r, name) <= 0:
+            p.append(f"routing.{name}: must be greater than 0")
+    p.extend(_check_stores(c))
+
+    group_names: set[str] = set()
+    for g in c.groups:
+        path = f"groups.{g.name}"
+        group_names.add(g.name)
+        if not NAME_RE.match(g.name):
+            p.append(f"{path}: use letters, digits and ._:/@- in group names")
+        if g.name in model_names:
+            p.append(f"{path}: a model has the same name; a target must name one or the other")
+        if not g.models:
+            p.append(f"{path}.models: at least one model is required")
+        kinds = set()
+        for j, name in enumerate(g.models):
+            if name not in model_names:
+                p.append(f"{path}.models[{j}]: no model named {name!r}")
+            else:
+                kinds.add(model_names[name])
+        if len(kinds) > 1:
+            p.append(f"{path}.models: mixes chat and embedding models")
+        if g.cost_weight < 0:
+            p.append(f"{path}.cost_weight: must be 0 or more")
+        if not 0 <= g.exploration <= 0.5:
+            p.append(f"{path}.exploration: must be between 0 and 0.5")
+    for i, k in enumerate(c.keys):
+        for j, name in enumerate(k.models):
+            if name not in model_names and name not in group_names:
+                p.append(f"{at('keys', i)}.models[{j}]: no model or group named {name!r}")
+    return p
+
+
+def _check_stores(c: m.Config) -> list[str]:
+    p = []
+    db = c.database
+    if db.url and not (db.url.startswith("sqlite:///") or db.url.split("://")[0] in ("postgresql", "postgres")):
+        p.append("database.url: use sqlite:////absolute/path.db, sqlite:///relative.db or postgresql://user@host/db")
+    if db.url.startswith("sqlite:///") and len(db.url) == len("sqlite:///"):
+        p.append("database.url: the SQLite file path is missing")
+    if db.password_env and db.password_file:
+        p.append("database: set at most one of password_env, password_file")
+    for name in ("spool_max_bytes", "queue_size", "batch_size"):
+        if getattr(db, name) < 1:
+            p.append(f"database.{name}: must be at least 1")
+    for name in ("key_refresh", "connect_timeout", "statement_timeout"):
+        if getattr(db, name) <= 0:
+            p.append(f"database.{name}: must be greater than 0")
+    if db.retention_days < 0:
+        p.append("database.retention_days: must be 0 (keep all) or more")
+    if c.redis.url is not None and not c.redis.url.startswith(("redis://", "rediss://", "unix://")):
+        p.append("redis.url: use redis://host:port/db")
+    if c.redis.timeout <= 0:
+        p.append("redis.timeout: must be greater than 0")
+    try:
+        import zoneinfo
+        zoneinfo.ZoneInfo(c.limits.timezone)
+    except (ValueError, LookupError):
+        p.append(f"limits.timezone: unknown time zone {c.limits.timezone!r}")
+    return p
+
+
+def _check_timeouts(t: m.Timeouts, path: str) -> list[str]:
+    return [f"{path}.{f.name}: must be greater than 0"
+            for f in attrs.fields(m.Timeouts) if getattr(t, f.name) <= 0]
+
+
+def check_url(url: str) -> str | None:
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7f for c in url):
+        return "must not contain spaces or control characters"
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:           # "http://[zz]:80", "http://[::1"
+        return f"not a valid URL ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return "scheme must be http or https"
+    if not parts.hostname:
+        return "has no host"
+    try:
+        if parts.port == 0:
+            raise ValueError
+    except ValueError:
+        return "port must be a number from 1 to 65535"
+    if parts.query or parts.fragment:
+        return "must not have a query or fragment"
+    if parts.username or parts.password:
+        return "must not hold credentials; use api_key_env or api_key_file"
+    return None
+
+
+def parse_listen(addr: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (all interfaces) -> (host, port)."""
+    host, sep, port_text = addr.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"{addr!r}: expected HOST:PORT")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"{addr!r}: port must be 0 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    elif host and not re.match(r"^[A-Za-z0-9.-]+$", host):
+        raise ValueError(f"{addr!r}: bad host")
+    return host or "0.0.0.0", port
