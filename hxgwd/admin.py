@@ -62,31 +62,44 @@ async def handle(gw: Any, rt: Runtime, request: Any, response: Any) -> None:
             raise Unavailable("No database is configured ([database] url).", code="no_database")
         from hxgwd.store import KeyExists, KeyNotFound, StoreTimeout, StoreUnavailable
 
-        try:
-            if path == "/admin/usage":
-                require_method(head.method, "GET")
-                return await _usage(store, params, response, rt.config.limits.timezone)
-            return await _keys(gw, store, path, params, request, response)
-        except KeyExists as exc:
-            raise Conflict(str(exc)) from None
-        except KeyNotFound as exc:
-            raise NotFound(str(exc), code="key_not_found") from None
-        except StoreTimeout:
-            query = "usage query" if path == "/admin/usage" else "database query"
-            within = f"{rt.config.database.statement_timeout:g} s ([database] statement_timeout)"
-            raise DatabaseTimeout(f"The {query} timed out: the database did not answer within {within}.") from None
-        except StoreUnavailable:
-            raise Unavailable("The database is unreachable.", code="database_unavailable", retry_after=5) from None
+        db = rt.config.database
+        what = "usage query" if path == "/admin/usage" else "database query"
+        # SQLite has no statement timeout of its own (PostgreSQL's server enforces one): the same
+        # bound here, and a cancel interrupts the query in its thread
+        limit = db.connect_timeout + db.statement_timeout
+        status: int | None = None
+        with trio.move_on_after(limit) as bound:
+            try:
+                if path == "/admin/usage":
+                    require_method(head.method, "GET")
+                    status, doc = await _usage(store, params, rt.config.limits.timezone)
+                else:
+                    status, doc = await _keys(gw, store, path, params, request)
+            except KeyExists as exc:
+                raise Conflict(str(exc)) from None
+            except KeyNotFound as exc:
+                raise NotFound(str(exc), code="key_not_found") from None
+            except StoreTimeout:
+                raise DatabaseTimeout(f"The {what} timed out: the database did not answer within "
+                                      f"{db.statement_timeout:g} s ([database] statement_timeout).") from None
+            except StoreUnavailable:
+                if not bound.cancel_called:    # else: the interrupted query, reporting itself
+                    raise Unavailable("The database is unreachable.", code="database_unavailable",
+                                      retry_after=5) from None
+        if status is None:
+            raise DatabaseTimeout(f"The {what} timed out: no answer within {limit:g} s "
+                                  "([database] connect_timeout + statement_timeout).")
+        return await _send(response, status, doc)
     raise NotFound(f"Unknown endpoint {path}.", code="unknown_url")
 
 
-async def _keys(gw: Any, store: Any, path: str, params: dict[str, str], request: Any, response: Any) -> None:
+async def _keys(gw: Any, store: Any, path: str, params: dict[str, str], request: Any) -> tuple[int, Any]:
     head = request.head
     now = time.time()
     if path == "/admin/keys":
         if head.method in READS:
             keys = await store.list_keys(include_revoked=params.get("revoked") in ("1", "true"))
-            return await _send(response, 200, {"object": "list", "data": [k.as_dict(now) for k in keys]})
+            return 200, {"object": "list", "data": [k.as_dict(now) for k in keys]}
         require_method(head.method, "POST", "GET")
         doc = _json_object(await request.read_body())
         fields = _key_fields(doc, gw, ROOT_NAMES := {k.name for k in gw.holder.current.config.keys})
@@ -94,14 +107,14 @@ async def _keys(gw: Any, store: Any, path: str, params: dict[str, str], request:
             raise Conflict(f"A key named {fields['name']!r} is in the config file.")
         key, info = await store.create_key(**fields)
         await gw.services.keys.refresh()
-        return await _send(response, 201, {"key": key, **info.as_dict(now)})
+        return 201, {"key": key, **info.as_dict(now)}
     name = urllib.parse.unquote(path[len("/admin/keys/"):])
     if head.method in READS:
-        return await _send(response, 200, (await store.get_key(name)).as_dict(now))
+        return 200, (await store.get_key(name)).as_dict(now)
     require_method(head.method, "DELETE", "GET")
     info = await store.revoke_key(name)
     await gw.services.keys.refresh()
-    return await _send(response, 200, info.as_dict(now))
+    return 200, info.as_dict(now)
 
 
 def _key_fields(doc: dict[str, Any], gw: Any, config_names: set[str]) -> dict[str, Any]:
@@ -134,7 +147,7 @@ def _key_fields(doc: dict[str, Any], gw: Any, config_names: set[str]) -> dict[st
             "budget_period": doc.get("budget_period", "month"), "expires_at": expires}
 
 
-async def _usage(store: Any, params: dict[str, str], response: Any, tz: str) -> None:
+async def _usage(store: Any, params: dict[str, str], tz: str) -> tuple[int, Any]:
     from hxgwd.store.cli import parse_when
 
     now = time.time()
@@ -157,7 +170,7 @@ async def _usage(store: Any, params: dict[str, str], response: Any, tz: str) -> 
     except ValueError:
         raise BadRequest("'since' and 'until' are unix seconds, ISO dates or durations like 24h.") from None
     rows = await store.usage_summary(since, until, by, key=params.get("key"), tz=tz)
-    await _send(response, 200, {"by": by, "since": since, "until": until, "timezone": tz, "data": rows})
+    return 200, {"by": by, "since": since, "until": until, "timezone": tz, "data": rows}
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
