@@ -288,20 +288,20 @@ async def test_a_slow_sqlite_usage_query_is_cut_at_the_database_bound(nursery, t
     # SQLite has no statement timeout of its own: a report over a big table ran as long as it took
     db = tmp_path / "hxgwd.db"
     cfg = gateway_config(backends(upstream), database=f"sqlite:///{db}").replace(
-        "key_refresh = 0.2", "key_refresh = 0.2\nstatement_timeout = 0.02\nconnect_timeout = 0.02").replace(
+        "key_refresh = 0.2", "key_refresh = 0.2\nstatement_timeout = 0.05\nconnect_timeout = 0.05").replace(
         "sha256 =", "admin = true\nsha256 =")
     gw = await start_gateway(nursery, cfg)
     assert (await gw.get("/admin/usage?since=1h")).json()["data"] == []      # schema in place
-    with sqlite3.connect(db) as conn:     # 200,000 rows: a report takes ~0.2 s, 5x the bound
+    with sqlite3.connect(db) as conn:     # 400,000 rows: a report takes ~0.45 s, 4x the bound
         conn.execute("""INSERT INTO usage (request_id, ts, key, endpoint, status, total_tokens)
-                        WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 200000)
+                        WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 400000)
                         SELECT 'r' || i, unixepoch() - i % 3000, 'k' || (i % 50), '/v1/chat/completions',
                                200, 15 FROM n""")
     with trio.fail_after(5):
         r = await gw.get("/admin/usage?since=1h&by=key")
     assert r.status_code == 504
     assert r.json()["error"] == {
-        "message": "The usage query timed out: no answer within 0.04 s ([database] connect_timeout + "
+        "message": "The usage query timed out: no answer within 0.1 s ([database] connect_timeout + "
                    "statement_timeout).", "type": "upstream_error", "param": None, "code": "database_timeout"}
     assert (await gw.get("/admin/keys")).status_code == 200   # the interrupted thread serves again
     await gw.stop()
