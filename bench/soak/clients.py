@@ -5,7 +5,9 @@
 
 hang-ups mid-stream, resets while the upstream is still thinking (50 ms model), slow readers of
 a stream, slowloris heads, random bytes, a 50 MB Content-Length that never comes. Prints how many
-of each ran, as JSON. Loopback only; every socket has a 5 s timeout.
+of each ran, as JSON. Loopback only; every socket has a 5 s timeout. Noise that does not start
+with a control byte (which h11 refuses at once) is a head that never ends, answered 408 after
+header_timeout (10 s): those count as "noise (TimeoutError)".
 """
 
 from __future__ import annotations
