@@ -112,7 +112,7 @@ async def test_gaps_shorter_than_quiet_for_do_not_count_as_quiet(nursery):
     # blocked on the socket; quiet_for is set far above the gaps so that a busy machine cannot
     # stretch one into a quiet moment.
     done: list[str] = []
-    idle = IdleWork(_errors()[1], quiet_for=0.5)
+    idle = IdleWork(_errors()[1], quiet_for=0.5, max_wait=30)
     await nursery.start(idle.run)
     mine, theirs = socket.socketpair()
     ours = trio.socket.from_stdlib_socket(mine)
@@ -133,5 +133,29 @@ def _echo(sock: socket.socket, rounds: int) -> None:
     with sock:
         for _ in range(rounds):
             data = sock.recv(1)
+            if not data:       # the test is done early
+                return
             time.sleep(0.0002)
             sock.send(data)
+
+
+async def test_a_loop_that_is_never_quiet_still_runs_the_work_within_max_wait(nursery):
+    # a few long streams can keep the loop from ever being quiet for quiet_for, without ever
+    # finishing max_pending requests: the access lines must not wait for that
+    done: list[float] = []
+    idle = IdleWork(_errors()[1], quiet_for=0.5, max_wait=0.05)
+    await nursery.start(idle.run)
+    mine, theirs = socket.socketpair()
+    ours = trio.socket.from_stdlib_socket(mine)
+    echo = threading.Thread(target=_echo, args=(theirs, 2000), daemon=True)
+    echo.start()
+    start = time.monotonic()
+    idle.defer(lambda: done.append(time.monotonic() - start))
+    with ours:
+        for _ in range(2000):          # ~0.5 s of 0.2 ms gaps: never quiet for 0.5 s
+            await ours.send(b"x")
+            assert await ours.recv(1) == b"x"
+            if done:
+                break
+    echo.join(timeout=5)
+    assert done and done[0] < 0.4      # well before the ping-pong could have ended
