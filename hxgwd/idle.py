@@ -5,10 +5,10 @@ next request arrives while this one's bookkeeping (the access-log line and the u
 still runs: that bookkeeping sat on the next request's latency. Deferred here, it runs once the
 loop has had nothing to do for `quiet_for` (1 ms), or at the latest `max_wait` (0.1 s) after it
 was deferred: trio's `wait_all_tasks_blocked` with that cushion (public API, documented under
-trio.testing), woken only after I/O polls found nothing to run for that long. Without the cushion, a quiet moment was any gap, and the gap between an answer
-and the same client's next request is a few µs: the work ran there and the request waited behind
-it. With it, one client back to back measured 34 µs less p50 at one connection and no worse p99
-(bench/ab.py, 3 rounds).
+trio.testing), woken only after I/O polls found nothing to run for that long. Without the
+cushion, a quiet moment was any gap, and the gap between an answer and the same client's next
+request is a few µs: the work ran there and the request waited behind it. With it, one client
+back to back measured 34 µs less p50 at one connection and no worse p99 (bench/ab.py, 3 rounds).
 
 A quiet moment runs everything waiting. Under load those moments are rare, so the queue is
 bounded: once more than `max_pending` are waiting, the task that defers runs all of them itself,

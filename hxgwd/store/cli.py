@@ -13,7 +13,8 @@ daemon does; a PostgreSQL schema is changed only by `hxgwd db migrate`.
 
 Exit codes: 0 done; 1 failed (store unreachable, no SQLite database at that path yet, unknown key,
 schema out of date: `db status` says 1 when a migration is due); 2 bad command line (a time flag
-that is not a time, or an --expires in the past, included).
+that is not a time, an --expires in the past, a bad `keys create` --name, --budget-usd or
+--models included).
 """
 
 from __future__ import annotations
