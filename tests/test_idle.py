@@ -114,10 +114,7 @@ async def test_gaps_shorter_than_quiet_for_do_not_count_as_quiet(nursery):
     done: list[str] = []
     idle = IdleWork(_errors()[1], quiet_for=0.5, max_wait=30)
     await nursery.start(idle.run)
-    mine, theirs = socket.socketpair()
-    ours = trio.socket.from_stdlib_socket(mine)
-    echo = threading.Thread(target=_echo, args=(theirs, 200), daemon=True)
-    echo.start()
+    ours, echo = _echoing_peer(200)
     idle.defer(done.append, "record")
     with ours:
         for _ in range(200):
@@ -127,6 +124,15 @@ async def test_gaps_shorter_than_quiet_for_do_not_count_as_quiet(nursery):
         await trio.testing.wait_all_tasks_blocked(0.6)    # after IdleWork's 0.5 s of quiet
     echo.join()
     assert done == ["record"]
+
+
+def _echoing_peer(rounds: int) -> tuple[trio.socket.SocketType, threading.Thread]:
+    """Our end of a socket pair whose other end, a thread, sends each byte back after 0.2 ms of
+    real time, `rounds` times: real gaps with every task blocked on the socket."""
+    mine, theirs = socket.socketpair()
+    echo = threading.Thread(target=_echo, args=(theirs, rounds), daemon=True)
+    echo.start()
+    return trio.socket.from_stdlib_socket(mine), echo
 
 
 def _echo(sock: socket.socket, rounds: int) -> None:
@@ -145,10 +151,7 @@ async def test_a_loop_that_is_never_quiet_still_runs_the_work_within_max_wait(nu
     done: list[float] = []
     idle = IdleWork(_errors()[1], quiet_for=0.5, max_wait=0.05)
     await nursery.start(idle.run)
-    mine, theirs = socket.socketpair()
-    ours = trio.socket.from_stdlib_socket(mine)
-    echo = threading.Thread(target=_echo, args=(theirs, 2000), daemon=True)
-    echo.start()
+    ours, echo = _echoing_peer(2000)
     start = time.monotonic()
     idle.defer(lambda: done.append(time.monotonic() - start))
     with ours:
