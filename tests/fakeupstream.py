@@ -75,6 +75,7 @@ class Received:
     path: str
     headers: dict[str, str]
     json: Any
+    body: bytes = b""                # the bytes as they arrived: what a backend's own parser reads
 
 
 class FakeUpstream:
@@ -173,7 +174,7 @@ class FakeUpstream:
             doc = None
         headers = {k.decode(): v.decode() for k, v in request.headers}
         path = request.target.decode()
-        self.requests.append(Received(request.method.decode(), path, headers, doc))
+        self.requests.append(Received(request.method.decode(), path, headers, doc, body))
         action = self._script.pop(0) if self._script else self.default
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)

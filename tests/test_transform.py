@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from hxgwd.config import load
-from hxgwd.errors import BadRequest
+from hxgwd.errors import BadRequest, UpstreamError
 from hxgwd.pipeline import transform
 from hxgwd.runtime import compile_config
 
@@ -141,28 +141,51 @@ def test_headers_listed_in_connection_are_hop_by_hop_both_ways():
     assert down == [(b"x-kept", b"2")]
 
 
-def test_unchanged_body_goes_upstream_byte_for_byte():
+def test_body_is_written_by_the_gateway_with_the_values_it_read():
     d = dep()    # public "pub", upstream "up"
-    raw = b'{"model": "up", "messages": [{"role": "user", "content": "say \\"model\\": 1.0"}], "temperature": 1.0}'
-    assert transform.plan_calls("/chat/completions", json.loads(raw), d, "pub", raw).bodies == (raw,)
-    raw = b'{"model":"up","input":"x"}'
-    assert transform.plan_calls("/embeddings", json.loads(raw), d, "pub", raw).bodies == (raw,)
+    raw = '{"model": "up", "messages": [{"role": "user", "content": "say \\"model\\": 1.0 \u00e9"}], "temperature": 1.0}'.encode()
+    (body,) = transform.plan_calls("/chat/completions", json.loads(raw), d, "pub").bodies
+    assert json.loads(body) == json.loads(raw) and body.count(b'"model"') == 1
+    assert "\u00e9".encode() in body      # non-ASCII text as UTF-8, not re-escaped
 
 
 @pytest.mark.parametrize("raw, endpoint, backend", [
     (b'{"model": "pub", "messages": []}', "/chat/completions", {}),                 # renamed
     (b'{"model": "other", "model": "up", "messages": []}', "/chat/completions", {}),  # duplicate key
+    (b'{"mod\\u0065l": "other", "model": "up", "messages": []}', "/chat/completions", {}),  # escaped twin
     (b'{"model": "up", "stream": true}', "/chat/completions", {}),                    # include_usage added
     (b'{"model": "up", "input": "x", "encoding_format": "base64"}', "/embeddings", {}),
     (b'{"model": "up", "input": "x"}', "/embeddings", {"embeddings_input": "prompt"}),
 ])
-def test_changed_body_is_re_encoded(raw, endpoint, backend):
-    plan = transform.plan_calls(endpoint, json.loads(raw), dep(**backend), "pub", raw)
-    assert all(body != raw for body in plan.bodies)
+def test_every_body_has_one_model_the_upstream_name(raw, endpoint, backend):
+    plan = transform.plan_calls(endpoint, json.loads(raw), dep(**backend), "pub")
+    assert all(body.count(b'"model"') == 1 and b"\\u" not in body for body in plan.bodies)
     assert all(json.loads(body).get("model") == "up" for body in plan.bodies)
 
 
-def test_stream_asking_for_usage_itself_is_sent_unchanged():
+def test_stream_asking_for_usage_itself_is_not_stripped():
     raw = b'{"model": "up", "stream": true, "stream_options": {"include_usage": true}}'
-    plan = transform.plan_calls("/chat/completions", json.loads(raw), dep(), "pub", raw)
-    assert plan.bodies == (raw,) and plan.stream and not plan.strip_stream_usage
+    plan = transform.plan_calls("/chat/completions", json.loads(raw), dep(), "pub")
+    assert json.loads(plan.bodies[0]) == json.loads(raw) and plan.stream and not plan.strip_stream_usage
+
+
+@pytest.mark.parametrize("key, found", [
+    ("model", None), ("temperature", None), ("Temperature", None), ("messages", None),
+    ("MODEL", "MODEL"), ("Stream", "Stream"), ("N", "N"), ("BEST_OF", "BEST_OF"),
+    ("\u017ftream", "\u017ftream"), ("Input", "Input"), ("Max_Completion_Tokens", "Max_Completion_Tokens"),
+])
+def test_ambiguous_key(key, found):
+    assert transform.ambiguous_key({"model": "m", key: 1}) == found
+
+
+def test_a_lone_surrogate_escape_is_the_callers_400():
+    with pytest.raises(BadRequest) as caught:
+        transform.plan_calls("/chat/completions", {"model": "pub", "messages": "\ud800"}, dep(), "pub")
+    assert caught.value.status == 400 and caught.value.code == "invalid_json"
+
+
+def test_sse_relay_bounds_an_event_that_arrived_whole():
+    relay = transform.SseRelay(False, 16)
+    assert relay.feed(b"data: short\n\n") == b"data: short\n\n"
+    with pytest.raises(UpstreamError):
+        relay.feed(b"data: " + b"x" * 20 + b"\n\n")

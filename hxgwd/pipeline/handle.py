@@ -107,15 +107,16 @@ class Gateway:
     async def _api(self, rt: Runtime, ex: proxy.Exchange, request: Request, response: Response) -> None:
         head = request.head
         path = ex.endpoint
+        # Before anything that depends on the path: without a key, which paths exist (404 or 405)
+        # is nobody's business.
+        principal = self._authenticate(rt, ex, head.headers)
         if path == "/v1/models" or path.startswith("/v1/models/"):
             require_method(head.method, "GET")
-            principal = self._authenticate(rt, ex, head.headers)
             ex.reservation = await self.limiter.admit(principal, NO_TOKENS)
             await self._models(rt, principal, path, response)
             ex.status = 200
             return
         if path.startswith("/admin/"):
-            principal = self._authenticate(rt, ex, head.headers)
             authenticate.require_admin(principal)
             await admin.handle(self, rt, request, response)
             ex.status = 200
@@ -124,7 +125,6 @@ class Gateway:
             raise NotFound(f"Unknown endpoint {path}.", code="unknown_url")
         if head.method != "POST":
             require_method(head.method, "POST")
-        principal = self._authenticate(rt, ex, head.headers)
         body = await request.read_body()
         ex.bytes_in = len(body)
         payload = _payload(body)
@@ -143,7 +143,7 @@ class Gateway:
             deadline=ex.started + rt.config.timeouts.total,
             max_response_bytes=rt.config.server.max_response_bytes,
             max_sse_event_bytes=rt.config.server.max_sse_event_bytes)
-        await proxy.forward(ex, plan, lambda dep: transform.plan_calls(endpoint, payload, dep, name, body),
+        await proxy.forward(ex, plan, lambda dep: transform.plan_calls(endpoint, payload, dep, name),
                             self.router, self.transports, self.gates, settings, features, response)
 
     def _authenticate(self, rt: Runtime, ex: proxy.Exchange, headers) -> Principal:
@@ -251,6 +251,9 @@ def _payload(body: bytes) -> dict[str, Any]:
         raise BadRequest("We could not parse the JSON body of your request.", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    if (key := transform.ambiguous_key(payload)) is not None:
+        raise BadRequest(f"The parameter '{key[:64]}' could be read as '{key.casefold()[:64]}': use the "
+                         "exact lowercase name, once.", param=key[:256], code="ambiguous_parameter")
     return payload
 
 

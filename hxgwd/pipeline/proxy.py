@@ -260,10 +260,13 @@ async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan
     ex.stream = True
     ex.status = 200
     relay = transform.SseRelay(calls.strip_stream_usage, settings.max_sse_event_bytes)
-    # Nothing reaches the client before the stream's first bytes: a stream that breaks or stalls
-    # before them is still failed over, like a 5xx.
+    # Nothing reaches the client before the stream's first whole event: a stream that breaks,
+    # stalls, or sends a first event over max_sse_event_bytes before it is still failed over, like
+    # a 5xx. (A stream that ends before any whole event sends what it had, as it came.)
+    out = b""
     try:
-        chunk = await _next_chunk(up, between_chunks)
+        while not out and (chunk := await _next_chunk(up, between_chunks)):
+            out = relay.feed(chunk)
     except UpstreamError as exc:      # UpstreamTimeout included
         raise _Retry(exc, None) from None
     headers = transform.downstream_headers(up.headers)
@@ -271,7 +274,6 @@ async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan
     await response.start(200, headers)
     try:
         while chunk:
-            out = relay.feed(chunk)
             # What has already arrived behind it goes out in the same write: one system call and
             # one chunk for a burst of events, never a wait for more. (None: the rest is still on
             # its way; b"": the end, which the next receive() reports without waiting.)
@@ -281,6 +283,7 @@ async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan
                 ex.bytes_out += len(out)
                 await response.send(out)
             chunk = await _next_chunk(up, between_chunks)
+            out = relay.feed(chunk) if chunk else b""
         rest = relay.end()
         if rest:
             ex.bytes_out += len(rest)

@@ -9,7 +9,13 @@ Per backend, from its config:
 - `encoding_format: "base64"` is honoured even when the backend answers with floats;
 - streamed chat asks for `stream_options.include_usage`, so token counts are exact without a
   tokenizer; when the client did not ask for it, the extra usage chunk is removed on the way back.
-Anything else is relayed byte for byte.
+
+The body sent upstream is always one the gateway wrote from what it parsed, never the client's
+bytes: backends differ on duplicate keys (some keep the first, Python the last) and some match keys
+case-insensitively, so the client's bytes could name another model, stream or `n` than the one
+the gateway authorised, routed and counted. Written again, each key is there once, unescaped, with
+the value the gateway read; a top-level key that only case-folds to one of those fields is refused
+(`ambiguous_key`). Answers are relayed byte for byte unless adapted as above.
 """
 
 from __future__ import annotations
@@ -50,10 +56,22 @@ class CallPlan:
     public_model: str
 
 
-def plan_calls(endpoint: str, payload: dict[str, Any], dep: Deployment, public_model: str,
-               raw: bytes | None = None) -> CallPlan:
-    """`raw`: the client's body that `payload` was parsed from. Sent on unchanged when nothing in
-    it needs to change: the client's bytes, byte for byte, and no re-encoding per request."""
+# Top-level fields the gateway routes, limits or adapts by. A key that is not one of them but
+# case-folds to one ("MODEL", "mod\u0045l", "ſtream") would be read as that field by a backend that
+# matches keys case-insensitively: refused rather than guessed at.
+GUARDED_KEYS = frozenset(("model", "stream", "stream_options", "n", "best_of", "max_tokens",
+                          "max_completion_tokens", "input", "encoding_format"))
+
+
+def ambiguous_key(payload: dict[str, Any]) -> str | None:
+    """The first top-level key a backend could take for a guarded field, or None."""
+    for key in payload:
+        if key not in GUARDED_KEYS and key.casefold() in GUARDED_KEYS:
+            return key
+    return None
+
+
+def plan_calls(endpoint: str, payload: dict[str, Any], dep: Deployment, public_model: str) -> CallPlan:
     backend = dep.backend.config
     body = dict(payload)
     body["model"] = dep.upstream_model
@@ -67,33 +85,29 @@ def plan_calls(endpoint: str, payload: dict[str, Any], dep: Deployment, public_m
             body["stream_options"] = options
             strip_usage = True
     if endpoint != "/embeddings":
-        return CallPlan(endpoint, (_encoded(body, payload, raw),), stream, strip_usage, False, False,
-                        public_model)
+        return CallPlan(endpoint, (_request_bytes(body),), stream, strip_usage, False, False, public_model)
 
     client_base64 = body.get("encoding_format") == "base64"
     if client_base64 and backend.embeddings_encoding == "float":
         body["encoding_format"] = "float"
     if backend.embeddings_input == "input":
-        # a base64 request keeps being re-encoded, as before the pass-through (its test pins that)
-        body_bytes = _dumps(body) if client_base64 else _encoded(body, payload, raw)
-        return CallPlan(endpoint, (body_bytes,), False, False, False, client_base64, public_model)
+        return CallPlan(endpoint, (_request_bytes(body),), False, False, False, client_base64, public_model)
     given = body.pop("input", None)
     body.pop("encoding_format", None)    # single-prompt backends know floats only
     items = [given] if isinstance(given, str) else given
     if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
         raise BadRequest("This model takes text input: a string or an array of strings.", param="input")
-    bodies = tuple(_dumps({**body, "prompt": item}) for item in items)
+    bodies = tuple(_request_bytes({**body, "prompt": item}) for item in items)
     return CallPlan(endpoint, bodies, False, False, True, client_base64, public_model)
 
 
-def _encoded(body: dict[str, Any], payload: dict[str, Any], raw: bytes | None) -> bytes:
-    """The client's own bytes when the plan changed nothing in the body, else `body` encoded."""
-    # One "model" key in the whole text, so the upstream reads the model we authorised and routed:
-    # with a duplicate key, parsers differ on which one wins. (Inside a JSON string the quotes
-    # are escaped, so text cannot fake a match.)
-    if raw is not None and body == payload and raw.count(b'"model"') == 1:
-        return raw
-    return _dumps(body)
+def _request_bytes(body: dict[str, Any]) -> bytes:
+    try:
+        return _dumps(body)
+    except UnicodeEncodeError:
+        # a lone surrogate from a "\ud800" escape: Python's json takes it, UTF-8 cannot carry it
+        raise BadRequest("The request holds a lone UTF-16 surrogate escape, which is not Unicode text.",
+                         code="invalid_json") from None
 
 
 def upstream_headers(client: Headers, dep: Deployment, request_id: bytes) -> Headers:
@@ -220,7 +234,8 @@ _EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 class SseRelay:
     """Splits an upstream event stream into whole events, relayed byte for byte; notes usage.
 
-    Holds at most one incomplete event, bounded by `max_event_bytes`.
+    Every event, whole or still arriving, is bounded by `max_event_bytes`; at most one incomplete
+    event is held.
     """
 
     __slots__ = ("_buf", "_strip_usage", "_max", "usage", "events")
@@ -241,6 +256,8 @@ class SseRelay:
             end = found.end()
             if end == len(buf) and buf[-1] == 13:
                 break     # a CR last: the LF of a CRLF may still be on its way
+            if end - start > self._max:     # whole, but over the bound all the same
+                raise UpstreamError("The upstream sent a stream event that is too large.")
             event = buf[start:end]
             start = end
             self.events += 1
