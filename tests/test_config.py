@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -312,3 +313,36 @@ def test_the_daemon_refuses_to_start_with_the_public_example_key_on_all_interfac
     (line,) = [json.loads(line) for line in out.stderr.splitlines()]
     assert line["msg"] == "invalid config, not starting"
     assert any(p.startswith("keys[0].sha256: this is the public example key") for p in line["problems"])
+
+
+async def test_the_daemon_logs_config_warnings_at_start_and_keeps_its_config_on_a_public_reload(nursery, tmp_path):
+    """What --check-config warns about, the daemon's log says too: the operator who never runs
+    --check-config still learns that the config file is world-readable and the key is the example's."""
+    import httpx
+
+    from tests.daemon import DaemonProcess
+
+    path = example_listening_on(tmp_path, "127.0.0.1:0")
+    os.chmod(path, 0o644)
+    daemon = DaemonProcess(str(path))
+    try:
+        await daemon.start(nursery)
+        listening = next(i for i, line in enumerate(daemon.lines) if line.get("msg") == "listening")
+        warned = [line["warning"] for line in daemon.lines[:listening]
+                  if line.get("msg") == "config warning" and line["level"] == "warning"]
+        assert warned == [
+            "key 'dev' is the public example key sk-hx-dev-1234: fine on loopback only; make real keys with "
+            "`hxgwd genkey` or `hxgwd keys create`",
+            f"config file {path} is readable by other users (chmod o-r)"]
+
+        path.write_text(path.read_text().replace('listen = ["127.0.0.1:0"]', 'listen = ["0.0.0.0:0"]'))
+        mark = len(daemon.lines)
+        daemon.signal(signal.SIGHUP)
+        rejected = await daemon.wait_for("reload rejected, still serving the previous config", after=mark)
+        assert any(p.startswith("keys[0].sha256: this is the public example key") for p in rejected["problems"])
+        async with httpx.AsyncClient(base_url=daemon.url) as client:
+            assert (await client.get("/healthz")).json()["generation"] == 1
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait() == 0
+    finally:
+        daemon.kill()
