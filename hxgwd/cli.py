@@ -147,6 +147,10 @@ def cmd_run(path: str) -> int:
         log.error("invalid config, not starting", path=path, problems=exc.problems)
         return EXIT_CONFIG
     log.configure(runtime.config.log.level, runtime.config.log.access_log)
+    from hxgwd.config.check import warnings
+
+    for warning in warnings(path, runtime.config):   # not only for who runs --check-config
+        log.warning("config warning", warning=warning)
     daemon = Daemon(RuntimeHolder(runtime), log, config_path=path)
     from hxgwd.store import SchemaError
     from hxgwd.store.spool import SpoolError

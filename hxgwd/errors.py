@@ -17,14 +17,26 @@
             └── ShuttingDown              503     service_unavailable     (cut off by a shutdown)
 
 Messages are fixed texts chosen by the code that raises; exception text from libraries never
-reaches a client. `fault` says whose fault an error is (caller, policy, upstream, gateway): it goes
-to logs and usage records, so operators can tell our own 429 from a provider's.
+reaches a client, and a client's own string repeated in one (a model name, a path) is `capped`.
+`fault` says whose fault an error is (caller, policy, upstream, gateway): it goes to logs and
+usage records, so operators can tell our own 429 from a provider's.
 """
 
 from __future__ import annotations
 
 import json
 import math
+
+MAX_ECHOED = 256    # characters of a client's string repeated in an error message or a log line
+
+
+def capped(text: str) -> str:
+    """`text`, or its first MAX_ECHOED characters and a marker saying it was cut, from what length:
+    a 1 MB model name must not make a 1 MB error body or access-log line. Real names are far
+    shorter (config names: 128 at most), so nothing anyone needs to read is ever cut."""
+    if len(text) <= MAX_ECHOED:
+        return text
+    return f"{text[:MAX_ECHOED]}…(cut, {len(text)} chars)"
 
 
 class GatewayError(Exception):

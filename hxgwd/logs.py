@@ -2,7 +2,7 @@
 
 journald stamps time itself, but files and pipes do not, so every line carries `time`. Nothing
 that could hold a secret is ever passed in: keys are logged by name, and neither headers nor
-bodies are logged.
+bodies are logged. Strings a client chose (its model name, its path) are cut to a fixed length.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import time
 import traceback
 from typing import Any, BinaryIO
 
+from hxgwd.errors import MAX_ECHOED, capped
 from hxgwd.pipeline.record import RequestRecord, log_line
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
@@ -51,7 +52,14 @@ class Logger:
 
     def access(self, record: RequestRecord) -> None:
         if self.access_log:
-            self._write(record.log_fields({"time": self._stamp(record.ts), "level": "info", "msg": "request"}))
+            fields = record.log_fields({"time": self._stamp(record.ts), "level": "info", "msg": "request"})
+            # The path and the model (body or X-HX-Model-Group) are as long as the client made them;
+            # the request id is checked to 128 characters, the other strings come from the config.
+            if len(record.endpoint) > MAX_ECHOED:
+                fields["endpoint"] = capped(record.endpoint)
+            if record.model is not None and len(record.model) > MAX_ECHOED:
+                fields["model"] = capped(record.model)
+            self._write(fields)
 
     def _write(self, fields: dict[str, Any]) -> None:
         try:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -259,3 +261,88 @@ def test_errors_come_in_file_order_whatever_order_the_checks_run_in():
                    '[[keys]]\nname = "k"\nsha256 = "BAD"\n[server]\nlisten = ["x"]\n')
     assert [p.split(": ")[0] for p in got] == ["backends[0].url", "models[0].weight", "keys[0].sha256",
                                                "server.listen[0]"]
+
+
+EXAMPLE_SHA = "8d170aee995d48e15c108cbb5e9f5210c8054eaa4ea7e3c74a8dbde384b5b76a"   # sk-hx-dev-1234
+
+
+def example_listening_on(tmp_path, *addresses: str, admin: bool = True):
+    """hxgwd.toml.example as someone copies it, listening on `addresses`."""
+    text = open(EXAMPLE).read()
+    listen = ", ".join(f'"{a}"' for a in addresses)
+    text = text.replace('listen = ["127.0.0.1:4010"]', f"listen = [{listen}]", 1)
+    if not admin:
+        text = text.replace("admin = true", "admin = false", 1)
+    text = text.replace('url = "sqlite:///hxgwd-dev.db"', f'url = "sqlite:///{tmp_path}/hxgwd.db"', 1)
+    path = tmp_path / "hxgwd.toml"
+    path.write_text(text)
+    os.chmod(path, 0o600)
+    return path
+
+
+@pytest.mark.parametrize("listen", [("0.0.0.0:4010",), (":4010",), ("[::]:4010",), ("192.0.2.7:4010",),
+                                    ("gw.example.net:4010",), ("127.0.0.1:4010", "0.0.0.0:4011")])
+def test_the_public_example_key_is_refused_on_a_listener_that_is_not_loopback(tmp_path, listen):
+    """Its key is in the README: on a reachable address, anyone could use it (as admin, as shipped)."""
+    for admin in (True, False):         # without admin, still anyone's key to the models and the budget
+        got = problems(example_listening_on(tmp_path, *listen, admin=admin).read_text())
+        assert [p for p in got if p.startswith("keys[0].sha256: ")] == [
+            f"keys[0].sha256: this is the public example key sk-hx-dev-1234; refused while server.listen has "
+            f"{[a for a in listen if not a.startswith('127.')][0]!r}, which is not loopback: make a key with "
+            "`hxgwd genkey` or `hxgwd keys create`"]
+
+
+def test_check_config_refuses_the_public_example_key_on_all_interfaces(tmp_path):
+    out = run_cli("--check-config", "-c", str(example_listening_on(tmp_path, "0.0.0.0:4010")))
+    assert out.returncode == 1
+    assert "  error: keys[0].sha256: this is the public example key" in out.stderr
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:4010", "127.8.9.10:4010", "[::1]:4010", "localhost:4010"])
+def test_the_example_key_on_loopback_is_allowed_with_a_warning(tmp_path, listen):
+    out = run_cli("--check-config", "-c", str(example_listening_on(tmp_path, listen)))
+    assert out.returncode == 0, out.stderr
+    assert ("  warning: key 'dev' is the public example key sk-hx-dev-1234: fine on loopback only; "
+            "make real keys with `hxgwd genkey` or `hxgwd keys create`") in out.stderr.splitlines()
+
+
+def test_the_daemon_refuses_to_start_with_the_public_example_key_on_all_interfaces(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "hxgwd", "-c", str(example_listening_on(tmp_path, "0.0.0.0:0"))],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 78
+    (line,) = [json.loads(line) for line in out.stderr.splitlines()]
+    assert line["msg"] == "invalid config, not starting"
+    assert any(p.startswith("keys[0].sha256: this is the public example key") for p in line["problems"])
+
+
+async def test_the_daemon_logs_config_warnings_at_start_and_keeps_its_config_on_a_public_reload(nursery, tmp_path):
+    """What --check-config warns about, the daemon's log says too: the operator who never runs
+    --check-config still learns that the config file is world-readable and the key is the example's."""
+    import httpx
+
+    from tests.daemon import DaemonProcess
+
+    path = example_listening_on(tmp_path, "127.0.0.1:0")
+    os.chmod(path, 0o644)
+    daemon = DaemonProcess(str(path))
+    try:
+        await daemon.start(nursery)
+        listening = next(i for i, line in enumerate(daemon.lines) if line.get("msg") == "listening")
+        warned = [line["warning"] for line in daemon.lines[:listening]
+                  if line.get("msg") == "config warning" and line["level"] == "warning"]
+        assert warned == [
+            "key 'dev' is the public example key sk-hx-dev-1234: fine on loopback only; make real keys with "
+            "`hxgwd genkey` or `hxgwd keys create`",
+            f"config file {path} is readable by other users (chmod o-r)"]
+
+        path.write_text(path.read_text().replace('listen = ["127.0.0.1:0"]', 'listen = ["0.0.0.0:0"]'))
+        mark = len(daemon.lines)
+        daemon.signal(signal.SIGHUP)
+        rejected = await daemon.wait_for("reload rejected, still serving the previous config", after=mark)
+        assert any(p.startswith("keys[0].sha256: this is the public example key") for p in rejected["problems"])
+        async with httpx.AsyncClient(base_url=daemon.url) as client:
+            assert (await client.get("/healthz")).json()["generation"] == 1
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait() == 0
+    finally:
+        daemon.kill()

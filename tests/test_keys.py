@@ -273,3 +273,38 @@ def test_store_commands_as_root_refuse_a_state_dir_owned_by_the_daemon_user(tmp_
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "runuser -u nobody" in out.stderr
     assert not (state / "hxgwd.db").exists()
+
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\x9b31m\x7fend\u202e"   # window title, screen clear, C1 CSI, DEL, bidi override
+SHOWN = r"\x1b]0;pwned\x07\x1b[2J\x9b31m\x7fend\u202e"   # what the operator sees instead
+
+
+def test_tables_show_control_characters_from_the_database_escaped(tmp_path):
+    """Model names are the client's choice and reach the usage table as sent; key names and
+    models could be written by another tool. No table hands a terminal a control sequence."""
+    from tests.test_store_support import make_record
+
+    url = sqlite_url(tmp_path)
+    cfg = write_config(tmp_path, url)
+
+    async def fill() -> None:
+        store = open_store(database(url))
+        await store.migrate()
+        await store.insert_usage([make_record(0, model=HOSTILE, key=HOSTILE, deployment=HOSTILE)])
+        await store.create_key(HOSTILE, models=(HOSTILE,))
+        await store.aclose()
+    trio.run(fill)
+    outputs = [hxgwd("usage", "--by", by, "-c", cfg) for by in ("model", "key", "deployment")]
+    outputs += [hxgwd("keys", "list", "-c", cfg), hxgwd("keys", "show", HOSTILE, "-c", cfg)]
+    for out in outputs:
+        assert out.returncode == 0, out.stderr
+        assert SHOWN in out.stdout, out.stdout
+        assert not any(c in out.stdout for c in "\x1b\x07\x9b\x7f\u202e"), out.stdout
+    docs = []
+    for command in (["usage", "--by", "model"], ["keys", "list"], ["keys", "show", HOSTILE]):
+        out = hxgwd(*command, "--json", "-c", cfg)
+        assert out.returncode == 0 and "\x7f" not in out.stdout and "\x1b" not in out.stdout
+        docs.append(json.loads(out.stdout))
+    usage, listed, shown = docs          # the data itself, unchanged, for scripts
+    assert usage["rows"][0]["model"] == HOSTILE
+    assert HOSTILE in {d["name"] for d in listed} and shown["name"] == HOSTILE and shown["models"] == [HOSTILE]

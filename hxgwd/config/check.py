@@ -6,6 +6,7 @@ import os
 import stat
 
 from hxgwd.config import model as m
+from hxgwd.config.validate import EXAMPLE_KEY_SHA256
 from hxgwd.runtime import Runtime
 
 
@@ -36,7 +37,9 @@ def summary(rt: Runtime) -> str:
 
 
 def warnings(path: str, config: m.Config) -> list[str]:
-    out = []
+    """What --check-config prints and the daemon logs at start: fine to run with, worth a look."""
+    out = [f"key {k.name!r} is the public example key sk-hx-dev-1234: fine on loopback only; make real keys "
+           "with `hxgwd genkey` or `hxgwd keys create`" for k in config.keys if k.sha256 == EXAMPLE_KEY_SHA256]
     files = [("config file", path)] + [(f"key file of key {k.name!r}", k.key_file) for k in config.keys if k.key_file]
     files += [(f"api key file of backend {b.name!r}", b.api_key_file) for b in config.backends if b.api_key_file]
     files += [(f"{table} password file", getattr(config, table).password_file) for table in ("database", "redis")

@@ -18,6 +18,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")        # RFC 9110 token
 VALUE_RE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")           # no CR, LF or other controls
+# sha256 of sk-hx-dev-1234, the key of hxgwd.toml.example and the README's quick start: anyone has it
+EXAMPLE_KEY_SHA256 = "8d170aee995d48e15c108cbb5e9f5210c8054eaa4ea7e3c74a8dbde384b5b76a"
 
 
 def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list[str]:
@@ -53,6 +55,9 @@ def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list
         if getattr(s, name) <= 0:
             p.append(f"server.{name}: must be greater than 0")
     p.extend(_check_timeouts(c.timeouts, "timeouts"))
+    # The example key opens the gateway to whoever read the README: any key (admin or not: it
+    # spends the backends' quota and the budgets either way), on any address others can reach.
+    public = [addr for addr in s.listen if not _listens_on_loopback(addr)]
     if c.routing.max_attempts < 1:
         p.append("routing.max_attempts: must be at least 1")
 
@@ -69,6 +74,10 @@ def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list
             p.append(f"{path}: set exactly one of sha256, key_env, key_file")
         if k.sha256 and not HEX64_RE.match(k.sha256):
             p.append(f"{path}.sha256: must be 64 lowercase hex digits (sha256 of the key)")
+        if k.sha256 == EXAMPLE_KEY_SHA256 and public:
+            p.append(f"{path}.sha256: this is the public example key sk-hx-dev-1234; refused while server.listen "
+                     f"has {public[0]!r}, which is not loopback: make a key with `hxgwd genkey` or "
+                     "`hxgwd keys create`")
 
     backend_names: set[str] = set()
     for i, b in enumerate(c.backends):
@@ -231,6 +240,24 @@ def check_url(url: str) -> str | None:
     if parts.username or parts.password:
         return "must not hold credentials; use api_key_env or api_key_file"
     return None
+
+
+def _listens_on_loopback(addr: str) -> bool:
+    """Whether only this host can reach `addr`: 127.0.0.0/8, ::1 (also as ::ffff:127.x) or
+    localhost. Any other name may resolve to a public address. An address that does not parse
+    is reported by the listen checks, not here."""
+    try:
+        host, _ = parse_listen(addr)
+    except ValueError:
+        return True
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def parse_listen(addr: str) -> tuple[str, int]:

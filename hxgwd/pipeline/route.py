@@ -18,7 +18,7 @@ from typing import Iterable
 import attrs
 
 from hxgwd.config.model import Routing
-from hxgwd.errors import BadRequest, Forbidden, NotFound
+from hxgwd.errors import BadRequest, Forbidden, NotFound, capped
 from hxgwd.routing import strategies
 from hxgwd.routing.breaker import HALF_OPEN
 from hxgwd.routing.estimator import Ewma, OutputLength
@@ -28,8 +28,8 @@ from hxgwd.runtime import Deployment, Principal, Runtime, Target
 
 def resolve(runtime: Runtime, name: str, kind: str, principal: Principal) -> Target:
     target = runtime.targets.get(name)
-    if target is None:
-        raise NotFound(f"The model '{name}' does not exist.", code="model_not_found", param="model")
+    if target is None:   # only here is `name` any length the client chose; below, a config name
+        raise NotFound(f"The model '{capped(name)}' does not exist.", code="model_not_found", param="model")
     if not principal.may_use(name):
         raise Forbidden(f"This key may not use the model '{name}'.", param="model")
     if target.kind != kind:

@@ -245,7 +245,6 @@ def _config_key_doc(k) -> dict:
 
 
 async def _keys_list(args: argparse.Namespace, config, store) -> int:
-    import json
     import time
 
     now = time.time()
@@ -253,7 +252,7 @@ async def _keys_list(args: argparse.Namespace, config, store) -> int:
     docs += [_config_key_doc(k) for k in config.keys]
     docs.sort(key=lambda d: (d["name"], d["source"]))
     if args.json:
-        print(json.dumps(docs, indent=2))
+        _print_json(docs)
         return 0
     header = ("NAME", "PREFIX", "SOURCE", "STATUS", "MODELS", "RPM", "TPM", "BUDGET", "EXPIRES")
     rows = [(d["name"], (d["prefix"] + "...") if d["prefix"] else "-", d["source"], d["status"],
@@ -264,7 +263,6 @@ async def _keys_list(args: argparse.Namespace, config, store) -> int:
 
 
 async def _keys_show(args: argparse.Namespace, config, store) -> int:
-    import json
     import time
 
     from hxgwd.store import KeyNotFound
@@ -277,11 +275,12 @@ async def _keys_show(args: argparse.Namespace, config, store) -> int:
             raise
         doc = _config_key_doc(matches[0])
     if args.json:
-        print(json.dumps(doc, indent=2))
+        _print_json(doc)
     else:
         for name, value in doc.items():
             if name != "id":
-                print(f"{name + ':':<15}{_dash(value) if not isinstance(value, list) else ','.join(value) or '*'}")
+                text = _dash(value) if not isinstance(value, list) else ",".join(value) or "*"
+                print(f"{name + ':':<15}{visible(text)}")
     return 0
 
 
@@ -303,7 +302,6 @@ async def _keys_revoke(args: argparse.Namespace, config, store) -> int:
 # --- usage -------------------------------------------------------------------------------------------
 
 async def _usage(args: argparse.Namespace, store, tz: str) -> int:
-    import json
     import time
 
     from hxgwd.store import iso_time
@@ -318,12 +316,12 @@ async def _usage(args: argparse.Namespace, store, tz: str) -> int:
     requests = total["requests"]
     total["avg_ms"] = round(sum(r["avg_ms"] * r["requests"] for r in rows) / requests, 3) if requests else 0.0
     if args.json:
-        print(json.dumps({"since": iso_time(since), "until": iso_time(until), "by": args.by, "key": args.key,
-                          "timezone": tz, "rows": rows, "total": total}, indent=2))
+        _print_json({"since": iso_time(since), "until": iso_time(until), "by": args.by, "key": args.key,
+                     "timezone": tz, "rows": rows, "total": total})
         return 0
     print(f"usage from {iso_time(since) or 'the start'} to {iso_time(until) or 'now'}, by {args.by}"
           + (f" ({tz})" if args.by == "day" else "")
-          + (f", key {args.key}" if args.key else ""))
+          + (f", key {visible(args.key)}" if args.key else ""))
     header = (args.by.upper(), "REQUESTS", "ERRORS", "PROMPT", "COMPLETION", "TOKENS", "COST USD", "AVG MS")
     body = [(_dash(r[args.by]), r["requests"], r["errors"], r["prompt_tokens"], r["completion_tokens"],
              r["total_tokens"], f"{r['cost_usd']:.4f}", f"{r['avg_ms']:.0f}") for r in rows]
@@ -388,8 +386,32 @@ def _budget(doc: dict) -> str:
     return "-" if doc["budget_usd"] is None else f"${doc['budget_usd']:g}/{doc['budget_period']}"
 
 
+def visible(text: str) -> str:
+    """`text` with each character a terminal could act on, or that could hide or reorder what is
+    shown, written as a Python escape (ESC as the four characters \\x1b): C0 and C1 controls, DEL,
+    bidi overrides and other format characters, line separators. Every table and line printed from
+    the database goes through it: model names in usage rows are whatever clients sent, and an ESC
+    sequence there could retitle or clear the operator's terminal."""
+    if text.isprintable():     # the common case; str.isprintable is False for all of the above
+        return text
+    return "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
+def _escaped(c: str) -> str:
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def _print_json(doc) -> None:
+    """JSON for scripts: json.dumps escapes C0 and (ensure_ascii) everything past ASCII, but not
+    DEL, which JSON allows raw; escaped too, so that no output of these commands carries one."""
+    import json
+
+    print(json.dumps(doc, indent=2).replace("\x7f", "\\u007f"))
+
+
 def _table(header: tuple, rows: list[tuple], numeric_from: int | None = None) -> None:
-    cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in row) for row in rows]
+    cells = [tuple(visible(str(c)) for c in header)] + [tuple(visible(str(c)) for c in row) for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     for row in cells:
         parts = [c.rjust(w) if numeric_from is not None and i >= numeric_from else c.ljust(w)
