@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from hxgwd.config.validate import NAME_RE
-from hxgwd.errors import BadRequest, NotFound, Unavailable, UpstreamTimeout, require_method
+from hxgwd.errors import BadRequest, NotFound, Unavailable, UpstreamTimeout, capped, require_method
 from hxgwd.pipeline.parse import json_document
 from hxgwd.runtime import Runtime
 
@@ -78,7 +78,7 @@ async def handle(gw: Any, rt: Runtime, request: Any, response: Any) -> None:
             except KeyExists as exc:
                 raise Conflict(str(exc)) from None
             except KeyNotFound as exc:
-                raise NotFound(str(exc), code="key_not_found") from None
+                raise NotFound(capped(str(exc)), code="key_not_found") from None
             except StoreTimeout:
                 raise DatabaseTimeout(f"The {what} timed out: the database did not answer within "
                                       f"{db.statement_timeout:g} s ([database] statement_timeout).") from None
@@ -90,7 +90,7 @@ async def handle(gw: Any, rt: Runtime, request: Any, response: Any) -> None:
             raise DatabaseTimeout(f"The {what} timed out: no answer within {limit:g} s "
                                   "([database] connect_timeout + statement_timeout).")
         return await _send(response, status, doc)
-    raise NotFound(f"Unknown endpoint {path}.", code="unknown_url")
+    raise NotFound(f"Unknown endpoint {capped(path)}.", code="unknown_url")
 
 
 async def _keys(gw: Any, store: Any, path: str, params: dict[str, str], request: Any) -> tuple[int, Any]:
@@ -121,7 +121,7 @@ def _key_fields(doc: dict[str, Any], gw: Any, config_names: set[str]) -> dict[st
     allowed = {"name", "models", "admin", "rpm", "tpm", "budget_usd", "budget_period", "expires_at"}
     unknown = set(doc) - allowed
     if unknown:
-        raise BadRequest(f"Unknown fields: {', '.join(sorted(unknown))}.", param=sorted(unknown)[0])
+        raise BadRequest(f"Unknown fields: {capped(', '.join(sorted(unknown)))}.", param=capped(sorted(unknown)[0]))
     name = doc.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name.strip()):
         raise BadRequest("'name' is 1-128 letters, digits and ._:/@- (starting with a letter or digit).",

@@ -19,7 +19,8 @@ import attrs
 from hxgwd.config import load
 from hxgwd.config import model as m
 from hxgwd.config.load import ConfigError
-from hxgwd.config.validate import HEX64_RE
+from hxgwd.config.validate import (EXAMPLE_KEY_SHA256, HEX64_RE, example_key_problem,
+                                   public_listen_address)
 
 
 @attrs.frozen
@@ -177,6 +178,7 @@ def read_secrets(config: m.Config, environ: Mapping[str, str] | None = None,
 
     digests: list[bytes | None] = []
     named: dict[bytes, str] = {}
+    public = public_listen_address(config.server)
     for i, k in enumerate(config.keys):
         if k.sha256:    # one that is not 64 hex digits is a problem of the draft's already
             digest: bytes | None = bytes.fromhex(k.sha256) if HEX64_RE.match(k.sha256) else None
@@ -184,6 +186,9 @@ def read_secrets(config: m.Config, environ: Mapping[str, str] | None = None,
             field = "key_env" if k.key_env else "key_file"
             value = secret(f"{entry_path('keys', i)}.{field}", k.key_env, k.key_file)
             digest = hashlib.sha256(value.encode()).digest() if value is not None else None
+            # the same refusal as for its sha256 in the file (validate.py), for the key itself
+            if digest is not None and public and digest.hex() == EXAMPLE_KEY_SHA256:
+                problems.append(example_key_problem(f"{entry_path('keys', i)}.{field}", public))
         if digest is not None and digest in named:
             problems.append(f"{entry_path('keys', i)}: same key as {named[digest]!r}")
         if digest is not None:

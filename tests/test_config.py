@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 
 import attrs
 import pytest
@@ -346,3 +347,24 @@ async def test_the_daemon_logs_config_warnings_at_start_and_keeps_its_config_on_
         assert await daemon.wait() == 0
     finally:
         daemon.kill()
+
+
+@pytest.mark.parametrize("source", ["key_env", "key_file"])
+def test_the_public_example_key_is_refused_from_an_env_variable_or_a_file_too(tmp_path, source):
+    (tmp_path / "key").write_text("sk-hx-dev-1234\n")
+    where = 'key_env = "HX_KEY"' if source == "key_env" else f'key_file = "{tmp_path}/key"'
+    text = textwrap.dedent(f"""
+        [server]
+        listen = ["0.0.0.0:4010"]
+        [[keys]]
+        name = "dev"
+        {where}
+    """)
+    path = tmp_path / "hxgwd.toml"
+    path.write_text(text)
+    os.chmod(path, 0o600)
+    out = run_cli("--check-config", "-c", str(path), env={"HX_KEY": "sk-hx-dev-1234"})
+    assert out.returncode == 1
+    assert f"  error: keys[0].{source}: this is the public example key sk-hx-dev-1234" in out.stderr
+    path.write_text(text.replace("0.0.0.0:4010", "127.0.0.1:4010"))
+    assert run_cli("--check-config", "-c", str(path), env={"HX_KEY": "sk-hx-dev-1234"}).returncode == 0

@@ -75,9 +75,7 @@ def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list
         if k.sha256 and not HEX64_RE.match(k.sha256):
             p.append(f"{path}.sha256: must be 64 lowercase hex digits (sha256 of the key)")
         if k.sha256 == EXAMPLE_KEY_SHA256 and public:
-            p.append(f"{path}.sha256: this is the public example key sk-hx-dev-1234; refused while server.listen "
-                     f"has {public[0]!r}, which is not loopback: make a key with `hxgwd genkey` or "
-                     "`hxgwd keys create`")
+            p.append(example_key_problem(f"{path}.sha256", public[0]))
 
     backend_names: set[str] = set()
     for i, b in enumerate(c.backends):
@@ -240,6 +238,16 @@ def check_url(url: str) -> str | None:
     if parts.username or parts.password:
         return "must not hold credentials; use api_key_env or api_key_file"
     return None
+
+
+def public_listen_address(server: m.Server) -> str | None:
+    """The first listen address that is not loopback, or None."""
+    return next((addr for addr in server.listen if not _listens_on_loopback(addr)), None)
+
+
+def example_key_problem(path: str, public: str) -> str:
+    return (f"{path}: this is the public example key sk-hx-dev-1234; refused while server.listen "
+            f"has {public!r}, which is not loopback: make a key with `hxgwd genkey` or `hxgwd keys create`")
 
 
 def _listens_on_loopback(addr: str) -> bool:

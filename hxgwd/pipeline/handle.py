@@ -19,7 +19,7 @@ from typing import Any, Callable
 import trio
 
 from hxgwd import __version__
-from hxgwd.errors import BadRequest, GatewayError, NotFound, ShuttingDown, require_method
+from hxgwd.errors import BadRequest, GatewayError, NotFound, ShuttingDown, capped, require_method
 from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
 from hxgwd import admin
@@ -122,7 +122,7 @@ class Gateway:
             ex.status = 200
             return
         if path not in API_POST:
-            raise NotFound(f"Unknown endpoint {path}.", code="unknown_url")
+            raise NotFound(f"Unknown endpoint {capped(path)}.", code="unknown_url")
         if head.method != "POST":
             require_method(head.method, "POST")
         body = await request.read_body()
@@ -156,7 +156,7 @@ class Gateway:
         if path != "/v1/models":
             wanted = urllib.parse.unquote(path[len("/v1/models/"):])   # the SDK quotes the "/" of "org/model"
             if wanted not in names:
-                raise NotFound(f"The model '{wanted}' does not exist.", code="model_not_found", param="model")
+                raise NotFound(f"The model '{capped(wanted)}' does not exist.", code="model_not_found", param="model")
             body = json.dumps(_model_entry(rt, wanted)).encode()
         else:
             cache_key = (rt.generation, principal.allowed)
