@@ -30,7 +30,11 @@ reset / closed / timeout / refused) as JSON, and the canary's latencies. Attacks
   (slowbody and idleflood count a connection as held from its connect, also while it waits in
   the kernel's accept backlog: from the client's side the two cannot be told apart.)
   canary     legitimate: GET /healthz on a new connection every 100 ms, 2 s allowed each; prints
-             p50/p99/max latency and failures (target: p99 < 50 ms, 0 failures).
+             p50/p99/max latency, failures and the 3 worst probes with their time from the start
+             (target: p99 < 50 ms, 0 failures). It sees both a stalled event loop and connections
+             left unaccepted.
+  canary-ka  the same on one keep-alive connection opened at the start (a new one after a
+             failure): sees a stalled event loop alone.
 """
 
 from __future__ import annotations
@@ -455,26 +459,62 @@ def idleflood(port: int, tally: Tally, max_connections: int) -> None:
 
 # --- the canary --------------------------------------------------------------------------------------
 
+HEALTHZ = request(b"", "/healthz", key=None, method="GET")
+
+
 def canary(port: int, tally: Tally) -> None:
-    data = request(b"", "/healthz", key=None, method="GET")
+    """A new client every 100 ms: sees both a stalled event loop and connections not accepted."""
     tick = time.monotonic()
     while running():
-        outcome, seconds, _ = exchange(port, data, 2.0)
+        outcome, seconds, _ = exchange(port, HEALTHZ, 2.0)
         if outcome == "cut at the end":
             break
-        tally.seconds.setdefault("", []).append(seconds)
-        if outcome != "200":
-            tally.add(outcome)
+        tally.add(outcome, seconds, group=f"{time.monotonic() - seconds - START:.1f}")
         tick = max(tick + 0.1, time.monotonic())
         pause(tick - time.monotonic())
 
 
-def canary_line(tally: Tally) -> str:
-    s = sorted(tally.seconds.get("", []))
-    failures = sum(tally.counts.values())
-    return (f"canary /healthz (new connection every 100 ms, 2 s allowed): n={len(s)} failures={failures}"
-            f" {json.dumps(tally.counts)} p50={pct(s, 50) * 1000:.1f}ms p99={pct(s, 99) * 1000:.1f}ms"
-            f" max={(s[-1] if s else 0) * 1000:.1f}ms")
+def canary_keepalive(port: int, tally: Tally) -> None:
+    """One keep-alive connection, opened before the floods, asking every 100 ms: sees a stalled
+    event loop alone. A failed probe closes the connection and the next one opens a new one."""
+    sock: socket.socket | None = None
+    tick = time.monotonic()
+    while running():
+        t0 = time.monotonic()
+        try:
+            if sock is None:
+                sock = socket.create_connection((HOST, port), timeout=2.0)
+                tally.peak("connections", tally.extra.get("connections", 0) + 1)
+            send_all(sock, HEALTHZ, t0 + 2.0)
+            outcome, _ = read_response(sock, t0 + 2.0)
+        except Stopped:
+            break
+        except (TimedOut, socket.timeout):
+            outcome = "timeout"
+        except OSError as exc:
+            outcome = type(exc).__name__
+        if outcome != "200" and sock is not None:
+            sock.close()
+            sock = None
+        tally.add(outcome, time.monotonic() - t0, group=f"{t0 - START:.1f}")
+        tick = max(tick + 0.1, time.monotonic())
+        pause(tick - time.monotonic())
+    if sock is not None:
+        sock.close()
+
+
+def canary_line(tally: Tally, what: str) -> str:
+    samples = [(sec, float(at)) for at, secs in tally.seconds.items() for sec in secs]
+    s = sorted(sec for sec, _ in samples)
+    failures = {k: v for k, v in sorted(tally.counts.items()) if k != "200"}
+    worst = ", ".join(f"{sec * 1000:.0f}ms@{at:.0f}s" for sec, at in sorted(samples, reverse=True)[:3])
+    extra = "".join(f" {k}={v:g}" for k, v in sorted(tally.extra.items()))
+    return (f"{tally.name} /healthz ({what}, 2 s allowed): n={len(s)} failures={sum(failures.values())}"
+            f" {json.dumps(failures)} p50={pct(s, 50) * 1000:.1f}ms p99={pct(s, 99) * 1000:.1f}ms"
+            f" max={(s[-1] if s else 0) * 1000:.1f}ms; worst at (s from start): {worst or '-'}{extra}")
+
+
+ATTACKS = ("chaos", "fanout", "huge", "bigname", "slowbody", "idleflood", "canary", "canary-ka")
 
 
 def main() -> None:
@@ -483,19 +523,20 @@ def main() -> None:
     ap.add_argument("port", type=int)
     ap.add_argument("seconds", type=float)
     ap.add_argument("threads", type=int, nargs="?", default=6, help="chaos threads (6)")
-    ap.add_argument("--only", default="chaos,fanout,huge,bigname,slowbody,idleflood,canary",
+    ap.add_argument("--only", default=",".join(ATTACKS),
                     help="comma-separated attacks to run (default: all)")
     ap.add_argument("--max-connections", type=int, default=256, help="the gateway's max_connections")
     a = ap.parse_args()
     END = time.monotonic() + a.seconds
     wanted = a.only.split(",")
-    unknown = set(wanted) - {"chaos", "fanout", "huge", "bigname", "slowbody", "idleflood", "canary"}
+    unknown = set(wanted) - set(ATTACKS)
     if unknown:
         ap.error(f"unknown attack(s): {', '.join(sorted(unknown))}")
     plan: list[tuple[str, Callable[..., None], tuple, int]] = [
         ("chaos", chaos, (), a.threads), ("fanout", fanout, (), 1), ("huge", huge, (), 1),
         ("bigname", bigname, (), 1), ("slowbody", slowbody, (), 1),
-        ("idleflood", idleflood, (a.max_connections,), 1), ("canary", canary, (), 1)]
+        ("idleflood", idleflood, (a.max_connections,), 1), ("canary", canary, (), 1),
+        ("canary-ka", canary_keepalive, (), 1)]
     tallies = {name: Tally(name, "held" if name in ("slowbody", "idleflood") else "time")
                for name, *_ in plan}
     pool = [threading.Thread(target=fn, args=(a.port, tallies[name], *args), name=name, daemon=True)
@@ -506,7 +547,9 @@ def main() -> None:
         t.join(max(0.1, END + 15.0 - time.monotonic()))
     stuck = [t.name for t in pool if t.is_alive()]
     for name in [n for n in tallies if n in wanted]:
-        print(canary_line(tallies[name]) if name == "canary" else tallies[name].line())
+        print(canary_line(tallies[name], "a new connection every 100 ms") if name == "canary"
+              else canary_line(tallies[name], "one keep-alive connection, every 100 ms") if name == "canary-ka"
+              else tallies[name].line())
     if stuck:
         print(f"still running after the end + 15 s (abandoned): {', '.join(stuck)}")
 

@@ -2,13 +2,14 @@
 # Soak: SECONDS (default 240) of mixed load and abuse against one hxgwd, on loopback ports of its
 # own (gateway 4320, fake upstreams 18380-18382). Every 10 s it prints hxgwd's RSS, open fds and
 # threads; at the end the gateway's /admin/stats, a clean SIGTERM, wrk's counts, one line per
-# attack and the canary's latencies.
+# attack and the canaries' latencies.
 #
 #   bench/soak/run.sh [SECONDS]
 #
 # Legitimate load, which must see 0 non-2xx and 0 socket errors: wrk chat (24 conns, static
-# upstream), wrk streamed chat (8 conns, pyup), and clients.py's canary (GET /healthz on a new
-# connection every 100 ms; target p99 < 50 ms, 0 failures).
+# upstream), wrk streamed chat (8 conns, pyup), and clients.py's two canaries, GET /healthz every
+# 100 ms on a new connection each time (canary: also sees connections left unaccepted) and on one
+# keep-alive connection (canary-ka: event-loop stalls alone); target p99 < 50 ms, 0 failures.
 # Abuse (clients.py; each attack in its own thread(s), bounded, stopping by itself at the end):
 # the chaos mix (hang-ups, resets, slow readers, slowloris heads, noise, unfinished bodies),
 # embeddings fan-out on a "prompt" backend (20,000 items and 2,048 items), 10-15 MB chat and 8 MB
@@ -21,7 +22,7 @@
 # Env: SHARED_BENCH (default <repo>/../shared/bench, else beside the main worktree), HXGWD_PYTHON
 # (default <repo>/.venv/bin/python, else the main worktree's), SOAK_MAX_CONNECTIONS (256),
 # SOAK_ATTACKS (clients.py --only: a comma-separated subset of chaos,fanout,huge,bigname,slowbody,
-# idleflood,canary; default all). With today's idle lockout every attack that opens new
+# idleflood,canary,canary-ka; default all). With today's idle lockout every attack that opens new
 # connections (the big requests, the canary) waits behind the flood: a subset shows each alone.
 # hxgwd runs from this checkout (PYTHONPATH=<repo>), whatever the venv has installed.
 set -euo pipefail
