@@ -96,7 +96,7 @@ class Tally:
             label = f"{group} {self.time_label}" if group else self.time_label
             out += f" | {label} p50={pct(s, 50):.2f}s max={s[-1]:.2f}s"
         for k, v in sorted(self.extra.items()):
-            out += f" {k}={v:g}"
+            out += f" {k}={v:,.0f}" if v >= 10_000 else f" {k}={v:g}"
         return out
 
 
