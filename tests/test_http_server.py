@@ -182,6 +182,25 @@ async def test_idle_keepalive_closed_silently(nursery, autojump_clock):
         assert await stream.receive_some(100) == b""       # closed after 3 s, nothing sent
 
 
+async def test_a_connection_that_never_sends_is_closed_after_the_header_timeout(nursery, autojump_clock):
+    # not after the keep-alive timeout: it has no request yet, and holds a connection slot
+    port, _ = await start(nursery, header_timeout=5, keepalive_timeout=3600)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    with trio.fail_after(5 + 1):
+        assert await stream.receive_some(100) == b""
+
+
+async def test_the_first_head_is_due_header_timeout_after_the_connect(nursery, autojump_clock):
+    # a first byte just before the deadline does not buy a whole header timeout more
+    port, _ = await start(nursery, header_timeout=5, keepalive_timeout=3600)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await trio.sleep(4)
+    await stream.send_all(b"GET / HTTP/1.1\r\n")
+    with trio.fail_after(1 + 0.5):
+        out = await stream.receive_some(4096)
+    assert out.startswith(b"HTTP/1.1 408")
+
+
 async def test_expect_100_continue(nursery):
     port, _ = await start(nursery)
     stream = await trio.open_tcp_stream("127.0.0.1", port)

@@ -19,6 +19,7 @@ client, usually still sending, is not reset before it read the answer.
 
 from __future__ import annotations
 
+import math
 import socket
 from typing import AsyncIterator, Awaitable, Callable, Protocol
 
@@ -154,6 +155,9 @@ class HttpConnection:
         self._cancel_connection = trio.CancelScope()   # replaced by the nursery's in run()
         self._handling = False
         self._head: RequestHead | None = None
+        # the first request's head is due header_timeout after the connect, its first byte included:
+        # a connection that sends nothing holds its slot that long, not the keep-alive timeout
+        self._head_due = trio.current_time() + first.header_timeout
         self.closing = False        # the connection ends after this response, which says so
         self.client_gone = False
         try:
@@ -229,7 +233,9 @@ class HttpConnection:
 
     async def _next_request(self, settings: Server) -> RequestHead | None:
         """The next request's head: waits up to the keep-alive timeout for its first byte, then up
-        to the header timeout for the rest; None when the client closed or stayed idle."""
+        to the header timeout for the rest (for the first request, up to the header timeout from
+        the connect for all of it); None when the client closed or stayed idle."""
+        due = self._head_due
         # A pipelined request may be in the parser whole already. Asking the parser first, rather
         # than whether it holds any bytes, keeps the question cheap: h11 answers that one only with
         # a copy of its whole buffer, once per request of a pipeline (quadratic in its length).
@@ -240,11 +246,12 @@ class HttpConnection:
                 await self._take_turn()
             else:
                 self._ready_in_a_row = 0
-                if not await self._wait_for_first_byte(settings):
+                if not await self._wait_for_first_byte(min(due, trio.current_time() + settings.keepalive_timeout)):
                     return None
-            event = await self.next_event(settings.header_timeout, "head")
+            event = await self.next_event(settings.header_timeout, "head", due)
         else:
             await self._take_turn()
+        self._head_due = math.inf
         if event is PEER_CLOSED:
             return None
         if type(event) is not RequestHead:
@@ -259,9 +266,9 @@ class HttpConnection:
         if self._ready_in_a_row % YIELD_EVERY == 0:
             await trio.lowlevel.checkpoint()
 
-    async def _wait_for_first_byte(self, settings: Server) -> bool:
-        """Wait, up to the keep-alive timeout, for the first byte of the next request."""
-        with trio.CancelScope(deadline=trio.current_time() + settings.keepalive_timeout) as idle:
+    async def _wait_for_first_byte(self, deadline: float) -> bool:
+        """Wait, up to `deadline`, for the first byte of the next request."""
+        with trio.CancelScope(deadline=deadline) as idle:
             self._life.idle_scopes.add(idle)
             try:
                 if self._life.draining:
@@ -365,9 +372,10 @@ class HttpConnection:
         if not self._receiving:
             self._read_permit.set()
 
-    async def next_event(self, timeout: float, phase: str) -> object:
-        """The next protocol event, receiving as needed; RequestTimeout after `timeout`."""
-        deadline = trio.current_time() + timeout
+    async def next_event(self, timeout: float, phase: str, due: float = math.inf) -> object:
+        """The next protocol event, receiving as needed; RequestTimeout after `timeout`, or at
+        `due` if sooner."""
+        deadline = min(trio.current_time() + timeout, due)
         while True:
             event = self.protocol.next()
             if event is not NEED_DATA:
