@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from hxgwd.config.model import Server
-from hxgwd.pipeline.connection import HttpConnection, Request, Response
+from hxgwd.pipeline.connection import LINGER_SECONDS, HttpConnection, Request, Response
 from hxgwd.pipeline.listen import accept_loop, open_listeners
 
 
@@ -160,6 +160,48 @@ async def test_a_large_body_left_unread_still_lets_the_client_read_the_answer(nu
         while chunk := await stream.receive_some(65536):
             out += chunk
     assert out.startswith(b"HTTP/1.1 " + status) and b"connection: close" in out.lower()
+
+
+async def test_an_answer_before_the_body_closes_instead_of_waiting_for_it(nursery, autojump_clock):
+    # read and dropped to keep the connection, a trickled body held the connection (and a slot)
+    # for as long as the client liked, without a key; now the answer says close and means it
+    port, _ = await start(nursery, body_timeout=30)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(b"POST /refuse HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+    out = b""
+    with trio.fail_after(LINGER_SECONDS + 1):
+        while chunk := await stream.receive_some(4096):
+            out += chunk
+            await stream.send_all(b"d")          # still sending, within the body timeout
+    assert out.startswith(b"HTTP/1.1 401") and b"connection: close" in out.lower()
+
+
+async def test_an_answer_before_a_body_that_is_here_already_keeps_the_connection(nursery):
+    # nothing to wait for: the body is dropped from the parser, and the client need not reconnect
+    port, _ = await start(nursery)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(b"POST /refuse HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
+    out = await stream.receive_some(4096)
+    assert out.startswith(b"HTTP/1.1 401") and b"connection: close" not in out.lower()
+    await stream.send_all(POST)
+    assert (await stream.receive_some(4096)).endswith(b"got:abc")
+    await stream.aclose()
+
+
+async def test_a_body_trickled_within_the_body_timeout_is_408_at_its_total_timeout(nursery, autojump_clock):
+    port, _ = await start(nursery, body_timeout=5, body_total_timeout=12)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n")
+    out = b""
+    with trio.fail_after(12 + 1):
+        with trio.move_on_after(100 * 4):
+            while True:
+                await stream.send_all(b"a")      # a byte every 4 s: never 5 s without one
+                with trio.move_on_after(4):
+                    if chunk := await stream.receive_some(4096):
+                        out += chunk
+                        break
+    assert out.startswith(b"HTTP/1.1 408") and b"connection: close" in out.lower()
 
 
 async def test_slow_body_408_closes_at_once(nursery, autojump_clock):
