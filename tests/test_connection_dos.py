@@ -73,3 +73,27 @@ async def test_keyless_clients_trickling_bodies_cannot_hold_the_connections(nurs
         assert out.startswith(b"HTTP/1.1 401") and b"connection: close" in out.lower()
         assert set(json.loads(out.split(b"\r\n\r\n", 1)[1])["error"]) == {"message", "type", "param", "code"}
     await gw.stop()
+
+
+async def test_idle_connections_filling_the_cap_do_not_lock_out_a_new_client(nursery):
+    # as many keep-alive connections as the cap allows, each idle after one request: a new client
+    # is served at once, not after their keep-alive timeout
+    gw = await start_gateway(nursery, config(keepalive_timeout=3600, header_timeout=3600))
+    port = port_of(gw)
+    held = []
+    for _ in range(CAP):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        with trio.fail_after(5):
+            assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 200")
+        held.append(stream)
+    for _ in range(CAP):
+        started = trio.current_time()
+        with trio.fail_after(2):
+            r = await gw.client.get("/healthz")
+        assert r.status_code == 200
+    print(f"last new client served after {trio.current_time() - started:.3f} s")
+    assert len(gw.life.idle_scopes) <= CAP
+    for stream in held:
+        await stream.aclose()
+    await gw.stop()

@@ -10,13 +10,13 @@ import trio
 
 from hxgwd.config.model import Server
 from hxgwd.pipeline.connection import LINGER_SECONDS, HttpConnection, Request, Response
-from hxgwd.pipeline.listen import accept_loop, open_listeners
+from hxgwd.pipeline.listen import IdleConnections, accept_loop, open_listeners
 
 
 @attrs.define
 class Life:
     draining: bool = False
-    idle_scopes: set = attrs.field(factory=set)
+    idle_scopes: IdleConnections = attrs.field(factory=IdleConnections)
     errors: list = attrs.field(factory=list)
     refused: list = attrs.field(factory=list)
 
@@ -46,7 +46,7 @@ async def start(nursery, handler=echo_handler, **settings) -> tuple[int, Life]:
     async def serve(stream):
         await HttpConnection(stream, lambda: server, handler, life).run()
 
-    nursery.start_soon(accept_loop, listener, slots, nursery, serve, lambda exc: None)
+    nursery.start_soon(accept_loop, listener, slots, life.idle_scopes, nursery, serve, lambda exc: None)
     return listener.socket.getsockname()[1], life
 
 
@@ -257,21 +257,42 @@ async def test_expect_100_continue(nursery):
     await stream.aclose()
 
 
-async def test_connection_cap_waits_in_backlog(nursery):
+async def test_connection_cap_waits_in_backlog_while_every_connection_is_mid_request(nursery):
     port, _ = await start(nursery, max_connections=1)
     first = await trio.open_tcp_stream("127.0.0.1", port)
-    await first.send_all(POST)
-    assert (await first.receive_some(4096)).startswith(b"HTTP/1.1 200")
-    second = await trio.open_tcp_stream("127.0.0.1", port)     # connects (kernel backlog) ...
+    await first.send_all(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\nab")
+    with trio.fail_after(5):
+        assert (await first.receive_some(4096)).startswith(b"HTTP/1.1 100")   # mid-body: kept for it
+    second = await trio.open_tcp_stream("127.0.0.1", port)       # connects (kernel backlog) ...
     await second.send_all(POST)
     with trio.move_on_after(0.3) as waited:
         await second.receive_some(4096)                          # ... but is not served yet
     assert waited.cancelled_caught
-    await first.aclose()
+    await first.send_all(b"c")
     with trio.fail_after(5):
+        assert (await first.receive_some(4096)).endswith(b"got:abc")
+        # now idle, the first connection makes room for the second, which waits in the backlog
+        assert await first.receive_some(4096) == b""
         assert (await second.receive_some(4096)).startswith(b"HTTP/1.1 200")
     await second.aclose()
 
+
+async def test_at_the_cap_the_longest_idle_connection_makes_room_for_a_new_client(nursery):
+    # keep-alive connections waiting for their next request must not lock out new clients
+    port, _ = await start(nursery, max_connections=4, keepalive_timeout=3600, header_timeout=3600)
+    idle = []
+    for _ in range(4):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(POST)
+        assert (await stream.receive_some(4096)).endswith(b"got:abc")
+        idle.append(stream)
+    with trio.fail_after(2):
+        assert (await talk(port, POST, read_until_close=False)).endswith(b"got:abc")
+        assert await idle[0].receive_some(4096) == b""          # the longest idle was closed
+        await idle[1].send_all(POST)                             # the others were not
+        assert (await idle[1].receive_some(4096)).endswith(b"got:abc")
+    for stream in idle:
+        await stream.aclose()
 
 
 async def test_queued_connections_are_accepted_in_one_turn_while_the_loop_is_busy(nursery):
@@ -299,7 +320,7 @@ async def test_queued_connections_are_accepted_in_one_turn_while_the_loop_is_bus
     for _ in range(8):
         nursery.start_soon(busy)
     slots = trio.Semaphore(server.max_connections)
-    nursery.start_soon(accept_loop, listener, slots, nursery, serve, lambda exc: None)
+    nursery.start_soon(accept_loop, listener, slots, IdleConnections(), nursery, serve, lambda exc: None)
     with trio.fail_after(5):
         while len(accepted_at) < 4:
             await trio.sleep(0.001)

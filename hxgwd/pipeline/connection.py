@@ -30,6 +30,7 @@ import trio
 
 from hxgwd.config.model import Server
 from hxgwd.errors import GatewayError, PayloadTooLarge, RequestTimeout
+from hxgwd.pipeline.listen import IdleConnections
 from hxgwd.pipeline.parse import (END_OF_BODY, NEED_DATA, PEER_CLOSED, Headers, RequestHead,
                                   ServerConn)
 from hxgwd.sockio import SocketIO
@@ -48,7 +49,7 @@ class ClientGone(Exception):
 
 class Lifecycle(Protocol):
     draining: bool
-    idle_scopes: set[trio.CancelScope]
+    idle_scopes: IdleConnections
 
     def log_exception(self, where: str, exc: BaseException) -> None: ...
 
@@ -271,7 +272,7 @@ class HttpConnection:
     async def _wait_for_first_byte(self, deadline: float) -> bool:
         """Wait, up to `deadline`, for the first byte of the next request."""
         with trio.CancelScope(deadline=deadline) as idle:
-            self._life.idle_scopes.add(idle)
+            self._life.idle_scopes.add(idle, keep_alive=self._head_due == math.inf)
             try:
                 if self._life.draining:
                     return False
