@@ -26,7 +26,7 @@ from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
 from hxgwd.pipeline.connection import HttpConnection
 from hxgwd.pipeline.handle import Gateway
-from hxgwd.pipeline.listen import accept_loop, bound_addresses, open_listeners
+from hxgwd.pipeline.listen import IdleConnections, accept_loop, bound_addresses, open_listeners
 from hxgwd.pipeline.route import Router
 from hxgwd.services import Services, open_services
 from hxgwd.runtime import Runtime, RuntimeHolder, build_runtime
@@ -49,7 +49,7 @@ class Lifecycle:
     draining: bool = False
     listening: bool = False
     forced: bool = False
-    idle_scopes: set[trio.CancelScope] = attrs.field(factory=set)
+    idle_scopes: IdleConnections = attrs.field(factory=IdleConnections)
     accepting: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     connections: trio.CancelScope | None = None
 
@@ -71,7 +71,7 @@ class Lifecycle:
             return
         self.draining = True
         self.accepting.cancel()
-        for scope in list(self.idle_scopes):
+        for scope in self.idle_scopes:
             scope.cancel()
 
     def statistics(self) -> dict[str, object]:
@@ -219,7 +219,7 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services,
                     slots = trio.Semaphore(cfg.server.max_connections)
                     async with trio.open_nursery() as acceptors:
                         for listener in listeners:
-                            acceptors.start_soon(accept_loop, listener, slots, connections,
+                            acceptors.start_soon(accept_loop, listener, slots, life.idle_scopes, connections,
                                                  serve_connection, on_resource_error)
                         life.listening = True
                         daemon.log.info("listening", addresses=addresses,

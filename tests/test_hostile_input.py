@@ -109,3 +109,37 @@ async def test_admin_key_fields_are_checked(nursery, tmp_path):
     r = await gw.client.get("/admin/usage?since=nan", headers=AUTH)
     assert r.status_code == 400
     assert [line for line in gw.log.lines() if line["level"] == "error"] == []
+
+
+@pytest.mark.parametrize("name, value", [
+    (b"x-note", b"a\x7fb"), (b"x-note", b"a\x01b"), (b"x-note", b"a\x1bb"), (b"authorization", b"Bearer \x7f"),
+], ids=["del", "soh", "esc", "del-in-key"])
+async def test_control_characters_in_a_header_value_are_400_and_never_forwarded(nursery, upstream, name, value):
+    # h11 takes every byte but NUL, CR, LF and the other whitespace in a value; DEL and the C0
+    # controls would go on to the upstream, whose parser may read the head otherwise
+    gw = await start_gateway(nursery, gateway_config(f"""
+        [[backends]]
+        name = "u"
+        url = "{upstream.url}"
+        [[models]]
+        name = "m"
+        backend = "u"
+    """))
+    port = int(gw.url.rsplit(":", 1)[1])
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    headers = {b"authorization": AUTH["Authorization"].encode(), name: value}
+    head = b"".join(n + b": " + v + b"\r\n" for n, v in headers.items())
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n%s\r\n%s" % (len(body), head, body))
+    out = b""
+    with trio.move_on_after(5):       # the answer then the close; a request let through is kept alive
+        while chunk := await stream.receive_some(65536):
+            out += chunk
+    assert out.startswith(b"HTTP/1.1 400"), out[:40]
+    assert b"connection: close" in out.lower()
+    assert json.loads(out.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_http"
+    assert upstream.requests == []
+    r = await gw.post("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                      headers={"X-Note": "tab\tis fine"})
+    assert r.status_code == 200 and len(upstream.requests) == 1

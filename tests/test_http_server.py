@@ -9,14 +9,14 @@ import pytest
 import trio
 
 from hxgwd.config.model import Server
-from hxgwd.pipeline.connection import HttpConnection, Request, Response
-from hxgwd.pipeline.listen import accept_loop, open_listeners
+from hxgwd.pipeline.connection import LINGER_SECONDS, HttpConnection, Request, Response
+from hxgwd.pipeline.listen import IdleConnections, accept_loop, open_listeners
 
 
 @attrs.define
 class Life:
     draining: bool = False
-    idle_scopes: set = attrs.field(factory=set)
+    idle_scopes: IdleConnections = attrs.field(factory=IdleConnections)
     errors: list = attrs.field(factory=list)
     refused: list = attrs.field(factory=list)
 
@@ -46,7 +46,7 @@ async def start(nursery, handler=echo_handler, **settings) -> tuple[int, Life]:
     async def serve(stream):
         await HttpConnection(stream, lambda: server, handler, life).run()
 
-    nursery.start_soon(accept_loop, listener, slots, nursery, serve, lambda exc: None)
+    nursery.start_soon(accept_loop, listener, slots, life.idle_scopes, nursery, serve, lambda exc: None)
     return listener.socket.getsockname()[1], life
 
 
@@ -162,6 +162,48 @@ async def test_a_large_body_left_unread_still_lets_the_client_read_the_answer(nu
     assert out.startswith(b"HTTP/1.1 " + status) and b"connection: close" in out.lower()
 
 
+async def test_an_answer_before_the_body_closes_instead_of_waiting_for_it(nursery, autojump_clock):
+    # read and dropped to keep the connection, a trickled body held the connection (and a slot)
+    # for as long as the client liked, without a key; now the answer says close and means it
+    port, _ = await start(nursery, body_timeout=30)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(b"POST /refuse HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+    out = b""
+    with trio.fail_after(LINGER_SECONDS + 1):
+        while chunk := await stream.receive_some(4096):
+            out += chunk
+            await stream.send_all(b"d")          # still sending, within the body timeout
+    assert out.startswith(b"HTTP/1.1 401") and b"connection: close" in out.lower()
+
+
+async def test_an_answer_before_a_body_that_is_here_already_keeps_the_connection(nursery):
+    # nothing to wait for: the body is dropped from the parser, and the client need not reconnect
+    port, _ = await start(nursery)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(b"POST /refuse HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
+    out = await stream.receive_some(4096)
+    assert out.startswith(b"HTTP/1.1 401") and b"connection: close" not in out.lower()
+    await stream.send_all(POST)
+    assert (await stream.receive_some(4096)).endswith(b"got:abc")
+    await stream.aclose()
+
+
+async def test_a_body_trickled_within_the_body_timeout_is_408_at_its_total_timeout(nursery, autojump_clock):
+    port, _ = await start(nursery, body_timeout=5, body_total_timeout=12)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n")
+    out = b""
+    with trio.fail_after(12 + 1):
+        with trio.move_on_after(100 * 4):
+            while True:
+                await stream.send_all(b"a")      # a byte every 4 s: never 5 s without one
+                with trio.move_on_after(4):
+                    if chunk := await stream.receive_some(4096):
+                        out += chunk
+                        break
+    assert out.startswith(b"HTTP/1.1 408") and b"connection: close" in out.lower()
+
+
 async def test_slow_body_408_closes_at_once(nursery, autojump_clock):
     port, _ = await start(nursery, body_timeout=5)
     with trio.fail_after(5 + 1):      # not 5 more seconds waiting for the rest of the body
@@ -182,6 +224,25 @@ async def test_idle_keepalive_closed_silently(nursery, autojump_clock):
         assert await stream.receive_some(100) == b""       # closed after 3 s, nothing sent
 
 
+async def test_a_connection_that_never_sends_is_closed_after_the_header_timeout(nursery, autojump_clock):
+    # not after the keep-alive timeout: it has no request yet, and holds a connection slot
+    port, _ = await start(nursery, header_timeout=5, keepalive_timeout=3600)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    with trio.fail_after(5 + 1):
+        assert await stream.receive_some(100) == b""
+
+
+async def test_the_first_head_is_due_header_timeout_after_the_connect(nursery, autojump_clock):
+    # a first byte just before the deadline does not buy a whole header timeout more
+    port, _ = await start(nursery, header_timeout=5, keepalive_timeout=3600)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await trio.sleep(4)
+    await stream.send_all(b"GET / HTTP/1.1\r\n")
+    with trio.fail_after(1 + 0.5):
+        out = await stream.receive_some(4096)
+    assert out.startswith(b"HTTP/1.1 408")
+
+
 async def test_expect_100_continue(nursery):
     port, _ = await start(nursery)
     stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -196,21 +257,42 @@ async def test_expect_100_continue(nursery):
     await stream.aclose()
 
 
-async def test_connection_cap_waits_in_backlog(nursery):
+async def test_connection_cap_waits_in_backlog_while_every_connection_is_mid_request(nursery):
     port, _ = await start(nursery, max_connections=1)
     first = await trio.open_tcp_stream("127.0.0.1", port)
-    await first.send_all(POST)
-    assert (await first.receive_some(4096)).startswith(b"HTTP/1.1 200")
-    second = await trio.open_tcp_stream("127.0.0.1", port)     # connects (kernel backlog) ...
+    await first.send_all(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\nab")
+    with trio.fail_after(5):
+        assert (await first.receive_some(4096)).startswith(b"HTTP/1.1 100")   # mid-body: kept for it
+    second = await trio.open_tcp_stream("127.0.0.1", port)       # connects (kernel backlog) ...
     await second.send_all(POST)
     with trio.move_on_after(0.3) as waited:
         await second.receive_some(4096)                          # ... but is not served yet
     assert waited.cancelled_caught
-    await first.aclose()
+    await first.send_all(b"c")
     with trio.fail_after(5):
+        assert (await first.receive_some(4096)).endswith(b"got:abc")
+        # now idle, the first connection makes room for the second, which waits in the backlog
+        assert await first.receive_some(4096) == b""
         assert (await second.receive_some(4096)).startswith(b"HTTP/1.1 200")
     await second.aclose()
 
+
+async def test_at_the_cap_the_longest_idle_connection_makes_room_for_a_new_client(nursery):
+    # keep-alive connections waiting for their next request must not lock out new clients
+    port, _ = await start(nursery, max_connections=4, keepalive_timeout=3600, header_timeout=3600)
+    idle = []
+    for _ in range(4):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(POST)
+        assert (await stream.receive_some(4096)).endswith(b"got:abc")
+        idle.append(stream)
+    with trio.fail_after(2):
+        assert (await talk(port, POST, read_until_close=False)).endswith(b"got:abc")
+        assert await idle[0].receive_some(4096) == b""          # the longest idle was closed
+        await idle[1].send_all(POST)                             # the others were not
+        assert (await idle[1].receive_some(4096)).endswith(b"got:abc")
+    for stream in idle:
+        await stream.aclose()
 
 
 async def test_queued_connections_are_accepted_in_one_turn_while_the_loop_is_busy(nursery):
@@ -238,7 +320,7 @@ async def test_queued_connections_are_accepted_in_one_turn_while_the_loop_is_bus
     for _ in range(8):
         nursery.start_soon(busy)
     slots = trio.Semaphore(server.max_connections)
-    nursery.start_soon(accept_loop, listener, slots, nursery, serve, lambda exc: None)
+    nursery.start_soon(accept_loop, listener, slots, IdleConnections(), nursery, serve, lambda exc: None)
     with trio.fail_after(5):
         while len(accepted_at) < 4:
             await trio.sleep(0.001)

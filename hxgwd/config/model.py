@@ -25,6 +25,7 @@ class Server:
     max_body_bytes: int = 16 * MiB       # request body; more -> 413
     header_timeout: float = 10.0         # from the first byte of a request to its last header -> 408
     body_timeout: float = 30.0           # between two pieces of a request body -> 408
+    body_total_timeout: float = 120.0    # from the first wait for a request body to its end -> 408
     keepalive_timeout: float = 75.0      # idle keep-alive connection -> closed silently
     write_timeout: float = 60.0          # a client that takes none of a write this long -> dropped
     shutdown_grace: float = 25.0         # SIGTERM: in-flight requests get this long to finish

@@ -51,7 +51,7 @@ def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list
         p.append("server.backlog: must be at most 65535")
     if s.max_header_bytes < 1024:
         p.append("server.max_header_bytes: must be at least 1024")
-    for name in ("header_timeout", "body_timeout", "keepalive_timeout", "write_timeout", "shutdown_grace"):
+    for name in ("header_timeout", "body_timeout", "body_total_timeout", "keepalive_timeout", "write_timeout", "shutdown_grace"):
         if getattr(s, name) <= 0:
             p.append(f"server.{name}: must be greater than 0")
     p.extend(_check_timeouts(c.timeouts, "timeouts"))

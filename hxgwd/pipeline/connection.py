@@ -9,16 +9,20 @@ itself if they are already waiting in the socket (under load they usually are), 
 reader's wake-up. Either way bytes are received only when the parser holds none, so at most one
 receive buffer is ever held and a fast client cannot queue memory behind a slow handler.
 
-Phases and answers: idle keep-alive -> silent close; first byte to last header -> 408; between
-body pieces -> 408; body over the limit -> 413; a client that takes none of a write for
-write_timeout -> connection dropped. An answer given before the request body was read (a 401, the
-errors above) keeps the connection only if the rest is small enough to read and drop; otherwise it
-says `Connection: close`, and the body is drained for a moment before the close, so that the
-client, usually still sending, is not reset before it read the answer.
+Phases and answers: idle keep-alive -> silent close; a new connection without a whole head within
+header_timeout -> silent close, or 408 once it sent a byte; first byte to last header -> 408;
+between body pieces -> 408; a whole body -> 408 after body_total_timeout; body over the limit ->
+413; a client that takes none of a write for write_timeout -> connection dropped. An answer given
+before the request body was read (a 401, the errors above) keeps the connection only if the rest of
+the body is in the parser already; it is never waited for, since a client without a key could
+trickle it to hold the connection. Otherwise the answer says `Connection: close`, and what comes
+is drained for a moment (LINGER_SECONDS at most) before the close, so that the client, usually
+still sending, is not reset before it read the answer.
 """
 
 from __future__ import annotations
 
+import math
 import socket
 from typing import AsyncIterator, Awaitable, Callable, Protocol
 
@@ -26,12 +30,12 @@ import trio
 
 from hxgwd.config.model import Server
 from hxgwd.errors import GatewayError, PayloadTooLarge, RequestTimeout
+from hxgwd.pipeline.listen import IdleConnections
 from hxgwd.pipeline.parse import (END_OF_BODY, NEED_DATA, PEER_CLOSED, Headers, RequestHead,
                                   ServerConn)
 from hxgwd.sockio import SocketIO
 
 RECEIVE_SIZE = 65536
-DISCARD_BYTES = 65536       # most of an unwanted request body read to keep its connection
 LINGER_SECONDS = 2.0        # longest read-and-drop of a request body before closing under it
 CLOSE: Headers = [(b"connection", b"close")]
 YIELD_EVERY = 4             # requests served without a wait before the connection yields the loop:
@@ -45,7 +49,7 @@ class ClientGone(Exception):
 
 class Lifecycle(Protocol):
     draining: bool
-    idle_scopes: set[trio.CancelScope]
+    idle_scopes: IdleConnections
 
     def log_exception(self, where: str, exc: BaseException) -> None: ...
 
@@ -55,7 +59,7 @@ class Lifecycle(Protocol):
 class Request:
     """A request as the handler sees it: the head now, the body when asked for."""
 
-    __slots__ = ("head", "peer", "_conn", "_settings", "_received")
+    __slots__ = ("head", "peer", "_conn", "_settings", "_received", "_body_due")
 
     def __init__(self, head: RequestHead, peer: str, conn: "HttpConnection", settings: Server) -> None:
         self.head = head
@@ -63,6 +67,7 @@ class Request:
         self._conn = conn
         self._settings = settings
         self._received = 0
+        self._body_due = math.inf    # set when the body is first asked for
 
     async def body_chunks(self) -> AsyncIterator[bytes]:
         """The body piece by piece as it arrives, never more than one piece held."""
@@ -84,10 +89,12 @@ class Request:
             if self.head.content_length is not None and self.head.content_length > limit:
                 conn.closing = True
                 raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
+            if self._body_due == math.inf:
+                self._body_due = trio.current_time() + self._settings.body_total_timeout
             if conn.protocol.waiting_for_100_continue and self.head.content_length != 0:
                 await conn.send(conn.protocol.response_continue())
         try:
-            event = await conn.next_event(self._settings.body_timeout, "body")
+            event = await conn.next_event(self._settings.body_timeout, "body", self._body_due)
         except RequestTimeout:
             conn.closing = True      # the rest of the body may still come: no next request after it
             raise
@@ -153,7 +160,9 @@ class HttpConnection:
         self._ready_in_a_row = 0    # requests whose bytes were here already (buffered or taken), in a row
         self._cancel_connection = trio.CancelScope()   # replaced by the nursery's in run()
         self._handling = False
-        self._head: RequestHead | None = None
+        # the first request's head is due header_timeout after the connect, its first byte included:
+        # a connection that sends nothing holds its slot that long, not the keep-alive timeout
+        self._head_due = trio.current_time() + first.header_timeout
         self.closing = False        # the connection ends after this response, which says so
         self.client_gone = False
         try:
@@ -221,15 +230,15 @@ class HttpConnection:
             if self.client_gone or not self.protocol.response_complete or self.protocol.closes_after_response:
                 self.closing = True
                 return
-            if not self.protocol.request_complete and not await self._discard_body(settings):
-                return
             if not self.protocol.reusable or self._life.draining:
                 return
             self.protocol.start_next_cycle()
 
     async def _next_request(self, settings: Server) -> RequestHead | None:
         """The next request's head: waits up to the keep-alive timeout for its first byte, then up
-        to the header timeout for the rest; None when the client closed or stayed idle."""
+        to the header timeout for the rest (for the first request, up to the header timeout from
+        the connect for all of it); None when the client closed or stayed idle."""
+        due = self._head_due
         # A pipelined request may be in the parser whole already. Asking the parser first, rather
         # than whether it holds any bytes, keeps the question cheap: h11 answers that one only with
         # a copy of its whole buffer, once per request of a pipeline (quadratic in its length).
@@ -240,11 +249,12 @@ class HttpConnection:
                 await self._take_turn()
             else:
                 self._ready_in_a_row = 0
-                if not await self._wait_for_first_byte(settings):
+                if not await self._wait_for_first_byte(min(due, trio.current_time() + settings.keepalive_timeout)):
                     return None
-            event = await self.next_event(settings.header_timeout, "head")
+            event = await self.next_event(settings.header_timeout, "head", due)
         else:
             await self._take_turn()
+        self._head_due = math.inf
         if event is PEER_CLOSED:
             return None
         if type(event) is not RequestHead:
@@ -259,10 +269,10 @@ class HttpConnection:
         if self._ready_in_a_row % YIELD_EVERY == 0:
             await trio.lowlevel.checkpoint()
 
-    async def _wait_for_first_byte(self, settings: Server) -> bool:
-        """Wait, up to the keep-alive timeout, for the first byte of the next request."""
-        with trio.CancelScope(deadline=trio.current_time() + settings.keepalive_timeout) as idle:
-            self._life.idle_scopes.add(idle)
+    async def _wait_for_first_byte(self, deadline: float) -> bool:
+        """Wait, up to `deadline`, for the first byte of the next request."""
+        with trio.CancelScope(deadline=deadline) as idle:
+            self._life.idle_scopes.add(idle, keep_alive=self._head_due == math.inf)
             try:
                 if self._life.draining:
                     return False
@@ -287,7 +297,6 @@ class HttpConnection:
         return True
 
     async def _serve_one(self, head: RequestHead, settings: Server) -> None:
-        self._head = head
         self.closing = self._life.draining or not head.keep_alive
         response = Response(self, [])
         request = Request(head, self.peer, self, settings)
@@ -310,12 +319,24 @@ class HttpConnection:
 
     def closing_headers(self) -> Headers:
         """`Connection: close` for a response after which the connection ends: asked for, draining,
-        or a request body left unread that is not worth reading just to keep the connection (over
-        DISCARD_BYTES, of unknown length, or failed: over the limit, or stalled)."""
+        or sent before the request body was read (failed, or not wanted) and whose rest has not
+        all arrived: waiting for it would let any client, keyless ones included, hold the
+        connection with a body trickled in within body_timeout."""
         if not self.closing and not self.protocol.request_complete:
-            length = self._head.content_length if self._head is not None else None
-            self.closing = length is None or length > DISCARD_BYTES
+            self.closing = not self._drop_received_body()
         return CLOSE if self.closing else []
+
+    def _drop_received_body(self) -> bool:
+        """Drop the unread request body the parser holds, without receiving; True if it was all there."""
+        try:
+            while (event := self.protocol.next()) is not NEED_DATA:
+                if event is END_OF_BODY:
+                    return True
+                if type(event) is not bytes:
+                    return False
+        except GatewayError:       # a malformed chunk: nothing after it can be trusted
+            pass
+        return False
 
     async def _linger(self, max_bytes: int) -> None:
         """Closing with part of the request body unread: the kernel answers data that arrives after
@@ -336,21 +357,6 @@ class HttpConnection:
                     return
                 dropped += len(data)
 
-    async def _discard_body(self, settings: Server) -> bool:
-        """Read and drop what is left of a request body the handler did not want, if small."""
-        dropped = 0
-        try:
-            while dropped <= DISCARD_BYTES:
-                event = await self.next_event(settings.body_timeout, "body")
-                if event is END_OF_BODY:
-                    return True
-                if type(event) is not bytes:
-                    return False
-                dropped += len(event)
-        except GatewayError:
-            pass
-        return False
-
     # --- I/O helpers used by Request and Response ----------------------------------------------
 
     def watch_for_hangup(self) -> None:
@@ -365,9 +371,10 @@ class HttpConnection:
         if not self._receiving:
             self._read_permit.set()
 
-    async def next_event(self, timeout: float, phase: str) -> object:
-        """The next protocol event, receiving as needed; RequestTimeout after `timeout`."""
-        deadline = trio.current_time() + timeout
+    async def next_event(self, timeout: float, phase: str, due: float = math.inf) -> object:
+        """The next protocol event, receiving as needed; RequestTimeout after `timeout`, or at
+        `due` if sooner."""
+        deadline = min(trio.current_time() + timeout, due)
         while True:
             event = self.protocol.next()
             if event is not NEED_DATA:

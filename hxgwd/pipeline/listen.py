@@ -1,5 +1,10 @@
 """Stage 1, listen: bind the listening sockets and accept connections, at most
 `server.max_connections` at a time; the rest wait in the kernel's backlog, costing us nothing.
+At the cap, a client waiting there gets the place of the keep-alive connection idle the longest,
+so that idle keep-alive connections cannot lock new clients out. Connections in the middle of a
+request are never closed for it, and neither are new ones yet to send their first: their bytes may
+be on the way, and a burst of clients would close each other before any is served (they have
+header_timeout to send it).
 
 Connections are accepted in bursts: after one readiness wait, every connection already queued is
 taken with plain non-blocking accept() calls, none of which goes through the scheduler. An accept
@@ -12,7 +17,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterator
 
 import trio
 
@@ -27,6 +32,58 @@ SKIPPED_ERRORS = {getattr(errno, name) for name in (
     "EOPNOTSUPP", "ENETUNREACH") if hasattr(errno, name)}
 # Most connections taken per readiness wait, so that a flood of them cannot hold the loop either.
 ACCEPT_BURST = 64
+
+
+class IdleConnections:
+    """The connections waiting for a request, as their idle waits' cancel scopes: all of them are
+    closed when the daemon drains; the keep-alive ones, longest idle first (a dict keeps insertion
+    order), when the accept loop needs room."""
+
+    __slots__ = ("_keep_alive", "_new", "_changed")
+
+    def __init__(self) -> None:
+        self._keep_alive: dict[trio.CancelScope, None] = {}   # waiting for their next request
+        self._new: set[trio.CancelScope] = set()              # waiting for their first
+        self._changed: trio.Event | None = None               # an accept loop at the cap waits on it
+
+    def add(self, scope: trio.CancelScope, *, keep_alive: bool) -> None:
+        if keep_alive:
+            self._keep_alive[scope] = None
+            if self._changed is not None:
+                self.notify()
+        else:
+            self._new.add(scope)
+
+    def discard(self, scope: trio.CancelScope) -> None:
+        self._keep_alive.pop(scope, None)
+        self._new.discard(scope)
+
+    def __len__(self) -> int:
+        return len(self._keep_alive) + len(self._new)
+
+    def __iter__(self) -> Iterator[trio.CancelScope]:
+        return iter([*self._keep_alive, *self._new])
+
+    def close_longest_idle(self) -> bool:
+        """Cancel the wait of the keep-alive connection idle the longest, which then closes; False
+        if none is idle."""
+        scope = next(iter(self._keep_alive), None)
+        if scope is None:
+            return False
+        del self._keep_alive[scope]
+        scope.cancel()
+        return True
+
+    def notify(self) -> None:
+        """A connection went idle or ended: room for a client waiting at the cap."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def wait_for_change(self) -> None:
+        if self._changed is None:
+            self._changed = trio.Event()
+        await self._changed.wait()
 
 
 class Listener:
@@ -74,23 +131,28 @@ def bound_addresses(listeners: list[Listener]) -> list[str]:
     return [listener.address for listener in listeners]
 
 
-async def accept_loop(listener: Listener, slots: trio.Semaphore, nursery: trio.Nursery,
+async def accept_loop(listener: Listener, slots: trio.Semaphore, idle: IdleConnections, nursery: trio.Nursery,
                       serve: Callable[[SocketIO], Awaitable[None]],
                       on_resource_error: Callable[[OSError], None]) -> None:
-    """Accept until cancelled; `serve` runs in `nursery`, each connection holding one of `slots`."""
+    """Accept until cancelled; `serve` runs in `nursery`, each connection holding one of `slots`,
+    and registering in `idle` while it waits for a request."""
 
     async def run(stream: SocketIO) -> None:
         try:
             await serve(stream)
         finally:
             slots.release()
+            idle.notify()
 
     sock = listener.socket
     while True:
-        await slots.acquire()
+        try:
+            await _take_slot(sock, slots, idle)
+        except trio.ClosedResourceError:   # the listener was closed: nothing more to accept
+            return
         try:
             await trio.lowlevel.wait_readable(sock)
-        except trio.ClosedResourceError:   # the listener was closed: nothing more to accept
+        except trio.ClosedResourceError:
             slots.release()
             return
         except BaseException:
@@ -120,3 +182,19 @@ async def accept_loop(listener: Listener, slots: trio.Semaphore, nursery: trio.N
                 slots.acquire_nowait()
             except trio.WouldBlock:
                 break
+
+
+async def _take_slot(sock: socket.socket, slots: trio.Semaphore, idle: IdleConnections) -> None:
+    """One of `slots`. At the cap, once a client waits in the backlog, the keep-alive connection
+    idle the longest is closed for it; with none idle, wait until one is or one ends."""
+    while True:
+        try:
+            slots.acquire_nowait()
+            return
+        except trio.WouldBlock:
+            pass
+        await trio.lowlevel.wait_readable(sock)    # no one waits: no one is closed
+        if idle.close_longest_idle():
+            await slots.acquire()                  # its slot, as soon as its task has closed it
+            return
+        await idle.wait_for_change()
