@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="validate the config, print a summary, exit 0 (valid) or 1 (errors)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the effective config (defaults filled in, secrets redacted)")
-    parser.add_argument("--version", action="version", version=f"hxgwd {__version__}")
+    from hxgwd.http import resolve_parser
+    parser.add_argument("--version", action="version",
+                        version=f"hxgwd {__version__} (http parser: {resolve_parser('auto')})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     genkey = sub.add_parser("genkey", help="print a new random client key and its [[keys]] lines")
     genkey.add_argument("--name", default="my-app", help="the key's name in the config")

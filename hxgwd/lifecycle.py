@@ -22,6 +22,7 @@ import trio
 from hxgwd import sdnotify
 from hxgwd.config.load import ConfigError
 from hxgwd.config.model import Config
+from hxgwd.http import resolve_parser
 from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
 from hxgwd.pipeline.connection import HttpConnection
@@ -223,6 +224,7 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services,
                                                  serve_connection, on_resource_error)
                         life.listening = True
                         daemon.log.info("listening", addresses=addresses,
+                                        http_parser=resolve_parser(daemon.holder.current.config.server.http_parser),
                                         generation=daemon.holder.current.generation)
                         sdnotify.ready(f"listening on {', '.join(addresses)}")
                         task_status.started(addresses)

@@ -70,7 +70,7 @@ objcopy --remove-section=.comment "$BIN"
 
 # The frozen binary must behave like the source: version, hardening, lazily imported drivers.
 got=$(env -i "$BIN" --version) || die "$BIN --version failed"
-[ "$got" = "hxgwd $VERSION" ] || die "$BIN --version says '$got', want 'hxgwd $VERSION'"
+[ "${got%% (*}" = "hxgwd $VERSION" ] || die "$BIN --version says '$got', want 'hxgwd $VERSION (...)'"
 readelf -d "$BIN" | grep -q 'FLAGS_1.*NOW.*PIE' \
     || die "$BIN is not PIE + BIND_NOW: the bootloader was not compiled by packaging/make-venv.sh"
 env -i HXGWD_FROZEN_SELFTEST=1 "$BIN" >&2 || die "frozen selftest failed (a missing hidden import?)"

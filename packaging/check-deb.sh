@@ -112,7 +112,7 @@ ok "/usr/bin/hxgwd 755, /var/lib/hxgwd 750 hxgwd, unit installed and enabled"
 
 step "the installed binary"
 out=$(env -i /usr/bin/hxgwd --version) || fail "env -i hxgwd --version"
-[ "$out" = "hxgwd $VERSION" ] || fail "--version printed '$out'"
+[ "${out%% (*}" = "hxgwd $VERSION" ] || fail "--version printed '$out'"
 ok "env -i /usr/bin/hxgwd --version: $out"
 as_hxgwd() { setpriv --reuid=hxgwd --regid=hxgwd --init-groups --reset-env -- "$@"; }
 as_hxgwd /usr/bin/hxgwd --check-config > "$WORK/check.out" 2>&1 \

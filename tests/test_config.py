@@ -208,7 +208,7 @@ def test_check_config_warns_about_readable_secrets(tmp_path):
 
 def test_version_and_genkey():
     out = run_cli("--version")
-    assert out.returncode == 0 and out.stdout.startswith("hxgwd ")
+    assert out.returncode == 0 and re.fullmatch(r"hxgwd \S+ \(http parser: (httptools|h11)\)\n", out.stdout)
     out = run_cli("genkey", "--name", "team-a")
     key = [line for line in out.stdout.splitlines() if line.startswith("sk-hx-")][0]
     assert f'sha256 = "{hashlib.sha256(key.encode()).hexdigest()}"' in out.stdout

@@ -31,6 +31,7 @@ class Server:
     shutdown_grace: float = 25.0         # SIGTERM: in-flight requests get this long to finish
     max_response_bytes: int = 64 * MiB   # a non-streamed upstream answer is buffered up to this -> 502
     max_sse_event_bytes: int = 1 * MiB   # one server-sent event from upstream -> 502 if larger
+    http_parser: Literal["auto", "httptools", "h11"] = "auto"   # both sides; auto: httptools if importable
 
 
 @frozen

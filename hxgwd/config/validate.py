@@ -12,6 +12,7 @@ import attrs
 
 from hxgwd.config import model as m
 from hxgwd.config.places import entry_path
+from hxgwd.http import httptools_available
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
@@ -51,6 +52,8 @@ def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list
         p.append("server.backlog: must be at most 65535")
     if s.max_header_bytes < 1024:
         p.append("server.max_header_bytes: must be at least 1024")
+    if s.http_parser == "httptools" and not httptools_available():
+        p.append("server.http_parser: httptools is not installed (pip install httptools), or use \"auto\"")
     for name in ("header_timeout", "body_timeout", "body_total_timeout", "keepalive_timeout", "write_timeout", "shutdown_grace"):
         if getattr(s, name) <= 0:
             p.append(f"server.{name}: must be greater than 0")

@@ -1,0 +1,33 @@
+"""hxgwd.http: a generic HTTP/1.1 layer. It knows nothing of OpenAI, keys or models.
+
+Two parser backends sit behind one small sans-I/O interface, on both sides of the gateway:
+`httptools` (llhttp, Node.js's parser, in C: the hot path) and `h11` (pure Python: the reference).
+`[server] http_parser` chooses: "auto" takes httptools when it can be imported. Measured on the
+2-core bench machine, a bare trio pass-through does ~5,100 req/s parsing both sides with h11 and
+~20,800 with httptools, so the parser was three quarters of a gateway's floor.
+
+Whichever parser reads, the heads we send are written by our own code from checked values
+(header names are tokens; no CR, LF or NUL in a name or value), never copied raw from a peer.
+
+This module only answers which backend is in use; it imports neither parser, so `hxgwd --version`
+stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+PARSERS = ("httptools", "h11")
+
+
+def httptools_available() -> bool:
+    return importlib.util.find_spec("httptools") is not None
+
+
+def resolve_parser(setting: str) -> str:
+    """The backend a `[server] http_parser` setting ("auto", "httptools", "h11") runs with."""
+    if setting == "auto":
+        return "httptools" if httptools_available() else "h11"
+    if setting not in PARSERS:
+        raise ValueError(f"unknown HTTP parser {setting!r}")
+    return setting
