@@ -110,3 +110,14 @@ if ARGV[4] ~= '' then
 end
 return 1
 """
+
+# KEYS: budget counter of one key and period
+# ARGV: nano-USD the usage store recorded for it in the period, EXPIREAT
+# Raised to the store's amount, never lowered: the store's total holds what was counted here since.
+SEED = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('EXPIREAT', KEYS[1], ARGV[2])
+end
+return 1
+"""

@@ -305,3 +305,19 @@ def test_embeddings_are_estimated_per_item():
     assert limit.estimate_request("embedding", empties, 3000, deps).tokens == 1000
     assert limit.estimate_request("embedding", {"prompt": [7] * 30}, 60, deps).tokens == 30
     assert limit.estimate_request("embedding", {"input": "x", "n": 5, "max_tokens": 9}, 4, deps).tokens == 1
+
+
+def test_a_seeded_period_starts_each_key_from_what_the_store_recorded():
+    lim, p = LocalLimiter(), key(budget_usd=1.0, budget_period="day")
+    monthly = key(name="m", budget_usd=1.0)
+    now = utc(2026, 11, 28, 12)
+    lim.seed_period("2026-11-28", {"k": 900_000_000})
+    lim.seed_period("2026-11", {"m": 950_000_000})
+    assert refused(lim, p, Estimate(1, 0.2), now).code == "budget_exceeded"
+    assert refused(lim, monthly, Estimate(1, 0.1), now).code == "budget_exceeded"
+    lim.admit(p, Estimate(1, 0.05), now)
+    lim.seed_period("2026-11-28", {"k": 920_000_000})    # again, later: the store holds what we counted
+    assert lim.usage("k", now)["spent_usd"] == pytest.approx(0.95)
+    assert lim.admit(p, Estimate(1, 0.9), utc(2026, 11, 29)).period == "2026-11-29"   # a new day: 0
+    lim.seed_period("2026-11-29", {})                    # replaces the 28th: tables do not pile up
+    assert sorted(lim.seeded) == ["2026-11", "2026-11-29"]

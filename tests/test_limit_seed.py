@@ -3,8 +3,13 @@ does with its answer."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
+from hxgwd.errors import RateLimited
+from hxgwd.pipeline.limit import Estimate
+from tests.test_limit_redis import key, limiter, spent_in_redis
 from tests.test_store_support import make_record, new_pg_url, store, store_url  # noqa: F401
 
 T0 = 1_800_000_000.0        # 2027-01-15T08:00:00Z
@@ -22,3 +27,19 @@ async def test_spend_by_key_sums_each_keys_cost_since_a_time(store):
     spend = await store.spend_by_key(T0)
     assert spend == {"a": pytest.approx(0.375), "b": 0.0, "c": pytest.approx(0.5)}
     assert await store.spend_by_key(T0 + 7200) == {}
+
+
+async def test_redis_counters_are_raised_to_the_store_and_a_flush_is_seen(redis_server):
+    async with limiter(redis_server.url) as (lim, _log):
+        p, q = key(budget_usd=1.0, budget_period="day"), key(budget_usd=1.0, budget_period="day")
+        day, month = (lim.local.calendar.period(kind, time.time()) for kind in ("day", "month"))
+        await lim.client.delete([lim._marker(day), lim._marker(month)])
+        assert await lim.unseeded([day, month]) == [day, month]
+        res = await lim.admit(p, Estimate(1, 0.5))       # counted in Redis before the seeding
+        await lim.seed(day, {p.key_name: 300_000_000, q.key_name: 900_000_000})
+        assert await lim.unseeded([day, month]) == [month]
+        assert await spent_in_redis(lim, res) == pytest.approx(0.5)      # raised, never lowered
+        with pytest.raises(RateLimited):
+            await lim.admit(q, Estimate(1, 0.2))
+        await lim.client.flushall()
+        assert await lim.unseeded([day, month]) == [day, month]

@@ -18,7 +18,8 @@ have no such exception: a budget is a hard cap.
 
 Budgets are USD spent in the current calendar day or month in `[limits] timezone`, counted in
 integer nano-USD (exact sums; atomic INCRBY in Redis). Period keys look like "2026-11" and
-"2026-11-28"; a refusal's Retry-After is the start of the next period.
+"2026-11-28"; a refusal's Retry-After is the start of the next period. A period that began before
+this process starts from what the usage store recorded in it (`seed_period`, limits_seed.py).
 
 Pure: no I/O; time comes in as unix seconds.
 """
@@ -292,6 +293,8 @@ class LocalLimiter:
         self.admitted = 0
         self.settled = 0
         self.refused = {RPM: 0, TPM: 0, BUDGET: 0}
+        # period key -> key -> nano-USD recorded in the usage store before this limiter counted
+        self.seeded: dict[str, dict[str, int]] = {}
 
     def set_timezone(self, timezone: str) -> None:
         if timezone != self.calendar.timezone:
@@ -323,7 +326,7 @@ class LocalLimiter:
         if budget is not None:
             period = self.calendar.period(principal.budget_period, now)
             if st.period != period.key:
-                st.period, st.spent = period.key, 0
+                self._enter(st, principal.key_name, period.key)
             cost, cap = to_nano(est.cost_usd, up=True), to_nano(budget)
             if st.spent + cost > cap:
                 wait = period.end - now
@@ -387,8 +390,23 @@ class LocalLimiter:
         if st.period is not None and st.period > period:   # ISO keys: an older report is stale
             return
         if st.period != period:
-            st.period, st.spent = period, 0
+            self._enter(st, key, period)
         st.spent = max(st.spent, nano_usd)
+
+    def seed_period(self, period: str, spend: dict[str, int]) -> None:
+        """What each key spent in `period` by the usage store (nano-USD), before this limiter
+        counted: a key's count in that period is at least that from now on. The store's total
+        includes what this limiter counted since, so the count is raised to it, not added to."""
+        # one table per kind of period (day keys are the longer): an older one of its kind is done
+        self.seeded = {p: t for p, t in self.seeded.items() if len(p) != len(period)}
+        self.seeded[period] = spend
+        for key, nano in spend.items():
+            st = self.keys.get(key)
+            if st is not None and st.period == period:
+                st.spent = max(st.spent, nano)
+
+    def _enter(self, st: KeyState, key: str, period: str) -> None:
+        st.period, st.spent = period, self.seeded.get(period, {}).get(key, 0)
 
     def usage(self, key: str, now: float) -> dict[str, object]:
         """What a key has used in its windows and budget period (for tests and the admin API)."""
