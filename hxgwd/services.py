@@ -1,6 +1,7 @@
 """What the request path uses besides the config snapshot, opened once at start for the process:
-the limiter (memory or Redis), and, when `[database] url` is set, the store with its usage sink
-and key cache. Their tasks live in one nursery here; `open_services` closes them in order.
+the limiter (memory or Redis), and, when `[database] url` is set, the store with its usage sink,
+key cache, and the seeder of the limiter's budgets from recorded usage (limits_seed.py). Their
+tasks live in one nursery here; `open_services` closes them in order.
 
 A database that is down at start does not stop the daemon: usage records go to the spool and
 store keys wait for the cache's first load, while config keys work. A PostgreSQL schema that is
