@@ -32,6 +32,10 @@ Redis errors and timeouts (`[redis] timeout` per call) follow `on_redis_error`:
 An outage is logged once when it starts and once when it ends (with counts). While Redis is
 down, one request at a time probes it, at most once a second; the rest do not wait for it.
 
+A Redis that comes back without its data (restarted without persistence, flushed): a key's budget
+counter starts again from the spend this host last saw in the period (or the store's, once seeded),
+not from 0; and limits_seed.py raises every key's counter to the usage store's sum within a second.
+
 A timeout is ambiguous: the script may still have run. A lost admission then stays reserved (it
 leaves the windows within a minute; on a budget it overcounts, never undercounts), and corrections
 that cannot be known to have been applied are only carried over when they add spend.
@@ -183,12 +187,17 @@ class RedisLimiter:
             pending = self._pending.pop(name, None)
             if pending is not None and pending[0] == cur.key:
                 carry = pending[1]
+            # should Redis have lost the counter since (restarted empty, flushed), it starts again
+            # from the spend this host knows, not from 0, until the store's is seeded (limits_seed.py)
+            seen = self._seen.get(name)
+            floor = max(self.local.seeded.get(cur.key, {}).get(name, 0),
+                        seen[1] if seen is not None and seen[0] == cur.key else 0)
             bkeys = [keys[2] + p.key for p in periods]
             budget_args = [limit.to_nano(budget), cost, *(p.end for p in periods),
-                           *(int(p.end) + BUDGET_GRACE for p in periods), carry]
+                           *(int(p.end) + BUDGET_GRACE for p in periods), carry, floor]
         else:
             bkeys = [keys[2] + "-"] * 3
-            budget_args = [-1, 0, 0, 0, 0, 0, 0, 0, 0]
+            budget_args = [-1, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         args = [-1 if rpm is None else rpm, -1 if tpm is None else tpm, est.tokens, *budget_args]
         self._probing = self._down_since is not None
         try:

@@ -43,3 +43,19 @@ async def test_redis_counters_are_raised_to_the_store_and_a_flush_is_seen(redis_
             await lim.admit(q, Estimate(1, 0.2))
         await lim.client.flushall()
         assert await lim.unseeded([day, month]) == [day, month]
+
+
+async def test_a_counter_redis_lost_restarts_from_what_this_host_last_saw(redis_server):
+    # between the loss and the next check of the markers, the keys this host served keep their spend
+    async with limiter(redis_server.url) as (lim, _log):
+        p = key(budget_usd=1.0, budget_period="day")
+        await lim.settle(await lim.admit(p, Estimate(1, 0.8)), 1, 0.7)
+        await lim.admit(p, Estimate(1, 0.05))             # Redis says 0.75 spent
+        await lim.client.flushall()
+        with pytest.raises(RateLimited) as info:
+            await lim.admit(p, Estimate(1, 0.3))
+        assert "$0.7500 is spent or reserved" in info.value.message
+        res = await lim.admit(p, Estimate(1, 0.2))
+        assert await spent_in_redis(lim, res) == pytest.approx(0.95)
+        fresh = key(budget_usd=1.0, budget_period="day")  # never seen: nothing to restart from
+        assert await spent_in_redis(lim, await lim.admit(fresh, Estimate(1, 0.9))) == pytest.approx(0.9)
