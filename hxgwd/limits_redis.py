@@ -327,6 +327,8 @@ class RedisLimiter:
         expire = int(period.end) + BUDGET_GRACE
         try:
             for name, nano in spend.items():
+                if not nano:
+                    continue
                 with trio.fail_after(self.timeout):
                     await self._seed(keys=[self._names(name)[2] + period.key], args=[nano, expire])
             with trio.fail_after(self.timeout):

@@ -9,8 +9,10 @@ import time
 import pytest
 import trio
 
+from hxgwd.store import open_store
 from tests.conftest import gateway_config, start_gateway
 from tests.fakeupstream import FakeUpstream, Reply
+from tests.test_store_support import database, new_pg_url, store_url  # noqa: F401  (fixtures)
 
 DAILY_DOLLAR = 'budget_usd = 1.0\nbudget_period = "day"\nsha256 ='
 
@@ -68,9 +70,13 @@ async def spend_ninety_cents(gw, upstream: FakeUpstream) -> None:
         assert (await gw.post("/v1/chat/completions", ask(300))).status_code == 200
 
 
-async def test_a_restarted_daemon_remembers_the_days_spend_from_the_store(nursery, tmp_path, upstream):
-    cfg = gateway_config(priced(upstream), database=f"sqlite:///{tmp_path / 'hxgwd.db'}").replace(
-        "sha256 =", DAILY_DOLLAR)
+async def test_a_restarted_daemon_remembers_the_days_spend_from_the_store(nursery, tmp_path, upstream, store_url):
+    if store_url.startswith("postgresql"):               # the daemon checks a shared schema, never migrates it
+        store = open_store(database(store_url))
+        await store.migrate()
+        await store.aclose()
+    cfg = gateway_config(priced(upstream), database=store_url).replace("sha256 =", DAILY_DOLLAR).replace(
+        "key_refresh = 0.2", f'key_refresh = 0.2\nspool_dir = "{tmp_path / "spool"}"')
     first = await start_gateway(nursery, cfg)
     await spend_ninety_cents(first, upstream)
     await first.stop()                                    # SIGTERM's path: the records are flushed
