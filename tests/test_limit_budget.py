@@ -58,6 +58,8 @@ async def test_n_choices_are_reserved_so_concurrent_requests_cannot_overrun_a_da
     await gw.stop()
     costs = [line["cost_usd"] for line in gw.log.requests() if line["status"] == 200]
     assert costs == [pytest.approx(0.41)] * 2
+    # settled to what was recorded: the reservations of all ten choices gave back nothing
+    assert gw.daemon.services.limiter.local.usage("dev", time.time())["spent_usd"] == pytest.approx(sum(costs))
 
 
 def ask(max_tokens: int) -> dict:
