@@ -14,6 +14,8 @@ windows expire 61 s after their last use, budget counters a day after their peri
     hxgwd:{name}:rpm           hash: unix second -> requests admitted in it
     hxgwd:{name}:tpm           hash: unix second -> tokens reserved / settled in it
     hxgwd:{name}:usd:2026-11   integer nano-USD spent or reserved in the period
+    hxgwd:{budgets}:seeded:2026-11   set once the period's counters were seeded from the usage
+                               store (limits_seed.py); gone: Redis lost them, seed again
 
 The client computes the budget period from its clock and the timezone (Lua has no zoneinfo) and
 passes the previous, current and next period; the script picks by the server clock, so hosts also
@@ -29,6 +31,10 @@ Redis errors and timeouts (`[redis] timeout` per call) follow `on_redis_error`:
   did nothing wrong, the gateway cannot check; SDKs retry both.
 An outage is logged once when it starts and once when it ends (with counts). While Redis is
 down, one request at a time probes it, at most once a second; the rest do not wait for it.
+
+A Redis that comes back without its data (restarted without persistence, flushed): a key's budget
+counter starts again from the spend this host last saw in the period (or the store's, once seeded),
+not from 0; and limits_seed.py raises every key's counter to the usage store's sum within a second.
 
 A timeout is ambiguous: the script may still have run. A lost admission then stays reserved (it
 leaves the windows within a minute; on a budget it overcounts, never undercounts), and corrections
@@ -49,8 +55,8 @@ import trio
 from hxgwd.config import model as m
 from hxgwd.errors import Unavailable
 from hxgwd.pipeline import limit
-from hxgwd.pipeline.limit import BUDGET, RPM, TPM, Estimate, LocalLimiter, Reservation
-from hxgwd.redis_scripts import ADMIT, SETTLE
+from hxgwd.pipeline.limit import BUDGET, RPM, TPM, Estimate, LocalLimiter, Period, Reservation
+from hxgwd.redis_scripts import ADMIT, SEED, SETTLE
 from hxgwd.runtime import Principal
 
 PREFIX = "hxgwd:"
@@ -66,10 +72,14 @@ class LimitsUnavailable(Unavailable):
 
 
 class Limiter(Protocol):
+    local: LocalLimiter              # this host's counters (the fallback's, with Redis)
+    clock: Callable[[], float]
     async def admit(self, principal: Principal, est: Estimate) -> Reservation | None: ...
     async def settle(self, res: Reservation | None, tokens: int | None, cost_usd: float | None) -> None: ...
     def configure(self, config: m.Config) -> None: ...
     def statistics(self) -> dict[str, Any]: ...
+    async def unseeded(self, periods: list[Period]) -> list[Period]: ...
+    async def seed(self, period: Period, spend: dict[str, int]) -> None: ...
 
 
 class HostLimiter:
@@ -78,6 +88,7 @@ class HostLimiter:
     def __init__(self, limits: m.Limits, clock: Callable[[], float] = time.time) -> None:
         self.local = LocalLimiter(limits.timezone)
         self.clock = clock
+        self.started = clock()      # periods that began since were counted here whole
 
     async def admit(self, principal: Principal, est: Estimate) -> Reservation | None:
         return self.local.admit(principal, est, self.clock())
@@ -90,6 +101,13 @@ class HostLimiter:
 
     def statistics(self) -> dict[str, Any]:
         return {"backend": "local", **self.local.statistics()}
+
+    async def unseeded(self, periods: list[Period]) -> list[Period]:
+        """The periods whose spend before this process is still to be seeded (limits_seed.py)."""
+        return [p for p in periods if p.start < self.started and p.key not in self.local.seeded]
+
+    async def seed(self, period: Period, spend: dict[str, int]) -> None:
+        self.local.seed_period(period.key, spend)
 
 
 CODES = {1: RPM, 2: TPM, 3: BUDGET}
@@ -123,6 +141,7 @@ class RedisLimiter:
         self.configure(config)
         self._admit = client.register_script(ADMIT)
         self._settle = client.register_script(SETTLE)
+        self._seed = client.register_script(SEED)
         self._errors = (RedisError, OSError, trio.TooSlowError)
         self._keys: dict[str, tuple[str, str, str]] = {}
         self._pending: dict[str, tuple[str, int]] = {}   # key -> (period, nano-USD not yet in Redis)
@@ -159,10 +178,7 @@ class RedisLimiter:
         if self._skip():
             return self._fallback(principal, est, now)
         name = principal.key_name
-        keys = self._keys.get(name)
-        if keys is None:
-            tag = f"{self.prefix}{{{_tag(name)}}}:"
-            keys = self._keys[name] = (f"{tag}rpm", f"{tag}tpm", f"{tag}usd:")
+        keys = self._names(name)
         cost = limit.to_nano(est.cost_usd, up=True)
         carry = 0
         if budget is not None:
@@ -171,12 +187,17 @@ class RedisLimiter:
             pending = self._pending.pop(name, None)
             if pending is not None and pending[0] == cur.key:
                 carry = pending[1]
+            # should Redis have lost the counter since (restarted empty, flushed), it starts again
+            # from the spend this host knows, not from 0, until the store's is seeded (limits_seed.py)
+            seen = self._seen.get(name)
+            floor = max(self.local.seeded.get(cur.key, {}).get(name, 0),
+                        seen[1] if seen is not None and seen[0] == cur.key else 0)
             bkeys = [keys[2] + p.key for p in periods]
             budget_args = [limit.to_nano(budget), cost, *(p.end for p in periods),
-                           *(int(p.end) + BUDGET_GRACE for p in periods), carry]
+                           *(int(p.end) + BUDGET_GRACE for p in periods), carry, floor]
         else:
             bkeys = [keys[2] + "-"] * 3
-            budget_args = [-1, 0, 0, 0, 0, 0, 0, 0, 0]
+            budget_args = [-1, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         args = [-1 if rpm is None else rpm, -1 if tpm is None else tpm, est.tokens, *budget_args]
         self._probing = self._down_since is not None
         try:
@@ -209,6 +230,14 @@ class RedisLimiter:
         return RedisReservation(name, int(bucket), est.tokens if tpm is not None else None,
                                 cost if budget is not None else None, period.key if period else None,
                                 period.end if period else 0.0, "redis", local_bucket)
+
+    def _names(self, name: str) -> tuple[str, str, str]:
+        """The rpm and tpm hashes of a key, and its budget counters' name without the period."""
+        keys = self._keys.get(name)
+        if keys is None:
+            tag = f"{self.prefix}{{{_tag(name)}}}:"
+            keys = self._keys[name] = (f"{tag}rpm", f"{tag}tpm", f"{tag}usd:")
+        return keys
 
     def _fallback(self, principal: Principal, est: Estimate, now: float) -> Reservation | None:
         if self.policy == "deny":
@@ -276,6 +305,41 @@ class RedisLimiter:
             return
         old = self._pending.get(key)
         self._pending[key] = (period, nano + (old[1] if old and old[0] == period else 0))
+
+    # --- seeding from the usage store (limits_seed.py) --------------------------------------------
+
+    async def unseeded(self, periods: list[Period]) -> list[Period]:
+        """Periods whose counters in Redis were not seeded from the store: a period that began
+        since, or Redis lost its data (restarted empty, flushed): their markers are gone. While
+        Redis does not answer: those the local fallback has not been seeded for."""
+        markers = [self._marker(p) for p in periods]
+        try:
+            with trio.fail_after(self.timeout):
+                found = await self.client.mget(markers)
+        except self._errors:
+            return [p for p in periods if p.key not in self.local.seeded]
+        return [p for p, marker in zip(periods, found) if marker is None]
+
+    async def seed(self, period: Period, spend: dict[str, int]) -> None:
+        """Raise the period's counters, here and in Redis, to the store's spend, then set the
+        marker; a Redis error leaves the marker unset, so the next check tries again."""
+        self.local.seed_period(period.key, spend)
+        expire = int(period.end) + BUDGET_GRACE
+        try:
+            for name, nano in spend.items():
+                if not nano:
+                    continue
+                with trio.fail_after(self.timeout):
+                    await self._seed(keys=[self._names(name)[2] + period.key], args=[nano, expire])
+            with trio.fail_after(self.timeout):
+                await self.client.set(self._marker(period), "1", exat=expire)
+        except self._errors as exc:
+            self.log.warning("limits: seeding redis budgets failed; trying again", period=period.key,
+                             error=type(exc).__name__)
+
+    def _marker(self, period: Period) -> str:
+        # one hash tag for all markers: MGET of the day's and the month's is one slot in a Cluster
+        return f"{self.prefix}{{budgets}}:seeded:{period.key}"
 
     # --- outage bookkeeping ----------------------------------------------------------------------
 

@@ -5,7 +5,8 @@ Both read the server's clock (TIME), so that hosts with skewed clocks agree on t
 
 # KEYS: rpm hash, tpm hash, budget of the previous, current and next period
 # ARGV: rpm, tpm, tokens, budget (nano), cost (nano) -- a limit < 0 is off;
-#       ends of the three periods; EXPIREAT for the three budget keys; carry (nano) onto KEYS[4]
+#       ends of the three periods; EXPIREAT for the three budget keys; carry (nano) onto KEYS[4];
+#       floor (nano): KEYS[4] starts from it if it is gone (Redis lost it; this host saw it spent)
 # -> {1, second, period index, spent} or {0, limit index, wait ms, used, asked, period index}
 ADMIT = """
 local t = redis.call('TIME')
@@ -39,6 +40,10 @@ local ends = {tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])}
 local pi = 2
 if now < ends[1] then pi = 1 elseif now >= ends[2] then pi = 3 end
 local bkey = KEYS[2 + pi]
+if ARGV[13] ~= '0' and redis.call('EXISTS', KEYS[4]) == 0 then
+  redis.call('SET', KEYS[4], ARGV[13])
+  redis.call('EXPIREAT', KEYS[4], ARGV[10])
+end
 if ARGV[12] ~= '0' then
   if redis.call('INCRBY', KEYS[4], ARGV[12]) < 0 then redis.call('SET', KEYS[4], '0') end
   redis.call('EXPIREAT', KEYS[4], ARGV[10])
@@ -107,6 +112,17 @@ if ARGV[4] ~= '' then
     redis.call('INCRBY', KEYS[2], ARGV[5])
     redis.call('EXPIREAT', KEYS[2], ARGV[7])
   end
+end
+return 1
+"""
+
+# KEYS: budget counter of one key and period
+# ARGV: nano-USD the usage store recorded for it in the period, EXPIREAT
+# Raised to the store's amount, never lowered: the store's total holds what was counted here since.
+SEED = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('EXPIREAT', KEYS[1], ARGV[2])
 end
 return 1
 """

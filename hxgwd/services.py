@@ -1,6 +1,7 @@
 """What the request path uses besides the config snapshot, opened once at start for the process:
-the limiter (memory or Redis), and, when `[database] url` is set, the store with its usage sink
-and key cache. Their tasks live in one nursery here; `open_services` closes them in order.
+the limiter (memory or Redis), and, when `[database] url` is set, the store with its usage sink,
+key cache, and the seeder of the limiter's budgets from recorded usage (limits_seed.py). Their
+tasks live in one nursery here; `open_services` closes them in order.
 
 A database that is down at start does not stop the daemon: usage records go to the spool and
 store keys wait for the cache's first load, while config keys work. A PostgreSQL schema that is
@@ -17,6 +18,7 @@ import attrs
 import trio
 
 from hxgwd.limits_redis import Limiter, open_limiter
+from hxgwd.limits_seed import BudgetSeeder
 from hxgwd.runtime import Runtime
 
 USAGE_FLUSH_TIMEOUT = 10.0   # at shutdown, after the drain: memory to the store, else to the spool
@@ -64,9 +66,11 @@ async def open_services(rt: Runtime, log: Any) -> AsyncIterator[Services]:
 
         store = open_store(cfg.database, rt.db_password)
         try:
+            answered = True
             try:
                 await store.ensure_schema()
             except StoreUnavailable as exc:
+                answered = False
                 log.error("database unreachable at start: usage goes to the spool, store keys wait",
                           database=redact_url(cfg.database.url), error=str(exc))
             usage = UsageSink(store, cfg.database, log)
@@ -76,6 +80,9 @@ async def open_services(rt: Runtime, log: Any) -> AsyncIterator[Services]:
                             timeout=cfg.database.connect_timeout + cfg.database.statement_timeout)
             async with trio.open_nursery() as nursery:
                 await nursery.start(usage.run)
+                # after the usage writer has started: records it replays at start are counted
+                seeder = BudgetSeeder(limiter, store, log, cfg.database.connect_timeout + cfg.database.statement_timeout)
+                await nursery.start(seeder.run, answered)
                 await nursery.start(keys.run)
                 nursery.start_soon(pruner.run)
                 services = Services(limiter, store, usage, keys, pruner)

@@ -35,7 +35,6 @@ JSON = (b"content-type", b"application/json")
 API_POST = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 NO_TOKENS = limit.Estimate(tokens=0, cost_usd=0.0)   # /v1/models: counts toward rpm only
-MAX_TOKENS_ESTIMATED = 1 << 24     # more output than any model's context window holds today
 
 
 class Gateway:
@@ -136,7 +135,7 @@ class Gateway:
         features = route.RequestFeatures(prompt_bytes=len(body), max_tokens=_max_tokens(payload),
                                          stream=payload.get("stream") is True)
         ex.reservation = await self.limiter.admit(
-            principal, limit.estimate(target.kind, len(body), features.max_tokens, target.deployments))
+            principal, limit.estimate_request(target.kind, payload, len(body), target.deployments))
         plan = self.router.plan(target, features, trio.current_time())
         settings = proxy.ProxySettings(
             max_attempts=rt.config.routing.max_attempts,
@@ -267,10 +266,4 @@ def _target_name(header: bytes | None, payload: dict[str, Any]) -> str:
 
 
 def _max_tokens(payload: dict[str, Any]) -> int:
-    """For the estimates of limits and routing only (the body goes upstream as it came): bounded,
-    so that one request's absurd value cannot overflow a cost or skew what others are routed on."""
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = payload.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return min(value, MAX_TOKENS_ESTIMATED)
-    return 0
+    return limit.max_tokens(payload)      # the routing estimate reads it as the limits do

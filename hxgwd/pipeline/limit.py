@@ -18,7 +18,8 @@ have no such exception: a budget is a hard cap.
 
 Budgets are USD spent in the current calendar day or month in `[limits] timezone`, counted in
 integer nano-USD (exact sums; atomic INCRBY in Redis). Period keys look like "2026-11" and
-"2026-11-28"; a refusal's Retry-After is the start of the next period.
+"2026-11-28"; a refusal's Retry-After is the start of the next period. A period that began before
+this process starts from what the usage store recorded in it (`seed_period`, limits_seed.py).
 
 Pure: no I/O; time comes in as unix seconds.
 """
@@ -28,7 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import zoneinfo
-from typing import Iterable
+from typing import Any, Iterable
 
 import attrs
 
@@ -40,6 +41,10 @@ WINDOW = 60                                       # seconds; rpm and tpm windows
 NANO = 1_000_000_000                              # nano-USD per USD
 DEFAULT_MAX_TOKENS = {"chat": 256, "embedding": 0}  # completion tokens assumed when max_tokens is absent
 BYTES_PER_TOKEN = 4                               # prompt tokens ~= request body bytes / 4
+MAX_TOKENS_ESTIMATED = 1 << 24     # more output than any model's context window holds today
+MAX_CHOICES = 128                  # n and best_of counted up to this (OpenAI's own cap on n)
+MAX_GENERATIONS = 1 << 16          # choices x prompts counted up to this: sums stay in int64 (Redis)
+MAX_NANO = 1 << 62                 # a reservation is at most this (INCRBY's int64); refused by any sane budget
 
 RPM, TPM, BUDGET = "rate_limit_rpm", "rate_limit_tpm", "budget_exceeded"
 
@@ -71,12 +76,60 @@ def limited(principal: Principal) -> bool:
     return principal.rpm is not None or principal.tpm is not None or principal.budget_usd is not None
 
 
-def estimate(kind: str, prompt_bytes: int, max_tokens: int | None, deployments: Iterable[Deployment]) -> Estimate:
-    """`kind` "chat" or "embedding"; `max_tokens` 0 or None when the request gives none."""
-    prompt = -(-prompt_bytes // BYTES_PER_TOKEN)
-    output = 0 if kind == "embedding" else (max_tokens or DEFAULT_MAX_TOKENS.get(kind, 0))
+def estimate(kind: str, prompt_bytes: int, max_tokens: int | None, deployments: Iterable[Deployment],
+             choices: int = 1, prompt_tokens: int = 0) -> Estimate:
+    """`kind` "chat" or "embedding"; `max_tokens` 0 or None when the request gives none, per
+    choice; `choices` completions generated (n, best_of, prompts); `prompt_tokens` a floor for the
+    prompt that the bytes may not show (token arrays, items)."""
+    prompt = max(-(-prompt_bytes // BYTES_PER_TOKEN), prompt_tokens)
+    output = 0 if kind == "embedding" else (max_tokens or DEFAULT_MAX_TOKENS.get(kind, 0)) * choices
     cost = max((usage_cost(d.config, prompt, output) for d in deployments), default=0.0)
     return Estimate(prompt + output, cost)
+
+
+def estimate_request(kind: str, payload: dict[str, Any], prompt_bytes: int,
+                     deployments: Iterable[Deployment]) -> Estimate:
+    """The admission estimate of a parsed request body: what it may cost at most, as far as the
+    body tells. An upstream bills every choice it generates (`n`, `best_of`, each prompt of a
+    completions list), and an embeddings or completions prompt given as token arrays holds more
+    tokens than its bytes / 4. Without max_tokens, DEFAULT_MAX_TOKENS per choice is a guess, not a
+    bound: such a request may settle above its reservation, past the budget by that much."""
+    # embeddings: `input`, or `prompt` as single-prompt (Ollama) backends spell it; completions: `prompt`
+    given = payload.get("input", payload.get("prompt")) if kind == "embedding" else payload.get("prompt")
+    items, item_tokens = _prompt_items(given)
+    choices = max(_choices(payload.get("n")), _choices(payload.get("best_of")))
+    return estimate(kind, prompt_bytes, max_tokens(payload), deployments,
+                    choices=min(choices * max(items, 1), MAX_GENERATIONS), prompt_tokens=item_tokens)
+
+
+def max_tokens(payload: dict[str, Any]) -> int:
+    """Output tokens asked for per choice, 0 when not said: bounded, so that one request's absurd
+    value cannot overflow a cost or skew what others are routed on."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = payload.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return min(value, MAX_TOKENS_ESTIMATED)
+    return 0
+
+
+def _choices(value: Any) -> int:
+    """n or best_of as the client gave it: an int in [1, MAX_CHOICES]; anything else counts as 1
+    (the upstream rejects it, or takes its default of 1)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+        return min(value, MAX_CHOICES)
+    return 1
+
+
+def _prompt_items(given: Any) -> tuple[int, int]:
+    """-> (prompts, tokens at least) of an `input` / `prompt`: a string, a token array, or a list
+    of either. Each item is at least one token, a token array exactly its length."""
+    if isinstance(given, str):
+        return 1, 1
+    if not isinstance(given, list) or not given:
+        return 0, 0
+    if all(isinstance(t, int) for t in given):                 # one token array
+        return 1, len(given)
+    return len(given), sum(len(i) if isinstance(i, list) else 1 for i in given)
 
 
 def usage_cost(model: Model, prompt_tokens: int, completion_tokens: int) -> float:
@@ -86,7 +139,7 @@ def usage_cost(model: Model, prompt_tokens: int, completion_tokens: int) -> floa
 
 def to_nano(usd: float, up: bool = False) -> int:
     """USD -> integer nano-USD; reservations round up, real costs to nearest."""
-    return max(0, math.ceil(usd * NANO - 1e-6) if up else round(usd * NANO))
+    return min(MAX_NANO, max(0, math.ceil(usd * NANO - 1e-6) if up else round(usd * NANO)))
 
 
 # --- refusals ----------------------------------------------------------------------------------
@@ -240,6 +293,8 @@ class LocalLimiter:
         self.admitted = 0
         self.settled = 0
         self.refused = {RPM: 0, TPM: 0, BUDGET: 0}
+        # period key -> key -> nano-USD recorded in the usage store before this limiter counted
+        self.seeded: dict[str, dict[str, int]] = {}
 
     def set_timezone(self, timezone: str) -> None:
         if timezone != self.calendar.timezone:
@@ -271,7 +326,7 @@ class LocalLimiter:
         if budget is not None:
             period = self.calendar.period(principal.budget_period, now)
             if st.period != period.key:
-                st.period, st.spent = period.key, 0
+                self._enter(st, principal.key_name, period.key)
             cost, cap = to_nano(est.cost_usd, up=True), to_nano(budget)
             if st.spent + cost > cap:
                 wait = period.end - now
@@ -335,8 +390,23 @@ class LocalLimiter:
         if st.period is not None and st.period > period:   # ISO keys: an older report is stale
             return
         if st.period != period:
-            st.period, st.spent = period, 0
+            self._enter(st, key, period)
         st.spent = max(st.spent, nano_usd)
+
+    def seed_period(self, period: str, spend: dict[str, int]) -> None:
+        """What each key spent in `period` by the usage store (nano-USD), before this limiter
+        counted: a key's count in that period is at least that from now on. The store's total
+        includes what this limiter counted since, so the count is raised to it, not added to."""
+        # one table per kind of period (day keys are the longer): an older one of its kind is done
+        self.seeded = {p: t for p, t in self.seeded.items() if len(p) != len(period)}
+        self.seeded[period] = spend
+        for key, nano in spend.items():
+            st = self.keys.get(key)
+            if st is not None and st.period == period:
+                st.spent = max(st.spent, nano)
+
+    def _enter(self, st: KeyState, key: str, period: str) -> None:
+        st.period, st.spent = period, self.seeded.get(period, {}).get(key, 0)
 
     def usage(self, key: str, now: float) -> dict[str, object]:
         """What a key has used in its windows and budget period (for tests and the admin API)."""

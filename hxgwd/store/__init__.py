@@ -5,6 +5,7 @@
     store.insert_usage(records)                          idempotent on request_id; used by UsageSink only
     store.create_key / list_keys / get_key / revoke_key / active_keys
     store.usage_summary(since, until, by, key, tz)       for `hxgwd usage` and the admin API
+    store.spend_by_key(since)                            seeds the budget counters of the limiter
 
 Both drivers are blocking (stdlib sqlite3; psycopg 3's sync API, because its async API is asyncio
 only), so every method runs its SQL in a worker thread (`threads.py`) under a CapacityLimiter of
@@ -149,6 +150,12 @@ class Store(abc.ABC):
         "completion_tokens", "total_tokens", "cost_usd", "avg_ms"}; day is a date "YYYY-MM-DD" in
         the time zone `tz` (the gateway passes [limits] timezone, the one budgets reset in).
         Sorted by day for by="day", else by cost then requests, largest first."""
+
+    @abc.abstractmethod
+    async def spend_by_key(self, since: float) -> dict[str, float]:
+        """USD each key spent in usage recorded from `since` (unix seconds) on: what budget
+        counters start from at daemon start, or when Redis lost them. Keys with no records are
+        absent."""
 
     @abc.abstractmethod
     async def create_key(self, name: str, *, models: tuple[str, ...] = (), admin: bool = False,

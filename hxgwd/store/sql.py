@@ -153,6 +153,15 @@ class SQLStore(Store):
                  + (" WHERE " + " AND ".join(where) if where else "") + " GROUP BY g")
         return conn.execute(query, args).fetchall()
 
+    async def spend_by_key(self, since: float) -> dict[str, float]:
+        return dict(await self._call(self._spend_sync, since))
+
+    def _spend_sync(self, conn: Any, since: float) -> list[tuple]:
+        # a range of the ts index (a day or a month of rows); statement_timeout bounds it on PostgreSQL,
+        # the caller's cancel (interrupt) on SQLite
+        return conn.execute(f"SELECT key, coalesce(sum(cost_usd), 0) FROM usage WHERE ts >= {self._TS_PARAM} "
+                            "AND key IS NOT NULL GROUP BY key", (since,)).fetchall()
+
     async def create_key(self, name: str, *, models: tuple[str, ...] = (), admin: bool = False,
                          rpm: int | None = None, tpm: int | None = None, budget_usd: float | None = None,
                          budget_period: str = "month", expires_at: float | None = None) -> tuple[str, KeyInfo]:
