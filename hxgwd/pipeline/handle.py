@@ -9,6 +9,7 @@ answers.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -96,10 +97,14 @@ class Gateway:
             ended = trio.current_time()
             cost = self._cost(ex)
             if ex.reservation is not None:   # settle shields itself: it runs even when cancelled
-                tokens = (ex.usage or {}).get("total_tokens")
+                tokens, charged = (ex.usage or {}).get("total_tokens"), cost
                 failed = ex.status >= 400 or ex.status == 0
+                if ex.fanout_left:
+                    # cut short mid-fan-out: charged for the calls that finished, and the calls that
+                    # did not keep their share of the reservation (the upstream may have done them)
+                    tokens, charged = _with_unfinished_share(ex, tokens, cost)
                 await self.limiter.settle(ex.reservation, 0 if failed and tokens is None else tokens,
-                                          0.0 if failed and cost is None else cost)
+                                          0.0 if failed and charged is None else charged)
             # the access line and the usage record wait for a quiet moment: not on the next
             # request's path (idle.py)
             self.idle.defer(self._record, rt, ex, cost, ended)
@@ -242,6 +247,17 @@ def _upstream_fault(status: int) -> str | None:
     if status < 400:
         return None
     return "caller" if status < 500 and status != 429 else "upstream"
+
+
+def _with_unfinished_share(ex: proxy.Exchange, tokens: int | None,
+                           cost: float | None) -> tuple[int | None, float | None]:
+    res = ex.reservation
+    left = ex.fanout_left / ex.fanout_calls
+    if getattr(res, "tokens", None) is not None:
+        tokens = (tokens or 0) + math.ceil(res.tokens * left)
+    if getattr(res, "nano_usd", None) is not None:
+        cost = (cost or 0.0) + res.cost_usd * left
+    return tokens, cost
 
 
 def _payload(body: bytes) -> dict[str, Any]:
