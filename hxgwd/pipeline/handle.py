@@ -23,10 +23,11 @@ from hxgwd import __version__
 from hxgwd.errors import BadRequest, GatewayError, NotFound, ShuttingDown, require_method
 from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
-from hxgwd import admin
+from hxgwd import admin, memtrim
+from hxgwd.offload import OFF_LOOP_BYTES, off_loop
 from hxgwd.pipeline import authenticate, limit, proxy, record, route, transform
 from hxgwd.pipeline.connection import ClientGone, Request, Response
-from hxgwd.pipeline.parse import json_document
+from hxgwd.pipeline.parse import json_document, json_document_in_steps
 from hxgwd.runtime import Principal, Runtime, RuntimeHolder
 from hxgwd.services import Services
 from hxgwd.upstream import Transports
@@ -105,6 +106,8 @@ class Gateway:
                     tokens, charged = _with_unfinished_share(ex, tokens, cost)
                 await self.limiter.settle(ex.reservation, 0 if failed and tokens is None else tokens,
                                           0.0 if failed and charged is None else charged)
+            if ex.bytes_in + ex.bytes_out >= memtrim.AFTER_BYTES and memtrim.wanted():
+                self.idle.defer(memtrim.trim)
             # the access line and the usage record wait for a quiet moment: not on the next
             # request's path (idle.py)
             self.idle.defer(self._record, rt, ex, cost, ended)
@@ -132,7 +135,7 @@ class Gateway:
         principal = self._authenticate(rt, ex, head.headers)
         body = await request.read_body()
         ex.bytes_in = len(body)
-        payload = _payload(body)
+        payload = await off_loop(len(body), _payload, body)
         name = _target_name(head.header(b"x-hx-model-group"), payload)
         endpoint = path[3:]          # below /v1
         ex.model = name
@@ -261,8 +264,10 @@ def _with_unfinished_share(ex: proxy.Exchange, tokens: int | None,
 
 
 def _payload(body: bytes) -> dict[str, Any]:
+    # a large body is parsed in a thread (off_loop): in steps there, so the loop's thread runs between them
+    decode = json_document if len(body) < OFF_LOOP_BYTES else json_document_in_steps
     try:
-        payload = json_document(body)
+        payload = decode(body)
     except ValueError:
         raise BadRequest("We could not parse the JSON body of your request.", code="invalid_json") from None
     if not isinstance(payload, dict):
