@@ -9,7 +9,9 @@ is the caller's fault and is returned as is. The last upstream answer is passed 
 attempt fails that way; a transport failure on the last attempt becomes our own 502 / 504.
 
 Non-streamed answers are read whole (bounded by `server.max_response_bytes`) before anything is
-sent, so a backend that breaks mid-body is still failed over. Streams are relayed event by event
+sent, so a backend that breaks mid-body is still failed over. An embeddings request for a backend
+that embeds one text per call is a fan-out: `embeddings_concurrency` calls at a time, merged in
+order as they arrive, the first failure ending the others (`_fan_out`). Streams are relayed event by event
 as they arrive; the client's pace sets the pace of upstream reads, so a slow client holds at most
 one event in memory, and a client that hangs up cancels the upstream read at once.
 """

@@ -3,8 +3,10 @@ clients expect. Pure: bytes and dicts in, bytes and dicts out; every backend qui
 
 Per backend, from its config:
 - the public model name is replaced by the deployment's upstream name;
+- embeddings take at most `embeddings_max_inputs` inputs per request (400 beyond);
 - `embeddings_input = "prompt"`: `input` is renamed `prompt`; a list input becomes one call per
-  item (such backends embed one text per call) and the answers are merged in order;
+  item (such backends embed one text per call) and the answers are merged in order, within
+  `server.max_response_bytes` (EmbeddingsMerge; the calls themselves are proxy.py's);
 - an answer in the single-vector shape `{"embedding": [...]}` is normalised to OpenAI's list shape;
 - `encoding_format: "base64"` is honoured even when the backend answers with floats;
 - streamed chat asks for `stream_options.include_usage`, so token counts are exact without a
