@@ -12,6 +12,7 @@ import httpx
 import pytest
 import trio
 
+from hxgwd.offload import dumps_in_steps
 from hxgwd.pipeline.parse import json_document, json_document_in_steps
 from hxgwd.upstream.echo import _word_count
 from tests.conftest import AUTH, gateway_config
@@ -156,3 +157,12 @@ def test_echo_counts_words_in_pieces_as_split_does():
     for text in texts:
         for piece in (1, 2, 3, 5, 65536):
             assert _word_count(text, piece) == len(text.split()), (text, piece)
+
+
+@pytest.mark.parametrize("doc", [
+    {}, {"a": []}, {"model": "m", "messages": [{"role": "user", "content": "é \" \n"}], "n": 1.5, "x": None},
+    {"a": [[1, 2], [], {"b": [3]}]}, ["top", "list"], "text", {"1": [True, False, None]},
+])
+def test_encoding_in_steps_gives_what_encoding_at_once_gives(doc):
+    encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+    assert dumps_in_steps(doc, encode) == encode(doc).encode()
