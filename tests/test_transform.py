@@ -29,6 +29,13 @@ def dep(**backend):
     return next(iter(rt.deployments.values()))
 
 
+def merged(plan: transform.CallPlan, bodies: list[bytes], max_bytes: int = 1 << 30) -> bytes:
+    merge = transform.EmbeddingsMerge(plan, max_bytes)
+    for i, body in enumerate(bodies):
+        merge.add(i, body)
+    return b"".join(merge.answer())
+
+
 def test_chat_body_gets_upstream_model_and_stream_usage():
     plan = transform.plan_calls("/chat/completions", {"model": "pub", "stream": True, "messages": []}, dep(), "pub")
     body = json.loads(plan.bodies[0])
@@ -52,7 +59,7 @@ def test_embeddings_input_renamed_and_split():
 def test_single_vector_answers_merged_in_order_with_base64():
     plan = transform.plan_calls("/embeddings", {"model": "pub", "input": ["a", "b"], "encoding_format": "base64"},
                                 dep(embeddings_input="prompt"), "pub")
-    out = json.loads(transform.finish_embeddings(plan, [b'{"embedding":[1.0,0.0]}', b'{"embedding":[0.5,0.5]}']))
+    out = json.loads(merged(plan, [b'{"embedding":[1.0,0.0]}', b'{"embedding":[0.5,0.5]}']))
     assert out["object"] == "list" and out["model"] == "pub" and "usage" in out
     assert [d["index"] for d in out["data"]] == [0, 1]
     assert struct.unpack("<2f", base64.b64decode(out["data"][1]["embedding"])) == (0.5, 0.5)
@@ -61,12 +68,12 @@ def test_single_vector_answers_merged_in_order_with_base64():
 def test_float_answer_converted_only_when_client_asked_base64():
     asked = transform.plan_calls("/embeddings", {"model": "pub", "input": "x", "encoding_format": "base64"}, dep(), "pub")
     floats = b'{"object":"list","data":[{"object":"embedding","index":0,"embedding": [0.25]}],"model":"up"}'
-    out = json.loads(transform.finish_embeddings(asked, [floats]))
+    out = json.loads(merged(asked, [floats]))
     assert struct.unpack("<f", base64.b64decode(out["data"][0]["embedding"])) == (0.25,)
     already = b'{"object":"list","data":[{"object":"embedding","index":0,"embedding":"AACAPg=="}]}'
-    assert transform.finish_embeddings(asked, [already]) is None         # relayed untouched
+    assert not transform.needs_merge(asked, already)         # relayed untouched
     plain = transform.plan_calls("/embeddings", {"model": "pub", "input": "x"}, dep(), "pub")
-    assert transform.finish_embeddings(plain, [floats]) is None
+    assert not transform.needs_merge(plain, floats)
 
 
 def test_usage_found_from_the_end():
@@ -189,3 +196,11 @@ def test_sse_relay_bounds_an_event_that_arrived_whole():
     assert relay.feed(b"data: short\n\n") == b"data: short\n\n"
     with pytest.raises(UpstreamError):
         relay.feed(b"data: " + b"x" * 20 + b"\n\n")
+
+
+def test_a_body_encoded_in_steps_is_the_same_bytes():
+    payload = {"model": "pub", "messages": [{"role": "user", "content": "h\u00e9"}] * 3, "n": 2, "stop": ["a"]}
+    assert (transform.plan_calls("/chat/completions", payload, dep(), "pub", in_steps=True).bodies
+            == transform.plan_calls("/chat/completions", payload, dep(), "pub").bodies)
+    with pytest.raises(BadRequest):
+        transform.plan_calls("/chat/completions", {"model": "pub", "messages": ["\ud800"]}, dep(), "pub", in_steps=True)

@@ -71,6 +71,8 @@ class Backend:
     embeddings_input: Literal["input", "prompt"] = "input"
     embeddings_encoding: Literal["any", "float"] = "any"   # "float": backend cannot do base64
     embeddings_path: str | None = None  # full upstream path instead of <base>/embeddings (Ollama: /api/embeddings)
+    embeddings_max_inputs: int = 2048    # inputs in one embeddings request; more -> 400 (OpenAI's own cap)
+    embeddings_concurrency: int = 8      # "prompt": calls of one request in flight at once (one per input)
     stream_usage: bool = True        # ask for stream_options.include_usage so usage is exact
     max_connections: int = 256       # pooled upstream connections
     max_idle_connections: int = 64

@@ -102,6 +102,10 @@ def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list
             p.append(f"{path}.max_idle_connections: must be 0 or more")
         if b.idle_timeout <= 0:
             p.append(f"{path}.idle_timeout: must be greater than 0")
+        if b.embeddings_max_inputs < 1:
+            p.append(f"{path}.embeddings_max_inputs: must be at least 1")
+        if b.embeddings_concurrency < 1:
+            p.append(f"{path}.embeddings_concurrency: must be at least 1")
         if not 1 <= b.echo_dimensions <= 65536:
             p.append(f"{path}.echo_dimensions: must be between 1 and 65536")
         if b.echo_delay < 0:

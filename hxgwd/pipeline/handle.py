@@ -9,6 +9,7 @@ answers.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -22,11 +23,12 @@ from hxgwd import __version__
 from hxgwd.errors import BadRequest, GatewayError, NotFound, ShuttingDown, capped, require_method
 from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
-from hxgwd import admin
+from hxgwd import admin, memtrim
+from hxgwd.offload import OFF_LOOP_BYTES, off_loop
 from hxgwd.pipeline import authenticate, limit, proxy, record, route, transform
 from hxgwd.pipeline.connection import ClientGone, Request, Response
-from hxgwd.pipeline.parse import json_document
-from hxgwd.runtime import Principal, Runtime, RuntimeHolder
+from hxgwd.pipeline.parse import json_document, json_document_in_steps
+from hxgwd.runtime import Deployment, Principal, Runtime, RuntimeHolder
 from hxgwd.services import Services
 from hxgwd.upstream import Transports
 from hxgwd.upstream.gates import Gates
@@ -95,10 +97,16 @@ class Gateway:
             ended = trio.current_time()
             cost = self._cost(ex)
             if ex.reservation is not None:   # settle shields itself: it runs even when cancelled
-                tokens = (ex.usage or {}).get("total_tokens")
+                tokens, charged = (ex.usage or {}).get("total_tokens"), cost
                 failed = ex.status >= 400 or ex.status == 0
+                if ex.fanout_left:
+                    # cut short mid-fan-out: charged for the calls that finished, and the calls that
+                    # did not keep their share of the reservation (the upstream may have done them)
+                    tokens, charged = _with_unfinished_share(ex, tokens, cost)
                 await self.limiter.settle(ex.reservation, 0 if failed and tokens is None else tokens,
-                                          0.0 if failed and cost is None else cost)
+                                          0.0 if failed and charged is None else charged)
+            if ex.bytes_in + ex.bytes_out >= memtrim.AFTER_BYTES and memtrim.wanted():
+                self.idle.defer(memtrim.trim)
             # the access line and the usage record wait for a quiet moment: not on the next
             # request's path (idle.py)
             self.idle.defer(self._record, rt, ex, cost, ended)
@@ -126,7 +134,7 @@ class Gateway:
             require_method(head.method, "POST")
         body = await request.read_body()
         ex.bytes_in = len(body)
-        payload = _payload(body)
+        payload = await off_loop(len(body), _payload, body)
         name = _target_name(head.header(b"x-hx-model-group"), payload)
         endpoint = path[3:]          # below /v1
         ex.model = name
@@ -142,8 +150,15 @@ class Gateway:
             deadline=ex.started + rt.config.timeouts.total,
             max_response_bytes=rt.config.server.max_response_bytes,
             max_sse_event_bytes=rt.config.server.max_sse_event_bytes)
-        await proxy.forward(ex, plan, lambda dep: transform.plan_calls(endpoint, payload, dep, name),
-                            self.router, self.transports, self.gates, settings, features, response)
+        in_steps = len(body) >= OFF_LOOP_BYTES
+
+        async def build(dep: Deployment) -> transform.CallPlan:
+            # the upstream body is written anew for each deployment: a large one in a thread, in
+            # steps (offload.py), like its parse
+            return await off_loop(len(body), transform.plan_calls, endpoint, payload, dep, name, in_steps)
+
+        await proxy.forward(ex, plan, build, self.router, self.transports, self.gates, settings, features,
+                            response)
 
     def _authenticate(self, rt: Runtime, ex: proxy.Exchange, headers) -> Principal:
         principal, _digest = authenticate.authenticate(headers, self.services.key_lookups(rt))
@@ -243,9 +258,22 @@ def _upstream_fault(status: int) -> str | None:
     return "caller" if status < 500 and status != 429 else "upstream"
 
 
+def _with_unfinished_share(ex: proxy.Exchange, tokens: int | None,
+                           cost: float | None) -> tuple[int | None, float | None]:
+    res = ex.reservation
+    left = ex.fanout_left / ex.fanout_calls
+    if getattr(res, "tokens", None) is not None:
+        tokens = (tokens or 0) + math.ceil(res.tokens * left)
+    if getattr(res, "nano_usd", None) is not None:
+        cost = (cost or 0.0) + res.cost_usd * left
+    return tokens, cost
+
+
 def _payload(body: bytes) -> dict[str, Any]:
+    # a large body is parsed in a thread (off_loop): in steps there, so the loop's thread runs between them
+    decode = json_document if len(body) < OFF_LOOP_BYTES else json_document_in_steps
     try:
-        payload = json_document(body)
+        payload = decode(body)
     except ValueError:
         raise BadRequest("We could not parse the JSON body of your request.", code="invalid_json") from None
     if not isinstance(payload, dict):

@@ -3,8 +3,10 @@ clients expect. Pure: bytes and dicts in, bytes and dicts out; every backend qui
 
 Per backend, from its config:
 - the public model name is replaced by the deployment's upstream name;
+- embeddings take at most `embeddings_max_inputs` inputs per request (400 beyond);
 - `embeddings_input = "prompt"`: `input` is renamed `prompt`; a list input becomes one call per
-  item (such backends embed one text per call) and the answers are merged in order;
+  item (such backends embed one text per call) and the answers are merged in order, within
+  `server.max_response_bytes` (EmbeddingsMerge; the calls themselves are proxy.py's);
 - an answer in the single-vector shape `{"embedding": [...]}` is normalised to OpenAI's list shape;
 - `encoding_format: "base64"` is honoured even when the backend answers with floats;
 - streamed chat asks for `stream_options.include_usage`, so token counts are exact without a
@@ -28,7 +30,8 @@ from typing import Any
 
 import attrs
 
-from hxgwd.errors import BadRequest, UpstreamError
+from hxgwd.errors import BadRequest, PayloadTooLarge, UpstreamError
+from hxgwd.offload import OFF_LOOP_BYTES, dumps_in_steps
 from hxgwd.pipeline.parse import Headers
 from hxgwd.runtime import Deployment
 
@@ -71,7 +74,10 @@ def ambiguous_key(payload: dict[str, Any]) -> str | None:
     return None
 
 
-def plan_calls(endpoint: str, payload: dict[str, Any], dep: Deployment, public_model: str) -> CallPlan:
+def plan_calls(endpoint: str, payload: dict[str, Any], dep: Deployment, public_model: str,
+               in_steps: bool = False) -> CallPlan:
+    """`in_steps`: a large body, planned in a worker thread, is encoded an element at a time so
+    that the event loop's thread gets the GIL between them (offload.dumps_in_steps)."""
     backend = dep.backend.config
     body = dict(payload)
     body["model"] = dep.upstream_model
@@ -85,14 +91,24 @@ def plan_calls(endpoint: str, payload: dict[str, Any], dep: Deployment, public_m
             body["stream_options"] = options
             strip_usage = True
     if endpoint != "/embeddings":
-        return CallPlan(endpoint, (_request_bytes(body),), stream, strip_usage, False, False, public_model)
+        return CallPlan(endpoint, (_request_bytes(body, in_steps),), stream, strip_usage, False, False,
+                        public_model)
 
+    given = body.get("input")
+    # Checked before anything is built: each input is a call or a vector of the answer (OpenAI
+    # caps them at 2048 too); 20,000 took 100,000 upstream calls or a 247 MB answer.
+    count = len(given) if isinstance(given, list) and given and type(given[0]) is not int else 1
+    if count > backend.embeddings_max_inputs:
+        raise BadRequest(f"This model takes at most {backend.embeddings_max_inputs} inputs per request; "
+                         f"this one has {count}. Send them in several requests.",
+                         param="input", code="too_many_inputs")
     client_base64 = body.get("encoding_format") == "base64"
     if client_base64 and backend.embeddings_encoding == "float":
         body["encoding_format"] = "float"
     if backend.embeddings_input == "input":
-        return CallPlan(endpoint, (_request_bytes(body),), False, False, False, client_base64, public_model)
-    given = body.pop("input", None)
+        return CallPlan(endpoint, (_request_bytes(body, in_steps),), False, False, False, client_base64,
+                        public_model)
+    body.pop("input", None)
     body.pop("encoding_format", None)    # single-prompt backends know floats only
     items = [given] if isinstance(given, str) else given
     if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
@@ -101,9 +117,9 @@ def plan_calls(endpoint: str, payload: dict[str, Any], dep: Deployment, public_m
     return CallPlan(endpoint, bodies, False, False, True, client_base64, public_model)
 
 
-def _request_bytes(body: dict[str, Any]) -> bytes:
+def _request_bytes(body: dict[str, Any], in_steps: bool = False) -> bytes:
     try:
-        return _dumps(body)
+        return dumps_in_steps(body, _ENCODE) if in_steps else _dumps(body)
     except UnicodeEncodeError:
         # a lone surrogate from a "\ud800" escape: Python's json takes it, UTF-8 cannot carry it
         raise BadRequest("The request holds a lone UTF-16 surrogate escape, which is not Unicode text.",
@@ -142,41 +158,84 @@ def connection_listed(headers: Headers) -> set[bytes] | None:
 
 # --- non-streamed answers ----------------------------------------------------------------------
 
-def finish_embeddings(plan: CallPlan, bodies: list[bytes]) -> bytes | None:
-    """The client's answer built from the backend's, or None to relay `bodies[0]` unchanged;
-    UpstreamError for an answer it cannot be built from (a 502, held against the deployment)."""
-    if not plan.embeddings_merge and not (plan.client_base64 and FLOAT_VECTOR.search(bodies[0])):
-        return None
-    try:
-        return _merge_embeddings(plan, bodies)
-    except (ValueError, TypeError, OverflowError, struct.error):
-        # vectors of strings or NaN, numbers a float32 cannot hold, ...: nothing valid to send
-        raise UpstreamError("The upstream sent an embeddings answer of an unknown shape.") from None
+def needs_merge(plan: CallPlan, first: bytes) -> bool:
+    """Whether the client's answer must be built (EmbeddingsMerge) rather than `first` relayed."""
+    return plan.embeddings_merge or (plan.client_base64 and FLOAT_VECTOR.search(first) is not None)
 
 
-def _merge_embeddings(plan: CallPlan, bodies: list[bytes]) -> bytes:
-    data: list[dict[str, Any]] = []
-    prompt_tokens = total_tokens = 0
-    model = plan.public_model
-    for body in bodies:
+class EmbeddingsMerge:
+    """The client's embeddings answer, built from the backend's answers as they arrive, in any
+    order. Each answer is parsed and its vectors encoded at once, so one parsed answer at most is
+    alive (parsed floats take ~1.6 times their text), the answer's size is known before it is
+    built, and the usage of the answers so far is known if the rest never comes."""
+
+    # bytes of one item besides its vector, an upper bound: {"object":"embedding","index":N,"embedding":V},
+    ITEM_BYTES = 56
+
+    def __init__(self, plan: CallPlan, max_bytes: int) -> None:
+        self._plan = plan
+        self._max_bytes = max_bytes
+        self._vectors: list[list[bytes] | None] = [None] * len(plan.bodies)
+        self.size = 0                      # bytes of the answer so far (an upper bound)
+        self.usage: dict[str, int] | None = None
+
+    def add(self, call: int, body: bytes) -> None:
+        """The answer to call `call`. UpstreamError if no answer can be built from it (a 502,
+        held against the deployment); PayloadTooLarge once the answer would be larger than
+        `max_bytes`: its size follows from the request (inputs x dimensions), the same on any
+        deployment, and the caller's way out is the same as for a body too large: send fewer."""
+        # above OFF_LOOP_BYTES this runs in a worker thread: a Python callback per number there
+        # lets the event loop's thread take the GIL between numbers; json's C parser alone never
+        # lets it go
+        decode = _decode_yielding if len(body) >= OFF_LOOP_BYTES else json.loads
         try:
-            doc = json.loads(body)
+            doc = decode(body)
         except ValueError:
             raise UpstreamError("The upstream sent an embeddings answer that is not JSON.") from None
         vectors = _vectors(doc)
         if vectors is None:
             raise UpstreamError("The upstream sent an embeddings answer of an unknown shape.")
-        data.extend({"object": "embedding", "index": 0, "embedding": v} for v in vectors)
+        to_base64 = self._plan.client_base64
+        try:
+            encoded = [_vector_bytes(v, to_base64) for v in vectors]
+        except (ValueError, TypeError, OverflowError, struct.error):
+            # vectors of strings or NaN, numbers a float32 cannot hold, ...: nothing valid to send
+            raise UpstreamError("The upstream sent an embeddings answer of an unknown shape.") from None
         usage = _clean_usage(doc.get("usage")) or {}      # counts only if they are counts
-        prompt_tokens += usage.get("prompt_tokens", 0)
-        total_tokens += usage.get("total_tokens", usage.get("prompt_tokens", 0))
-    for i, item in enumerate(data):
-        item["index"] = i
-        if plan.client_base64 and isinstance(item["embedding"], list):
-            vec = item["embedding"]
-            item["embedding"] = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
-    return _dumps({"object": "list", "data": data, "model": model,
-                   "usage": {"prompt_tokens": prompt_tokens, "total_tokens": total_tokens}})
+        del doc, vectors
+        self.size += sum(map(len, encoded)) + self.ITEM_BYTES * len(encoded)
+        if self.size > self._max_bytes:
+            raise PayloadTooLarge(
+                f"The embeddings of these inputs are larger than this gateway returns in one answer "
+                f"({self._max_bytes} bytes). Send fewer inputs per request.",
+                param="input", code="embeddings_too_large")
+        self._vectors[call] = encoded
+        had = self.usage or {"prompt_tokens": 0, "total_tokens": 0}
+        self.usage = {"prompt_tokens": had["prompt_tokens"] + usage.get("prompt_tokens", 0),
+                      "total_tokens": had["total_tokens"] + usage.get("total_tokens", usage.get("prompt_tokens", 0))}
+
+    def answer(self) -> list[bytes]:
+        """The merged answer in pieces (joined, it would be a second copy), once every call's
+        answer was added; the vectors' bytes go with it."""
+        parts = [b'{"object":"list","data":[']
+        index = 0
+        for encoded in self._vectors:
+            assert encoded is not None
+            for vector in encoded:
+                parts += (b'{"object":"embedding","index":%d,"embedding":' % index, vector, b"},")
+                index += 1
+        self._vectors = []
+        if index:
+            parts[-1] = b"}"      # no comma after the last item
+        usage = self.usage or {"prompt_tokens": 0, "total_tokens": 0}
+        parts.append(b'],"model":%b,"usage":%b}' % (_dumps(self._plan.public_model), _dumps(usage)))
+        return parts
+
+
+def _vector_bytes(vector: Any, to_base64: bool) -> bytes:
+    if to_base64 and isinstance(vector, list):
+        return b'"%b"' % base64.b64encode(struct.pack(f"<{len(vector)}f", *vector))
+    return _dumps(vector)
 
 
 def _index(item: Any) -> int:
@@ -194,6 +253,16 @@ def _vectors(doc: Any) -> list[Any] | None:
     if isinstance(doc.get("embeddings"), list):         # {"embeddings": [[...], ...]}
         return list(doc["embeddings"])
     return None
+
+
+def _decode_yielding(body: bytes) -> Any:
+    """json.loads with a Python call per float: a thread parsing a large answer lets the event
+    loop's thread take the GIL between them (~2x the parse time, off the loop)."""
+    return json.loads(body, parse_float=_float)
+
+
+def _float(text: str) -> float:
+    return float(text)
 
 
 _RAW_DECODE = json.JSONDecoder().raw_decode    # a decoder is built once: building one costs more than
