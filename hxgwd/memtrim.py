@@ -23,20 +23,23 @@ try:
 except (OSError, AttributeError):     # pragma: no cover - not glibc
     _malloc_trim = None
 
-_pending = False
+class MemoryTrim:
+    """One per gateway: at most one trim waiting for a quiet moment, however many large
+    requests ended meanwhile."""
 
+    __slots__ = ("_pending",)
 
-def wanted() -> bool:
-    """Note that a trim is wanted; False when one is already waiting (it will do for both)."""
-    global _pending
-    if _pending or _malloc_trim is None:
-        return False
-    _pending = True
-    return True
+    def __init__(self) -> None:
+        self._pending = False
 
+    def wanted(self) -> bool:
+        """Note that a trim is wanted; False when one is already waiting (it will do for both)."""
+        if self._pending or _malloc_trim is None:
+            return False
+        self._pending = True
+        return True
 
-def trim() -> None:
-    global _pending
-    _pending = False
-    if _malloc_trim is not None:
-        _malloc_trim(0)
+    def trim(self) -> None:
+        self._pending = False
+        if _malloc_trim is not None:
+            _malloc_trim(0)

@@ -56,6 +56,7 @@ class Gateway:
         self.is_cutting_off = is_cutting_off   # shutdown: the grace is over, or a second signal came
         self._models_cache: OrderedDict[tuple, bytes] = OrderedDict()
         self._ids = RequestIds()
+        self._memory = memtrim.MemoryTrim()
 
     async def __call__(self, request: Request, response: Response) -> None:
         head = request.head
@@ -105,8 +106,8 @@ class Gateway:
                     tokens, charged = _with_unfinished_share(ex, tokens, cost)
                 await self.limiter.settle(ex.reservation, 0 if failed and tokens is None else tokens,
                                           0.0 if failed and charged is None else charged)
-            if ex.bytes_in + ex.bytes_out >= memtrim.AFTER_BYTES and memtrim.wanted():
-                self.idle.defer(memtrim.trim)
+            if ex.bytes_in + ex.bytes_out >= memtrim.AFTER_BYTES and self._memory.wanted():
+                self.idle.defer(self._memory.trim)
             # the access line and the usage record wait for a quiet moment: not on the next
             # request's path (idle.py)
             self.idle.defer(self._record, rt, ex, cost, ended)
