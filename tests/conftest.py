@@ -93,6 +93,17 @@ async def start_gateway(nursery: trio.Nursery, toml_text: str, *, environ: dict[
     return RunningGateway(url, daemon, life, log, client, stopped)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_default_state_directory():
+    """A test that runs the daemon on the default [database] or spool (/var/lib/hxgwd) leaves root's
+    files there, and `make deb-check` refuses a machine where that directory exists without the
+    package: every test must give its daemon a temporary place."""
+    default = "/var/lib/hxgwd"
+    existed = os.path.exists(default)
+    yield
+    assert existed or not os.path.exists(default), f"a test created {default}: give its daemon a spool_dir"
+
+
 @pytest.fixture
 async def upstream(nursery: trio.Nursery) -> FakeUpstream:
     up = FakeUpstream()

@@ -133,11 +133,12 @@ async def test_the_budget_holds_when_redis_loses_its_data_while_the_gateway_runs
         await gw.stop()
 
 
-async def test_a_store_that_does_not_answer_does_not_stop_the_gateway(nursery, upstream):
+async def test_a_store_that_does_not_answer_does_not_stop_the_gateway(nursery, tmp_path, upstream):
     from tests.servers import free_port
 
     cfg = gateway_config(priced(upstream), database=f"postgresql://nobody@127.0.0.1:{free_port()}/none").replace(
-        "key_refresh = 0.2", "key_refresh = 0.2\nconnect_timeout = 0.5").replace("sha256 =", DAILY_DOLLAR)
+        "key_refresh = 0.2", f'key_refresh = 0.2\nconnect_timeout = 0.5\nspool_dir = "{tmp_path}/spool"').replace(
+        "sha256 =", DAILY_DOLLAR)
     gw = await start_gateway(nursery, cfg)
     upstream.default = Reply(body=answer(1, 300))
     assert (await gw.post("/v1/chat/completions", ask(300))).status_code == 200
