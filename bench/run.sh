@@ -38,7 +38,7 @@
 #                           working tree: others' uncommitted edits then cannot change the code
 #                           under test halfway through a run
 #
-# Env: SHARED_BENCH (default <repo>/../shared/bench), HXGWD_PYTHON (default <repo>/.venv/bin/python),
+# Env: SHARED_BENCH (default <repo>/../shared/bench, or <main checkout>/../shared/bench from a worktree), HXGWD_PYTHON (default <repo>/.venv/bin/python),
 # HXGWD_BENCH_PORT (4010), HXGWD_BENCH_KEY (sk-hx-bench: the key whose sha256 is in gateway.toml),
 # HXGWD_CONFIG (default bench/gateway.toml), BENCH_RUN_DIR (servers' pid files/logs; default
 # ${TMPDIR:-/tmp}/hxbench-hxgwd, separate from the shared default so that other users' servers are
@@ -51,7 +51,10 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(git -C "$HERE" rev-parse --show-toplevel 2>/dev/null || (cd "$HERE/.." && pwd))"
+# default: beside the repository, or beside the main checkout when this is a git worktree
+COMMON="$(cd "$(git -C "$HERE" rev-parse --git-common-dir 2>/dev/null || echo "$REPO/.git")/.." && pwd)"
 SHARED="${SHARED_BENCH:-$REPO/../shared/bench}"
+[[ -n "${SHARED_BENCH:-}" || -f "$SHARED/run.py" ]] || SHARED="$COMMON/../shared/bench"
 [[ -x "$SHARED/run.py" || -f "$SHARED/run.py" ]] || { echo "no shared bench at $SHARED (set SHARED_BENCH)" >&2; exit 2; }
 SHARED="$(cd "$SHARED" && pwd)"
 
