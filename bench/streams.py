@@ -23,6 +23,12 @@ Prints one line per target, e.g.
 and with --json FILE appends one JSON object with the same numbers (and the error counts by kind:
 "http 503", "timeout", "ConnectionResetError", "no [DONE]", ...).
 
+The request asks for `stream_options.include_usage` (--no-usage: not), so every target gets the same
+event sequence from the upstream: hxgwd asks the upstream for the usage chunk anyway (exact token
+counts) and drops it when the client did not ask; the fake upstream paces that chunk like the
+others, so without the option hxgwd's client would see one double gap per stream (its p99) where
+nginx's client sees none.
+
 The fd limit is raised to the hard limit first (each stream is one socket here; the target needs
 two per stream, so raise `ulimit -n` in the shell that starts it too: bench/streams.sh does).
 """
@@ -198,6 +204,10 @@ async def main() -> int:
     ap.add_argument("--ramp", type=float, default=2.0, help="seconds over which the streams are opened")
     ap.add_argument("--timeout", type=float, default=60.0, help="per stream, connect to last byte")
     ap.add_argument("--pid", type=int, help="target process: sample its (tree's) RSS")
+    ap.add_argument("--nominal-ms", type=float, default=500.0,
+                    help="the upstream's gap between events, for the gap histogram")
+    ap.add_argument("--no-usage", action="store_true",
+                    help="do not ask for stream_options.include_usage (see the module doc)")
     ap.add_argument("--label", default="target")
     ap.add_argument("--json", help="append a JSON line with the results to this file")
     a = ap.parse_args()
@@ -211,8 +221,10 @@ async def main() -> int:
 
     u = urllib.parse.urlsplit(a.url)
     host, port = u.hostname, u.port or 80
-    body = json.dumps({"model": a.model, "stream": True,
-                       "messages": [{"role": "user", "content": "Say hello, slowly."}]}).encode()
+    req = {"model": a.model, "stream": True, "messages": [{"role": "user", "content": "Say hello, slowly."}]}
+    if not a.no_usage:
+        req["stream_options"] = {"include_usage": True}
+    body = json.dumps(req).encode()
     request = (f"POST {u.path.rstrip('/')}/chat/completions HTTP/1.1\r\nHost: {u.netloc}\r\n"
                f"Authorization: Bearer {a.key}\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
@@ -245,12 +257,21 @@ async def main() -> int:
             kind = r.error or "unfinished"
             errors[kind] = errors.get(kind, 0) + 1
     gaps = [g * 1000 for r in ok for g in r.gaps]
+    # where the gaps fall, relative to the upstream's pace (--nominal-ms): two events coalesced
+    # show as one short and one double gap
+    edges = [0.5, 0.9, 1.1, 1.5, 2.5]
+    hist = {}
+    for g in gaps:
+        x = g / a.nominal_ms
+        b = next((f"<{e}x" for e in edges if x < e), f">={edges[-1]}x")
+        hist[b] = hist.get(b, 0) + 1
+    hist = {k: hist[k] for k in [f"<{e}x" for e in edges] + [f">={edges[-1]}x"] if k in hist}
     firsts = [r.first * 1000 for r in ok if r.first is not None]
     out = {
         "label": a.label, "url": a.url, "streams": a.streams, "ok": len(ok), "failed": a.streams - len(ok),
         "errors": errors, "events": sum(r.events for r in ok), "gaps": len(gaps),
         "gap_p50_ms": quantile(gaps, 0.50), "gap_p99_ms": quantile(gaps, 0.99),
-        "gap_max_ms": max(gaps) if gaps else None,
+        "gap_max_ms": max(gaps) if gaps else None, "gap_hist": hist, "nominal_ms": a.nominal_ms,
         "first_p50_ms": quantile(firsts, 0.50), "first_p99_ms": quantile(firsts, 0.99),
         "first_max_ms": max(firsts) if firsts else None,
         "rss_peak_mib": round(peak[0] / 1024, 1) if a.pid else None,
@@ -266,7 +287,8 @@ async def main() -> int:
     print(f"{a.label}: streams {a.streams} ok {len(ok)} failed {out['failed']} | gap p50 {f(out['gap_p50_ms'])} "
           f"p99 {f(out['gap_p99_ms'])} max {f(out['gap_max_ms'])} ms (n {len(gaps)}) | first event "
           f"p50 {f(out['first_p50_ms'])} p99 {f(out['first_p99_ms'])} max {f(out['first_max_ms'])} ms{rss} | "
-          f"{elapsed:.1f} s, client CPU {out['client_cpu_s']} s | errors: "
+          f"{elapsed:.1f} s, client CPU {out['client_cpu_s']} s | gaps/{a.nominal_ms:g} ms: "
+          f"{' '.join(f'{k} {v}' for k, v in hist.items()) or '-'} | errors: "
           f"{', '.join(f'{k} x{v}' for k, v in sorted(errors.items(), key=lambda kv: -kv[1])) or '-'}",
           flush=True)
     if a.json:

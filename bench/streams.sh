@@ -2,7 +2,7 @@
 # Many concurrent slow streamed chats: hxgwd on its DEFAULT config beside the nginx reverse proxy.
 #
 #   bench/streams.sh [-n 2000] [--rounds 1] [--ramp 2] [--chunk-delay-ms 500] [--timeout 60]
-#                    [--rev REV] [--out DIR] [--targets "nginx hxgwd"]
+#                    [--rev REV] [--out DIR] [--targets "nginx hxgwd"] [--set server.KEY=VALUE ...]
 #
 # The target case of issue 15: "2,000 concurrent streamed chats, events 500 ms apart, default
 # config: 0 errors, p99 gap between events <= 1.1x nginx's in the same run, RSS <= 100 MiB".
@@ -19,6 +19,9 @@
 #               its default (e.g. [server] max_connections 1024, backend max_connections 256,
 #               model queue_timeout 5 s). The one other line: [database] url points the (default,
 #               on) SQLite usage store into the output dir instead of /var/lib/hxgwd.
+# --set server.K=V / backend.K=V / model.K=V adds `K = V` (TOML value) to that section: to see what
+# a non-default setting would do (e.g. --set backend.max_connections=4096); the verdict then says
+# "not the default config".
 # then runs bench/streams.py against each target in turn (alternating per round), and prints the
 # streams.py lines and the verdict. The fd limit is raised to the hard limit for everything it
 # starts. Everything it started is stopped at exit, by pid. Each client run is bounded by
@@ -34,6 +37,7 @@ COMMON="$(cd "$(git -C "$HERE" rev-parse --git-common-dir 2>/dev/null || echo "$
 SHARED="${SHARED_BENCH:-$REPO/../shared/bench}"
 [[ -n "${SHARED_BENCH:-}" || -f "$SHARED/servers.sh" ]] || SHARED="$COMMON/../shared/bench"
 SHARED="$(cd "$SHARED" && pwd)"
+SETS=()
 N=2000 ROUNDS=1 RAMP=2 CHUNK_MS=500 TIMEOUT=60 REV="" OUT="" TARGETS="nginx hxgwd"
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -45,7 +49,8 @@ while [[ $# -gt 0 ]]; do
     --rev) REV="$2"; shift ;;
     --out) OUT="$2"; shift ;;
     --targets) TARGETS="$2"; shift ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    --set) SETS+=("$2"); shift ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -136,6 +141,12 @@ api_key_env = "HXBENCH_UPSTREAM_KEY"
 name = "fake-model-delay"
 backend = "pyup-stream"
 EOF
+for kv in "${SETS[@]}"; do
+  sec="${kv%%.*}" rest="${kv#*.}"
+  case "$sec" in server) hdr='^\[server\]$' ;; backend) hdr='^\[\[backends\]\]$' ;; model) hdr='^\[\[models\]\]$' ;;
+    *) echo "--set $kv: section must be server, backend or model" >&2; exit 2 ;; esac
+  sed -i "/$hdr/a ${rest%%=*} = ${rest#*=}" "$CONF"
+done
 chmod 600 "$CONF"
 HXLOG="$OUT/hxgwd.log"
 ( cd "$SRC" && exec env PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m hxgwd -c "$CONF" ) 2>"$HXLOG" </dev/null &
@@ -149,6 +160,7 @@ grep -q '"msg":"listening"' "$HXLOG" || { echo "hxgwd did not report listening i
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ); $N streams, ramp ${RAMP}s, events ${CHUNK_MS} ms apart, rounds $ROUNDS"
   echo "hxgwd: $([[ -n $REV ]] && git -C "$REPO" rev-parse --short "$REV" || echo "working tree at $(git -C "$REPO" rev-parse --short HEAD)"), pid $HX_PID, port $PORT; $(grep -o '"http_parser":"[a-z0-9]*"' "$HXLOG" | head -1)"
+  if [[ ${#SETS[@]} -gt 0 ]]; then echo "NOT the default config: --set ${SETS[*]}"; else echo "hxgwd config: default (listen, key, backend, model, store path only)"; fi
   echo "nginx proxy: port $NGX (pid $NGX_PID) -> pyup-delay $PYD; fd limit $NOFILE; somaxconn $(cat /proc/sys/net/core/somaxconn)"
   echo "cpu: $(nproc); loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee "$OUT/facts.txt" >&2
@@ -166,7 +178,7 @@ for r in $(seq "$ROUNDS"); do
     esac
     log "round $r: $t, $N streams"
     timeout "$BOUND" "$PY" "$HERE/streams.py" "${args[@]}" -n "$N" --ramp "$RAMP" --timeout "$TIMEOUT" \
-      --model fake-model-delay --label "$t" --json "$OUT/streams.jsonl" | tee -a "$OUT/streams.txt" || true
+      --model fake-model-delay --nominal-ms "$CHUNK_MS" --label "$t" --json "$OUT/streams.jsonl" | tee -a "$OUT/streams.txt" || true
     sleep 2    # let TIME_WAIT and the target's state settle
   done
 done
@@ -190,7 +202,8 @@ checks = [
      f"{p99:.1f} ms" if p99 else "-", bool(p99 and ngx and p99 <= 1.1 * ngx)),
     ("RSS peak", "<= 100 MiB", f"{rss} MiB" if rss is not None else "-", rss is not None and rss <= 100),
 ]
-print("| hxgwd, default config | wanted | measured (worst round) | met? |\n|---|---|---|---|")
+default = "NOT the default config" not in open(sys.argv[1].rsplit("/", 1)[0] + "/facts.txt").read()
+print(f"| hxgwd, {'default config' if default else 'NOT the default config (--set)'} | wanted | measured (worst round) | met? |\n|---|---|---|---|")
 for desc, want, got, ok in checks:
     print(f"| {desc} | {want} | {got} | {'yes' if ok else '**no**'} |")
 print(f"\nAll met: {'yes' if all(c[3] for c in checks) else 'no'}")
