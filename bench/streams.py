@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """N concurrent streamed chats through one target; every SSE event timed.
 
-    streams.py --url http://127.0.0.1:4010/v1 [--key K] [--model M] [-n 2000] [--ramp 2]
+    streams.py --url http://127.0.0.1:4010/v1 [--key K] [--model M] [-n 2000] [--ramp 4]
                [--timeout 60] [--pid PID] [--label NAME] [--json FILE]
 
 A bounded trio client with raw HTTP/1.1 (no HTTP library, so the client's cost stays small next to
@@ -13,7 +13,9 @@ bounded by --timeout (from its connect to its last byte) and the whole run by
 --ramp + --timeout + 5 s.
 
 With --pid, the RSS of that process and its descendants (an nginx master and its workers) is
-sampled every 100 ms from /proc/PID/status; the peak is reported (and VmHWM of PID itself).
+sampled every 100 ms from /proc/PID/status; the peak is reported (and VmHWM of PID itself), and the
+CPU time the tree used during the run (utime + stime: a target near 1 s of CPU per second is
+saturated, and its gaps say more about the box than about the code).
 
 Prints one line per target, e.g.
 
@@ -168,6 +170,34 @@ async def _exchange(stream: trio.SocketStream, request: bytes, res: Result) -> N
         res.error = "no [DONE]"
 
 
+def tree(pid: int) -> list[int]:
+    """pid and its descendants (from /proc/PID/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for t in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            pass
+    return out
+
+
+def cpu_tree_s(pid: int) -> float:
+    """utime + stime of pid and its descendants, in seconds."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def rss_tree_kb(pid: int) -> int:
     """VmRSS of pid and all its descendants, in KiB (0 if gone)."""
     total, todo = 0, [pid]
@@ -201,7 +231,7 @@ async def main() -> int:
     ap.add_argument("--key", default="sk-bench")
     ap.add_argument("--model", default="fake-model-delay")
     ap.add_argument("-n", "--streams", type=int, default=2000)
-    ap.add_argument("--ramp", type=float, default=2.0, help="seconds over which the streams are opened")
+    ap.add_argument("--ramp", type=float, default=4.0, help="seconds over which the streams are opened")
     ap.add_argument("--timeout", type=float, default=60.0, help="per stream, connect to last byte")
     ap.add_argument("--pid", type=int, help="target process: sample its (tree's) RSS")
     ap.add_argument("--nominal-ms", type=float, default=500.0,
@@ -237,7 +267,8 @@ async def main() -> int:
             peak[0] = max(peak[0], rss_tree_kb(a.pid))
             await trio.sleep(0.1)
 
-    t0 = time.monotonic()
+    cpu0 = cpu_tree_s(a.pid) if a.pid else 0.0
+    t0, start = time.monotonic(), trio.current_time()
     with trio.move_on_after(a.ramp + a.timeout + 5):
         async with trio.open_nursery() as outer:
             if a.pid:
@@ -245,10 +276,11 @@ async def main() -> int:
             async with trio.open_nursery() as nursery:
                 for i, res in enumerate(results):
                     nursery.start_soon(one_stream, host, port, request, res, a.timeout)
-                    if a.ramp > 0:
-                        await trio.sleep_until(t0 + a.ramp * (i + 1) / a.streams)
+                    if a.ramp > 0:      # (trio's clock, not time.monotonic(): they differ)
+                        await trio.sleep_until(start + a.ramp * (i + 1) / a.streams)
             outer.cancel_scope.cancel()
     elapsed = time.monotonic() - t0
+    target_cpu = round(cpu_tree_s(a.pid) - cpu0, 1) if a.pid else None
 
     ok = [r for r in results if r.done and not r.error]
     errors: dict[str, int] = {}
@@ -276,14 +308,15 @@ async def main() -> int:
         "first_max_ms": max(firsts) if firsts else None,
         "rss_peak_mib": round(peak[0] / 1024, 1) if a.pid else None,
         "hwm_mib": round(hwm_kb(a.pid) / 1024, 1) if a.pid else None,
-        "elapsed_s": round(elapsed, 1), "ramp_s": a.ramp,
+        "elapsed_s": round(elapsed, 1), "ramp_s": a.ramp, "target_cpu_s": target_cpu,
         "client_cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
     }
 
     def f(v, spec="{:.1f}"):
         return "-" if v is None else spec.format(v)
 
-    rss = f" | RSS peak {f(out['rss_peak_mib'])} MiB (HWM {f(out['hwm_mib'])})" if a.pid else ""
+    rss = (f" | RSS peak {f(out['rss_peak_mib'])} MiB (HWM {f(out['hwm_mib'])}), CPU {target_cpu} s"
+           if a.pid else "")
     print(f"{a.label}: streams {a.streams} ok {len(ok)} failed {out['failed']} | gap p50 {f(out['gap_p50_ms'])} "
           f"p99 {f(out['gap_p99_ms'])} max {f(out['gap_max_ms'])} ms (n {len(gaps)}) | first event "
           f"p50 {f(out['first_p50_ms'])} p99 {f(out['first_p99_ms'])} max {f(out['first_max_ms'])} ms{rss} | "

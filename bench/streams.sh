@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Many concurrent slow streamed chats: hxgwd on its DEFAULT config beside the nginx reverse proxy.
 #
-#   bench/streams.sh [-n 2000] [--rounds 1] [--ramp 2] [--chunk-delay-ms 500] [--timeout 60]
+#   bench/streams.sh [-n 2000] [--rounds 1] [--ramp 4] [--chunk-delay-ms 500] [--timeout 60]
 #                    [--rev REV] [--out DIR] [--targets "nginx hxgwd"] [--set server.KEY=VALUE ...]
 #
 # The target case of issue 15: "2,000 concurrent streamed chats, events 500 ms apart, default
@@ -38,7 +38,7 @@ SHARED="${SHARED_BENCH:-$REPO/../shared/bench}"
 [[ -n "${SHARED_BENCH:-}" || -f "$SHARED/servers.sh" ]] || SHARED="$COMMON/../shared/bench"
 SHARED="$(cd "$SHARED" && pwd)"
 SETS=()
-N=2000 ROUNDS=1 RAMP=2 CHUNK_MS=500 TIMEOUT=60 REV="" OUT="" TARGETS="nginx hxgwd"
+N=2000 ROUNDS=1 RAMP=4 CHUNK_MS=500 TIMEOUT=60 REV="" OUT="" TARGETS="nginx hxgwd"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -n) N="$2"; shift ;;
@@ -176,7 +176,8 @@ for r in $(seq "$ROUNDS"); do
       hxgwd) args=(--url "http://127.0.0.1:$PORT/v1" --key "$KEY" --pid "$HX_PID") ;;
       *) echo "unknown target $t" >&2; exit 2 ;;
     esac
-    log "round $r: $t, $N streams"
+    log "round $r: $t, $N streams, loadavg $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "# round $r, $t: loadavg before $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/streams.txt"
     timeout "$BOUND" "$PY" "$HERE/streams.py" "${args[@]}" -n "$N" --ramp "$RAMP" --timeout "$TIMEOUT" \
       --model fake-model-delay --nominal-ms "$CHUNK_MS" --label "$t" --json "$OUT/streams.jsonl" | tee -a "$OUT/streams.txt" || true
     sleep 2    # let TIME_WAIT and the target's state settle
