@@ -22,9 +22,12 @@
 #   --also-no-store         A/B: also start a second hxgwd with the store off (port
 #                           HXGWD_BENCH_PORT2, 4012) and measure it as target hxgwd-nostore in
 #                           the same rounds (main, delay), so the store's cost is not lost in drift
-#   --floor                 also measure bench/floor.py in the main part: a bare trio + h11
-#                           pass-through (no auth/routing/logging/timeouts), i.e. the floor of
-#                           what any trio + h11 gateway costs on this box (port HXGWD_FLOOR_PORT, 4011)
+#   --floor                 also measure bench/floor.py in the main part: a bare trio pass-through
+#                           (no auth/routing/logging/timeouts), i.e. the floor of what any trio
+#                           gateway costs on this box, one per parser mode of --floor-modes
+#   --floor-modes "h11 httptools"   floor.py modes measured by --floor (default both; also raw):
+#                           h11 -> target "floor" on HXGWD_FLOOR_PORT (4011), httptools -> target
+#                           "floor-httptools" on HXGWD_FLOOR_PORT+2 (4013), raw -> "floor-raw" on +3
 #   --profile [SECONDS]     after the runs, py-spy (installed into the venv if missing) records
 #                           hxgwd for SECONDS (default 20) while wrk loads chat at --conns;
 #                           writes profile.svg, profile.txt (collapsed stacks), hotspots.md
@@ -35,7 +38,7 @@
 #                           working tree: others' uncommitted edits then cannot change the code
 #                           under test halfway through a run
 #
-# Env: SHARED_BENCH (default <repo>/../shared/bench), HXGWD_PYTHON (default <repo>/.venv/bin/python),
+# Env: SHARED_BENCH (default <repo>/../shared/bench, or <main checkout>/../shared/bench from a worktree), HXGWD_PYTHON (default <repo>/.venv/bin/python),
 # HXGWD_BENCH_PORT (4010), HXGWD_BENCH_KEY (sk-hx-bench: the key whose sha256 is in gateway.toml),
 # HXGWD_CONFIG (default bench/gateway.toml), BENCH_RUN_DIR (servers' pid files/logs; default
 # ${TMPDIR:-/tmp}/hxbench-hxgwd, separate from the shared default so that other users' servers are
@@ -48,12 +51,16 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(git -C "$HERE" rev-parse --show-toplevel 2>/dev/null || (cd "$HERE/.." && pwd))"
+# default: beside the repository, or beside the main checkout when this is a git worktree
+COMMON="$(cd "$(git -C "$HERE" rev-parse --git-common-dir 2>/dev/null || echo "$REPO/.git")/.." && pwd)"
 SHARED="${SHARED_BENCH:-$REPO/../shared/bench}"
+[[ -n "${SHARED_BENCH:-}" || -f "$SHARED/run.py" ]] || SHARED="$COMMON/../shared/bench"
 [[ -x "$SHARED/run.py" || -f "$SHARED/run.py" ]] || { echo "no shared bench at $SHARED (set SHARED_BENCH)" >&2; exit 2; }
 SHARED="$(cd "$SHARED" && pwd)"
 
 MODE=full ROUNDS="" DURATION="" WARMUP="" CONNS=64
 PARTS="main stream delay" CASES_MAIN="chat,embeddings"
+FLOOR_MODES="h11 httptools"
 LITELLM=0 NGINX_PROXY=1 STORE=1 AB_NOSTORE=0 FLOOR=0 PROFILE=0 PROFILE_ONLY=0 PROFILE_SECS=20 OUT="" SETUP=0 REV=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -68,6 +75,7 @@ while [[ $# -gt 0 ]]; do
     --litellm) LITELLM=1 ;;
     --no-nginx) NGINX_PROXY=0 ;;
     --floor) FLOOR=1 ;;
+    --floor-modes) FLOOR=1; FLOOR_MODES="${2//,/ }"; shift ;;
     --no-store) STORE=0 ;;
     --also-no-store) AB_NOSTORE=1 ;;
     --profile) PROFILE=1; if [[ "${2:-}" =~ ^[0-9]+$ ]]; then PROFILE_SECS="$2"; shift; fi ;;
@@ -75,7 +83,7 @@ while [[ $# -gt 0 ]]; do
     --out) OUT="$2"; shift ;;
     --setup) SETUP=1 ;;
     --rev) REV="$2"; shift ;;
-    -h|--help) sed -n '2,46p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,49p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -96,7 +104,7 @@ OFFSET="${BENCH_PORT_OFFSET:-auto}"
 if [[ $OFFSET == auto ]]; then
   for off in 0 100 200 300 400 500; do
     free=1
-    for p in 18080 18081 18082 18090 18091 18092 18400 4010 4011 4012; do
+    for p in 18080 18081 18082 18090 18091 18092 18400 4010 4011 4012 4013 4014; do
       if port_busy $((p + off)); then free=0; break; fi
     done
     if [[ $free == 1 ]]; then OFFSET=$off; break; fi
@@ -106,6 +114,12 @@ fi
 PORT="${HXGWD_BENCH_PORT:-$((4010 + OFFSET))}"
 FLOOR_PORT="${HXGWD_FLOOR_PORT:-$((4011 + OFFSET))}"
 PORT2="${HXGWD_BENCH_PORT2:-$((4012 + OFFSET))}"
+# floor.py per mode: target name and port (h11 keeps the historical name "floor")
+declare -A FLOOR_NAME=([h11]=floor [httptools]=floor-httptools [raw]=floor-raw)
+declare -A FLOOR_PORTS=([h11]=$FLOOR_PORT [httptools]=$((FLOOR_PORT + 2)) [raw]=$((FLOOR_PORT + 3)))
+for m in $FLOOR_MODES; do
+  [[ -n "${FLOOR_NAME[$m]:-}" ]] || { echo "unknown floor mode $m (h11, httptools, raw)" >&2; exit 2; }
+done
 export BENCH_UPSTREAM_PORT="${BENCH_UPSTREAM_PORT:-$((18080 + OFFSET))}"
 export BENCH_PYUP_PORT="${BENCH_PYUP_PORT:-$((18081 + OFFSET))}"
 export BENCH_PYUP_DELAY_PORT="${BENCH_PYUP_DELAY_PORT:-$((18082 + OFFSET))}"
@@ -143,7 +157,8 @@ fi
 PYSPY="$(dirname "$PY")/py-spy"; [[ -x "$PYSPY" ]] || PYSPY="$(command -v py-spy || true)"
 
 # --- cleanup: only what we started, by pid ----------------------------------------------------------
-STARTED=() HX_PID="" HX2_PID="" FLOOR_PID=""
+STARTED=() HX_PID="" HX2_PID=""
+declare -A FLOOR_PIDS=()
 cleanup() {
   local rc=$?
   if [[ -n "$HX2_PID" ]] && kill -0 "$HX2_PID" 2>/dev/null; then
@@ -152,10 +167,14 @@ cleanup() {
     kill -0 "$HX2_PID" 2>/dev/null && kill -KILL "$HX2_PID" 2>/dev/null || true
     log "hxgwd-nostore stopped (pid $HX2_PID)"
   fi
-  if [[ -n "$FLOOR_PID" ]] && kill -0 "$FLOOR_PID" 2>/dev/null; then
-    kill -TERM "$FLOOR_PID" 2>/dev/null || true; wait "$FLOOR_PID" 2>/dev/null || true
-    log "floor stopped (pid $FLOOR_PID)"
-  fi
+  local m fp
+  for m in "${!FLOOR_PIDS[@]}"; do
+    fp="${FLOOR_PIDS[$m]}"
+    if kill -0 "$fp" 2>/dev/null; then
+      kill -TERM "$fp" 2>/dev/null || true; wait "$fp" 2>/dev/null || true
+      log "floor ($m) stopped (pid $fp)"
+    fi
+  done
   if [[ -n "$HX_PID" ]] && kill -0 "$HX_PID" 2>/dev/null; then
     kill -TERM "$HX_PID" 2>/dev/null || true
     for _ in $(seq 50); do kill -0 "$HX_PID" 2>/dev/null || break; sleep 0.1; done
@@ -245,12 +264,15 @@ if [[ $AB_NOSTORE == 1 ]]; then
   log "hxgwd-nostore (store off) pid $HX2_PID on 127.0.0.1:$PORT2"
 fi
 if [[ $FLOOR == 1 ]]; then
-  if port_busy "$FLOOR_PORT"; then echo "port $FLOOR_PORT is in use; set HXGWD_FLOOR_PORT" >&2; exit 1; fi
-  "$PY" "$HERE/floor.py" --port "$FLOOR_PORT" --upstream "127.0.0.1:$UP" >"$OUT/floor.log" 2>&1 </dev/null &
-  FLOOR_PID=$!
-  for _ in $(seq 50); do port_busy "$FLOOR_PORT" && break; sleep 0.1; done
-  port_busy "$FLOOR_PORT" || { echo "floor.py did not start:" >&2; cat "$OUT/floor.log" >&2; exit 1; }
-  log "floor (bare trio + h11 pass-through) pid $FLOOR_PID on 127.0.0.1:$FLOOR_PORT"
+  for m in $FLOOR_MODES; do
+    fport="${FLOOR_PORTS[$m]}" flog="$OUT/${FLOOR_NAME[$m]}.log"
+    if port_busy "$fport"; then echo "port $fport (floor $m) is in use; set HXGWD_FLOOR_PORT" >&2; exit 1; fi
+    "$PY" "$HERE/floor.py" --mode "$m" --port "$fport" --upstream "127.0.0.1:$UP" >"$flog" 2>&1 </dev/null &
+    FLOOR_PIDS[$m]=$!
+    for _ in $(seq 50); do port_busy "$fport" && break; sleep 0.1; done
+    port_busy "$fport" || { echo "floor.py --mode $m did not start:" >&2; cat "$flog" >&2; exit 1; }
+    log "floor (bare trio pass-through, $m) pid ${FLOOR_PIDS[$m]} on 127.0.0.1:$fport"
+  done
 fi
 
 # --- facts -------------------------------------------------------------------------------------
@@ -260,7 +282,7 @@ fi
   if [[ -n "$REV" ]]; then echo "hxgwd: $(git -C "$REPO" rev-parse --short "$REV") (git archive of hxgwd/ at --rev $REV)"
   else echo "hxgwd: working tree at $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)$(git -C "$REPO" diff --quiet HEAD -- hxgwd 2>/dev/null && [[ -z "$(git -C "$REPO" ls-files --others --exclude-standard -- hxgwd)" ]] || echo ' + uncommitted changes in hxgwd/')"; fi
   echo "cpu: $(nproc) x $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'); kernel $(uname -r)"
-  echo "python (hxgwd): $("$PY" --version 2>&1 | cut -d' ' -f2); trio $("$PY" -c 'import trio; print(trio.__version__)'); h11 $("$PY" -c 'import h11; print(h11.__version__)')"
+  echo "python (hxgwd): $("$PY" --version 2>&1 | cut -d' ' -f2); trio $("$PY" -c 'import trio; print(trio.__version__)'); h11 $("$PY" -c 'import h11; print(h11.__version__)'); httptools $("$PY" -c 'import httptools; print(httptools.__version__)' 2>/dev/null || echo none)"
   echo "nginx: $(nginx -v 2>&1 | cut -d/ -f2); wrk: $(dpkg-query -W -f='${Version}' wrk 2>/dev/null)"
   echo "loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "hxgwd usage store: ${DBURL:-off}"
@@ -287,7 +309,11 @@ for part in $PARTS; do
     main)
       T=("direct=http://127.0.0.1:$UP/v1${PROC[upstream]}")
       [[ $NGINX_PROXY == 1 ]] && T+=("nginx=http://127.0.0.1:$PX/v1${PROC[proxy]}")
-      [[ $FLOOR == 1 ]] && T+=("floor=http://127.0.0.1:$FLOOR_PORT/v1;pid=$FLOOR_PID")
+      if [[ $FLOOR == 1 ]]; then
+        for m in $FLOOR_MODES; do
+          T+=("${FLOOR_NAME[$m]}=http://127.0.0.1:${FLOOR_PORTS[$m]}/v1;pid=${FLOOR_PIDS[$m]}")
+        done
+      fi
       T+=("$HXT")
       [[ $AB_NOSTORE == 1 ]] && T+=("$HXT2")
       [[ $LITELLM == 1 ]] && T+=("litellm=http://127.0.0.1:$LL/v1;key=$LLKEY${PROC[litellm]}")

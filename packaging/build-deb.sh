@@ -35,8 +35,9 @@ export SOURCE_DATE_EPOCH PYTHONHASHSEED=0
 echo "build-deb: hxgwd $VERSION $ARCH, SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH" >&2
 
 # --- 1. the binary -------------------------------------------------------------------------------
-# The daemon imports its database drivers (SQLite, PostgreSQL, Redis) lazily, only when
-# configured, so PyInstaller's static analysis may not see them: collect them explicitly. hxgwd's own modules too, in case one
+# The daemon imports its database drivers (SQLite, PostgreSQL, Redis) and its HTTP parser
+# (httptools: llhttp in C, chosen at run time by hxgwd.http.resolve_parser) lazily, so
+# PyInstaller's static analysis may not see them: collect them explicitly. hxgwd's own modules too, in case one
 # is only reached through importlib. mypyc-compiled packages (coredis) import a shared runtime
 # module "<hash>__mypyc" from C, also invisible: find it in the installed files.
 mapfile -t MYPYC < <("$PYTHON" - <<'EOF'
@@ -59,6 +60,7 @@ rm -rf "$PYI"
     --distpath "$PYI/dist" --workpath "$PYI/work" --specpath "$PYI" \
     --collect-submodules hxgwd \
     --hidden-import httpx --hidden-import sqlite3 \
+    --collect-submodules httptools \
     --collect-submodules psycopg --collect-submodules psycopg_pool \
     --hidden-import psycopg_binary.pq --hidden-import psycopg_binary._psycopg \
     --collect-submodules coredis "${HIDDEN[@]}" \
@@ -71,6 +73,8 @@ objcopy --remove-section=.comment "$BIN"
 # The frozen binary must behave like the source: version, hardening, lazily imported drivers.
 got=$(env -i "$BIN" --version) || die "$BIN --version failed"
 [ "${got%% (*}" = "hxgwd $VERSION" ] || die "$BIN --version says '$got', want 'hxgwd $VERSION (...)'"
+[ "$got" = "hxgwd $VERSION (http parser: httptools)" ] \
+    || die "$BIN --version says '$got', want '(http parser: httptools)': httptools not bundled?"
 readelf -d "$BIN" | grep -q 'FLAGS_1.*NOW.*PIE' \
     || die "$BIN is not PIE + BIND_NOW: the bootloader was not compiled by packaging/make-venv.sh"
 env -i HXGWD_FROZEN_SELFTEST=1 "$BIN" >&2 || die "frozen selftest failed (a missing hidden import?)"

@@ -112,7 +112,8 @@ ok "/usr/bin/hxgwd 755, /var/lib/hxgwd 750 hxgwd, unit installed and enabled"
 
 step "the installed binary"
 out=$(env -i /usr/bin/hxgwd --version) || fail "env -i hxgwd --version"
-[ "${out%% (*}" = "hxgwd $VERSION" ] || fail "--version printed '$out'"
+[ "$out" = "hxgwd $VERSION (http parser: httptools)" ] \
+    || fail "--version printed '$out', want 'hxgwd $VERSION (http parser: httptools)'"
 ok "env -i /usr/bin/hxgwd --version: $out"
 as_hxgwd() { setpriv --reuid=hxgwd --regid=hxgwd --init-groups --reset-env -- "$@"; }
 as_hxgwd /usr/bin/hxgwd --check-config > "$WORK/check.out" 2>&1 \
@@ -141,9 +142,11 @@ KEY="sk-check-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
 KEYSHA=$(printf %s "$KEY" | sha256sum | cut -d' ' -f1)
 install -d -m 0750 -o root -g hxgwd "$WORK/etc"
 CFG=$WORK/etc/hxgwd.toml
-# the installed config, on a free port, with a test key (the packaged one has none: all 401)
+# the installed config, on a free port, with a test key (the packaged one has none: all 401), and
+# http_parser = "httptools" explicitly (the default "auto" would fall back to h11 without it; this
+# way the daemon refuses to start if the bundled httptools cannot be imported)
 edit_config() {
-    { sed "s/^listen = .*/listen = [\"127.0.0.1:$PORT\"]/" "$CONFIG"
+    { sed -e "s/^listen = .*/listen = [\"127.0.0.1:$PORT\"]\nhttp_parser = \"httptools\"/" "$CONFIG"
       printf '\n[[keys]]\nname = "deb-check"\nsha256 = "%s"\n' "$KEYSHA"
       cat; } > "$CFG.new"
     chown root:hxgwd "$CFG.new"; chmod 0640 "$CFG.new"; mv "$CFG.new" "$CFG"
@@ -165,6 +168,9 @@ done
 health=$(curl -sS --max-time 5 "$URL/healthz") || { cat "$LOG" >&2; fail "no /healthz after 10 s"; }
 [ "$(json 'd["generation"]' <<<"$health")" = 1 ] || fail "/healthz: $health"
 ok "GET /healthz: $health"
+grep '"msg":"listening"' "$LOG" | grep -q '"http_parser":"httptools"' \
+    || fail "the daemon does not run httptools: $(grep '"msg":"listening"' "$LOG")"
+ok "the daemon listens with http_parser httptools (llhttp, bundled)"
 code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$URL/v1/models")
 [ "$code" = 401 ] || fail "GET /v1/models without a key: HTTP $code, want 401"
 ok "GET /v1/models without a key: 401"
