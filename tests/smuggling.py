@@ -159,11 +159,16 @@ def echo_answer(request: Message) -> bytes:
 class Scripted:
     """One answer: `data` written as is, then `then`: "keep" (go on reading requests), "hold"
     (never read or write again, until the gateway closes) or "close"; `later` written `later_delay`
-    seconds after `data`, on the same connection."""
+    seconds after `data`, on the same connection. `split`: the first `split` bytes of `data` go in
+    a write of their own, PAUSE seconds before the rest, so that the gateway reads them apart."""
     data: bytes
     then: str = "keep"
     later: bytes = b""
     later_delay: float = 0.0
+    split: int = 0
+
+
+PAUSE = 0.05
 
 
 class CapturingUpstream:
@@ -213,7 +218,10 @@ class CapturingUpstream:
                         return
                     for request in requests:
                         answer = self.script.pop(0) if self.script else Scripted(echo_answer(request))
-                        await stream.send_all(answer.data)
+                        if answer.split:
+                            await stream.send_all(answer.data[:answer.split])
+                            await trio.sleep(PAUSE)
+                        await stream.send_all(answer.data[answer.split:])
                         if answer.later:
                             await trio.sleep(answer.later_delay)
                             await stream.send_all(answer.later)
