@@ -39,7 +39,8 @@ SMUGGLED_BODY = chat_body("SMUGGLED")
 HIDDEN = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n" + KEY + b"Content-Type: application/json\r\n"
           b"Content-Length: %d\r\n\r\n%s" % (len(SMUGGLED_BODY), SMUGGLED_BODY))
 # a pipelined second request the gateway answers itself: makes a connection that stays in step visible
-MODELS = b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n" + KEY + b"\r\n"
+# (it says Connection: close, so that the gateway ends the exchange after it, not keepalive_timeout later)
+MODELS = b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n" + KEY + b"Connection: close\r\n\r\n"
 
 
 def post(headers: bytes, body: bytes, *, line: bytes = b"POST /v1/chat/completions HTTP/1.1",
@@ -155,8 +156,8 @@ CASES = [
     Case("header_without_colon", post(b"X-Note\r\n" + cl(len(BODY)), BODY), REFUSED, {0}),
     Case("header_empty_name", post(b": a\r\n" + cl(len(BODY)), BODY), REFUSED, {0}),
     Case("obs_fold", post(b"X-Note: a\r\n b\r\n" + cl(len(BODY)), BODY) + MODELS, EITHER, {0, 1}),
-    Case("crlfcrlf_in_quoted_value", MODELS.replace(b"\r\n\r\n", b'\r\nX-Note: "a\r\n\r\n')
-         + post(cl(len(BODY)), BODY), {(200, 200)}, {1}),
+    Case("crlfcrlf_in_quoted_value", b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n" + KEY + b'X-Note: "a\r\n\r\n'
+         + post(b"Connection: close\r\n" + cl(len(BODY)), BODY) + b'"\r\n\r\n', {(200, 200)}, {1}),
     Case("head_starts_with_crlf", b"\r\n" + post(cl(len(BODY)), BODY) + MODELS, EITHER, {0, 1}),
     # request line
     Case("request_line_two_spaces", post(cl(len(BODY)), BODY, line=b"POST  /v1/chat/completions HTTP/1.1"),
@@ -392,7 +393,7 @@ async def test_hostile_upstream_answer_never_reaches_the_next_request(nursery, p
         assert first.json()["choices"][0]["message"]["content"] == "first"
     # whatever the upstream sent after its answer has arrived by now (`later_delay`): a connection
     # holding it must not be the next request's
-    await trio.sleep(0.2)
+    await trio.sleep(answer.script.later_delay * 3)
     second = one_answer(*await exchange(port, client_post("second")))
     assert second.status == 200, f"{second.status}: {second.body[:300]!r}"
     assert second.json()["choices"][0]["message"]["content"] == "echo: second"
