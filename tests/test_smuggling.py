@@ -316,11 +316,21 @@ SECOND = answer_bytes(chat_answer("SECOND"))
 OK_OR_502 = {200, 502}
 
 
+def sse_answer(content: str) -> bytes:
+    events = [{"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+              for delta, finish in (({"role": "assistant", "content": content}, None), ({}, "stop"))]
+    body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + chunked(body))
+
+
 @attrs.frozen
 class Answer:
     name: str
     script: Scripted
     first: set[int]                   # acceptable statuses for the request that got this answer
+    stream: bool = False              # the client asks for a stream, and gets server-sent events
 
 
 ANSWERS = [
@@ -359,6 +369,8 @@ ANSWERS = [
     Answer("continue_then_answer", Scripted(b"HTTP/1.1 100 Continue\r\n\r\n" + answer_bytes(FIRST)), {200}),
     Answer("early_hints_then_answer", Scripted(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n"
                                                + answer_bytes(FIRST)), {200}),
+    Answer("stream_then_stray", Scripted(sse_answer("first") + STRAY), {200}, stream=True),
+    Answer("stream_then_stray_later", Scripted(sse_answer("first"), later=STRAY, later_delay=0.05), {200}, stream=True),
     Answer("delimited_by_close", Scripted(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + FIRST,
                                           then="close"), OK_OR_502),
 ]
@@ -371,9 +383,12 @@ UPSTREAM_KNOWN_BUGS: dict[str, str] = {
 }
 
 
-def client_post(content: str) -> bytes:
+def client_post(content: str, stream: bool = False) -> bytes:
     # Connection: close, so that the gateway ends the exchange at once rather than at keepalive_timeout
-    return post(b"Connection: close\r\n" + cl(len(chat_body(content))), chat_body(content))
+    body = chat_body(content)
+    if stream:
+        body = body[:-1] + b', "stream": true}'
+    return post(b"Connection: close\r\n" + cl(len(body)), body)
 
 
 def one_answer(out: bytes, closed: bool):
@@ -389,9 +404,11 @@ def one_answer(out: bytes, closed: bool):
 async def test_hostile_upstream_answer_never_reaches_the_next_request(nursery, parser, answer):
     upstream, port, gw = await start_pair(nursery, parser)
     upstream.script.append(answer.script)
-    first = one_answer(*await exchange(port, client_post("first")))
+    first = one_answer(*await exchange(port, client_post("first", answer.stream)))
     assert first.status in answer.first, f"{first.status}: {first.body[:300]!r}"
-    if first.status == 200:
+    if first.status == 200 and answer.stream:
+        assert b'"content": "first"' in first.body and first.body.endswith(b"data: [DONE]\n\n"), first.body
+    elif first.status == 200:
         assert first.json()["choices"][0]["message"]["content"] == "first"
     # whatever the upstream sent after its answer has arrived by now (`later_delay`): a connection
     # holding it must not be the next request's
