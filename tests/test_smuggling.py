@@ -208,9 +208,8 @@ CASES = [
     Case("expect_100_head_only", post(b"Expect: 100-continue\r\n" + cl(len(BODY)), b""), {(408,)}, {0}, interim=(100,)),
 ]
 
-# What a bare h11 would let through to our handler; the gateway refuses these (control characters)
-# or the case table says which answers are right. Cases the gateway gets wrong today are listed
-# here with the reason, strict: the day one is fixed, its xfail fails and must be removed.
+# Cases the gateway gets wrong today, by name, with the reason; their xfail is strict, so the day
+# one is fixed it fails and comes off this list. None on the request side today.
 KNOWN_BUGS: dict[str, str] = {}
 
 
