@@ -9,6 +9,12 @@ request, and a body that is the JSON the gateway parsed. Where several answers a
 may refuse an ambiguous message or read it the one safe way and close), the table lists each, and
 the safe properties are asserted for all.
 
+The same for the upstream's side: a raw upstream answers with stray bytes after its answer (at
+once or a moment later), bad chunk framing, a head over the pool's limit, a body longer than its
+Content-Length, two answers, Content-Length with chunked, a 1xx first; the client must get that
+answer or a 502, the next request through the gateway a clean answer of its own, and the upstream
+each request once.
+
 Both `[server] http_parser` values run every case.
 """
 
