@@ -31,3 +31,10 @@ def resolve_parser(setting: str) -> str:
     if setting not in PARSERS:
         raise ValueError(f"unknown HTTP parser {setting!r}")
     return setting
+
+
+def client_protocol(parser: str, max_head_bytes: int):
+    """The sans-I/O client side of one connection with the named backend (see http/client.py)."""
+    from hxgwd.http.client import client_protocol as make
+
+    return make(parser, max_head_bytes)
