@@ -214,7 +214,7 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services,
         async with trio.open_nursery() as root:
             await root.start(idle.run)   # cancelled after the connections end; runs what is left
             root.start_soon(maintenance, daemon.transports)
-            root.start_soon(probe_loop, daemon.holder, daemon.router)
+            root.start_soon(probe_loop, daemon.holder, daemon.router, daemon.transports)
             async with trio.open_nursery() as connections:
                 life.connections = connections.cancel_scope
                 with life.accepting:
