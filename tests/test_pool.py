@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from hxgwd.config.model import Timeouts
+from hxgwd.config.model import Backend, Timeouts
 from hxgwd.runtime import Origin
 from hxgwd.upstream import PoolFull, UpstreamRequest
 from hxgwd.upstream.pool import Pool
@@ -49,6 +49,7 @@ async def test_answers_are_read_and_connections_reused(nursery, parser):
 
 
 async def test_without_a_cap_many_slow_streams_are_all_served(nursery, parser, autojump_clock):
+    assert Backend(name="b").max_connections == 0      # the default: no cap (bench/pool_cap.py)
     up = FakeUpstream()
     await nursery.start(up.serve)
     up.default = Stream(words=3, delay=0.5)

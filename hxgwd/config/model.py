@@ -72,7 +72,7 @@ class Backend:
     embeddings_encoding: Literal["any", "float"] = "any"   # "float": backend cannot do base64
     embeddings_path: str | None = None  # full upstream path instead of <base>/embeddings (Ollama: /api/embeddings)
     stream_usage: bool = True        # ask for stream_options.include_usage so usage is exact
-    max_connections: int = 256       # pooled upstream connections
+    max_connections: int = 0         # upstream connections in flight; 0: no cap (streams hold one each)
     max_idle_connections: int = 64
     idle_timeout: float = 30.0       # an idle pooled connection older than this is closed
     tls_verify: bool = True
