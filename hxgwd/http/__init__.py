@@ -9,6 +9,9 @@ Two parser backends sit behind one small sans-I/O interface, on both sides of th
 Whichever parser reads, the heads we send are written by our own code from checked values
 (header names are tokens; no CR, LF or NUL in a name or value), never copied raw from a peer.
 
+The client side (upstreams) is `client_protocol(parser, max_head_bytes)`, see `client.py`; both
+backends there accept the same answers and refuse the same ones (`client.STRICTNESS`).
+
 This module only answers which backend is in use; it imports neither parser, so `hxgwd --version`
 stays fast.
 """
