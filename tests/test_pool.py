@@ -10,8 +10,7 @@ from hxgwd.config.model import Backend, Timeouts
 from hxgwd.runtime import Origin
 from hxgwd.upstream import PoolFull, UpstreamRequest
 from hxgwd.upstream.pool import Pool
-from tests.conftest import AUTH
-from tests.fakeupstream import FakeUpstream, Hang, Reply, Stream
+from tests.fakeupstream import FakeUpstream, Hang, Stream
 from tests.test_gateway import CHAT, single
 
 CHAT_REQUEST = UpstreamRequest("POST", "/v1/chat/completions", [(b"content-type", b"application/json")],
