@@ -173,3 +173,13 @@ def test_lenient_alike(parser):
                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked \r\n\r\n0\r\n\r\n"):
         proto, events = exchange(parser, answer)
         assert events[-1] is END_OF_MESSAGE, (answer, events)
+
+
+def test_a_second_request_waits_for_start_next(parser):
+    proto, events = exchange(parser, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+    with pytest.raises(RuntimeError):
+        proto.request(b"POST", b"/", [(b"host", b"u")], b"")
+    proto.start_next()
+    proto.request(b"POST", b"/", [(b"host", b"u")], b"")
+    with pytest.raises(RuntimeError):
+        proto.request(b"POST", b"/", [(b"host", b"u")], b"")

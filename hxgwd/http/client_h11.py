@@ -47,6 +47,8 @@ class H11Client:
                 and c.our_state is h11.DONE and c.their_state is h11.DONE)
 
     def request(self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bytes:
+        if self._in_head or self._ended:
+            raise RuntimeError("a request is under way: start_next() after its response")
         data = request_bytes(method, target, headers, body)
         self._method = method
         self._h11.send(h11.Request(method=method, target=b"/", headers=_STAND_IN))

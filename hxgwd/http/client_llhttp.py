@@ -61,6 +61,8 @@ class LlhttpClient:
         return self._ended and self._keep_alive and not self._stray and not self._closed and self._error is None
 
     def request(self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bytes:
+        if self._in_head or self._ended:
+            raise RuntimeError("a request is under way: start_next() after its response")
         data = request_bytes(method, target, headers, body)
         self._in_head = True
         return data
