@@ -87,7 +87,8 @@ class Daemon:
     log: Logger
     config_path: str | None = None
     router: Router = attrs.field(factory=Router)
-    transports: Transports = attrs.field(factory=Transports)
+    transports: Transports = attrs.field(default=attrs.Factory(
+        lambda self: Transports(self.holder.current.config.server.http_parser, log=self.log), takes_self=True))
     gates: Gates = attrs.field(factory=Gates)
     services: Services | None = None
     # what restart-only settings are running with: the config at start, whatever reloads came since
@@ -154,7 +155,7 @@ class Daemon:
         self.holder.swap(new)
         self.router.configure(new.config.routing)
         self.router.retain(new.deployments)
-        self.transports.retain(new.backends.values())
+        self.transports.retain(new.backends.values(), new.config.server.http_parser)
         self.gates.retain(new.deployments.values())
         if self.services is not None:
             self.services.configure(new.config)
@@ -213,7 +214,7 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services,
         async with trio.open_nursery() as root:
             await root.start(idle.run)   # cancelled after the connections end; runs what is left
             root.start_soon(maintenance, daemon.transports)
-            root.start_soon(probe_loop, daemon.holder, daemon.router)
+            root.start_soon(probe_loop, daemon.holder, daemon.router, daemon.transports)
             async with trio.open_nursery() as connections:
                 life.connections = connections.cancel_scope
                 with life.accepting:

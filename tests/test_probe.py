@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import ssl
 import textwrap
 
 import trio
@@ -11,7 +12,9 @@ from hxgwd.config import load
 from hxgwd.pipeline.route import RequestFeatures, Router
 from hxgwd.runtime import RuntimeHolder, compile_config
 from hxgwd.upstream.probe import probe_loop
+from tests.conftest import gateway_config, start_gateway
 from tests.fakeupstream import FakeUpstream, Hang, Reply
+from tests.test_gateway import tls_files  # noqa: F401  (a fixture)
 
 
 class Recorder:
@@ -128,3 +131,40 @@ async def test_probes_drive_the_breaker_and_readiness(nursery, autojump_clock):
     await up.accept()
     await trio.sleep(2.0)
     assert [d.id for d in router.plan(target, features, trio.current_time()).order] == ["m@up"]
+
+
+async def test_a_backend_on_a_private_ca_passes_probes_as_it_passes_traffic(nursery, tls_files):
+    # Probes (httpx) trusted certifi's bundle while traffic trusted the system's store: a backend
+    # on a CA installed in the system store served requests and failed every probe, which opened
+    # its breaker. Now a probe goes through the backend's own pool: same context, same connections.
+    cert, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    up = FakeUpstream(tls=server_ctx)
+    await nursery.start(up.serve)
+    gw = await start_gateway(nursery, gateway_config(f"""
+        [[backends]]
+        name = "private"
+        url = "{up.url}/v1"
+        ca_file = "{cert}"
+        probe_path = "/health"
+        probe_interval = 1.0
+        [[models]]
+        name = "m"
+        backend = "private"
+    """))
+    r = await gw.post("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200
+    rec = Recorder()
+    holder = gw.daemon.holder
+    nursery.start_soon(probe_loop, holder, rec, gw.daemon.transports)
+    with trio.fail_after(10):
+        while not rec.results:
+            await trio.sleep(0.05)
+    assert rec.results[0][:2] == ("private", True)
+    assert [r.path for r in up.requests].count("/health") >= 1
+    # the daemon's own probes, through the same pool: no connection beyond the pool's idle ones
+    pool, = gw.daemon.transports.pools()
+    assert up.connections == pool.statistics()["opened"]
+    await trio.sleep(2.5)
+    assert (await gw.client.get("/readyz")).status_code == 200

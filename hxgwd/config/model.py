@@ -74,7 +74,7 @@ class Backend:
     embeddings_max_inputs: int = 2048    # inputs in one embeddings request; more -> 400 (OpenAI's own cap)
     embeddings_concurrency: int = 8      # "prompt": calls of one request in flight at once (one per input)
     stream_usage: bool = True        # ask for stream_options.include_usage so usage is exact
-    max_connections: int = 256       # pooled upstream connections
+    max_connections: int = 0         # upstream connections in flight; 0: no cap (streams hold one each)
     max_idle_connections: int = 64
     idle_timeout: float = 30.0       # an idle pooled connection older than this is closed
     tls_verify: bool = True

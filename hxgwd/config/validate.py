@@ -96,8 +96,8 @@ def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list
             p.append(f"{path}.url: an echo backend has no url")
         if b.api_key_env and b.api_key_file:
             p.append(f"{path}: set at most one of api_key_env, api_key_file")
-        if b.max_connections < 1:
-            p.append(f"{path}.max_connections: must be at least 1")
+        if b.max_connections < 0:
+            p.append(f"{path}.max_connections: must be 0 (no cap) or more")
         if b.max_idle_connections < 0:
             p.append(f"{path}.max_idle_connections: must be 0 or more")
         if b.idle_timeout <= 0:

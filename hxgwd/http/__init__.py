@@ -9,6 +9,9 @@ Two parser backends sit behind one small sans-I/O interface, on both sides of th
 Whichever parser reads, the heads we send are written by our own code from checked values
 (header names are tokens; no CR, LF or NUL in a name or value), never copied raw from a peer.
 
+The client side (upstreams) is `client_protocol(parser, max_head_bytes)`, see `client.py`; both
+backends there accept the same answers and refuse the same ones (`client.STRICTNESS`).
+
 This module only answers which backend is in use; it imports neither parser, so `hxgwd --version`
 stays fast.
 """
@@ -31,3 +34,10 @@ def resolve_parser(setting: str) -> str:
     if setting not in PARSERS:
         raise ValueError(f"unknown HTTP parser {setting!r}")
     return setting
+
+
+def client_protocol(parser: str, max_head_bytes: int):
+    """The sans-I/O client side of one connection with the named backend (see http/client.py)."""
+    from hxgwd.http.client import client_protocol as make
+
+    return make(parser, max_head_bytes)

@@ -31,7 +31,7 @@ from hxgwd.pipeline.connection import Response
 from hxgwd.pipeline.parse import Headers
 from hxgwd.pipeline.route import Outcome, Plan, RequestFeatures, Router
 from hxgwd.runtime import Deployment
-from hxgwd.upstream import Transports, UpstreamRequest, UpstreamResponse
+from hxgwd.upstream import PoolFull, Transports, UpstreamRequest, UpstreamResponse
 from hxgwd.upstream.gates import DeploymentBusy, Gates
 
 RETRY_STATUSES = frozenset((408, 409, 429))
@@ -136,7 +136,7 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], Awaita
                                               code="upstream_total_timeout"), None)
                 break
             return
-        except DeploymentBusy as busy:   # not the deployment's fault: no failure to learn from
+        except (DeploymentBusy, PoolFull) as busy:   # not the deployment's fault: nothing to learn
             last = _Retry(busy, None)
             outcome = Outcome(ok=True, status=0, ttfb=0.0, duration=0.0, features=features, cancelled=True,
                               began=began)
@@ -229,6 +229,8 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
 async def _call(transport, req: UpstreamRequest, timeouts) -> UpstreamResponse:
     try:
         return await transport.request(req, timeouts)
+    except PoolFull:
+        raise                   # the gateway's own limit: not the deployment's failure (forward)
     except UpstreamError as exc:
         raise _Retry(exc, None) from None
 

@@ -1,9 +1,11 @@
 """Upstream transports: how a built request reaches a backend and its answer comes back.
 
 Two kinds share one small interface, so routing, transforms, retries and records treat them alike:
-`pool.Pool` (HTTP/1.1 over our h11 connection pool) and `echo.EchoBackend` (in-process, no network).
-`Transports` owns them across config reloads: a backend whose origin and pool settings are
-unchanged keeps its pool and its warm connections.
+`pool.Pool` (HTTP/1.1 over our connection pool, on `hxgwd.http`'s client protocol) and
+`echo.EchoBackend` (in-process, no network). `Transports` owns them across config reloads: a
+backend whose origin, pool settings and HTTP parser are unchanged keeps its pool and its warm
+connections. Health probes (probe.py) go through the same pools, so they trust the same
+certificates as traffic.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Protocol
 import attrs
 
 from hxgwd.config.model import Timeouts
+from hxgwd.errors import Unavailable
+from hxgwd.http import resolve_parser
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -24,6 +28,14 @@ class UpstreamRequest:
     path: str
     headers: Headers      # without host and content-length: the transport sets those
     body: bytes
+
+
+class PoolFull(Unavailable):
+    """A request gave up waiting for a connection under a backend's `max_connections`: the
+    gateway's own limit, not the backend's failure (no breaker learns from it)."""
+
+    code = "upstream_pool_full"
+    fault = "gateway"
 
 
 class UpstreamResponse(Protocol):
@@ -47,7 +59,11 @@ class Transport(Protocol):
 
 
 class Transports:
-    def __init__(self) -> None:
+    """`http_parser`: a `[server] http_parser` setting; `log`: where a pool reports refusals."""
+
+    def __init__(self, http_parser: str = "auto", log: object = None) -> None:
+        self.http_parser = resolve_parser(http_parser)
+        self._log = log
         self._by_key: dict[tuple, Transport] = {}
         # per snapshot object: the hot path looks a backend up by identity, not by its settings
         self._by_backend: dict[int, tuple[object, Transport]] = {}
@@ -69,7 +85,7 @@ class Transports:
             key: tuple = ("echo", cfg.echo_dimensions, cfg.echo_delay)
         else:
             key = ("http", backend.origin, cfg.max_connections, cfg.max_idle_connections,
-                   cfg.idle_timeout, cfg.tls_verify, cfg.ca_file)
+                   cfg.idle_timeout, cfg.tls_verify, cfg.ca_file, self.http_parser, backend.name)
         transport = self._by_key.get(key)
         if transport is None:
             if cfg.kind == "echo":
@@ -78,7 +94,7 @@ class Transports:
                 ctx = _ssl_context(cfg.tls_verify, cfg.ca_file) if backend.origin.tls else None
                 transport = Pool(backend.origin, max_connections=cfg.max_connections,
                                  max_idle=cfg.max_idle_connections, idle_timeout=cfg.idle_timeout,
-                                 ssl_context=ctx)
+                                 ssl_context=ctx, parser=self.http_parser, name=backend.name, log=self._log)
             self._by_key[key] = transport
         return transport
 
@@ -87,9 +103,12 @@ class Transports:
 
         return [t for t in self._by_key.values() if isinstance(t, Pool)]
 
-    def retain(self, backends) -> None:
-        """After a reload: forget transports no current backend uses, once they are idle."""
+    def retain(self, backends, http_parser: str | None = None) -> None:
+        """After a reload: forget transports no current backend uses, once they are idle. A new
+        `http_parser` setting makes new pools (their connections parse with it from the start)."""
         backends = list(backends)
+        if http_parser is not None:
+            self.http_parser = resolve_parser(http_parser)
         self._by_backend = {id(b): (b, self._lookup(b)) for b in backends}
         live = {id(self.get(b)) for b in backends}
         for key, transport in list(self._by_key.items()):

@@ -1,11 +1,18 @@
-"""A small HTTP/1.1 client connection pool on trio + h11: the hot-path upstream transport.
+"""A small HTTP/1.1 client connection pool on trio: the hot-path upstream transport.
 
-One `Pool` per backend origin. At most `max_connections` requests are in flight to it (a request
-beyond that waits up to the pool timeout, then 503); up to `max_idle` finished connections are kept
-for reuse, newest first, and closed once idle longer than `idle_timeout`. A reused connection can
-turn out to have been closed by the upstream while it sat idle: one with anything to read when
-taken is closed unused, and a request that fails that way before any response byte arrived, and
-within STALE_WINDOW of being sent, is resent once on a fresh connection.
+One `Pool` per backend origin. The protocol is `hxgwd.http`'s sans-I/O client connection (llhttp
+or h11, as `[server] http_parser` says); this module does the sockets, TLS and deadlines.
+
+By default a pool has no cap on connections, as nginx's upstreams have none: LLM answers stream for
+minutes, so a few hundred concurrent chats need a few hundred connections, and a cap turned them
+into 503s (issue 15: 1,000 slow streams, cap 256, 16,173 refusals; with no cap all served). With
+`max_connections = N` at most N requests are in flight to the backend; one beyond waits up to the
+pool timeout, then gets a 503 that names the gateway's own limit (`PoolFull`, fault "gateway").
+Up to `max_idle` finished connections are kept for reuse, newest first, and closed once idle
+longer than `idle_timeout`. A reused connection can turn out to have been closed by the upstream
+while it sat idle: one with anything to read when taken is closed unused, and a request that fails
+that way before any response byte arrived, and within STALE_WINDOW of being sent, is resent once
+on a fresh connection.
 
 httpx measured 10x slower than this at 64 concurrent requests here, mostly pool bookkeeping; this
 pool does one list pop or append per request.
@@ -15,23 +22,24 @@ from __future__ import annotations
 
 import math
 import ssl
-from typing import Any
 
-import h11
 import trio
 
 from hxgwd.config.model import Timeouts
-from hxgwd.pipeline.parse import END_OF_MESSAGE, splice_headers
-from hxgwd.errors import Unavailable, UpstreamError, UpstreamTimeout
+from hxgwd.errors import BadRequest, UpstreamError, UpstreamTimeout
+from hxgwd.http.client import END_OF_MESSAGE, NEED_DATA, ResponseError, ResponseHead, client_protocol
+from hxgwd.http.heads import BadHeader
 from hxgwd.runtime import Origin
-from hxgwd.sockio import SocketIO
-from hxgwd.upstream import Headers, UpstreamRequest
+from hxgwd.sockio import SocketIO      # the one import of it here: it moves to hxgwd.http.sockio
+from hxgwd.upstream import Headers, PoolFull, UpstreamRequest
 
 RECEIVE_SIZE = 65536
+MAX_RESPONSE_HEAD = 65536
 # A reused connection that fails this soon after the request went out was closed by the upstream
 # before it read the request (its keep-alive timer and our reuse crossed): safe to resend. Later,
 # the upstream may have read it and died on it, and a resend could run a paid request twice.
 STALE_WINDOW = 1.0
+FULL_LOG_INTERVAL = 10.0     # at most one "pool full" log line per pool this often, with a count
 
 
 class _StaleConnection(Exception):
@@ -39,30 +47,30 @@ class _StaleConnection(Exception):
 
 
 class _Conn:
-    __slots__ = ("stream", "h11", "idle_since", "heard")
+    __slots__ = ("stream", "proto", "idle_since", "heard")
 
-    def __init__(self, stream: "SocketIO | _TLSStream") -> None:
+    def __init__(self, stream: "SocketIO | _TLSStream", parser: str) -> None:
         self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=65536)
+        self.proto = client_protocol(parser, MAX_RESPONSE_HEAD)
         self.idle_since = 0.0
         self.heard = False        # any byte received for the current request
 
-    def next_ready(self) -> Any:
-        """The next h11 event from the bytes already received, or h11.NEED_DATA."""
+    def next_ready(self) -> object:
+        """The next event from the bytes already received, or NEED_DATA."""
         try:
-            return self.h11.next_event()
-        except h11.RemoteProtocolError:
+            return self.proto.next()
+        except ResponseError:
             raise UpstreamError("The upstream sent a malformed HTTP response.") from None
 
-    async def receive(self, deadline: float, *, answering: bool = False) -> Any:
-        """The next h11 event; trio.TooSlowError if it needs bytes that do not come by `deadline`.
-        `answering`: the request was just sent, so the upstream cannot have answered yet, and h11
-        holds nothing (a connection is reused only with nothing left after its last answer): there
-        is nothing to parse before the wait."""
+    async def receive(self, deadline: float, *, answering: bool = False) -> object:
+        """The next event; trio.TooSlowError if it needs bytes that do not come by `deadline`.
+        `answering`: the request was just sent, so the upstream cannot have answered yet, and the
+        protocol holds nothing (a connection is reused only with nothing left after its last
+        answer): there is nothing to parse before the wait."""
         while True:
             if not answering:
                 event = self.next_ready()
-                if event is not h11.NEED_DATA:
+                if event is not NEED_DATA:
                     return event
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE, deadline, wait_first=answering)
@@ -71,7 +79,7 @@ class _Conn:
                 raise UpstreamError("The upstream connection was reset.") from None
             answering = False
             self.heard = self.heard or bool(data)
-            self.h11.receive_data(data)
+            self.proto.feed(data)
 
 
 class _TLSStream:
@@ -124,15 +132,15 @@ class PooledResponse:
         if self._done:
             return b""
         event = self._conn.next_ready()
-        return None if event is h11.NEED_DATA else self._piece(event)
+        return None if event is NEED_DATA else self._piece(event)
 
-    def _piece(self, event: Any) -> bytes:
-        if type(event) is h11.Data:
-            return bytes(event.data)
-        if type(event) is h11.EndOfMessage:
+    def _piece(self, event: object) -> bytes:
+        if type(event) is bytes:
+            return event
+        if event is END_OF_MESSAGE:
             self._done = True
             return b""
-        raise UpstreamError("The upstream closed the connection mid-response.")
+        raise UpstreamError("The upstream sent a malformed HTTP response.")
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
@@ -142,32 +150,42 @@ class PooledResponse:
 
 class Pool:
     def __init__(self, origin: Origin, *, max_connections: int, max_idle: int, idle_timeout: float,
-                 ssl_context: ssl.SSLContext | None) -> None:
+                 ssl_context: ssl.SSLContext | None, parser: str = "h11", name: str = "",
+                 log: object = None) -> None:
         self.origin = origin
+        self.name = name or origin.host
+        self.max_connections = max_connections        # 0: no cap
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
+        self.parser = parser
         self._ssl = ssl_context
-        self._slots = trio.Semaphore(max_connections)
+        self._slots = trio.Semaphore(max_connections) if max_connections > 0 else None
         self._idle: list[_Conn] = []
+        self._log = log                                # hxgwd.logs.Logger, or None
+        self._full_logged_at = -math.inf
+        self._refused_unlogged = 0
         self.in_flight = 0
         self.opened = 0
+        self.refused = 0
 
     def __repr__(self) -> str:
         o = self.origin
         return f"<Pool {o.scheme}://{o.host}:{o.port} in_flight={self.in_flight} idle={len(self._idle)}>"
 
     def statistics(self) -> dict[str, int]:
-        return {"in_flight": self.in_flight, "idle": len(self._idle), "opened": self.opened}
+        return {"in_flight": self.in_flight, "idle": len(self._idle), "opened": self.opened,
+                "max_connections": self.max_connections, "refused": self.refused}
 
     async def request(self, req: UpstreamRequest, timeouts: Timeouts) -> PooledResponse:
         """Send `req` and wait for the response head; the caller must `aclose()` the response."""
-        try:
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
-            with trio.CancelScope(deadline=trio.current_time() + timeouts.pool) as wait:
-                await self._slots.acquire()
-            if wait.cancelled_caught:
-                raise Unavailable("The backend's connection limit is reached.", code="upstream_pool_full") from None
+        if self._slots is not None:
+            try:
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                with trio.CancelScope(deadline=trio.current_time() + timeouts.pool) as wait:
+                    await self._slots.acquire()
+                if wait.cancelled_caught:
+                    raise self._full(timeouts.pool) from None
         self.in_flight += 1
         try:
             conn = self._take_idle()
@@ -180,19 +198,32 @@ class Pool:
             return await self._exchange(conn, req, timeouts.first_byte, reused=False)
         except BaseException:
             self.in_flight -= 1
-            self._slots.release()
+            if self._slots is not None:
+                self._slots.release()
             raise
 
+    def _full(self, waited: float) -> PoolFull:
+        self.refused += 1
+        self._refused_unlogged += 1
+        now = trio.current_time()
+        if self._log is not None and now - self._full_logged_at >= FULL_LOG_INTERVAL:
+            self._log.warning("requests refused at the gateway's own connection limit for a backend",
+                              backend=self.name, setting="backends[].max_connections",
+                              max_connections=self.max_connections, waited_s=waited,
+                              refused=self._refused_unlogged)
+            self._full_logged_at, self._refused_unlogged = now, 0
+        return PoolFull(f"The gateway's own limit of {self.max_connections} connections to backend "
+                        f"'{self.name}' (backends[].max_connections) is reached, and none freed up "
+                        f"within {waited:g} s.", retry_after=1)
+
     async def _exchange(self, conn: _Conn, req: UpstreamRequest, timeout: float, reused: bool) -> PooledResponse:
-        # h11 frames the request (host, length); the other headers were validated where they came
-        # from (the client's request by h11, ours at config load) and are spliced in as they are
-        framing = [(b"host", self.origin.host_header), (b"content-length", str(len(req.body)).encode())]
         deadline = trio.current_time() + timeout
         try:
-            head = conn.h11.send(h11.Request(method=req.method, target=req.path, headers=framing))
-            data = b"".join((splice_headers(head, req.headers),
-                             conn.h11.send(h11.Data(data=req.body)) if req.body else b"",
-                             conn.h11.send(END_OF_MESSAGE)))
+            try:
+                data = conn.proto.request(req.method.encode(), req.path.encode(),
+                                          [(b"host", self.origin.host_header), *req.headers], req.body)
+            except BadHeader:
+                raise BadRequest("A header of the request cannot be sent upstream.", code="bad_header") from None
             conn.heard = False
             try:
                 await conn.stream.send_all(data, deadline)
@@ -202,9 +233,7 @@ class Pool:
                 raise UpstreamError("The upstream connection broke while sending.") from None
             sent = trio.current_time()
             try:
-                event = await conn.receive(deadline, answering=True)
-                while type(event) is h11.InformationalResponse:    # 100 Continue, 103 Early Hints
-                    event = await conn.receive(deadline)
+                event = await conn.receive(deadline, answering=True)   # 1xx are skipped by the protocol
             except UpstreamError:
                 # closed while idle in the pool, and only noticed now: nothing was processed
                 if reused and not conn.heard and trio.current_time() - sent < STALE_WINDOW:
@@ -216,12 +245,10 @@ class Pool:
         except BaseException:
             _close_now(conn)
             raise
-        if type(event) is h11.Response:
-            return PooledResponse(self, conn, event.status_code, list(event.headers))
+        if type(event) is ResponseHead:
+            return PooledResponse(self, conn, event.status, event.headers)
         _close_now(conn)
-        if reused and type(event) is h11.ConnectionClosed and trio.current_time() - sent < STALE_WINDOW:
-            raise _StaleConnection()
-        raise UpstreamError("The upstream closed the connection without answering.")
+        raise UpstreamError("The upstream sent a malformed HTTP response.")
 
     def _take_idle(self) -> _Conn | None:
         now = trio.current_time()
@@ -254,17 +281,16 @@ class Pool:
         except (OSError, trio.BrokenResourceError, ssl.SSLError):
             raise UpstreamError("Cannot connect to the upstream.", code="upstream_connect_failed") from None
         self.opened += 1
-        return _Conn(stream)
+        return _Conn(stream, self.parser)
 
     def _release(self, conn: _Conn, *, reusable: bool) -> None:
         self.in_flight -= 1
-        self._slots.release()
-        c = conn.h11
+        if self._slots is not None:
+            self._slots.release()
         # bytes after the answer (more than its length said, a second answer) are not the next
-        # request's answer: such a connection is closed, not reused
-        if (reusable and c.our_state is h11.DONE and c.their_state is h11.DONE and not c.trailing_data[0]
-                and len(self._idle) < self.max_idle):
-            c.start_next_cycle()
+        # request's answer: such a connection is closed, not reused (proto.reusable says so)
+        if reusable and conn.proto.reusable and len(self._idle) < self.max_idle:
+            conn.proto.start_next()
             conn.idle_since = trio.current_time()
             self._idle.append(conn)
         else:
@@ -287,4 +313,3 @@ class Pool:
 
 def _close_now(conn: _Conn) -> None:
     conn.stream.close()
-

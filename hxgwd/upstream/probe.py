@@ -7,28 +7,32 @@ asked directly instead: a 2xx within `probe_timeout` is up, anything else (an er
 refused, reset, timeout, TLS failure) is down; `Router.probe_result` opens or closes the breakers
 of all its deployments. The path is taken from the origin's root, as servers put /health there.
 
-Off the request path, at most one probe per backend in flight and one every few seconds, so this
-uses httpx for convenience rather than the pool of the hot path. The loop reads
-`holder.current` each round (a round is at most `interval_floor` apart), so a reload that adds,
-removes or changes a probe applies within that.
+Probes go through the backend's own pool (`Transports`), so a probe trusts exactly the
+certificates traffic trusts (its `ca_file`, `tls_verify`) and speaks through the same HTTP
+client. (With httpx, probes trusted certifi's bundle and traffic the system's: a backend on a
+private CA passed traffic and failed probes, and got its breaker opened.) A probe that finds the
+pool at its `max_connections` gives no verdict: a busy backend is not a down one.
+
+At most one probe per backend in flight. The loop reads `holder.current` each round (a round is
+at most `interval_floor` apart), so a reload that adds, removes or changes a probe applies within that.
 """
 
 from __future__ import annotations
 
-import ssl
-
-import httpx
 import trio
 
+from hxgwd.config.model import Timeouts
+from hxgwd.errors import GatewayError
 from hxgwd.runtime import BackendRuntime, RuntimeHolder
+from hxgwd.upstream import PoolFull, Transports, UpstreamRequest
+
+MAX_PROBE_BODY = 1 << 20     # read to its end (up to this) so the connection can be reused
 
 
-def probe_url(backend: BackendRuntime) -> str:
-    origin = backend.origin
-    assert origin is not None and backend.config.probe_path
-    host = f"[{origin.host}]" if ":" in origin.host else origin.host
+def probe_path(backend: BackendRuntime) -> str:
     path = backend.config.probe_path
-    return f"{origin.scheme}://{host}:{origin.port}{path if path.startswith('/') else '/' + path}"
+    assert path
+    return path if path.startswith("/") else "/" + path
 
 
 def probed(holder: RuntimeHolder) -> list[BackendRuntime]:
@@ -36,38 +40,50 @@ def probed(holder: RuntimeHolder) -> list[BackendRuntime]:
             if b.config.probe_path and b.config.kind == "openai" and b.origin is not None]
 
 
-async def probe_once(client: httpx.AsyncClient, backend: BackendRuntime) -> bool:
+async def probe_once(transports: Transports, backend: BackendRuntime) -> bool | None:
+    """Whether the backend answered the probe with a 2xx in time; None: no verdict (pool full)."""
     cfg = backend.config
-    headers = dict(cfg.headers)
+    headers = [(name.lower().encode(), value.encode()) for name, value in cfg.headers.items()]
     if backend.api_key:
-        headers["Authorization"] = f"Bearer {backend.api_key}"
-    with trio.move_on_after(cfg.probe_timeout):
+        headers.append((b"authorization", b"Bearer " + backend.api_key.encode()))
+    t = cfg.probe_timeout
+    timeouts = Timeouts(connect=t, first_byte=t, between_chunks=t, total=t, pool=t)
+    deadline = trio.current_time() + t
+    with trio.move_on_after(t):
         try:
-            response = await client.get(probe_url(backend), headers=headers, timeout=cfg.probe_timeout)
-        except (httpx.HTTPError, OSError, ssl.SSLError, ValueError):
+            response = await transports.get(backend).request(
+                UpstreamRequest("GET", probe_path(backend), headers, b""), timeouts)
+        except PoolFull:
+            return None
+        except GatewayError:
             return False
-        return 200 <= response.status_code < 300
+        try:
+            read = 0
+            while read <= MAX_PROBE_BODY and (piece := await response.receive(deadline)):
+                read += len(piece)
+        except (GatewayError, trio.TooSlowError):
+            pass                     # the status decides; the connection is closed, not reused
+        finally:
+            await response.aclose()
+        return 200 <= response.status < 300
     return False
 
 
-async def probe_loop(holder: RuntimeHolder, router, *, interval_floor: float = 0.5) -> None:
-    """Probe every backend that has a probe_path, for ever; cancel the surrounding scope to stop."""
-    clients: dict[object, httpx.AsyncClient] = {}
+async def probe_loop(holder: RuntimeHolder, router, transports: Transports | None = None, *,
+                     interval_floor: float = 0.5) -> None:
+    """Probe every backend that has a probe_path, for ever; cancel the surrounding scope to stop.
+    `transports`: the traffic's (the daemon passes its own); without, the loop keeps its own."""
+    own = transports is None
+    if transports is None:
+        transports = Transports(holder.current.config.server.http_parser)
     due: dict[str, float] = {}
     running: set[str] = set()
 
-    def client_for(backend: BackendRuntime) -> httpx.AsyncClient:
-        cfg = backend.config
-        verify: object = (cfg.ca_file or True) if cfg.tls_verify else False
-        client = clients.get(verify)
-        if client is None:
-            client = clients[verify] = httpx.AsyncClient(verify=verify, follow_redirects=False)
-        return client
-
     async def probe(backend: BackendRuntime) -> None:
         try:
-            ok = await probe_once(client_for(backend), backend)
-            router.probe_result(backend.name, ok, trio.current_time())
+            ok = await probe_once(transports, backend)
+            if ok is not None:
+                router.probe_result(backend.name, ok, trio.current_time())
         finally:
             running.discard(backend.name)
 
@@ -94,6 +110,5 @@ async def probe_loop(holder: RuntimeHolder, router, *, interval_floor: float = 0
                 await trio.sleep_until(min(min(due.values(), default=now + interval_floor),
                                            now + interval_floor))
     finally:
-        with trio.CancelScope(shield=True):
-            for client in clients.values():
-                await client.aclose()
+        if own:
+            transports.close()
