@@ -352,56 +352,9 @@ def test_client_backends_frame_every_answer_alike():
     assert not differ, describe(differ)
 
 
-class TodayClient:
-    """Today's upstream reading path, pool._Conn over h11, behind the interface the fuzz drives:
-    what the pool gets from `next_ready()`, with the pool's own errors."""
-
-    def __init__(self) -> None:
-        from hxgwd.upstream import pool
-        self.conn = pool._Conn(None)
-
-    def request(self) -> bytes:
-        import h11
-        h = self.conn.h11
-        return (h.send(h11.Request(method=b"POST", target=b"/v1/chat/completions",
-                                   headers=[(b"host", b"u"), (b"content-length", b"%d" % len(BODY))]))
-                + h.send(h11.Data(data=BODY)) + h.send(h11.EndOfMessage()))
-
-    def feed(self, data: bytes) -> None:
-        self.conn.h11.receive_data(data)
-
-    def next(self) -> Any:
-        import h11
-        from hxgwd.errors import UpstreamError
-        event = self.conn.next_ready()
-        if type(event) is h11.Data:
-            return bytes(event.data)
-        if type(event) is h11.ConnectionClosed:     # the pool: "closed the connection without answering"
-            raise UpstreamError("closed")
-        if isinstance(event, (h11.Response, h11.InformationalResponse)):
-            return _Head(event.status_code, list(event.headers))
-        if type(event) is h11.EndOfMessage:         # trailers or not
-            return END_OF_MESSAGE
-        return event                                # NEED_DATA
-
-
-END_OF_MESSAGE = object()
-
-
-class _Head:
-    def __init__(self, status: int, headers: list) -> None:
-        self.status, self.headers = status, headers
-
-
-def today_client() -> tuple[Callable[[], Any], dict[str, Any]]:
-    import h11
-    return TodayClient, {"NEED_DATA": h11.NEED_DATA, "END_OF_MESSAGE": END_OF_MESSAGE,
-                         "refusals": (GatewayError,), "send_request": lambda c: c.request()}
-
-
-@pytest.mark.parametrize("backend", ["today", "h11", "httptools"])
+@pytest.mark.parametrize("backend", ["h11", "httptools"])
 def test_client_side_frames_an_answer_alike_however_it_is_cut(backend):
-    make, names = today_client() if backend == "today" else new_client(backend)
+    make, names = new_client(backend)
     rng = random.Random(SEED + 3)
     started = time.monotonic()
     differ, endings = [], {}

@@ -380,12 +380,7 @@ ANSWERS = [
                                           then="close"), OK_OR_502),
 ]
 
-UPSTREAM_KNOWN_BUGS: dict[str, str] = {
-    "header_over_pool_limit_in_two_reads":
-        "pool.py bounds a response head only with h11's max_incomplete_event_size=65536, which h11 applies "
-        "to a head still incomplete after a read: a 70 KB head that completes in the second read is taken "
-        "(up to ~128 KiB pass), where the server side measures a head that arrived whole (parse.py)",
-}
+UPSTREAM_KNOWN_BUGS: dict[str, str] = {}   # header_over_pool_limit_in_two_reads: fixed by hxgwd.http.client
 
 
 def client_post(content: str, stream: bool = False) -> bytes:
