@@ -68,10 +68,11 @@ class Gateway:
             await self._ready(response)
             return
         rt = self.holder.current
-        rid = self._ids.take(head.header(b"x-request-id"))
-        response.add_header(b"x-request-id", rid.encode())
+        rid, client_rid = self._ids.take(head.header(b"x-request-id"))
+        response.add_header(b"x-request-id", (client_rid or rid).encode())
+        response.add_header(b"x-hx-request-id", rid.encode())
         ex = proxy.Exchange(request_id=rid, started=trio.current_time(), ts=time.time(), endpoint=path,
-                            client_headers=head.headers)
+                            client_request_id=client_rid, client_headers=head.headers)
         try:
             await self._api(rt, ex, request, response)
         except GatewayError as exc:
@@ -196,7 +197,7 @@ class Gateway:
         err = ex.error
         status = record.STATUS_CLIENT_CLOSED if ex.client_gone else ex.status
         rec = record.RequestRecord(
-            ts=ex.ts, request_id=ex.request_id, key=ex.key, endpoint=ex.endpoint, model=ex.model,
+            ts=ex.ts, request_id=ex.request_id, client_request_id=ex.client_request_id, key=ex.key, endpoint=ex.endpoint, model=ex.model,
             group=ex.group, deployment=ex.deployment, backend=ex.backend, status=status,
             error_type=err.type if err else ("client_closed" if ex.client_gone else None),
             fault=err.fault if err else ("client" if ex.client_gone else _upstream_fault(status)),
@@ -217,9 +218,12 @@ def _model_entry(rt: Runtime, name: str) -> dict[str, Any]:
 
 
 class RequestIds:
-    """The client's X-Request-ID when it is sane, else a new id: milliseconds, a counter and a
-    random tag of this process, in hex. Time-ordered ids make usage inserts appends to the primary
-    key's index rather than random writes all over it, and cost no system call."""
+    """A new id for every request, and the client's X-Request-ID beside it when it is sane.
+
+    The usage row is keyed by ours, never the client's: a client reusing its id would otherwise
+    store one row for many paid requests. Ours is milliseconds, a counter and a random tag of this
+    process, in hex: time-ordered ids make usage inserts appends to the primary key's index rather
+    than random writes all over it, and cost no system call."""
 
     __slots__ = ("_tag", "_seq")
 
@@ -227,13 +231,15 @@ class RequestIds:
         self._tag = os.urandom(4).hex()
         self._seq = 0
 
-    def take(self, given: bytes | None) -> str:
+    def take(self, given: bytes | None) -> tuple[str, str | None]:
+        """-> (the gateway's id, the client's id or None)."""
+        client = None
         if given:
             text = given.decode("latin-1")
             if REQUEST_ID.match(text):
-                return text
+                client = text
         self._seq = (self._seq + 1) & 0xFFFFFF
-        return f"{int(time.time() * 1000):011x}{self._seq:06x}{self._tag}"
+        return f"{int(time.time() * 1000):011x}{self._seq:06x}{self._tag}", client
 
 
 def _upstream_fault(status: int) -> str | None:

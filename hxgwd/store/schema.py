@@ -56,6 +56,7 @@ USAGE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("attempts", "attempts", "int4"),
     ("route", "route", "text"),
     ("generation", "generation", "int8"),
+    ("client_request_id", "client_request_id", "text"),
 )
 COLUMN_NAMES = tuple(c for c, _, _ in USAGE_COLUMNS)
 RECORD_FIELDS = tuple(f.name for f in attrs.fields(RequestRecord))
@@ -192,6 +193,8 @@ MIGRATIONS: dict[str, list[tuple[str, list[str]]]] = {
             "CREATE INDEX usage_ts ON usage (ts)",
             "CREATE INDEX usage_key_ts ON usage (key, ts)",   # per-key reports and budgets
         ]),
+        # request_id became the gateway's own id; the client's X-Request-ID is kept beside it
+        ("usage.client_request_id", ["ALTER TABLE usage ADD COLUMN client_request_id TEXT"]),
     ],
     "postgresql": [
         ("keys and usage", [
@@ -240,6 +243,7 @@ MIGRATIONS: dict[str, list[tuple[str, list[str]]]] = {
             "CREATE INDEX usage_ts ON usage (ts)",
             "CREATE INDEX usage_key_ts ON usage (key, ts)",
         ]),
+        ("usage.client_request_id", ["ALTER TABLE usage ADD COLUMN client_request_id text"]),
     ],
 }
 

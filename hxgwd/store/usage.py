@@ -76,9 +76,9 @@ class UsageSink:
         self._replay_lines: list[bytes] = []          # raw lines of the segment being replayed
         self._replay_chunk: list[RequestRecord] = []   # decoded, next to go to the store
         self._replay_path: str | None = None
-        self.written = 0      # live records the store accepted (already stored ones included)
+        self.written = 0      # rows the store inserted from live records (ones it had already: not counted)
         self.spooled = 0      # records appended to the spool
-        self.replayed = 0     # records moved from the spool to the store
+        self.replayed = 0     # rows the store inserted from the spool
         self.rejected = 0     # records the store refused as data: kept in <spool>/rejected.jsonl
         self._rejected_logged = -math.inf
         self.corrupt = 0      # spool lines that did not parse on replay
@@ -222,55 +222,54 @@ class UsageSink:
 
     async def _deliver(self, batch: list[RequestRecord]) -> None:
         if self._healthy or trio.current_time() >= self._retry_at:
-            rejected = self.rejected
             try:
-                stored = await self._store_batch(batch)
+                inserted = await self._store_batch(batch)
             except trio.Cancelled:   # run() itself is cancelled: the batch in hand goes to disk
                 self.spooled += self._spool.append([record_line(r) for r in batch])
                 raise
-            if stored:
-                self.written += len(batch) - (self.rejected - rejected)
+            if inserted is not None:
+                self.written += inserted
                 return
         await self._to_spool(batch)
 
-    async def _store_batch(self, records: list[RequestRecord]) -> bool:
-        """One bounded attempt; False (the store marked unhealthy) if it failed or ran out of time."""
+    async def _store_batch(self, records: list[RequestRecord]) -> int | None:
+        """One bounded attempt -> rows inserted; None (the store marked unhealthy) if it failed or
+        ran out of time."""
         timeout = self._attempt_timeout
         if self._deadline is not None:
             timeout = min(timeout, self._deadline - trio.current_time())
         if timeout <= 0:
             self._hurry = True     # the close deadline passed: the rest goes to the spool
         if self._hurry:
-            return False
+            return None
         with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
             self._attempt = scope
             try:
-                await self._insert(records)
+                inserted = await self._insert(records)
             except StoreUnavailable as exc:
                 self._failed(str(exc))
-                return False
+                return None
             except Exception as exc:   # a bug, not an outage: keep the records, say so
                 self._log.exception("unexpected error writing usage records; spooling them", exc)
                 self._failed(f"{type(exc).__name__}: {exc}")
-                return False
+                return None
             finally:
                 self._attempt = None
             self._succeeded()
-            return True
+            return inserted
         if not self._hurry:   # (cancelled by aclose() at its deadline: not the store's fault)
             self._failed(f"the store did not answer within {timeout:.1f} s")
-        return False
+        return None
 
-    async def _insert(self, records: list[RequestRecord]) -> None:
+    async def _insert(self, records: list[RequestRecord]) -> int:
         try:
-            await self._store.insert_usage(records)
+            return await self._store.insert_usage(records)
         except RecordRejected as exc:
             if len(records) > 1:
                 mid = len(records) // 2
-                await self._insert(records[:mid])
-                await self._insert(records[mid:])
-                return
+                return await self._insert(records[:mid]) + await self._insert(records[mid:])
             self._reject(records[0], str(exc))
+            return 0
 
     def _reject(self, record: RequestRecord, error: str) -> None:
         """A record the store refuses: kept aside (rejected.jsonl), counted, logged at most every 10 s."""
@@ -347,10 +346,10 @@ class UsageSink:
                                   path=self._replay_path, lines=bad)
             self._replay_chunk = records
         if self._replay_chunk:
-            rejected = self.rejected
-            if not await self._store_batch(self._replay_chunk):
+            inserted = await self._store_batch(self._replay_chunk)
+            if inserted is None:
                 return
-            self.replayed += len(self._replay_chunk) - (self.rejected - rejected)
+            self.replayed += inserted
             self._replay_chunk = []
         if not self._replay_lines and self._replay_path is not None:
             self._spool.remove(self._replay_path)
