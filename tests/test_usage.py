@@ -379,3 +379,32 @@ def test_usage_command_json_and_table(tmp_path):
     assert "REQUESTS" in table and "TOTAL" in table and time.strftime("%Y-%m-%d", time.gmtime()) in table
     bad = hxgwd("usage", "--since", "last tuesday")
     assert bad.returncode == 2 and "--since 'last tuesday': not a time" in bad.stderr
+
+
+async def test_last_error_clears_when_the_store_recovers(tmp_path):
+    cfg = database(sqlite_url(tmp_path), spool_dir=str(tmp_path / "spool"))
+    store = open_store(cfg)
+    await store.migrate()
+
+    class Recovering:
+        down = True
+
+        async def insert_usage(self, records: list) -> int:
+            if self.down:
+                await DownStore().insert_usage(records)
+            return await store.insert_usage(records)
+
+    flaky = Recovering()
+    sink = UsageSink(flaky, cfg, ListLog(), retry_min=0.05, retry_max=0.05)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        sink.emit(make_record(1))
+        assert await wait_until(lambda: sink.statistics()["last_error"] is not None, timeout=5)
+        flaky.down = False
+        sink.emit(make_record(2))
+        assert await wait_until(lambda: sink.statistics()["store_ok"] and sink.statistics()["spool_bytes"] == 0,
+                                timeout=5)
+        assert sink.statistics()["last_error"] is None
+        await sink.aclose(timeout=5)
+    assert await store.count_usage() == 2
+    await store.aclose()

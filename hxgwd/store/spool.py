@@ -119,6 +119,7 @@ class Spool:
             try:
                 self._write(data)
                 written = n
+                self.last_error = None
             except OSError as exc:
                 self.last_error = f"spool write failed: {exc.strerror}"
                 self.log.error("cannot write the usage spool", directory=self.directory, error=exc.strerror)

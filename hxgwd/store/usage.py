@@ -294,6 +294,7 @@ class UsageSink:
         self._backoff = min(self._backoff * 2, self._retry_max)
 
     def _succeeded(self) -> None:
+        self.last_error = None    # /admin/stats tells what is wrong now, not what once was
         if not self._healthy:
             self._healthy = True
             self._log.info("usage store available again", spool_bytes=self._spool.bytes)
