@@ -10,7 +10,7 @@ import sqlite3
 import trio
 
 from hxgwd.store import open_store
-from hxgwd.store.schema import record_line
+from hxgwd.store.schema import RECORD_FIELDS
 from hxgwd.store.usage import UsageSink
 from tests.conftest import gateway_config, start_gateway
 from tests.test_store_gateway import CHAT, backends
@@ -62,8 +62,8 @@ async def test_written_counts_rows_inserted_not_records_sent(tmp_path):
 async def test_spool_lines_of_an_older_hxgwd_replay(tmp_path):
     cfg = database(sqlite_url(tmp_path), spool_dir=str(tmp_path / "spool"))
     (tmp_path / "spool").mkdir()
-    line = json.loads(record_line(make_record(1, prefix="old")))
-    del line["client_request_id"]                      # written before the field existed
+    record = make_record(1, prefix="old")
+    line = {name: getattr(record, name) for name in RECORD_FIELDS if name != "client_request_id"}
     (tmp_path / "spool" / "usage-0000000001.jsonl").write_text(json.dumps(line) + "\n")
     store = open_store(cfg)
     await store.migrate()

@@ -236,7 +236,9 @@ async def test_a_steady_trickle_is_written_in_linger_sized_batches(tmp_path, aut
     # one record a millisecond, inserts of 2 ms: the writer must not go straight back for the one
     # or two records that came in during each insert (a thread hop and a transaction each)
     store = CountingStore(latency=0.002)
-    sink = UsageSink(store, database(sqlite_url(tmp_path), spool_dir=str(tmp_path / "spool")), ListLog())
+    # no fsync: a worker thread's real time would let the virtual clock run past the close deadline
+    cfg = database(sqlite_url(tmp_path), spool_dir=str(tmp_path / "spool"), spool_fsync="never")
+    sink = UsageSink(store, cfg, ListLog())
     async with trio.open_nursery() as nursery:
         await nursery.start(sink.run)
         for i in range(1000):
@@ -407,4 +409,48 @@ async def test_last_error_clears_when_the_store_recovers(tmp_path):
         assert sink.statistics()["last_error"] is None
         await sink.aclose(timeout=5)
     assert await store.count_usage() == 2
+    await store.aclose()
+
+
+async def test_the_journal_stays_small_while_the_store_is_healthy(tmp_path):
+    # every record is journaled when emitted; a sealed segment whose records are all stored goes
+    spool = tmp_path / "spool"
+    cfg = database(sqlite_url(tmp_path), spool_dir=str(spool))
+    store = open_store(cfg)
+    await store.migrate()
+    sink = UsageSink(store, cfg, ListLog())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        for i in range(300):
+            sink.emit(make_record(i))
+            if i == 0:
+                assert list(spool.glob("usage-*.jsonl"))        # on disk before it is stored
+            await trio.sleep(0.01)
+        assert len(list(spool.glob("usage-*.jsonl"))) <= 2      # the active one, one being stored
+        await sink.aclose(timeout=5)
+    assert not list(spool.glob("usage-*.jsonl"))
+    stats = sink.statistics()
+    assert (stats["written"], stats["spooled"], stats["replayed"], stats["spool_bytes"]) == (300, 0, 0, 0)
+    assert await store.count_usage() == 300
+    await store.aclose()
+
+
+async def test_records_journaled_by_a_process_that_died_are_replayed(tmp_path):
+    spool = tmp_path / "spool"
+    cfg = database(sqlite_url(tmp_path), spool_dir=str(spool))
+    store = open_store(cfg)
+    await store.migrate()
+    dead = UsageSink(store, cfg, ListLog())
+    with trio.CancelScope() as scope:    # the writer never runs: as if killed right after emit()
+        dead._spool.open()
+        for i in range(50):
+            dead.emit(make_record(i))
+        scope.cancel()
+    os.close(dead._spool._lock_fd)       # the kernel does this for a killed process
+    sink = UsageSink(store, cfg, ListLog())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        assert await wait_until(lambda: sink.statistics()["replayed"] == 50, timeout=10)
+        await sink.aclose(timeout=5)
+    assert await store.count_usage() == 50 and not list(spool.glob("usage-*.jsonl"))
     await store.aclose()

@@ -96,14 +96,15 @@ class Gateway:
         finally:
             ended = trio.current_time()
             cost = self._cost(ex)
+            # the usage record now, before any await: journaled, it survives a kill -9 (store/usage.py)
+            rec = self._record(rt, ex, cost, ended)
             if ex.reservation is not None:   # settle shields itself: it runs even when cancelled
                 tokens = (ex.usage or {}).get("total_tokens")
                 failed = ex.status >= 400 or ex.status == 0
                 await self.limiter.settle(ex.reservation, 0 if failed and tokens is None else tokens,
                                           0.0 if failed and cost is None else cost)
-            # the access line and the usage record wait for a quiet moment: not on the next
-            # request's path (idle.py)
-            self.idle.defer(self._record, rt, ex, cost, ended)
+            # the access line waits for a quiet moment: not on the next request's path (idle.py)
+            self.idle.defer(self.log.access, rec)
 
     async def _api(self, rt: Runtime, ex: proxy.Exchange, request: Request, response: Response) -> None:
         head = request.head
@@ -193,7 +194,7 @@ class Gateway:
         return limit.usage_cost(ex.served.config, ex.usage.get("prompt_tokens") or 0,
                                 ex.usage.get("completion_tokens") or 0)
 
-    def _record(self, rt: Runtime, ex: proxy.Exchange, cost: float | None, ended: float) -> None:
+    def _record(self, rt: Runtime, ex: proxy.Exchange, cost: float | None, ended: float) -> record.RequestRecord:
         err = ex.error
         status = record.STATUS_CLIENT_CLOSED if ex.client_gone else ex.status
         rec = record.RequestRecord(
@@ -206,9 +207,9 @@ class Gateway:
             upstream_ms=ex.upstream_time * 1000,
             ttfb_ms=ex.ttfb * 1000 if ex.ttfb is not None else None,
             attempts=ex.attempts, route=ex.route, generation=rt.generation)
-        self.log.access(rec)
         if self.services.usage is not None:
             self.services.usage.emit(rec)
+        return rec
 
 
 def _model_entry(rt: Runtime, name: str) -> dict[str, Any]:

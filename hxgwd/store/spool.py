@@ -50,6 +50,9 @@ class Spool:
         self.dropped = 0           # records refused: over max_bytes, or a failed write
         self.last_error: str | None = None
         self._sizes: dict[str, int] = {}   # segment path -> bytes
+        self._pending: dict[str, int] = {}  # segment path -> journaled records not yet settled
+        self._replay: set[str] = set()      # segments holding records the store has not got
+        self._warn_bytes = max_bytes * WARN_FRACTION
         self._seq = 0
         self._active: str | None = None
         self._fd: int | None = None
@@ -86,19 +89,66 @@ class Spool:
             if match:
                 path = os.path.join(self.directory, name)
                 self._sizes[path] = os.path.getsize(path)
+                self._replay.add(path)   # an earlier run's: replayed whole (the store skips what it has)
                 self._seq = max(self._seq, int(match.group(1)))
         self.bytes = sum(self._sizes.values())
         self._check_level(0)
 
     def close(self, fsync: bool) -> None:
         if self._fd is not None:
-            if fsync and self._unsynced:
+            active = self._active
+            clean = self._settled_clean(active)
+            if fsync and self._unsynced and not clean:
                 self._fsync()
             os.close(self._fd)
             self._fd, self._active = None, None
+            if clean:
+                self.remove(active)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    # --- the journal (event loop thread, on the request path) -----------------------------------
+
+    def journal(self, line: bytes) -> str | None:
+        """Write one finished request's record: -> the segment it is in, to `settle` once the
+        record's fate is known; None if it could not be written (over max_bytes, the spool not
+        opened, a failed write): the record then lives in memory only, as before the journal."""
+        if self.bytes + len(line) > self.max_bytes or self._lock_fd is None:
+            return None
+        try:
+            self._write(line)
+        except OSError as exc:
+            self.last_error = f"spool write failed: {exc.strerror}"
+            return None
+        active = self._active
+        self._pending[active] = self._pending.get(active, 0) + 1
+        if self.bytes >= self._warn_bytes:
+            self._check_level(0)
+        return active
+
+    def settle(self, counts: dict[str, int], stored: bool) -> None:
+        """Journaled records have reached the store (stored) or will not from memory (not stored:
+        their segment is replayed). A sealed segment with nothing pending and nothing to replay
+        is deleted."""
+        for path, n in counts.items():
+            left = self._pending.get(path, 0) - n
+            if left > 0:
+                self._pending[path] = left
+            else:
+                self._pending.pop(path, None)
+            if not stored:
+                self._replay.add(path)
+            if path != self._active and self._settled_clean(path):
+                self.remove(path)
+
+    def _settled_clean(self, path: str | None) -> bool:
+        return path is not None and path not in self._pending and path not in self._replay
+
+    def replay_waiting(self) -> bool:
+        """Are there records the store has not got: in a sealed, settled segment (replay it now) or
+        in the active one (replayed once it is sealed)."""
+        return bool(self._replay) and (self._active in self._replay or bool(self.sealed()))
 
     # --- appending (event loop thread) ------------------------------------------------------------
 
@@ -120,6 +170,7 @@ class Spool:
                 self._write(data)
                 written = n
                 self.last_error = None
+                self._replay.add(self._active)
             except OSError as exc:
                 self.last_error = f"spool write failed: {exc.strerror}"
                 self.log.error("cannot write the usage spool", directory=self.directory, error=exc.strerror)
@@ -184,12 +235,13 @@ class Spool:
                 os.close(dir_fd)
 
     async def seal(self, fsync: bool = True) -> None:
-        """Close the active segment (after its fsync) so replay may read it; the next append
-        starts a new one."""
+        """Close the active segment (after its fsync, unless it is about to be deleted) so replay
+        may read it; the next append starts a new one. A segment whose records are all in the
+        store is deleted."""
         async with self._sync_lock:
             if self._fd is None:
                 return
-            while fsync and self._unsynced:   # emit() may append while the fsync runs: sync that too
+            while fsync and self._unsynced and not self._settled_clean(self._active):   # emit() may append while the fsync runs: sync that too
                 self._unsynced = False
                 try:
                     await trio.to_thread.run_sync(self._fsync)
@@ -198,13 +250,15 @@ class Spool:
                     break
             self._unsynced = False
             os.close(self._fd)
-            self._fd, self._active = None, None
+            sealed, self._fd, self._active = self._active, None, None
+            if self._settled_clean(sealed):
+                self.remove(sealed)
 
     # --- replay (reads run in worker threads) ------------------------------------------------------
 
     def sealed(self) -> list[str]:
-        """Sealed segments, oldest first."""
-        return sorted(p for p in self._sizes if p != self._active)
+        """Sealed segments with no record pending in memory, oldest first: the ones to replay."""
+        return sorted(p for p in self._replay if p != self._active and p not in self._pending)
 
     @staticmethod
     def read(path: str) -> list[bytes]:
@@ -233,6 +287,8 @@ class Spool:
             pass
 
     def _forget(self, path: str) -> None:
+        self._pending.pop(path, None)
+        self._replay.discard(path)
         self.bytes -= self._sizes.pop(path, 0)
         self._check_level(0)
 

@@ -41,7 +41,7 @@ import trio
 from hxgwd.config.model import Database
 from hxgwd.pipeline.record import RequestRecord
 from hxgwd.store import RecordRejected, Store, StoreUnavailable, default_spool_dir
-from hxgwd.store.schema import record_line, records_from_lines
+from hxgwd.store.schema import record_document, record_line, records_from_lines
 from hxgwd.store.spool import Spool
 
 RETRY_MIN = 0.2
@@ -51,6 +51,11 @@ LINGER = 0.25            # seconds a first record waits for company before the b
                          # 0.05 -> 0.25 cut the CPU per request at 64 conns by ~3.5% (BEGIN/COMMIT
                          # per batch), and a record still reaches the database well within a second
 REJECT_LOG_INTERVAL = 10.0
+ROTATE_INTERVAL = 1.0    # seconds a journal segment stays active: sealed, it is deleted once its
+                         # records are in the store, so a healthy store keeps ~1 s of them on disk
+
+# what goes through the channel: the segment the record is journaled in (None: not journaled), the record
+Item = tuple["str | None", RequestRecord]
 
 
 class UsageSink:
@@ -61,7 +66,7 @@ class UsageSink:
         self._batch_size = database.batch_size
         self._fsync = database.spool_fsync
         self._attempt_timeout = database.connect_timeout + database.statement_timeout
-        self._send, self._recv = trio.open_memory_channel[RequestRecord](database.queue_size)
+        self._send, self._recv = trio.open_memory_channel[Item](database.queue_size)
         self._spool = Spool(spool_dir or default_spool_dir(database), database.spool_max_bytes, log)
         self._retry_min, self._retry_max = retry_min, retry_max
         self._backoff = retry_min
@@ -76,8 +81,10 @@ class UsageSink:
         self._replay_lines: list[bytes] = []          # raw lines of the segment being replayed
         self._replay_chunk: list[RequestRecord] = []   # decoded, next to go to the store
         self._replay_path: str | None = None
+        self._rotate_at: float | None = None   # trio time the active journal segment is sealed at
         self.written = 0      # rows the store inserted from live records (ones it had already: not counted)
-        self.spooled = 0      # records appended to the spool
+        self.spooled = 0      # records left on disk for replay: journaled ones that did not reach the store
+                              # from memory, and unjournaled ones appended
         self.replayed = 0     # rows the store inserted from the spool
         self.rejected = 0     # records the store refused as data: kept in <spool>/rejected.jsonl
         self._rejected_logged = -math.inf
@@ -87,12 +94,21 @@ class UsageSink:
     # --- the request path --------------------------------------------------------------------------
 
     def emit(self, record: RequestRecord) -> None:
-        """Hand a record over; never blocks, never awaits, never raises."""
+        """Journal a finished request's record and hand it over; never blocks, never awaits, never
+        raises. Call it when the request ends, not later: once the journal's write() returned,
+        the record survives the death of the process."""
+        segment = self._spool.journal(record_line(record))
+        if segment is not None and self._fsync == "always" and self._running:
+            self._sync_wanted.set()
         try:
-            self._send.send_nowait(record)
+            self._send.send_nowait((segment, record))
             return
         except (trio.WouldBlock, trio.ClosedResourceError):
             pass
+        if segment is not None:     # on disk already: replayed from there
+            self._spool.settle({segment: 1}, stored=False)
+            self.spooled += 1
+            return
         try:
             self.spooled += self._spool.append([record_line(record)])
         except Exception as exc:   # the spool directory is unusable: count, do not fail the request
@@ -133,9 +149,7 @@ class UsageSink:
         finally:
             self._running = False
             with trio.CancelScope(shield=True):
-                left = self._drain_nowait()
-                if left:
-                    self.spooled += self._spool.append([record_line(r) for r in left])
+                self._keep(self._drain_nowait())
                 with trio.move_on_after(HURRY_TIMEOUT):
                     await trio.to_thread.run_sync(self._spool.close, self._fsync != "never")
                 self._finished.set()
@@ -150,8 +164,7 @@ class UsageSink:
         if not self._started:   # run() never ran (or failed to open the spool): drain it ourselves
             left = self._drain_nowait()
             try:
-                if left:
-                    self.spooled += self._spool.append([record_line(r) for r in left])
+                self._keep(left)
                 await trio.to_thread.run_sync(self._spool.close, self._fsync != "never")
             except Exception as exc:   # the spool directory is unusable: say so, do not raise at shutdown
                 self._spool.dropped += len(left)
@@ -168,7 +181,7 @@ class UsageSink:
             await self._finished.wait()
 
     async def _write_loop(self) -> None:
-        first: RequestRecord | None = None
+        first: Item | None = None
         while True:
             if first is not None and not self._hurry:
                 # Let a batch gather: one thread hop and one transaction per record cost a quarter
@@ -178,7 +191,7 @@ class UsageSink:
                 try:
                     await trio.sleep(LINGER)
                 except trio.Cancelled:   # run() is cancelled: the record in hand goes to disk
-                    self.spooled += self._spool.append([record_line(first)])
+                    self._keep([first])
                     raise
             batch = self._take(first)
             first = None
@@ -186,6 +199,7 @@ class UsageSink:
                 return
             if batch:
                 await self._deliver(batch)
+            await self._rotate_when_due()
             if self._replay_due():
                 await self._replay_step()
                 continue
@@ -200,7 +214,7 @@ class UsageSink:
                 except trio.EndOfChannel:
                     return
 
-    def _take(self, first: RequestRecord | None) -> list[RequestRecord] | None:
+    def _take(self, first: Item | None) -> list[Item] | None:
         """What is queued, up to batch_size, without waiting; None once the channel is closed and empty."""
         batch = [first] if first is not None else []
         while len(batch) < self._batch_size:
@@ -212,7 +226,7 @@ class UsageSink:
                 return batch or None
         return batch
 
-    def _drain_nowait(self) -> list[RequestRecord]:
+    def _drain_nowait(self) -> list[Item]:
         left = []
         while True:
             try:
@@ -220,17 +234,55 @@ class UsageSink:
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return left
 
-    async def _deliver(self, batch: list[RequestRecord]) -> None:
+    def _keep(self, items: list[Item]) -> None:
+        """Records that will not reach the store from memory: a journaled one is on disk already
+        (its segment is marked for replay), the others are appended now."""
+        journaled: dict[str, int] = {}
+        loose = []
+        for segment, record in items:
+            if segment is None:
+                loose.append(record_line(record))
+            else:
+                journaled[segment] = journaled.get(segment, 0) + 1
+        if journaled:
+            self._spool.settle(journaled, stored=False)
+            self.spooled += len(items) - len(loose)
+        if loose:
+            self.spooled += self._spool.append(loose)
+
+    async def _deliver(self, batch: list[Item]) -> None:
+        if self._fsync == "batch":   # what is written to the store from memory is on disk first
+            await self._spool.sync()
         if self._healthy or trio.current_time() >= self._retry_at:
             try:
-                inserted = await self._store_batch(batch)
+                inserted = await self._store_batch([record for _, record in batch])
             except trio.Cancelled:   # run() itself is cancelled: the batch in hand goes to disk
-                self.spooled += self._spool.append([record_line(r) for r in batch])
+                self._keep(batch)
                 raise
             if inserted is not None:
                 self.written += inserted
+                stored: dict[str, int] = {}
+                for segment, _ in batch:
+                    if segment is not None:
+                        stored[segment] = stored.get(segment, 0) + 1
+                self._spool.settle(stored, stored=True)
                 return
-        await self._to_spool(batch)
+        self._keep(batch)
+        if self._fsync != "never":
+            await self._spool.sync()
+
+    async def _rotate_when_due(self) -> None:
+        """Seal the active journal segment after ROTATE_INTERVAL or segment_bytes: a segment is
+        deleted (or replayed) only once sealed, so this is what keeps the journal small."""
+        if not self._spool.active_bytes:
+            self._rotate_at = None
+            return
+        now = trio.current_time()
+        if self._rotate_at is None:
+            self._rotate_at = now + ROTATE_INTERVAL
+        if now >= self._rotate_at or self._spool.active_bytes >= self._spool.segment_bytes:
+            self._rotate_at = None
+            await self._spool.seal(self._fsync != "never")
 
     async def _store_batch(self, records: list[RequestRecord]) -> int | None:
         """One bounded attempt -> rows inserted; None (the store marked unhealthy) if it failed or
@@ -274,7 +326,7 @@ class UsageSink:
     def _reject(self, record: RequestRecord, error: str) -> None:
         """A record the store refuses: kept aside (rejected.jsonl), counted, logged at most every 10 s."""
         self.rejected += 1
-        kept = self._spool.set_aside([record_line(record)])
+        kept = self._spool.set_aside([record_document(record)])
         if not kept:
             self._spool.dropped += 1
         now = trio.current_time()
@@ -300,14 +352,6 @@ class UsageSink:
             self._log.info("usage store available again", spool_bytes=self._spool.bytes)
         self._backoff = self._retry_min
 
-    async def _to_spool(self, records: list[RequestRecord]) -> None:
-        lines = await trio.to_thread.run_sync(lambda: [record_line(r) for r in records])
-        self.spooled += self._spool.append(lines)
-        if self._fsync != "never":
-            await self._spool.sync()
-        if self._spool.active_bytes >= self._spool.segment_bytes:
-            await self._spool.seal(self._fsync != "never")
-
     async def _syncer(self) -> None:
         while True:
             await self._sync_wanted.wait()
@@ -317,7 +361,7 @@ class UsageSink:
     # --- replay ----------------------------------------------------------------------------------------
 
     def _replay_pending(self) -> bool:
-        return bool(self._replay_chunk or self._replay_lines or self._spool.bytes)
+        return bool(self._replay_chunk or self._replay_lines or self._spool.replay_waiting())
 
     def _replay_due(self) -> bool:
         if self._hurry or not self._replay_pending():
@@ -325,9 +369,11 @@ class UsageSink:
         return self._healthy or trio.current_time() >= self._retry_at
 
     def _wait_time(self) -> float:
-        if self._replay_pending():
-            return max(0.0, self._retry_at - trio.current_time())
-        return math.inf
+        now = trio.current_time()
+        wait = max(0.0, self._retry_at - now) if self._replay_pending() else math.inf
+        if self._rotate_at is not None:
+            wait = min(wait, max(0.0, self._rotate_at - now))
+        return wait
 
     async def _replay_step(self) -> None:
         """Move one chunk (batch_size records) from the spool to the store, oldest first.
@@ -355,13 +401,14 @@ class UsageSink:
         if not self._replay_lines and self._replay_path is not None:
             self._spool.remove(self._replay_path)
             self._replay_path = None
-            if not self._spool.bytes:
+            if not self._spool.replay_waiting():
                 self._log.info("usage spool replayed into the store", replayed_total=self.replayed)
 
     async def _next_segment(self) -> bool:
-        """Load the oldest sealed segment's lines (sealing the active one if it is the only one)."""
+        """Load the oldest sealed segment's lines (sealing the active one if it is the only one
+        with records to replay)."""
         paths = self._spool.sealed()
-        if not paths and self._spool.active_bytes:
+        if not paths and self._spool.replay_waiting():
             await self._spool.seal(self._fsync != "never")
             paths = self._spool.sealed()
         if not paths:
