@@ -54,8 +54,8 @@ async def test_records_reach_sqlite_and_close_flushes_memory(tmp_path):
     assert (stats["written"], stats["spooled"], stats["dropped"], stats["queued"]) == (1500, 0, 0, 0)
     assert await store.count_usage() == 1500
     await store.aclose()
-    assert not [f for f in os.listdir(tmp_path / "state" / "spool") if f.endswith(".jsonl") and
-                os.path.getsize(tmp_path / "state" / "spool" / f)]
+    assert not [f for f in os.listdir(tmp_path / "state" / "hxgwd.db-spool") if f.endswith(".jsonl") and
+                os.path.getsize(tmp_path / "state" / "hxgwd.db-spool" / f)]
 
 
 async def test_postgres_outage_mid_run_loses_nothing(new_pg_url, pg_server, tmp_path):
@@ -327,7 +327,7 @@ async def test_a_rejected_record_does_not_block_its_batch(tmp_path):
     assert await store.count_usage() == 63
     [(level, msg, fields)] = [line for line in log.lines if "rejected" in line[1]]
     assert level == "error" and fields["request_id"] == "r-13" and fields["kept"]
-    kept = (tmp_path / "state" / "spool" / "rejected.jsonl").read_bytes().splitlines()
+    kept = (tmp_path / "state" / "hxgwd.db-spool" / "rejected.jsonl").read_bytes().splitlines()
     assert [json.loads(line)["request_id"] for line in kept] == ["r-13"]
     await store.aclose()
 
@@ -453,4 +453,26 @@ async def test_records_journaled_by_a_process_that_died_are_replayed(tmp_path):
         assert await wait_until(lambda: sink.statistics()["replayed"] == 50, timeout=10)
         await sink.aclose(timeout=5)
     assert await store.count_usage() == 50 and not list(spool.glob("usage-*.jsonl"))
+    await store.aclose()
+
+
+async def test_the_old_default_spool_directory_is_taken_over(tmp_path):
+    # before 14 the default spool was <directory of the SQLite file>/spool: an upgrade must not
+    # strand the records in it
+    cfg = database(sqlite_url(tmp_path))
+    old = tmp_path / "state" / "spool"
+    old.mkdir(parents=True)
+    (old / ".lock").touch()
+    (old / "usage-0000000007.jsonl").write_bytes(b"".join(record_line(make_record(i)) for i in range(20)))
+    store = open_store(cfg)
+    await store.migrate()
+    log = ListLog()
+    sink = UsageSink(store, cfg, log)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        assert await wait_until(lambda: sink.statistics()["replayed"] == 20, timeout=10)
+        await sink.aclose(timeout=5)
+    assert await store.count_usage() == 20
+    assert not list(old.glob("usage-*.jsonl"))
+    assert "usage spool of the old default directory taken over, to be replayed" in log.at("info")
     await store.aclose()

@@ -1,23 +1,26 @@
-"""The local spool: usage records that could not go to the store yet, on disk, append-only.
+"""The local spool: the journal of usage records, on disk, append-only, until the store has them.
 
-    <spool_dir>/usage-0000000042.jsonl    one JSON record per line; the highest number is active
+    <spool_dir>/usage-0000000042.jsonl    one record per line; the highest number is active
     <spool_dir>/.lock                     flock: one gateway process per spool directory
 
-Records are appended to the active segment; the writer seals it (fsync, close) when it grows past
-`segment_bytes` or before a replay, and replay reads sealed segments oldest first, deleting each
-once all its records are in the store. The store ignores request_ids it already has, so a segment
-replayed twice (a crash between insert and delete) does no harm.
+Every finished request's record is appended to the active segment (`journal`), and the segment
+counts it as pending until the writer `settle`s it: stored, or not (then the segment is marked
+for replay). Records the store did not get from memory and that were not journaled (over the
+bound when they came) are appended too, marking the segment for replay. The writer seals the
+active segment (fsync, close) every second or `segment_bytes`; a sealed segment with nothing
+pending is deleted if its records are all stored, else replayed, oldest first, and deleted once
+all its records are in the store. Segments found at open (an earlier run's, or the old default
+directory's, taken over) are replayed whole: the store ignores request ids it already has.
 
 Appends are plain `os.write` calls on an O_APPEND descriptor from the event loop thread: a write
-to the page cache costs microseconds, like the access log line, and a killed process loses
-nothing already written. `fsync` (the slow part) always runs in a worker thread, under a trio
-lock so that a segment is never closed while its fsync runs. How often is the caller's policy
-(usage.py). A torn last line after a power cut fails to parse on replay and is counted as
-corrupt, not retried.
+to the page cache costs a microsecond or two, and a killed process loses nothing already
+written. `fsync` (the slow part) always runs in a worker thread, under a trio lock so that a
+segment is never closed while its fsync runs. How often is the caller's policy (usage.py). A
+torn last line after a power cut fails to parse on replay and is counted as corrupt, not retried.
 
-The spool is bounded by `max_bytes`: beyond it records are dropped and counted, with a warning
-at 80% and an error at the bound (repeated at most every 10 s while dropping), so the disk of a
-host whose database is gone for days does not fill up.
+The spool is bounded by `max_bytes`: beyond it records are not journaled, and dropped and counted
+if they must be appended, with a warning at 80% and an error at the bound (repeated at most every
+10 s while dropping), so the disk of a host whose database is gone for days does not fill up.
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ class SpoolError(Exception):
 
 
 class Spool:
-    def __init__(self, directory: str, max_bytes: int, log: Any, segment_bytes: int | None = None) -> None:
+    def __init__(self, directory: str, max_bytes: int, log: Any, segment_bytes: int | None = None,
+                 adopt: str | None = None) -> None:
         self.directory = directory
+        self.adopt = adopt         # an old default spool directory whose segments become ours at open
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes or min(16 * 1024 * 1024, max(64 * 1024, max_bytes // 16))
         self.log = log
@@ -91,8 +96,40 @@ class Spool:
                 self._sizes[path] = os.path.getsize(path)
                 self._replay.add(path)   # an earlier run's: replayed whole (the store skips what it has)
                 self._seq = max(self._seq, int(match.group(1)))
+        if self.adopt and os.path.isdir(self.adopt) and os.path.abspath(self.adopt) != os.path.abspath(self.directory):
+            self._adopt(self.adopt)
         self.bytes = sum(self._sizes.values())
         self._check_level(0)
+
+    def _adopt(self, old: str) -> None:
+        """Move the segments of an old spool directory into this one, to be replayed, unless a
+        process (an hxgwd not yet upgraded) holds it. Blocking, at open."""
+        try:
+            lock_fd = os.open(os.path.join(old, ".lock"), os.O_RDWR)
+        except OSError:
+            lock_fd = None      # no lock file: no hxgwd ever ran there, or it is not ours to take
+        try:
+            if lock_fd is not None:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            names = sorted(n for n in os.listdir(old) if _NAME.match(n))
+            for name in names:
+                self._seq += 1
+                path = os.path.join(self.directory, f"usage-{self._seq:010d}.jsonl")
+                os.rename(os.path.join(old, name), path)
+                self._sizes[path] = os.path.getsize(path)
+                self._replay.add(path)
+            if names:
+                self.log.info("usage spool of the old default directory taken over, to be replayed",
+                              old_directory=old, directory=self.directory, segments=len(names))
+        except BlockingIOError:
+            self.log.warning("old default usage spool directory is in use by another process; left alone",
+                             old_directory=old)
+        except OSError as exc:
+            self.log.error("cannot take over the old default usage spool directory", old_directory=old,
+                           error=exc.strerror or str(exc))
+        finally:
+            if lock_fd is not None:
+                os.close(lock_fd)
 
     def close(self, fsync: bool) -> None:
         if self._fd is not None:

@@ -1,34 +1,38 @@
-"""Usage records from the request path to the store: one writer task, a spool when it cannot.
+"""Usage records from the request path to the store: a journal on disk, one writer task.
 
-    handler ── emit(record) ──> memory channel (queue_size) ──> writer task ──> store.insert_usage
-                  │ channel full                                   │ store down, slow, or shutting down
-                  └──────────────> spool (append-only files) <─────┘
-                                        └── replayed, oldest first, when the store answers again
+    handler ── emit(record) ─┬─> journal: one write() to the spool's active segment
+                             └─> memory channel (queue_size) ──> writer task ──> store.insert_usage
+    sealed segment: every record stored from memory -> deleted; any not (store down, slow,
+    channel full, shutdown, an earlier run that died) -> replayed, oldest first
 
-`emit` never blocks and never awaits: a `send_nowait`, or, when the channel is full, one line
-appended to the spool. The writer takes what is queued (up to batch_size) without a timer, so
-batches are 1 record when idle and full under load, and writes each batch in one transaction in
-a worker thread (COPY on PostgreSQL). Each attempt is bounded (connect_timeout +
-statement_timeout) and really cancelled when it runs over. A failed batch goes to the spool at
-once, and the store is tried again with backoff (0.2 s doubling to 5 s): the channel keeps
-draining to disk while the database is away. When an attempt succeeds, the spool is replayed in
-batch_size chunks interleaved with live batches. Inserts are idempotent on request_id, so a batch
-that was committed but not acknowledged, then spooled and replayed, is stored once.
+`emit` is called when a request ends, before anything awaits, and never blocks: one line
+appended with `os.write` to the spool's active segment (a killed process loses nothing written
+so), then a `send_nowait`. The writer takes what is queued (up to batch_size), lingering
+LINGER for company, writes each batch in one transaction in a worker thread (COPY on
+PostgreSQL), and settles the batch's segments: stored, or marked for replay. Each attempt is
+bounded (connect_timeout + statement_timeout) and really cancelled when it runs over; the store
+is tried again with backoff (0.2 s doubling to 5 s) while the channel keeps draining. The active
+segment is sealed every ROTATE_INTERVAL (or segment_bytes), so a healthy store keeps about a
+second of records on disk. Replay goes in batch_size chunks interleaved with live batches; rows
+are keyed by the gateway's own request id and inserts skip ids already stored, so replaying a
+segment whose records were partly stored stores each once.
 
 A batch the database refuses as data (RecordRejected: should not happen, records are sanitized
 in schema.py) is bisected down to the offending records, which are set aside in
 <spool_dir>/rejected.jsonl (never replayed), counted, and logged at most every 10 s: one bad
 record cannot block the spool forever, and a systematic bug loses nothing.
 
-Durability, per `spool_fsync`:
-    always  every spool write is fsynced before the writer goes on; records that overflow the
-            channel are fsynced by a helper task right after (group commit)
-    batch   one fsync per spooled batch; overflowed records are fsynced with the next one
-    never   no fsync: the kernel writes back (a killed process loses nothing it wrote; a power
-            cut may lose the last seconds)
-Records still in the channel are memory: `aclose()` (SIGTERM) writes them to the store, or to the
-spool when the store does not answer within the grace time; a SIGKILL or crash loses at most the
-channel (queue_size records) and the batch in flight. A cancelled `run()` spools the channel.
+What can be lost (README "Usage"): a process crash or SIGKILL, only the records of requests that
+had not finished. A power cut, what the kernel had not written back, per `spool_fsync`:
+    always  a helper task fsyncs the journal after every append (group commit): the records of
+            the last few milliseconds
+    batch   the writer fsyncs the journal before each batch: the records since the last batch
+            began (under a second; up to one attempt's bound while the store hangs)
+    never   no fsync: the kernel's writeback, the last half minute or so
+and, with SQLite (synchronous=NORMAL), its last commits, whose segments may be deleted already.
+The journal is bounded by spool_max_bytes: past it records are in memory only (counted as
+dropped if the store does not take them). `aclose()` (SIGTERM) writes memory to the store within
+the grace time, and leaves the rest to be replayed; a cancelled `run()` does the latter.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import trio
 
 from hxgwd.config.model import Database
 from hxgwd.pipeline.record import RequestRecord
-from hxgwd.store import RecordRejected, Store, StoreUnavailable, default_spool_dir
+from hxgwd.store import RecordRejected, Store, StoreUnavailable, default_spool_dir, legacy_spool_dir
 from hxgwd.store.schema import record_document, record_line, records_from_lines
 from hxgwd.store.spool import Spool
 
@@ -67,7 +71,8 @@ class UsageSink:
         self._fsync = database.spool_fsync
         self._attempt_timeout = database.connect_timeout + database.statement_timeout
         self._send, self._recv = trio.open_memory_channel[Item](database.queue_size)
-        self._spool = Spool(spool_dir or default_spool_dir(database), database.spool_max_bytes, log)
+        self._spool = Spool(spool_dir or default_spool_dir(database), database.spool_max_bytes, log,
+                            adopt=None if spool_dir else legacy_spool_dir(database))
         self._retry_min, self._retry_max = retry_min, retry_max
         self._backoff = retry_min
         self._retry_at = -math.inf
@@ -130,10 +135,16 @@ class UsageSink:
 
     # --- the writer ----------------------------------------------------------------------------------
 
+    async def open(self) -> None:
+        """Take the spool directory (its lock): SpoolError if it is unusable or another process
+        holds it. The daemon calls this before anything else is made (the SQLite file); run()
+        does it too."""
+        await trio.to_thread.run_sync(self._spool.open)
+
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer task. Raises SpoolError before started() if the spool directory cannot be
         opened (or another process holds it)."""
-        await trio.to_thread.run_sync(self._spool.open)
+        await self.open()
         self._started = self._running = True
         if self._spool.bytes:
             self._log.info("usage spool holds records from an earlier run; replaying when the store answers",
