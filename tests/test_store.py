@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from hxgwd.store import (KeyExists, KeyNotFound, RecordRejected, SchemaError, StoreTimeout, StoreUnavailable,
-                         default_spool_dir, open_store, redact_url, sqlite_path)
+                         default_spool_dir, legacy_spool_dir, open_store, redact_url, sqlite_path)
 from hxgwd.store.schema import expected_version
 from hxgwd.store.sql import new_key
 from tests.servers import free_port
@@ -26,7 +26,9 @@ from tests.test_store_support import (database, make_record, new_pg_url, sqlite_
 def test_sqlite_urls_and_spool_dir():
     assert sqlite_path("sqlite:////var/lib/hxgwd/hxgwd.db") == "/var/lib/hxgwd/hxgwd.db"
     assert sqlite_path("sqlite:///data/hxgwd.db") == "data/hxgwd.db"
-    assert default_spool_dir(database("sqlite:////srv/gw/hx.db")) == "/srv/gw/spool"
+    assert default_spool_dir(database("sqlite:////srv/gw/hx.db")) == "/srv/gw/hx.db-spool"   # one per database
+    assert legacy_spool_dir(database("sqlite:////srv/gw/hx.db")) == "/srv/gw/spool"        # taken over at start
+    assert legacy_spool_dir(database("sqlite:////srv/gw/hx.db", spool_dir="/x")) is None
     assert default_spool_dir(database("postgresql://gw@db/hx")) == "/var/lib/hxgwd/spool"
     assert default_spool_dir(database("postgresql://gw@db/hx", spool_dir="/x")) == "/x"
     assert redact_url("postgresql://gw:s3cret@db:5432/hx") == "postgresql://gw:***@db:5432/hx"

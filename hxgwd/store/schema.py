@@ -114,7 +114,7 @@ LINE_FIELDS = ("ts", "request_id", "client_request_id", "key", "endpoint", "mode
                "attempts", "route", "generation")
 assert sorted(LINE_FIELDS) == sorted(RECORD_FIELDS), "a RequestRecord field is not in the spool's lines"
 _LINE_VALUES = operator.attrgetter(*LINE_FIELDS)
-_ENCODE = json.JSONEncoder(separators=(",", ":")).encode   # one encoder: json.dumps makes one per call
+_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode   # one encoder: json.dumps makes one per call
 
 
 def record_line(record: RequestRecord) -> bytes:
