@@ -97,14 +97,19 @@ class Gateway:
             ended = trio.current_time()
             cost = self._cost(ex)
             # the usage record now, before any await: journaled, it survives a kill -9 (store/usage.py)
-            rec = self._record(rt, ex, cost, ended)
+            try:
+                rec = self._record(rt, ex, cost, ended)
+            except Exception as exc:   # a bug: never worth skipping the settle below, or the answer
+                rec = None
+                self.log.exception("cannot record a finished request", exc)
             if ex.reservation is not None:   # settle shields itself: it runs even when cancelled
                 tokens = (ex.usage or {}).get("total_tokens")
                 failed = ex.status >= 400 or ex.status == 0
                 await self.limiter.settle(ex.reservation, 0 if failed and tokens is None else tokens,
                                           0.0 if failed and cost is None else cost)
             # the access line waits for a quiet moment: not on the next request's path (idle.py)
-            self.idle.defer(self.log.access, rec)
+            if rec is not None:
+                self.idle.defer(self.log.access, rec)
 
     async def _api(self, rt: Runtime, ex: proxy.Exchange, request: Request, response: Response) -> None:
         head = request.head
@@ -198,8 +203,9 @@ class Gateway:
         err = ex.error
         status = record.STATUS_CLIENT_CLOSED if ex.client_gone else ex.status
         rec = record.RequestRecord(
-            ts=ex.ts, request_id=ex.request_id, client_request_id=ex.client_request_id, key=ex.key, endpoint=ex.endpoint, model=ex.model,
-            group=ex.group, deployment=ex.deployment, backend=ex.backend, status=status,
+            ts=ex.ts, request_id=ex.request_id, client_request_id=ex.client_request_id, key=ex.key,
+            endpoint=ex.endpoint, model=ex.model, group=ex.group, deployment=ex.deployment,
+            backend=ex.backend, status=status,
             error_type=err.type if err else ("client_closed" if ex.client_gone else None),
             fault=err.fault if err else ("client" if ex.client_gone else _upstream_fault(status)),
             stream=ex.stream, **record.usage_tokens(ex.usage), cost_usd=cost, bytes_in=ex.bytes_in,

@@ -57,6 +57,7 @@ class Spool:
         self._sizes: dict[str, int] = {}   # segment path -> bytes
         self._pending: dict[str, int] = {}  # segment path -> journaled records not yet settled
         self._replay: set[str] = set()      # segments holding records the store has not got
+        self._to_sync: set[str] = set()     # sealed segments marked for replay since: fsync them
         self._warn_bytes = max_bytes * WARN_FRACTION
         self._seq = 0
         self._active: str | None = None
@@ -176,6 +177,8 @@ class Spool:
                 self._pending.pop(path, None)
             if not stored:
                 self._replay.add(path)
+                if path != self._active:
+                    self._to_sync.add(path)
             if path != self._active and self._settled_clean(path):
                 self.remove(path)
 
@@ -242,6 +245,9 @@ class Spool:
     async def sync(self) -> None:
         """fsync what was appended so far, in a worker thread; concurrent calls coalesce."""
         async with self._sync_lock:
+            sealed, self._to_sync = self._to_sync, set()
+            if sealed:
+                await trio.to_thread.run_sync(self._fsync_sealed, sealed)
             if self._fd is None or not self._unsynced:
                 return
             self._unsynced = False
@@ -261,6 +267,20 @@ class Spool:
                 self.last_error = f"spool fsync failed: {exc.strerror}"
                 self.log.error("cannot fsync the usage spool", directory=self.directory, error=exc.strerror)
 
+    def _fsync_sealed(self, paths: set[str]) -> None:
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except FileNotFoundError:
+                pass     # replayed and deleted meanwhile
+            except OSError as exc:
+                self.last_error = f"spool fsync failed: {exc.strerror}"
+                self.log.error("cannot fsync the usage spool", path=path, error=exc.strerror)
+
     def _fsync(self) -> None:
         os.fsync(self._fd)
         if self._new_file:
@@ -272,13 +292,15 @@ class Spool:
                 os.close(dir_fd)
 
     async def seal(self, fsync: bool = True) -> None:
-        """Close the active segment (after its fsync, unless it is about to be deleted) so replay
-        may read it; the next append starts a new one. A segment whose records are all in the
-        store is deleted."""
+        """Close the active segment so replay may read it; the next append starts a new one. It
+        is fsynced first only if it holds records to replay: the records of a healthy store's
+        journal are in the store (or on their way) and their segment is deleted unwritten. A
+        segment whose records are all in the store is deleted."""
         async with self._sync_lock:
             if self._fd is None:
                 return
-            while fsync and self._unsynced and not self._settled_clean(self._active):   # emit() may append while the fsync runs: sync that too
+            # emit() may append while the fsync runs: sync that too
+            while fsync and self._unsynced and self._active in self._replay:
                 self._unsynced = False
                 try:
                     await trio.to_thread.run_sync(self._fsync)

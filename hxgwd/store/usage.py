@@ -26,10 +26,12 @@ What can be lost (README "Usage"): a process crash or SIGKILL, only the records 
 had not finished. A power cut, what the kernel had not written back, per `spool_fsync`:
     always  a helper task fsyncs the journal after every append (group commit): the records of
             the last few milliseconds
-    batch   the writer fsyncs the journal before each batch: the records since the last batch
-            began (under a second; up to one attempt's bound while the store hangs)
-    never   no fsync: the kernel's writeback, the last half minute or so
-and, with SQLite (synchronous=NORMAL), its last commits, whose segments may be deleted already.
+    batch   records the store did not take are fsynced once per batch; a healthy store's
+            journal is not (its segments are deleted before the kernel writes them back: an
+            fsync per batch cost ~8 % CPU per request): the records of the last seconds
+    never   no fsync at all: the records of the last half minute or so
+plus, in every mode, the last commits the database itself loses: none for PostgreSQL with
+synchronous_commit on; SQLite (WAL, synchronous=NORMAL) may lose those since its last checkpoint.
 The journal is bounded by spool_max_bytes: past it records are in memory only (counted as
 dropped if the store does not take them). `aclose()` (SIGTERM) writes memory to the store within
 the grace time, and leaves the rest to be replayed; a cancelled `run()` does the latter.
@@ -45,7 +47,8 @@ import trio
 from hxgwd.config.model import Database
 from hxgwd.pipeline.record import RequestRecord
 from hxgwd.store import RecordRejected, Store, StoreUnavailable, default_spool_dir, legacy_spool_dir
-from hxgwd.store.schema import record_document, record_line, records_from_lines
+from hxgwd.store.replay import Replay
+from hxgwd.store.schema import record_document, record_line
 from hxgwd.store.spool import Spool
 
 RETRY_MIN = 0.2
@@ -83,17 +86,13 @@ class UsageSink:
         self._deadline: float | None = None    # set by aclose()
         self._hurry = False                    # past the deadline: everything goes to the spool
         self._attempt: trio.CancelScope | None = None
-        self._replay_lines: list[bytes] = []          # raw lines of the segment being replayed
-        self._replay_chunk: list[RequestRecord] = []   # decoded, next to go to the store
-        self._replay_path: str | None = None
+        self._replay = Replay(self._spool, log, database.batch_size, database.spool_fsync != "never")
         self._rotate_at: float | None = None   # trio time the active journal segment is sealed at
         self.written = 0      # rows the store inserted from live records (ones it had already: not counted)
         self.spooled = 0      # records left on disk for replay: journaled ones that did not reach the store
                               # from memory, and unjournaled ones appended
-        self.replayed = 0     # rows the store inserted from the spool
         self.rejected = 0     # records the store refused as data: kept in <spool>/rejected.jsonl
         self._rejected_logged = -math.inf
-        self.corrupt = 0      # spool lines that did not parse on replay
         self.last_error: str | None = None
 
     # --- the request path --------------------------------------------------------------------------
@@ -128,9 +127,9 @@ class UsageSink:
 
     def statistics(self) -> dict[str, Any]:
         return {"queued": self._send.statistics().current_buffer_used, "written": self.written,
-                "spooled": self.spooled, "replayed": self.replayed, "spool_bytes": self._spool.bytes,
+                "spooled": self.spooled, "replayed": self._replay.replayed, "spool_bytes": self._spool.bytes,
                 "spool_max_bytes": self._spool.max_bytes, "dropped": self._spool.dropped,
-                "rejected": self.rejected, "corrupt": self.corrupt, "store_ok": self._healthy,
+                "rejected": self.rejected, "corrupt": self._replay.corrupt, "store_ok": self._healthy,
                 "last_error": self.last_error or self._spool.last_error}
 
     # --- the writer ----------------------------------------------------------------------------------
@@ -212,7 +211,7 @@ class UsageSink:
                 await self._deliver(batch)
             await self._rotate_when_due()
             if self._replay_due():
-                await self._replay_step()
+                await self._replay.step(self._store_batch)
                 continue
             if len(batch) >= self._batch_size:
                 continue    # more may be waiting: at once, no linger
@@ -262,8 +261,6 @@ class UsageSink:
             self.spooled += self._spool.append(loose)
 
     async def _deliver(self, batch: list[Item]) -> None:
-        if self._fsync == "batch":   # what is written to the store from memory is on disk first
-            await self._spool.sync()
         if self._healthy or trio.current_time() >= self._retry_at:
             try:
                 inserted = await self._store_batch([record for _, record in batch])
@@ -371,74 +368,21 @@ class UsageSink:
 
     # --- replay ----------------------------------------------------------------------------------------
 
-    def _replay_pending(self) -> bool:
-        return bool(self._replay_chunk or self._replay_lines or self._spool.replay_waiting())
-
     def _replay_due(self) -> bool:
-        if self._hurry or not self._replay_pending():
+        if self._hurry or not self._replay.pending():
             return False
         return self._healthy or trio.current_time() >= self._retry_at
 
     def _wait_time(self) -> float:
         now = trio.current_time()
-        wait = max(0.0, self._retry_at - now) if self._replay_pending() else math.inf
+        wait = max(0.0, self._retry_at - now) if self._replay.pending() else math.inf
         if self._rotate_at is not None:
             wait = min(wait, max(0.0, self._rotate_at - now))
         return wait
-
-    async def _replay_step(self) -> None:
-        """Move one chunk (batch_size records) from the spool to the store, oldest first.
-
-        A segment is read as raw lines and decoded one chunk at a time, in a worker thread: the
-        decoding is CPU work that holds the GIL, and short bursts of it keep the loop's lag low."""
-        await trio.lowlevel.checkpoint()   # the write loop calls us in a loop: never spin
-        if not self._replay_chunk:
-            if not self._replay_lines and not await self._next_segment():
-                return
-            lines = self._replay_lines[:self._batch_size]
-            del self._replay_lines[:self._batch_size]
-            records, bad = await trio.to_thread.run_sync(records_from_lines, lines)
-            if bad:
-                self.corrupt += bad
-                self._log.warning("usage spool segment has unreadable lines (a torn write?); skipped",
-                                  path=self._replay_path, lines=bad)
-            self._replay_chunk = records
-        if self._replay_chunk:
-            inserted = await self._store_batch(self._replay_chunk)
-            if inserted is None:
-                return
-            self.replayed += inserted
-            self._replay_chunk = []
-        if not self._replay_lines and self._replay_path is not None:
-            self._spool.remove(self._replay_path)
-            self._replay_path = None
-            if not self._spool.replay_waiting():
-                self._log.info("usage spool replayed into the store", replayed_total=self.replayed)
-
-    async def _next_segment(self) -> bool:
-        """Load the oldest sealed segment's lines (sealing the active one if it is the only one
-        with records to replay)."""
-        paths = self._spool.sealed()
-        if not paths and self._spool.replay_waiting():
-            await self._spool.seal(self._fsync != "never")
-            paths = self._spool.sealed()
-        if not paths:
-            return False
-        path = paths[0]
-        try:
-            lines = await trio.to_thread.run_sync(self._spool.read, path)
-        except OSError as exc:
-            self._spool.quarantine(path, exc.strerror or str(exc))
-            return False
-        if not lines:
-            self._spool.remove(path)
-            return False
-        self._replay_lines, self._replay_path = lines, path
-        return True
 
     async def _final_replay(self) -> None:
         """At close, with time left and the store answering: empty the spool too."""
         while self._replay_due():
             if self._deadline is not None and trio.current_time() >= self._deadline:
                 return
-            await self._replay_step()
+            await self._replay.step(self._store_batch)
