@@ -31,15 +31,17 @@ async def test_a_reused_client_request_id_still_stores_one_row_per_request(nurse
     assert [r.headers["x-request-id"] for r in upstream.requests] == ["same-1"] * 20
     own = await gw.post("/v1/chat/completions", {**CHAT, "model": "m"})
     assert own.headers["x-request-id"] == own.headers["x-hx-request-id"]   # no client id: ours, twice
+    refused = await gw.client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-ID": "same-1"})
+    assert refused.status_code == 401 and refused.headers["x-hx-request-id"] not in gateway_ids
     usage = gw.daemon.services.usage
-    assert await wait_until(lambda: usage.statistics()["written"] >= 21, timeout=10)
+    assert await wait_until(lambda: usage.statistics()["written"] >= 22, timeout=10)
     stats = (await gw.get("/admin/stats")).json()["usage"]
     await gw.stop()
     with sqlite3.connect(db) as conn:
         rows = dict(conn.execute("SELECT request_id, client_request_id FROM usage WHERE endpoint != '/admin/stats'"))
-    assert len(rows) == 21 and stats["written"] == 21
+    assert len(rows) == 22 and stats["written"] == 22
     assert all(rows[g] == "same-1" for g in gateway_ids) and rows[own.headers["x-hx-request-id"]] is None
-    access = [line for line in gw.log.requests() if line.get("client_request_id") == "same-1"]
+    access = [line for line in gw.log.requests() if line.get("client_request_id") == "same-1" and line["status"] == 200]
     assert len(access) == 20 and {line["request_id"] for line in access} == set(gateway_ids)
 
 
