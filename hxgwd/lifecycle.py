@@ -178,19 +178,27 @@ def needs_restart(old: Config, new: Config) -> list[str]:
 async def serve(daemon: Daemon, *, life: Lifecycle | None = None, handle_signals: bool = True,
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> Lifecycle:
     life = life or Lifecycle(daemon.log)
-    daemon.router.configure(daemon.holder.current.config.routing)
-    async with trio.open_nursery() as outer:
-        if handle_signals:   # up to the very end: a second signal also cuts the flush of usage records
-            await outer.start(signal_loop, daemon, life)
-        async with open_services(daemon.holder.current, daemon.log) as services:
-            daemon.services = services
-            await _serve(daemon, life, services, task_status)
-        outer.cancel_scope.cancel()
+    cfg = daemon.holder.current.config
+    daemon.router.configure(cfg.routing)
+    # Bound before any task starts and before the services make anything (the SQLite file, the
+    # spool): a busy port fails plainly (exit 71) and leaves nothing behind.
+    listeners = await open_listeners(cfg.server.listen, cfg.server.backlog)
+    try:
+        async with trio.open_nursery() as outer:
+            if handle_signals:   # up to the very end: a second signal also cuts the flush of usage records
+                await outer.start(signal_loop, daemon, life)
+            async with open_services(daemon.holder.current, daemon.log) as services:
+                daemon.services = services
+                await _serve(daemon, life, services, listeners, task_status)
+            outer.cancel_scope.cancel()
+    finally:
+        for listener in listeners:
+            listener.close()
     daemon.log.info("stopped", forced=life.forced)
     return life
 
 
-async def _serve(daemon: Daemon, life: Lifecycle, services: Services,
+async def _serve(daemon: Daemon, life: Lifecycle, services: Services, listeners: list,
                  task_status: trio.TaskStatus[list[str]]) -> None:
     cfg = daemon.holder.current.config
     idle = IdleWork(life.log_exception)
@@ -207,8 +215,6 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services,
     def on_resource_error(exc: OSError) -> None:
         daemon.log.error("accept failed, backing off", error=exc.strerror)
 
-    # Bound before any task starts, so a busy port fails plainly (exit 71), not inside a nursery.
-    listeners = await open_listeners(cfg.server.listen, cfg.server.backlog)
     addresses = bound_addresses(listeners)
     try:
         async with trio.open_nursery() as root:

@@ -67,13 +67,15 @@ async def open_services(rt: Runtime, log: Any) -> AsyncIterator[Services]:
         store = open_store(cfg.database, rt.db_password)
         try:
             answered = True
+            usage = UsageSink(store, cfg.database, log)
+            # the spool's lock first: a start it refuses (exit 73) must not leave a new SQLite file
+            await usage.open()
             try:
                 await store.ensure_schema()
             except StoreUnavailable as exc:
                 answered = False
                 log.error("database unreachable at start: usage goes to the spool, store keys wait",
                           database=redact_url(cfg.database.url), error=str(exc))
-            usage = UsageSink(store, cfg.database, log)
             keys = KeyCache(store, log, refresh=cfg.database.key_refresh,
                             load_timeout=cfg.database.connect_timeout)
             pruner = Pruner(store, log, cfg.database.retention_days,

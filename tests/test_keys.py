@@ -18,6 +18,7 @@ import trio
 from hxgwd.runtime import Principal
 from hxgwd.store import StoreUnavailable, open_store
 from hxgwd.store.keys import KeyCache
+from hxgwd.store.schema import expected_version
 from tests.conftest import ROOT
 from tests.test_store_support import ListLog, database, new_pg_url, sqlite_url, wait_until  # noqa: F401
 
@@ -152,7 +153,7 @@ def test_db_commands_on_postgres(tmp_path, new_pg_url):
     refused = hxgwd("keys", "list", "-c", cfg)                  # PostgreSQL is never migrated by surprise
     assert refused.returncode == 1 and "hxgwd db migrate" in refused.stderr
     migrated = hxgwd("db", "migrate", "-c", cfg)
-    assert migrated.returncode == 0 and "from version 0 to 1" in migrated.stdout
+    assert migrated.returncode == 0 and f"from version 0 to {expected_version('postgresql')}" in migrated.stdout
     assert hxgwd("db", "status", "-c", cfg).returncode == 0
     made = hxgwd("keys", "create", "--name", "pg-key", "-c", cfg)
     assert made.returncode == 0 and made.stdout.startswith("sk-hx-")

@@ -54,8 +54,8 @@ async def test_records_reach_sqlite_and_close_flushes_memory(tmp_path):
     assert (stats["written"], stats["spooled"], stats["dropped"], stats["queued"]) == (1500, 0, 0, 0)
     assert await store.count_usage() == 1500
     await store.aclose()
-    assert not [f for f in os.listdir(tmp_path / "state" / "spool") if f.endswith(".jsonl") and
-                os.path.getsize(tmp_path / "state" / "spool" / f)]
+    assert not [f for f in os.listdir(tmp_path / "state" / "hxgwd.db-spool") if f.endswith(".jsonl") and
+                os.path.getsize(tmp_path / "state" / "hxgwd.db-spool" / f)]
 
 
 async def test_postgres_outage_mid_run_loses_nothing(new_pg_url, pg_server, tmp_path):
@@ -163,7 +163,7 @@ async def test_a_new_sink_replays_the_spool_left_by_an_earlier_one(tmp_path):
         await nursery.start(second.run)                  # no new records: replay starts on its own
         assert await wait_until(lambda: second.statistics()["spool_bytes"] == 0, timeout=5)
         await second.aclose()
-    assert second.statistics()["replayed"] == 300
+    assert second.statistics()["replayed"] == 200         # rows inserted: the 100 were there
     assert await store.count_usage() == 300              # idempotent: the 100 are not doubled
     assert not list((tmp_path / "spool").glob("usage-*.jsonl"))
     assert "usage spool replayed into the store" in log.at("info")
@@ -236,7 +236,9 @@ async def test_a_steady_trickle_is_written_in_linger_sized_batches(tmp_path, aut
     # one record a millisecond, inserts of 2 ms: the writer must not go straight back for the one
     # or two records that came in during each insert (a thread hop and a transaction each)
     store = CountingStore(latency=0.002)
-    sink = UsageSink(store, database(sqlite_url(tmp_path), spool_dir=str(tmp_path / "spool")), ListLog())
+    # no fsync: a worker thread's real time would let the virtual clock run past the close deadline
+    cfg = database(sqlite_url(tmp_path), spool_dir=str(tmp_path / "spool"), spool_fsync="never")
+    sink = UsageSink(store, cfg, ListLog())
     async with trio.open_nursery() as nursery:
         await nursery.start(sink.run)
         for i in range(1000):
@@ -325,7 +327,7 @@ async def test_a_rejected_record_does_not_block_its_batch(tmp_path):
     assert await store.count_usage() == 63
     [(level, msg, fields)] = [line for line in log.lines if "rejected" in line[1]]
     assert level == "error" and fields["request_id"] == "r-13" and fields["kept"]
-    kept = (tmp_path / "state" / "spool" / "rejected.jsonl").read_bytes().splitlines()
+    kept = (tmp_path / "state" / "hxgwd.db-spool" / "rejected.jsonl").read_bytes().splitlines()
     assert [json.loads(line)["request_id"] for line in kept] == ["r-13"]
     await store.aclose()
 
@@ -379,3 +381,98 @@ def test_usage_command_json_and_table(tmp_path):
     assert "REQUESTS" in table and "TOTAL" in table and time.strftime("%Y-%m-%d", time.gmtime()) in table
     bad = hxgwd("usage", "--since", "last tuesday")
     assert bad.returncode == 2 and "--since 'last tuesday': not a time" in bad.stderr
+
+
+async def test_last_error_clears_when_the_store_recovers(tmp_path):
+    cfg = database(sqlite_url(tmp_path), spool_dir=str(tmp_path / "spool"))
+    store = open_store(cfg)
+    await store.migrate()
+
+    class Recovering:
+        down = True
+
+        async def insert_usage(self, records: list) -> int:
+            if self.down:
+                await DownStore().insert_usage(records)
+            return await store.insert_usage(records)
+
+    flaky = Recovering()
+    sink = UsageSink(flaky, cfg, ListLog(), retry_min=0.05, retry_max=0.05)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        sink.emit(make_record(1))
+        assert await wait_until(lambda: sink.statistics()["last_error"] is not None, timeout=5)
+        flaky.down = False
+        sink.emit(make_record(2))
+        assert await wait_until(lambda: sink.statistics()["store_ok"] and sink.statistics()["spool_bytes"] == 0,
+                                timeout=5)
+        assert sink.statistics()["last_error"] is None
+        await sink.aclose(timeout=5)
+    assert await store.count_usage() == 2
+    await store.aclose()
+
+
+async def test_the_journal_stays_small_while_the_store_is_healthy(tmp_path):
+    # every record is journaled when emitted; a sealed segment whose records are all stored goes
+    spool = tmp_path / "spool"
+    cfg = database(sqlite_url(tmp_path), spool_dir=str(spool))
+    store = open_store(cfg)
+    await store.migrate()
+    sink = UsageSink(store, cfg, ListLog())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        for i in range(300):
+            sink.emit(make_record(i))
+            if i == 0:
+                assert list(spool.glob("usage-*.jsonl"))        # on disk before it is stored
+            await trio.sleep(0.01)
+        assert len(list(spool.glob("usage-*.jsonl"))) <= 2      # the active one, one being stored
+        await sink.aclose(timeout=5)
+    assert not list(spool.glob("usage-*.jsonl"))
+    stats = sink.statistics()
+    assert (stats["written"], stats["spooled"], stats["replayed"], stats["spool_bytes"]) == (300, 0, 0, 0)
+    assert await store.count_usage() == 300
+    await store.aclose()
+
+
+async def test_records_journaled_by_a_process_that_died_are_replayed(tmp_path):
+    spool = tmp_path / "spool"
+    cfg = database(sqlite_url(tmp_path), spool_dir=str(spool))
+    store = open_store(cfg)
+    await store.migrate()
+    dead = UsageSink(store, cfg, ListLog())
+    with trio.CancelScope() as scope:    # the writer never runs: as if killed right after emit()
+        dead._spool.open()
+        for i in range(50):
+            dead.emit(make_record(i))
+        scope.cancel()
+    os.close(dead._spool._lock_fd)       # the kernel does this for a killed process
+    sink = UsageSink(store, cfg, ListLog())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        assert await wait_until(lambda: sink.statistics()["replayed"] == 50, timeout=10)
+        await sink.aclose(timeout=5)
+    assert await store.count_usage() == 50 and not list(spool.glob("usage-*.jsonl"))
+    await store.aclose()
+
+
+async def test_the_old_default_spool_directory_is_taken_over(tmp_path):
+    # before 14 the default spool was <directory of the SQLite file>/spool: an upgrade must not
+    # strand the records in it
+    cfg = database(sqlite_url(tmp_path))
+    old = tmp_path / "state" / "spool"
+    old.mkdir(parents=True)
+    (old / ".lock").touch()
+    (old / "usage-0000000007.jsonl").write_bytes(b"".join(record_line(make_record(i)) for i in range(20)))
+    store = open_store(cfg)
+    await store.migrate()
+    log = ListLog()
+    sink = UsageSink(store, cfg, log)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        assert await wait_until(lambda: sink.statistics()["replayed"] == 20, timeout=10)
+        await sink.aclose(timeout=5)
+    assert await store.count_usage() == 20
+    assert not list(old.glob("usage-*.jsonl"))
+    assert "usage spool of the old default directory taken over, to be replayed" in log.at("info")
+    await store.aclose()

@@ -132,7 +132,7 @@ class Database:
     url: str = "sqlite:////var/lib/hxgwd/hxgwd.db"   # "" disables the store; postgresql://user@host/db
     password_env: str | None = None
     password_file: str | None = None
-    spool_dir: str | None = None      # default: <state dir>/spool (beside the SQLite file, or /var/lib/hxgwd)
+    spool_dir: str | None = None      # default: <SQLite file>-spool (hxgwd.db-spool), or /var/lib/hxgwd/spool
     spool_max_bytes: int = 256 * MiB
     spool_fsync: Literal["always", "batch", "never"] = "batch"   # "batch": fsync once per written batch
     queue_size: int = 10000           # usage records held in memory before they go to the spool

@@ -70,10 +70,11 @@ class Gateway:
             await self._ready(response)
             return
         rt = self.holder.current
-        rid = self._ids.take(head.header(b"x-request-id"))
-        response.add_header(b"x-request-id", rid.encode())
+        rid, client_rid = self._ids.take(head.header(b"x-request-id"))
+        response.add_header(b"x-request-id", (client_rid or rid).encode())
+        response.add_header(b"x-hx-request-id", rid.encode())
         ex = proxy.Exchange(request_id=rid, started=trio.current_time(), ts=time.time(), endpoint=path,
-                            client_headers=head.headers)
+                            client_request_id=client_rid, client_headers=head.headers)
         try:
             await self._api(rt, ex, request, response)
         except GatewayError as exc:
@@ -97,6 +98,12 @@ class Gateway:
         finally:
             ended = trio.current_time()
             cost = self._cost(ex)
+            # the usage record now, before any await: journaled, it survives a kill -9 (store/usage.py)
+            try:
+                rec = self._record(rt, ex, cost, ended)
+            except Exception as exc:   # a bug: never worth skipping the settle below, or the answer
+                rec = None
+                self.log.exception("cannot record a finished request", exc)
             if ex.reservation is not None:   # settle shields itself: it runs even when cancelled
                 tokens, charged = (ex.usage or {}).get("total_tokens"), cost
                 failed = ex.status >= 400 or ex.status == 0
@@ -108,9 +115,9 @@ class Gateway:
                                           0.0 if failed and charged is None else charged)
             if ex.bytes_in + ex.bytes_out >= memtrim.AFTER_BYTES and self._memory.wanted():
                 self.idle.defer(self._memory.trim)
-            # the access line and the usage record wait for a quiet moment: not on the next
-            # request's path (idle.py)
-            self.idle.defer(self._record, rt, ex, cost, ended)
+            # the access line waits for a quiet moment: not on the next request's path (idle.py)
+            if rec is not None:
+                self.idle.defer(self.log.access, rec)
 
     async def _api(self, rt: Runtime, ex: proxy.Exchange, request: Request, response: Response) -> None:
         head = request.head
@@ -207,12 +214,13 @@ class Gateway:
         return limit.usage_cost(ex.served.config, ex.usage.get("prompt_tokens") or 0,
                                 ex.usage.get("completion_tokens") or 0)
 
-    def _record(self, rt: Runtime, ex: proxy.Exchange, cost: float | None, ended: float) -> None:
+    def _record(self, rt: Runtime, ex: proxy.Exchange, cost: float | None, ended: float) -> record.RequestRecord:
         err = ex.error
         status = record.STATUS_CLIENT_CLOSED if ex.client_gone else ex.status
         rec = record.RequestRecord(
-            ts=ex.ts, request_id=ex.request_id, key=ex.key, endpoint=ex.endpoint, model=ex.model,
-            group=ex.group, deployment=ex.deployment, backend=ex.backend, status=status,
+            ts=ex.ts, request_id=ex.request_id, client_request_id=ex.client_request_id, key=ex.key,
+            endpoint=ex.endpoint, model=ex.model, group=ex.group, deployment=ex.deployment,
+            backend=ex.backend, status=status,
             error_type=err.type if err else ("client_closed" if ex.client_gone else None),
             fault=err.fault if err else ("client" if ex.client_gone else _upstream_fault(status)),
             stream=ex.stream, **record.usage_tokens(ex.usage), cost_usd=cost, bytes_in=ex.bytes_in,
@@ -220,9 +228,9 @@ class Gateway:
             upstream_ms=ex.upstream_time * 1000,
             ttfb_ms=ex.ttfb * 1000 if ex.ttfb is not None else None,
             attempts=ex.attempts, route=ex.route, generation=rt.generation)
-        self.log.access(rec)
         if self.services.usage is not None:
             self.services.usage.emit(rec)
+        return rec
 
 
 def _model_entry(rt: Runtime, name: str) -> dict[str, Any]:
@@ -232,9 +240,12 @@ def _model_entry(rt: Runtime, name: str) -> dict[str, Any]:
 
 
 class RequestIds:
-    """The client's X-Request-ID when it is sane, else a new id: milliseconds, a counter and a
-    random tag of this process, in hex. Time-ordered ids make usage inserts appends to the primary
-    key's index rather than random writes all over it, and cost no system call."""
+    """A new id for every request, and the client's X-Request-ID beside it when it is sane.
+
+    The usage row is keyed by ours, never the client's: a client reusing its id would otherwise
+    store one row for many paid requests. Ours is milliseconds, a counter and a random tag of this
+    process, in hex: time-ordered ids make usage inserts appends to the primary key's index rather
+    than random writes all over it, and cost no system call."""
 
     __slots__ = ("_tag", "_seq")
 
@@ -242,13 +253,15 @@ class RequestIds:
         self._tag = os.urandom(4).hex()
         self._seq = 0
 
-    def take(self, given: bytes | None) -> str:
+    def take(self, given: bytes | None) -> tuple[str, str | None]:
+        """-> (the gateway's id, the client's id or None)."""
+        client = None
         if given:
             text = given.decode("latin-1")
             if REQUEST_ID.match(text):
-                return text
+                client = text
         self._seq = (self._seq + 1) & 0xFFFFFF
-        return f"{int(time.time() * 1000):011x}{self._seq:06x}{self._tag}"
+        return f"{int(time.time() * 1000):011x}{self._seq:06x}{self._tag}", client
 
 
 def _upstream_fault(status: int) -> str | None:

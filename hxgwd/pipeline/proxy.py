@@ -48,6 +48,7 @@ class Exchange:
     started: float                       # trio clock
     ts: float                            # unix time
     endpoint: str
+    client_request_id: str | None = None   # the client's X-Request-ID: echoed, sent upstream, stored
     key: str | None = None
     model: str | None = None
     group: str | None = None
@@ -181,7 +182,7 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
     after any wait for the deployment's concurrency gate."""
     transport = transports.get(dep.backend)
     timeouts = dep.backend.timeouts
-    headers = transform.upstream_headers(ex.client_headers, dep, ex.request_id.encode())
+    headers = transform.upstream_headers(ex.client_headers, dep, (ex.client_request_id or ex.request_id).encode())
     began = trio.current_time()
     if len(calls.bodies) > 1:
         status, answer_headers, body = await _fan_out(ex, dep, calls, transport, headers, settings, began)

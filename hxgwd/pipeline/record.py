@@ -17,7 +17,8 @@ STATUS_CLIENT_CLOSED = 499   # nginx's code for "the client went away first"
 @attrs.frozen(kw_only=True)
 class RequestRecord:
     ts: float                      # unix time the request started
-    request_id: str
+    request_id: str                # the gateway's own, unique: the usage row's key
+    client_request_id: str | None = None   # the client's X-Request-ID, if it sent a sane one
     key: str | None                # the key's name, never the key
     endpoint: str
     model: str | None              # what the client asked for

@@ -211,12 +211,21 @@ def sqlite_path(url: str) -> str:
 
 
 def default_spool_dir(database) -> str:
-    """<state dir>/spool: beside the SQLite file, or /var/lib/hxgwd/spool for PostgreSQL."""
+    """<the SQLite file>-spool (/var/lib/hxgwd/hxgwd.db-spool, beside SQLite's own -wal and -shm:
+    two databases in one directory get a spool each), or /var/lib/hxgwd/spool for PostgreSQL."""
     if database.spool_dir:
         return database.spool_dir
     if database.url.startswith("sqlite:///"):
-        return os.path.join(os.path.dirname(os.path.abspath(sqlite_path(database.url))), "spool")
+        return os.path.abspath(sqlite_path(database.url)) + "-spool"
     return os.path.join(DEFAULT_STATE_DIR, "spool")
+
+
+def legacy_spool_dir(database) -> str | None:
+    """Where hxgwd before 14 put a SQLite file's spool by default (<its directory>/spool): its
+    segments are taken over at start, so an upgrade strands no record there."""
+    if database.spool_dir or not database.url.startswith("sqlite:///"):
+        return None
+    return os.path.join(os.path.dirname(os.path.abspath(sqlite_path(database.url))), "spool")
 
 
 def read_password(database, environ=None) -> str | None:

@@ -56,6 +56,7 @@ USAGE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("attempts", "attempts", "int4"),
     ("route", "route", "text"),
     ("generation", "generation", "int8"),
+    ("client_request_id", "client_request_id", "text"),
 )
 COLUMN_NAMES = tuple(c for c, _, _ in USAGE_COLUMNS)
 RECORD_FIELDS = tuple(f.name for f in attrs.fields(RequestRecord))
@@ -100,17 +101,41 @@ def row_values(record: RequestRecord) -> tuple[Any, ...]:
 
 # --- the spool's line format ---------------------------------------------------------------------
 
+# A line is a JSON array: LINE_FORMAT, then the values of LINE_FIELDS in this order. Every finished
+# request writes one on the request path (the journal), and an array of values encodes in a third
+# of the time of an object with the names (4 us against 13 us measured). Fields are only ever
+# appended: a shorter line (an older hxgwd's) leaves the new fields at their defaults, a longer
+# one (a newer hxgwd's) has its extra values ignored. Lines of hxgwd before the journal are JSON
+# objects with the names; they are still read.
+LINE_FORMAT = 2
+LINE_FIELDS = ("ts", "request_id", "client_request_id", "key", "endpoint", "model", "group", "deployment",
+               "backend", "status", "error_type", "fault", "stream", "prompt_tokens", "completion_tokens",
+               "total_tokens", "cost_usd", "bytes_in", "bytes_out", "total_ms", "upstream_ms", "ttfb_ms",
+               "attempts", "route", "generation")
+assert sorted(LINE_FIELDS) == sorted(RECORD_FIELDS), "a RequestRecord field is not in the spool's lines"
+_LINE_VALUES = operator.attrgetter(*LINE_FIELDS)
+_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode   # one encoder: json.dumps makes one per call
+
+
 def record_line(record: RequestRecord) -> bytes:
-    doc = {name: getattr(record, name) for name in RECORD_FIELDS}
-    return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+    return f"[{LINE_FORMAT},{_ENCODE(_LINE_VALUES(record))[1:]}\n".encode()
+
+
+def record_document(record: RequestRecord) -> bytes:
+    """The record as a JSON object with the names, for people (rejected.jsonl); replay reads it too."""
+    return json.dumps({name: getattr(record, name) for name in RECORD_FIELDS}).encode() + b"\n"
 
 
 def record_from_line(line: bytes) -> RequestRecord:
     """Raises ValueError (or TypeError) for a line that is not a record; unknown fields are
     ignored, so a spool written by a newer hxgwd replays into an older one."""
     doc = json.loads(line)
+    if isinstance(doc, list):
+        if not doc or doc[0] != LINE_FORMAT:
+            raise ValueError("not a spool line of a known format")
+        return RequestRecord(**dict(zip(LINE_FIELDS, doc[1:])))
     if not isinstance(doc, dict):
-        raise ValueError("not a JSON object")
+        raise ValueError("not a JSON array or object")
     try:
         return RequestRecord(**doc)
     except TypeError:
@@ -192,6 +217,8 @@ MIGRATIONS: dict[str, list[tuple[str, list[str]]]] = {
             "CREATE INDEX usage_ts ON usage (ts)",
             "CREATE INDEX usage_key_ts ON usage (key, ts)",   # per-key reports and budgets
         ]),
+        # request_id became the gateway's own id; the client's X-Request-ID is kept beside it
+        ("usage.client_request_id", ["ALTER TABLE usage ADD COLUMN client_request_id TEXT"]),
     ],
     "postgresql": [
         ("keys and usage", [
@@ -240,6 +267,7 @@ MIGRATIONS: dict[str, list[tuple[str, list[str]]]] = {
             "CREATE INDEX usage_ts ON usage (ts)",
             "CREATE INDEX usage_key_ts ON usage (key, ts)",
         ]),
+        ("usage.client_request_id", ["ALTER TABLE usage ADD COLUMN client_request_id text"]),
     ],
 }
 

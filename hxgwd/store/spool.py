@@ -1,23 +1,26 @@
-"""The local spool: usage records that could not go to the store yet, on disk, append-only.
+"""The local spool: the journal of usage records, on disk, append-only, until the store has them.
 
-    <spool_dir>/usage-0000000042.jsonl    one JSON record per line; the highest number is active
+    <spool_dir>/usage-0000000042.jsonl    one record per line; the highest number is active
     <spool_dir>/.lock                     flock: one gateway process per spool directory
 
-Records are appended to the active segment; the writer seals it (fsync, close) when it grows past
-`segment_bytes` or before a replay, and replay reads sealed segments oldest first, deleting each
-once all its records are in the store. The store ignores request_ids it already has, so a segment
-replayed twice (a crash between insert and delete) does no harm.
+Every finished request's record is appended to the active segment (`journal`), and the segment
+counts it as pending until the writer `settle`s it: stored, or not (then the segment is marked
+for replay). Records the store did not get from memory and that were not journaled (over the
+bound when they came) are appended too, marking the segment for replay. The writer seals the
+active segment (fsync, close) every second or `segment_bytes`; a sealed segment with nothing
+pending is deleted if its records are all stored, else replayed, oldest first, and deleted once
+all its records are in the store. Segments found at open (an earlier run's, or the old default
+directory's, taken over) are replayed whole: the store ignores request ids it already has.
 
 Appends are plain `os.write` calls on an O_APPEND descriptor from the event loop thread: a write
-to the page cache costs microseconds, like the access log line, and a killed process loses
-nothing already written. `fsync` (the slow part) always runs in a worker thread, under a trio
-lock so that a segment is never closed while its fsync runs. How often is the caller's policy
-(usage.py). A torn last line after a power cut fails to parse on replay and is counted as
-corrupt, not retried.
+to the page cache costs a microsecond or two, and a killed process loses nothing already
+written. `fsync` (the slow part) always runs in a worker thread, under a trio lock so that a
+segment is never closed while its fsync runs. How often is the caller's policy (usage.py). A
+torn last line after a power cut fails to parse on replay and is counted as corrupt, not retried.
 
-The spool is bounded by `max_bytes`: beyond it records are dropped and counted, with a warning
-at 80% and an error at the bound (repeated at most every 10 s while dropping), so the disk of a
-host whose database is gone for days does not fill up.
+The spool is bounded by `max_bytes`: beyond it records are not journaled, and dropped and counted
+if they must be appended, with a warning at 80% and an error at the bound (repeated at most every
+10 s while dropping), so the disk of a host whose database is gone for days does not fill up.
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ class SpoolError(Exception):
 
 
 class Spool:
-    def __init__(self, directory: str, max_bytes: int, log: Any, segment_bytes: int | None = None) -> None:
+    def __init__(self, directory: str, max_bytes: int, log: Any, segment_bytes: int | None = None,
+                 adopt: str | None = None) -> None:
         self.directory = directory
+        self.adopt = adopt         # an old default spool directory whose segments become ours at open
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes or min(16 * 1024 * 1024, max(64 * 1024, max_bytes // 16))
         self.log = log
@@ -50,6 +55,10 @@ class Spool:
         self.dropped = 0           # records refused: over max_bytes, or a failed write
         self.last_error: str | None = None
         self._sizes: dict[str, int] = {}   # segment path -> bytes
+        self._pending: dict[str, int] = {}  # segment path -> journaled records not yet settled
+        self._replay: set[str] = set()      # segments holding records the store has not got
+        self._to_sync: set[str] = set()     # sealed segments marked for replay since: fsync them
+        self._warn_bytes = max_bytes * WARN_FRACTION
         self._seq = 0
         self._active: str | None = None
         self._fd: int | None = None
@@ -86,19 +95,100 @@ class Spool:
             if match:
                 path = os.path.join(self.directory, name)
                 self._sizes[path] = os.path.getsize(path)
+                self._replay.add(path)   # an earlier run's: replayed whole (the store skips what it has)
                 self._seq = max(self._seq, int(match.group(1)))
+        if self.adopt and os.path.isdir(self.adopt) and os.path.abspath(self.adopt) != os.path.abspath(self.directory):
+            self._adopt(self.adopt)
         self.bytes = sum(self._sizes.values())
         self._check_level(0)
 
+    def _adopt(self, old: str) -> None:
+        """Move the segments of an old spool directory into this one, to be replayed, unless a
+        process (an hxgwd not yet upgraded) holds it. Blocking, at open."""
+        try:
+            lock_fd = os.open(os.path.join(old, ".lock"), os.O_RDWR)
+        except OSError:
+            lock_fd = None      # no lock file: no hxgwd ever ran there, or it is not ours to take
+        try:
+            if lock_fd is not None:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            names = sorted(n for n in os.listdir(old) if _NAME.match(n))
+            for name in names:
+                self._seq += 1
+                path = os.path.join(self.directory, f"usage-{self._seq:010d}.jsonl")
+                os.rename(os.path.join(old, name), path)
+                self._sizes[path] = os.path.getsize(path)
+                self._replay.add(path)
+            if names:
+                self.log.info("usage spool of the old default directory taken over, to be replayed",
+                              old_directory=old, directory=self.directory, segments=len(names))
+        except BlockingIOError:
+            self.log.warning("old default usage spool directory is in use by another process; left alone",
+                             old_directory=old)
+        except OSError as exc:
+            self.log.error("cannot take over the old default usage spool directory", old_directory=old,
+                           error=exc.strerror or str(exc))
+        finally:
+            if lock_fd is not None:
+                os.close(lock_fd)
+
     def close(self, fsync: bool) -> None:
         if self._fd is not None:
-            if fsync and self._unsynced:
+            active = self._active
+            clean = self._settled_clean(active)
+            if fsync and self._unsynced and not clean:
                 self._fsync()
             os.close(self._fd)
             self._fd, self._active = None, None
+            if clean:
+                self.remove(active)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    # --- the journal (event loop thread, on the request path) -----------------------------------
+
+    def journal(self, line: bytes) -> str | None:
+        """Write one finished request's record: -> the segment it is in, to `settle` once the
+        record's fate is known; None if it could not be written (over max_bytes, the spool not
+        opened, a failed write): the record then lives in memory only, as before the journal."""
+        if self.bytes + len(line) > self.max_bytes or self._lock_fd is None:
+            return None
+        try:
+            self._write(line)
+        except OSError as exc:
+            self.last_error = f"spool write failed: {exc.strerror}"
+            return None
+        active = self._active
+        self._pending[active] = self._pending.get(active, 0) + 1
+        if self.bytes >= self._warn_bytes:
+            self._check_level(0)
+        return active
+
+    def settle(self, counts: dict[str, int], stored: bool) -> None:
+        """Journaled records have reached the store (stored) or will not from memory (not stored:
+        their segment is replayed). A sealed segment with nothing pending and nothing to replay
+        is deleted."""
+        for path, n in counts.items():
+            left = self._pending.get(path, 0) - n
+            if left > 0:
+                self._pending[path] = left
+            else:
+                self._pending.pop(path, None)
+            if not stored:
+                self._replay.add(path)
+                if path != self._active:
+                    self._to_sync.add(path)
+            if path != self._active and self._settled_clean(path):
+                self.remove(path)
+
+    def _settled_clean(self, path: str | None) -> bool:
+        return path is not None and path not in self._pending and path not in self._replay
+
+    def replay_waiting(self) -> bool:
+        """Are there records the store has not got: in a sealed, settled segment (replay it now) or
+        in the active one (replayed once it is sealed)."""
+        return bool(self._replay) and (self._active in self._replay or bool(self.sealed()))
 
     # --- appending (event loop thread) ------------------------------------------------------------
 
@@ -119,6 +209,8 @@ class Spool:
             try:
                 self._write(data)
                 written = n
+                self.last_error = None
+                self._replay.add(self._active)
             except OSError as exc:
                 self.last_error = f"spool write failed: {exc.strerror}"
                 self.log.error("cannot write the usage spool", directory=self.directory, error=exc.strerror)
@@ -153,6 +245,9 @@ class Spool:
     async def sync(self) -> None:
         """fsync what was appended so far, in a worker thread; concurrent calls coalesce."""
         async with self._sync_lock:
+            sealed, self._to_sync = self._to_sync, set()
+            if sealed:
+                await trio.to_thread.run_sync(self._fsync_sealed, sealed)
             if self._fd is None or not self._unsynced:
                 return
             self._unsynced = False
@@ -172,6 +267,20 @@ class Spool:
                 self.last_error = f"spool fsync failed: {exc.strerror}"
                 self.log.error("cannot fsync the usage spool", directory=self.directory, error=exc.strerror)
 
+    def _fsync_sealed(self, paths: set[str]) -> None:
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except FileNotFoundError:
+                pass     # replayed and deleted meanwhile
+            except OSError as exc:
+                self.last_error = f"spool fsync failed: {exc.strerror}"
+                self.log.error("cannot fsync the usage spool", path=path, error=exc.strerror)
+
     def _fsync(self) -> None:
         os.fsync(self._fd)
         if self._new_file:
@@ -183,12 +292,15 @@ class Spool:
                 os.close(dir_fd)
 
     async def seal(self, fsync: bool = True) -> None:
-        """Close the active segment (after its fsync) so replay may read it; the next append
-        starts a new one."""
+        """Close the active segment so replay may read it; the next append starts a new one. It
+        is fsynced first only if it holds records to replay: the records of a healthy store's
+        journal are in the store (or on their way) and their segment is deleted unwritten. A
+        segment whose records are all in the store is deleted."""
         async with self._sync_lock:
             if self._fd is None:
                 return
-            while fsync and self._unsynced:   # emit() may append while the fsync runs: sync that too
+            # emit() may append while the fsync runs: sync that too
+            while fsync and self._unsynced and self._active in self._replay:
                 self._unsynced = False
                 try:
                     await trio.to_thread.run_sync(self._fsync)
@@ -197,13 +309,15 @@ class Spool:
                     break
             self._unsynced = False
             os.close(self._fd)
-            self._fd, self._active = None, None
+            sealed, self._fd, self._active = self._active, None, None
+            if self._settled_clean(sealed):
+                self.remove(sealed)
 
     # --- replay (reads run in worker threads) ------------------------------------------------------
 
     def sealed(self) -> list[str]:
-        """Sealed segments, oldest first."""
-        return sorted(p for p in self._sizes if p != self._active)
+        """Sealed segments with no record pending in memory, oldest first: the ones to replay."""
+        return sorted(p for p in self._replay if p != self._active and p not in self._pending)
 
     @staticmethod
     def read(path: str) -> list[bytes]:
@@ -232,6 +346,8 @@ class Spool:
             pass
 
     def _forget(self, path: str) -> None:
+        self._pending.pop(path, None)
+        self._replay.discard(path)
         self.bytes -= self._sizes.pop(path, 0)
         self._check_level(0)
 

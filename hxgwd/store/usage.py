@@ -1,34 +1,40 @@
-"""Usage records from the request path to the store: one writer task, a spool when it cannot.
+"""Usage records from the request path to the store: a journal on disk, one writer task.
 
-    handler ── emit(record) ──> memory channel (queue_size) ──> writer task ──> store.insert_usage
-                  │ channel full                                   │ store down, slow, or shutting down
-                  └──────────────> spool (append-only files) <─────┘
-                                        └── replayed, oldest first, when the store answers again
+    handler ── emit(record) ─┬─> journal: one write() to the spool's active segment
+                             └─> memory channel (queue_size) ──> writer task ──> store.insert_usage
+    sealed segment: every record stored from memory -> deleted; any not (store down, slow,
+    channel full, shutdown, an earlier run that died) -> replayed, oldest first
 
-`emit` never blocks and never awaits: a `send_nowait`, or, when the channel is full, one line
-appended to the spool. The writer takes what is queued (up to batch_size) without a timer, so
-batches are 1 record when idle and full under load, and writes each batch in one transaction in
-a worker thread (COPY on PostgreSQL). Each attempt is bounded (connect_timeout +
-statement_timeout) and really cancelled when it runs over. A failed batch goes to the spool at
-once, and the store is tried again with backoff (0.2 s doubling to 5 s): the channel keeps
-draining to disk while the database is away. When an attempt succeeds, the spool is replayed in
-batch_size chunks interleaved with live batches. Inserts are idempotent on request_id, so a batch
-that was committed but not acknowledged, then spooled and replayed, is stored once.
+`emit` is called when a request ends, before anything awaits, and never blocks: one line
+appended with `os.write` to the spool's active segment (a killed process loses nothing written
+so), then a `send_nowait`. The writer takes what is queued (up to batch_size), lingering
+LINGER for company, writes each batch in one transaction in a worker thread (COPY on
+PostgreSQL), and settles the batch's segments: stored, or marked for replay. Each attempt is
+bounded (connect_timeout + statement_timeout) and really cancelled when it runs over; the store
+is tried again with backoff (0.2 s doubling to 5 s) while the channel keeps draining. The active
+segment is sealed every ROTATE_INTERVAL (or segment_bytes), so a healthy store keeps about a
+second of records on disk. Replay goes in batch_size chunks interleaved with live batches; rows
+are keyed by the gateway's own request id and inserts skip ids already stored, so replaying a
+segment whose records were partly stored stores each once.
 
 A batch the database refuses as data (RecordRejected: should not happen, records are sanitized
 in schema.py) is bisected down to the offending records, which are set aside in
 <spool_dir>/rejected.jsonl (never replayed), counted, and logged at most every 10 s: one bad
 record cannot block the spool forever, and a systematic bug loses nothing.
 
-Durability, per `spool_fsync`:
-    always  every spool write is fsynced before the writer goes on; records that overflow the
-            channel are fsynced by a helper task right after (group commit)
-    batch   one fsync per spooled batch; overflowed records are fsynced with the next one
-    never   no fsync: the kernel writes back (a killed process loses nothing it wrote; a power
-            cut may lose the last seconds)
-Records still in the channel are memory: `aclose()` (SIGTERM) writes them to the store, or to the
-spool when the store does not answer within the grace time; a SIGKILL or crash loses at most the
-channel (queue_size records) and the batch in flight. A cancelled `run()` spools the channel.
+What can be lost (README "Usage"): a process crash or SIGKILL, only the records of requests that
+had not finished. A power cut, what the kernel had not written back, per `spool_fsync`:
+    always  a helper task fsyncs the journal after every append (group commit): the records of
+            the last few milliseconds
+    batch   records the store did not take are fsynced once per batch; a healthy store's
+            journal is not (its segments are deleted before the kernel writes them back: an
+            fsync per batch cost ~8 % CPU per request): the records of the last seconds
+    never   no fsync at all: the records of the last half minute or so
+plus, in every mode, the last commits the database itself loses: none for PostgreSQL with
+synchronous_commit on; SQLite (WAL, synchronous=NORMAL) may lose those since its last checkpoint.
+The journal is bounded by spool_max_bytes: past it records are in memory only (counted as
+dropped if the store does not take them). `aclose()` (SIGTERM) writes memory to the store within
+the grace time, and leaves the rest to be replayed; a cancelled `run()` does the latter.
 """
 
 from __future__ import annotations
@@ -40,8 +46,9 @@ import trio
 
 from hxgwd.config.model import Database
 from hxgwd.pipeline.record import RequestRecord
-from hxgwd.store import RecordRejected, Store, StoreUnavailable, default_spool_dir
-from hxgwd.store.schema import record_line, records_from_lines
+from hxgwd.store import RecordRejected, Store, StoreUnavailable, default_spool_dir, legacy_spool_dir
+from hxgwd.store.replay import Replay
+from hxgwd.store.schema import record_document, record_line
 from hxgwd.store.spool import Spool
 
 RETRY_MIN = 0.2
@@ -51,6 +58,11 @@ LINGER = 0.25            # seconds a first record waits for company before the b
                          # 0.05 -> 0.25 cut the CPU per request at 64 conns by ~3.5% (BEGIN/COMMIT
                          # per batch), and a record still reaches the database well within a second
 REJECT_LOG_INTERVAL = 10.0
+ROTATE_INTERVAL = 1.0    # seconds a journal segment stays active: sealed, it is deleted once its
+                         # records are in the store, so a healthy store keeps ~1 s of them on disk
+
+# what goes through the channel: the segment the record is journaled in (None: not journaled), the record
+Item = tuple["str | None", RequestRecord]
 
 
 class UsageSink:
@@ -61,8 +73,9 @@ class UsageSink:
         self._batch_size = database.batch_size
         self._fsync = database.spool_fsync
         self._attempt_timeout = database.connect_timeout + database.statement_timeout
-        self._send, self._recv = trio.open_memory_channel[RequestRecord](database.queue_size)
-        self._spool = Spool(spool_dir or default_spool_dir(database), database.spool_max_bytes, log)
+        self._send, self._recv = trio.open_memory_channel[Item](database.queue_size)
+        self._spool = Spool(spool_dir or default_spool_dir(database), database.spool_max_bytes, log,
+                            adopt=None if spool_dir else legacy_spool_dir(database))
         self._retry_min, self._retry_max = retry_min, retry_max
         self._backoff = retry_min
         self._retry_at = -math.inf
@@ -73,26 +86,33 @@ class UsageSink:
         self._deadline: float | None = None    # set by aclose()
         self._hurry = False                    # past the deadline: everything goes to the spool
         self._attempt: trio.CancelScope | None = None
-        self._replay_lines: list[bytes] = []          # raw lines of the segment being replayed
-        self._replay_chunk: list[RequestRecord] = []   # decoded, next to go to the store
-        self._replay_path: str | None = None
-        self.written = 0      # live records the store accepted (already stored ones included)
-        self.spooled = 0      # records appended to the spool
-        self.replayed = 0     # records moved from the spool to the store
+        self._replay = Replay(self._spool, log, database.batch_size, database.spool_fsync != "never")
+        self._rotate_at: float | None = None   # trio time the active journal segment is sealed at
+        self.written = 0      # rows the store inserted from live records (ones it had already: not counted)
+        self.spooled = 0      # records left on disk for replay: journaled ones that did not reach the store
+                              # from memory, and unjournaled ones appended
         self.rejected = 0     # records the store refused as data: kept in <spool>/rejected.jsonl
         self._rejected_logged = -math.inf
-        self.corrupt = 0      # spool lines that did not parse on replay
         self.last_error: str | None = None
 
     # --- the request path --------------------------------------------------------------------------
 
     def emit(self, record: RequestRecord) -> None:
-        """Hand a record over; never blocks, never awaits, never raises."""
+        """Journal a finished request's record and hand it over; never blocks, never awaits, never
+        raises. Call it when the request ends, not later: once the journal's write() returned,
+        the record survives the death of the process."""
+        segment = self._spool.journal(record_line(record))
+        if segment is not None and self._fsync == "always" and self._running:
+            self._sync_wanted.set()
         try:
-            self._send.send_nowait(record)
+            self._send.send_nowait((segment, record))
             return
         except (trio.WouldBlock, trio.ClosedResourceError):
             pass
+        if segment is not None:     # on disk already: replayed from there
+            self._spool.settle({segment: 1}, stored=False)
+            self.spooled += 1
+            return
         try:
             self.spooled += self._spool.append([record_line(record)])
         except Exception as exc:   # the spool directory is unusable: count, do not fail the request
@@ -107,17 +127,23 @@ class UsageSink:
 
     def statistics(self) -> dict[str, Any]:
         return {"queued": self._send.statistics().current_buffer_used, "written": self.written,
-                "spooled": self.spooled, "replayed": self.replayed, "spool_bytes": self._spool.bytes,
+                "spooled": self.spooled, "replayed": self._replay.replayed, "spool_bytes": self._spool.bytes,
                 "spool_max_bytes": self._spool.max_bytes, "dropped": self._spool.dropped,
-                "rejected": self.rejected, "corrupt": self.corrupt, "store_ok": self._healthy,
+                "rejected": self.rejected, "corrupt": self._replay.corrupt, "store_ok": self._healthy,
                 "last_error": self.last_error or self._spool.last_error}
 
     # --- the writer ----------------------------------------------------------------------------------
 
+    async def open(self) -> None:
+        """Take the spool directory (its lock): SpoolError if it is unusable or another process
+        holds it. The daemon calls this before anything else is made (the SQLite file); run()
+        does it too."""
+        await trio.to_thread.run_sync(self._spool.open)
+
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer task. Raises SpoolError before started() if the spool directory cannot be
         opened (or another process holds it)."""
-        await trio.to_thread.run_sync(self._spool.open)
+        await self.open()
         self._started = self._running = True
         if self._spool.bytes:
             self._log.info("usage spool holds records from an earlier run; replaying when the store answers",
@@ -133,9 +159,7 @@ class UsageSink:
         finally:
             self._running = False
             with trio.CancelScope(shield=True):
-                left = self._drain_nowait()
-                if left:
-                    self.spooled += self._spool.append([record_line(r) for r in left])
+                self._keep(self._drain_nowait())
                 with trio.move_on_after(HURRY_TIMEOUT):
                     await trio.to_thread.run_sync(self._spool.close, self._fsync != "never")
                 self._finished.set()
@@ -150,8 +174,7 @@ class UsageSink:
         if not self._started:   # run() never ran (or failed to open the spool): drain it ourselves
             left = self._drain_nowait()
             try:
-                if left:
-                    self.spooled += self._spool.append([record_line(r) for r in left])
+                self._keep(left)
                 await trio.to_thread.run_sync(self._spool.close, self._fsync != "never")
             except Exception as exc:   # the spool directory is unusable: say so, do not raise at shutdown
                 self._spool.dropped += len(left)
@@ -168,7 +191,7 @@ class UsageSink:
             await self._finished.wait()
 
     async def _write_loop(self) -> None:
-        first: RequestRecord | None = None
+        first: Item | None = None
         while True:
             if first is not None and not self._hurry:
                 # Let a batch gather: one thread hop and one transaction per record cost a quarter
@@ -178,7 +201,7 @@ class UsageSink:
                 try:
                     await trio.sleep(LINGER)
                 except trio.Cancelled:   # run() is cancelled: the record in hand goes to disk
-                    self.spooled += self._spool.append([record_line(first)])
+                    self._keep([first])
                     raise
             batch = self._take(first)
             first = None
@@ -186,8 +209,9 @@ class UsageSink:
                 return
             if batch:
                 await self._deliver(batch)
+            await self._rotate_when_due()
             if self._replay_due():
-                await self._replay_step()
+                await self._replay.step(self._store_batch)
                 continue
             if len(batch) >= self._batch_size:
                 continue    # more may be waiting: at once, no linger
@@ -200,7 +224,7 @@ class UsageSink:
                 except trio.EndOfChannel:
                     return
 
-    def _take(self, first: RequestRecord | None) -> list[RequestRecord] | None:
+    def _take(self, first: Item | None) -> list[Item] | None:
         """What is queued, up to batch_size, without waiting; None once the channel is closed and empty."""
         batch = [first] if first is not None else []
         while len(batch) < self._batch_size:
@@ -212,7 +236,7 @@ class UsageSink:
                 return batch or None
         return batch
 
-    def _drain_nowait(self) -> list[RequestRecord]:
+    def _drain_nowait(self) -> list[Item]:
         left = []
         while True:
             try:
@@ -220,62 +244,97 @@ class UsageSink:
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return left
 
-    async def _deliver(self, batch: list[RequestRecord]) -> None:
-        if self._healthy or trio.current_time() >= self._retry_at:
-            rejected = self.rejected
-            try:
-                stored = await self._store_batch(batch)
-            except trio.Cancelled:   # run() itself is cancelled: the batch in hand goes to disk
-                self.spooled += self._spool.append([record_line(r) for r in batch])
-                raise
-            if stored:
-                self.written += len(batch) - (self.rejected - rejected)
-                return
-        await self._to_spool(batch)
+    def _keep(self, items: list[Item]) -> None:
+        """Records that will not reach the store from memory: a journaled one is on disk already
+        (its segment is marked for replay), the others are appended now."""
+        journaled: dict[str, int] = {}
+        loose = []
+        for segment, record in items:
+            if segment is None:
+                loose.append(record_line(record))
+            else:
+                journaled[segment] = journaled.get(segment, 0) + 1
+        if journaled:
+            self._spool.settle(journaled, stored=False)
+            self.spooled += len(items) - len(loose)
+        if loose:
+            self.spooled += self._spool.append(loose)
 
-    async def _store_batch(self, records: list[RequestRecord]) -> bool:
-        """One bounded attempt; False (the store marked unhealthy) if it failed or ran out of time."""
+    async def _deliver(self, batch: list[Item]) -> None:
+        if self._healthy or trio.current_time() >= self._retry_at:
+            try:
+                inserted = await self._store_batch([record for _, record in batch])
+            except trio.Cancelled:   # run() itself is cancelled: the batch in hand goes to disk
+                self._keep(batch)
+                raise
+            if inserted is not None:
+                self.written += inserted
+                stored: dict[str, int] = {}
+                for segment, _ in batch:
+                    if segment is not None:
+                        stored[segment] = stored.get(segment, 0) + 1
+                self._spool.settle(stored, stored=True)
+                return
+        self._keep(batch)
+        if self._fsync != "never":
+            await self._spool.sync()
+
+    async def _rotate_when_due(self) -> None:
+        """Seal the active journal segment after ROTATE_INTERVAL or segment_bytes: a segment is
+        deleted (or replayed) only once sealed, so this is what keeps the journal small."""
+        if not self._spool.active_bytes:
+            self._rotate_at = None
+            return
+        now = trio.current_time()
+        if self._rotate_at is None:
+            self._rotate_at = now + ROTATE_INTERVAL
+        if now >= self._rotate_at or self._spool.active_bytes >= self._spool.segment_bytes:
+            self._rotate_at = None
+            await self._spool.seal(self._fsync != "never")
+
+    async def _store_batch(self, records: list[RequestRecord]) -> int | None:
+        """One bounded attempt -> rows inserted; None (the store marked unhealthy) if it failed or
+        ran out of time."""
         timeout = self._attempt_timeout
         if self._deadline is not None:
             timeout = min(timeout, self._deadline - trio.current_time())
         if timeout <= 0:
             self._hurry = True     # the close deadline passed: the rest goes to the spool
         if self._hurry:
-            return False
+            return None
         with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
             self._attempt = scope
             try:
-                await self._insert(records)
+                inserted = await self._insert(records)
             except StoreUnavailable as exc:
                 self._failed(str(exc))
-                return False
+                return None
             except Exception as exc:   # a bug, not an outage: keep the records, say so
                 self._log.exception("unexpected error writing usage records; spooling them", exc)
                 self._failed(f"{type(exc).__name__}: {exc}")
-                return False
+                return None
             finally:
                 self._attempt = None
             self._succeeded()
-            return True
+            return inserted
         if not self._hurry:   # (cancelled by aclose() at its deadline: not the store's fault)
             self._failed(f"the store did not answer within {timeout:.1f} s")
-        return False
+        return None
 
-    async def _insert(self, records: list[RequestRecord]) -> None:
+    async def _insert(self, records: list[RequestRecord]) -> int:
         try:
-            await self._store.insert_usage(records)
+            return await self._store.insert_usage(records)
         except RecordRejected as exc:
             if len(records) > 1:
                 mid = len(records) // 2
-                await self._insert(records[:mid])
-                await self._insert(records[mid:])
-                return
+                return await self._insert(records[:mid]) + await self._insert(records[mid:])
             self._reject(records[0], str(exc))
+            return 0
 
     def _reject(self, record: RequestRecord, error: str) -> None:
         """A record the store refuses: kept aside (rejected.jsonl), counted, logged at most every 10 s."""
         self.rejected += 1
-        kept = self._spool.set_aside([record_line(record)])
+        kept = self._spool.set_aside([record_document(record)])
         if not kept:
             self._spool.dropped += 1
         now = trio.current_time()
@@ -295,18 +354,11 @@ class UsageSink:
         self._backoff = min(self._backoff * 2, self._retry_max)
 
     def _succeeded(self) -> None:
+        self.last_error = None    # /admin/stats tells what is wrong now, not what once was
         if not self._healthy:
             self._healthy = True
             self._log.info("usage store available again", spool_bytes=self._spool.bytes)
         self._backoff = self._retry_min
-
-    async def _to_spool(self, records: list[RequestRecord]) -> None:
-        lines = await trio.to_thread.run_sync(lambda: [record_line(r) for r in records])
-        self.spooled += self._spool.append(lines)
-        if self._fsync != "never":
-            await self._spool.sync()
-        if self._spool.active_bytes >= self._spool.segment_bytes:
-            await self._spool.seal(self._fsync != "never")
 
     async def _syncer(self) -> None:
         while True:
@@ -316,71 +368,21 @@ class UsageSink:
 
     # --- replay ----------------------------------------------------------------------------------------
 
-    def _replay_pending(self) -> bool:
-        return bool(self._replay_chunk or self._replay_lines or self._spool.bytes)
-
     def _replay_due(self) -> bool:
-        if self._hurry or not self._replay_pending():
+        if self._hurry or not self._replay.pending():
             return False
         return self._healthy or trio.current_time() >= self._retry_at
 
     def _wait_time(self) -> float:
-        if self._replay_pending():
-            return max(0.0, self._retry_at - trio.current_time())
-        return math.inf
-
-    async def _replay_step(self) -> None:
-        """Move one chunk (batch_size records) from the spool to the store, oldest first.
-
-        A segment is read as raw lines and decoded one chunk at a time, in a worker thread: the
-        decoding is CPU work that holds the GIL, and short bursts of it keep the loop's lag low."""
-        await trio.lowlevel.checkpoint()   # the write loop calls us in a loop: never spin
-        if not self._replay_chunk:
-            if not self._replay_lines and not await self._next_segment():
-                return
-            lines = self._replay_lines[:self._batch_size]
-            del self._replay_lines[:self._batch_size]
-            records, bad = await trio.to_thread.run_sync(records_from_lines, lines)
-            if bad:
-                self.corrupt += bad
-                self._log.warning("usage spool segment has unreadable lines (a torn write?); skipped",
-                                  path=self._replay_path, lines=bad)
-            self._replay_chunk = records
-        if self._replay_chunk:
-            rejected = self.rejected
-            if not await self._store_batch(self._replay_chunk):
-                return
-            self.replayed += len(self._replay_chunk) - (self.rejected - rejected)
-            self._replay_chunk = []
-        if not self._replay_lines and self._replay_path is not None:
-            self._spool.remove(self._replay_path)
-            self._replay_path = None
-            if not self._spool.bytes:
-                self._log.info("usage spool replayed into the store", replayed_total=self.replayed)
-
-    async def _next_segment(self) -> bool:
-        """Load the oldest sealed segment's lines (sealing the active one if it is the only one)."""
-        paths = self._spool.sealed()
-        if not paths and self._spool.active_bytes:
-            await self._spool.seal(self._fsync != "never")
-            paths = self._spool.sealed()
-        if not paths:
-            return False
-        path = paths[0]
-        try:
-            lines = await trio.to_thread.run_sync(self._spool.read, path)
-        except OSError as exc:
-            self._spool.quarantine(path, exc.strerror or str(exc))
-            return False
-        if not lines:
-            self._spool.remove(path)
-            return False
-        self._replay_lines, self._replay_path = lines, path
-        return True
+        now = trio.current_time()
+        wait = max(0.0, self._retry_at - now) if self._replay.pending() else math.inf
+        if self._rotate_at is not None:
+            wait = min(wait, max(0.0, self._rotate_at - now))
+        return wait
 
     async def _final_replay(self) -> None:
         """At close, with time left and the store answering: empty the spool too."""
         while self._replay_due():
             if self._deadline is not None and trio.current_time() >= self._deadline:
                 return
-            await self._replay_step()
+            await self._replay.step(self._store_batch)
