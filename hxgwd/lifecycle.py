@@ -25,13 +25,13 @@ from hxgwd.config.model import Config
 from hxgwd.http import resolve_parser
 from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
-from hxgwd.pipeline.connection import HttpConnection
+from hxgwd.http.connection import HttpConnection
 from hxgwd.pipeline.handle import Gateway
-from hxgwd.pipeline.listen import IdleConnections, accept_loop, bound_addresses, open_listeners
+from hxgwd.http.listen import IdleConnections, accept_loop, bound_addresses, open_listeners
 from hxgwd.pipeline.route import Router
 from hxgwd.services import Services, open_services
 from hxgwd.runtime import Runtime, RuntimeHolder, build_runtime
-from hxgwd.sockio import SocketIO
+from hxgwd.http.sockio import SocketIO
 from hxgwd.upstream import Transports
 from hxgwd.upstream.gates import Gates
 from hxgwd.upstream.probe import probe_loop

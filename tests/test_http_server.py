@@ -9,8 +9,8 @@ import pytest
 import trio
 
 from hxgwd.config.model import Server
-from hxgwd.pipeline.connection import LINGER_SECONDS, HttpConnection, Request, Response
-from hxgwd.pipeline.listen import IdleConnections, accept_loop, open_listeners
+from hxgwd.http.connection import LINGER_SECONDS, HttpConnection, Request, Response
+from hxgwd.http.listen import IdleConnections, accept_loop, open_listeners
 
 
 @attrs.define

@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import importlib.util
 
+from hxgwd.http.heads import Headers
+
+__all__ = ["Headers", "PARSERS", "httptools_available", "resolve_parser"]
+
 PARSERS = ("httptools", "h11")
 
 

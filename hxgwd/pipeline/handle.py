@@ -24,8 +24,8 @@ from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
 from hxgwd import admin
 from hxgwd.pipeline import authenticate, limit, proxy, record, route, transform
-from hxgwd.pipeline.connection import ClientGone, Request, Response
-from hxgwd.pipeline.parse import json_document
+from hxgwd.http.connection import ClientGone, Request, Response
+from hxgwd.pipeline.body import json_document
 from hxgwd.runtime import Principal, Runtime, RuntimeHolder
 from hxgwd.services import Services
 from hxgwd.upstream import Transports

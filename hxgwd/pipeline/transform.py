@@ -29,7 +29,7 @@ from typing import Any
 import attrs
 
 from hxgwd.errors import BadRequest, UpstreamError
-from hxgwd.pipeline.parse import Headers
+from hxgwd.http import Headers
 from hxgwd.runtime import Deployment
 
 ENDPOINT_KINDS = {"/chat/completions": "chat", "/completions": "chat", "/embeddings": "embedding"}

@@ -21,10 +21,10 @@ import h11
 import trio
 
 from hxgwd.config.model import Timeouts
-from hxgwd.pipeline.parse import END_OF_MESSAGE, splice_headers
+from hxgwd.http.server_h11 import END_OF_MESSAGE, splice_headers
 from hxgwd.errors import Unavailable, UpstreamError, UpstreamTimeout
 from hxgwd.runtime import Origin
-from hxgwd.sockio import SocketIO
+from hxgwd.http.sockio import SocketIO
 from hxgwd.upstream import Headers, UpstreamRequest
 
 RECEIVE_SIZE = 65536

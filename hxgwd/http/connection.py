@@ -1,4 +1,4 @@
-"""One client connection: moves bytes between a socket and `parse.ServerConn`, applies each phase's
+"""One client connection: moves bytes between a socket and the sans-I/O server protocol, applies each phase's
 deadline, and calls the handler once per request. Knows HTTP, not OpenAI.
 
 Two tasks per connection. The reader task receives only when given a permit: when the request
@@ -30,10 +30,10 @@ import trio
 
 from hxgwd.config.model import Server
 from hxgwd.errors import GatewayError, PayloadTooLarge, RequestTimeout
-from hxgwd.pipeline.listen import IdleConnections
-from hxgwd.pipeline.parse import (END_OF_BODY, NEED_DATA, PEER_CLOSED, Headers, RequestHead,
+from hxgwd.http.listen import IdleConnections
+from hxgwd.http.server_h11 import (END_OF_BODY, NEED_DATA, PEER_CLOSED, Headers, RequestHead,
                                   ServerConn)
-from hxgwd.sockio import SocketIO
+from hxgwd.http.sockio import SocketIO
 
 RECEIVE_SIZE = 65536
 LINGER_SECONDS = 2.0        # longest read-and-drop of a request body before closing under it

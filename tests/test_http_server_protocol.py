@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hxgwd.errors import BadRequest, GatewayError, HeadersTooLarge
-from hxgwd.pipeline.parse import END_OF_BODY, NEED_DATA, PEER_CLOSED, RequestHead, ServerConn
+from hxgwd.http.server_h11 import END_OF_BODY, NEED_DATA, PEER_CLOSED, RequestHead, ServerConn
 
 REQ = (b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
        b"Authorization: Bearer k\r\n\r\nhello")
