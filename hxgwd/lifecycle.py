@@ -22,6 +22,7 @@ import trio
 from hxgwd import sdnotify
 from hxgwd.config.load import ConfigError
 from hxgwd.config.model import Config
+from hxgwd.errors import HttpErrors
 from hxgwd.http import resolve_parser
 from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
@@ -165,7 +166,7 @@ class Daemon:
 
 
 def needs_restart(old: Config, new: Config) -> list[str]:
-    changed = [f"server.{name}" for name in ("listen", "backlog", "max_connections")
+    changed = [f"server.{name}" for name in ("listen", "backlog", "max_connections", "http_parser")
                if getattr(old.server, name) != getattr(new.server, name)]
     changed += [f"redis.{name}" for name in ("url", "password_env", "password_file")
                 if getattr(old.redis, name) != getattr(new.redis, name)]
@@ -200,8 +201,12 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services,
     def settings():
         return daemon.holder.current.config.server
 
+    # the parser is chosen once: the upstream side reads with the same one (needs_restart)
+    parser = resolve_parser(cfg.server.http_parser)
+    errors = HttpErrors()
+
     async def serve_connection(stream: SocketIO) -> None:
-        await HttpConnection(stream, settings, gateway, life).run()
+        await HttpConnection(stream, settings, gateway, life, parser=parser, errors=errors).run()
 
     def on_resource_error(exc: OSError) -> None:
         daemon.log.error("accept failed, backing off", error=exc.strerror)
@@ -224,7 +229,7 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services,
                                                  serve_connection, on_resource_error)
                         life.listening = True
                         daemon.log.info("listening", addresses=addresses,
-                                        http_parser=resolve_parser(daemon.holder.current.config.server.http_parser),
+                                        http_parser=parser,
                                         generation=daemon.holder.current.generation)
                         sdnotify.ready(f"listening on {', '.join(addresses)}")
                         task_status.started(addresses)

@@ -10,6 +10,8 @@ import httpx
 import pytest
 import trio
 
+from hxgwd.config import load
+from hxgwd.lifecycle import needs_restart
 from tests.conftest import AUTH, gateway_config
 from tests.daemon import DaemonProcess
 from tests.fakeupstream import FakeUpstream, Reply, Stream
@@ -234,3 +236,12 @@ async def test_a_reload_gives_up_on_a_read_that_never_returns(tmp_path, autojump
         while daemon._reader_stuck:
             await trio.sleep(0.01)
     assert daemon.holder.current.generation == 1
+
+
+def test_a_parser_change_waits_for_a_restart():
+    # the upstream side reads with the same parser, and a connection keeps the one it began with
+    backends = '[[backends]]\nname = "e"\nkind = "echo"\n[[models]]\nname = "m"\nbackend = "e"\n'
+    old = load.loads(gateway_config(backends).replace('http_parser = "', 'http_parser = "h11" # "'))
+    new = load.loads(gateway_config(backends).replace('http_parser = "', 'http_parser = "auto" # "'))
+    assert needs_restart(old, new) == ["server.http_parser"]
+    assert needs_restart(new, new) == []

@@ -9,21 +9,26 @@ Two parser backends sit behind one small sans-I/O interface, on both sides of th
 Whichever parser reads, the heads we send are written by our own code from checked values
 (header names are tokens; no CR, LF or NUL in a name or value), never copied raw from a peer.
 
-This module only answers which backend is in use; it imports neither parser, so `hxgwd --version`
-stays fast.
+This module answers which backend is in use and exports the server protocol's names
+(protocol.py); it imports neither parser, so `hxgwd --version` stays fast.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 from hxgwd.http.heads import Headers
+from hxgwd.http.protocol import (END_OF_BODY, NEED_DATA, PEER_CLOSED, HttpError, ProtocolError, RequestHead,
+                                 ServerProtocol, server_protocol)
 
-__all__ = ["Headers", "PARSERS", "httptools_available", "resolve_parser"]
+__all__ = ["END_OF_BODY", "NEED_DATA", "PEER_CLOSED", "PARSERS", "Headers", "HttpError", "ProtocolError",
+           "RequestHead", "ServerProtocol", "httptools_available", "resolve_parser", "server_protocol"]
 
 PARSERS = ("httptools", "h11")
 
 
+@functools.cache     # a fact of the installation: asked once
 def httptools_available() -> bool:
     return importlib.util.find_spec("httptools") is not None
 

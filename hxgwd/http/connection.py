@@ -29,10 +29,9 @@ from typing import AsyncIterator, Awaitable, Callable, Protocol
 import trio
 
 from hxgwd.config.model import Server
-from hxgwd.errors import GatewayError, PayloadTooLarge, RequestTimeout
 from hxgwd.http.listen import IdleConnections
-from hxgwd.http.server_h11 import (END_OF_BODY, NEED_DATA, PEER_CLOSED, Headers, RequestHead,
-                                  ServerConn)
+from hxgwd.http.protocol import (END_OF_BODY, NEED_DATA, PEER_CLOSED, Headers, HttpError, ProtocolError,
+                                 RequestHead, server_protocol)
 from hxgwd.http.sockio import SocketIO
 
 RECEIVE_SIZE = 65536
@@ -54,6 +53,33 @@ class Lifecycle(Protocol):
     def log_exception(self, where: str, exc: BaseException) -> None: ...
 
     def log_refused(self, peer: str, status: int, code: str | None) -> None: ...
+
+
+class Errors(Protocol):
+    """How the application words a refusal: the HTTP layer knows statuses, not answer formats."""
+
+    def refusal(self, error: HttpError) -> Exception:
+        """The application's exception for a refusal of the HTTP layer (400, 408, 413, 431, 505):
+        raised to the handler when reading the body fails, and answered by `answer()`."""
+
+    def answer(self, exc: Exception) -> tuple[int, Headers, bytes] | None:
+        """Status, headers and body answering `exc`; None if it is not one the application
+        raises on purpose (a bug, answered with `answer(HttpError(500, ...))`)."""
+
+
+class PlainErrors:
+    """Refusals as they are, answered in plain text: for an application with no format of its own."""
+
+    def refusal(self, error: HttpError) -> Exception:
+        return error
+
+    def answer(self, exc: Exception) -> tuple[int, Headers, bytes] | None:
+        if isinstance(exc, HttpError):
+            return exc.status, [(b"content-type", b"text/plain; charset=utf-8")], exc.message.encode() + b"\n"
+        return None
+
+
+INTERNAL_ERROR = HttpError(500, "Internal error.")
 
 
 class Request:
@@ -88,16 +114,16 @@ class Request:
         if self._received == 0:
             if self.head.content_length is not None and self.head.content_length > limit:
                 conn.closing = True
-                raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
+                raise conn.errors.refusal(HttpError(413, f"Request body is larger than {limit} bytes."))
             if self._body_due == math.inf:
                 self._body_due = trio.current_time() + self._settings.body_total_timeout
             if conn.protocol.waiting_for_100_continue and self.head.content_length != 0:
                 await conn.send(conn.protocol.response_continue())
         try:
             event = await conn.next_event(self._settings.body_timeout, "body", self._body_due)
-        except RequestTimeout:
+        except HttpError as exc:     # timed out, or malformed
             conn.closing = True      # the rest of the body may still come: no next request after it
-            raise
+            raise conn.errors.refusal(exc) from None
         if event is END_OF_BODY:
             conn.watch_for_hangup()
             return None
@@ -106,7 +132,7 @@ class Request:
         self._received += len(event)
         if self._received > limit:
             conn.closing = True
-            raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
+            raise conn.errors.refusal(HttpError(413, f"Request body is larger than {limit} bytes."))
         return event
 
 
@@ -146,13 +172,14 @@ Handler = Callable[[Request, Response], Awaitable[None]]
 
 class HttpConnection:
     def __init__(self, stream: SocketIO, settings: Callable[[], Server], handler: Handler,
-                 life: Lifecycle) -> None:
+                 life: Lifecycle, *, parser: str = "h11", errors: Errors = PlainErrors()) -> None:
         self.stream = stream
         self._settings = settings
         self._handler = handler
         self._life = life
+        self.errors = errors
         first = settings()
-        self.protocol = ServerConn(first.max_header_bytes)
+        self.protocol = server_protocol(parser, first.max_header_bytes)
         self._write_timeout = first.write_timeout
         self._read_permit = trio.Event()
         self._data_ready = trio.Event()
@@ -200,10 +227,7 @@ class HttpConnection:
                 data = b""
             self._receiving = False
             drained = 0 < len(data) < RECEIVE_SIZE
-            try:
-                self.protocol.feed(data)
-            except RuntimeError:   # h11 refuses data after the client's EOF; nothing more to read
-                data = b""
+            self.protocol.feed(data)
             self._data_ready.set()
             if not data:
                 self.client_gone = True
@@ -220,9 +244,10 @@ class HttpConnection:
             self._write_timeout = settings.write_timeout
             try:
                 head = await self._next_request(settings)
-            except GatewayError as exc:     # 400, 408, 431: answer and close
-                self._life.log_refused(self.peer, exc.status, exc.code)
-                await self._send_quietly(self.protocol.response_error(exc))
+            except HttpError as exc:     # 400, 408, 431, 505: answer and close
+                refusal = self.errors.refusal(exc)
+                self._life.log_refused(self.peer, exc.status, getattr(refusal, "code", None))
+                await self._send_quietly(self._error_answer(refusal))
                 return
             if head is None:
                 return
@@ -258,7 +283,7 @@ class HttpConnection:
         if event is PEER_CLOSED:
             return None
         if type(event) is not RequestHead:
-            raise RequestTimeout("Incomplete request.")
+            raise HttpError(408, "Incomplete request.")
         return event
 
     async def _take_turn(self) -> None:
@@ -307,15 +332,22 @@ class HttpConnection:
             await self._handler(request, response)
         except ClientGone:
             self.client_gone = True
-        except GatewayError as exc:
-            if not response.started:
-                await self._send_quietly(self.protocol.response_error(exc))
         except Exception as exc:
-            self._life.log_exception("request handler", exc)
+            if self.errors.answer(exc) is None:
+                self._life.log_exception("request handler", exc)
+                exc = self.errors.refusal(INTERNAL_ERROR)
             if not response.started:
-                await self._send_quietly(self.protocol.response_error(GatewayError("Internal error.")))
+                await self._send_quietly(self._error_answer(exc, response._extra))
         finally:
             self._handling = False
+
+    def _error_answer(self, exc: Exception, headers: Headers = ()) -> bytes:
+        """The answer to `exc`, closing the connection; b"" if a response was begun already."""
+        if not self.protocol.can_start_response:
+            return b""
+        status, own, body = self.errors.answer(exc) or self.errors.answer(self.errors.refusal(INTERNAL_ERROR))
+        self.closing = True
+        return self.protocol.response_full(status, [*own, *headers, *CLOSE], body)
 
     def closing_headers(self) -> Headers:
         """`Connection: close` for a response after which the connection ends: asked for, draining,
@@ -334,7 +366,7 @@ class HttpConnection:
                     return True
                 if type(event) is not bytes:
                     return False
-        except GatewayError:       # a malformed chunk: nothing after it can be trusted
+        except ProtocolError:       # a malformed chunk: nothing after it can be trusted
             pass
         return False
 
@@ -386,7 +418,7 @@ class HttpConnection:
             with trio.CancelScope(deadline=deadline) as scope:
                 await self._data_ready.wait()
             if scope.cancelled_caught:
-                raise RequestTimeout(f"Request {phase} not received in time.")
+                raise HttpError(408, f"Request {phase} not received in time.")
 
     async def send(self, data: bytes) -> None:
         if not data:

@@ -1,246 +1,104 @@
-"""Stage 2, parse: the sans-IO HTTP/1.1 server side of one connection, over h11.
+"""The server protocol's h11 backend: pure Python, the reference. h11 only reads here; the answers
+are ours (protocol.py), so its send side is never used: each request gets a fresh h11.Connection,
+fed what the last one held beyond its request.
 
-No sockets and no trio here: `feed()` bytes in, `next()` events out, and every `response_*`
-method returns the bytes to write. h11 errors are translated to `hxgwd.errors` once, here:
-headers over the limit -> 431, anything malformed -> 400. The caller (connection.py) decides the
-I/O and the timeouts.
+h11 is more lenient than llhttp in places, and what it takes that llhttp refuses is refused here,
+by a look at the head's own bytes (kept until h11 parsed the head, at most max_header_bytes), once
+per request: a bare LF as a line end, obs-fold (a line continued by a space or tab), Content-Length
+twice or as a list (h11 merges them), control characters in values, an empty line before the
+request line (taken, as llhttp does), methods llhttp does not know.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import re
 
-from http import HTTPStatus
-
-import attrs
 import h11
 
-from hxgwd.errors import BadRequest, GatewayError, HeadersTooLarge, VersionNotSupported
+from hxgwd.http.protocol import (END_OF_BODY, MALFORMED, NEED_DATA, PEER_CLOSED, TOO_LARGE, ProtocolError,
+                                 RequestHead, ServerProtocol, request_head)
 
-Headers = list[tuple[bytes, bytes]]
-
-
-@attrs.frozen(slots=True)
-class RequestHead:
-    method: str
-    target: str
-    headers: Headers                 # names lowercased by h11, in arrival order
-    content_length: int | None       # None: chunked; 0 also when no body is framed
-    keep_alive: bool
-
-    @property
-    def path(self) -> str:
-        return self.target.partition("?")[0]
-
-    def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+# llhttp's methods in HTTP mode (RTSP's and PRI excepted), as it parses them: h11 takes any token
+METHODS = frozenset(b"""DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH
+    SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY SUBSCRIBE UNSUBSCRIBE
+    PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY""".split())
+_HEAD_END = re.compile(rb"\n\r?\n")              # where h11 ends a head
+_CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([^\r\n]*)")
 
 
-class EndOfBody:
-    """The request body is complete."""
-
-
-class PeerClosed:
-    """The client closed its side between requests."""
-
-
-REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
-NEED_DATA = h11.NEED_DATA
-END_OF_MESSAGE = h11.EndOfMessage()   # h11 events are immutable: one serves every message
-END_OF_BODY = EndOfBody()
-PEER_CLOSED = PeerClosed()
-CONTROLS = bytes(range(0x09)) + bytes(range(0x0a, 0x20)) + b"\x7f"   # all but HTAB, which a value may hold
-
-
-class ServerConn:
-    """One client connection's protocol state. Not thread-safe; one task drives it."""
+class H11ServerProtocol(ServerProtocol):
+    __slots__ = ("_h11", "_head_bytes", "_in_head")
 
     def __init__(self, max_header_bytes: int) -> None:
+        super().__init__(max_header_bytes)
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
-        self._max_header_bytes = max_header_bytes
-        self._head_only = False      # the request is a HEAD: its answer is sent without a body
-
-    def __repr__(self) -> str:
-        return f"<ServerConn client={self._h11.their_state} server={self._h11.our_state}>"
-
-    # --- input -------------------------------------------------------------------------------
+        self._head_bytes = bytearray()   # the bytes of the head h11 has yet to parse
+        self._in_head = True
 
     def feed(self, data: bytes) -> None:
         """Bytes received from the client; b"" means the client closed its side."""
-        self._h11.receive_data(data)
+        if self._in_head and data:
+            if not self._head_bytes:
+                data = data.lstrip(b"\r\n")   # llhttp skips empty lines before a request; h11 refuses them
+                if not data:
+                    return
+            self._head_bytes += data
+        try:
+            self._h11.receive_data(data)
+        except RuntimeError:    # data after the client's EOF: nothing more can come
+            pass
 
-    def next(self) -> RequestHead | bytes | EndOfBody | PeerClosed | type[h11.NEED_DATA]:
-        """The next complete thing received: a head, a body piece (bytes), or NEED_DATA."""
+    def next(self) -> RequestHead | bytes | object:
         try:
             event = self._h11.next_event()
         except h11.RemoteProtocolError as exc:
-            raise _translate(exc) from None
-        if type(event) is h11.Data:
+            raise ProtocolError(431, TOO_LARGE) if exc.error_status_hint == 431 else ProtocolError(400, MALFORMED) from None
+        kind = type(event)
+        if kind is h11.Data:
+            self._expect_continue = False
             return bytes(event.data)
-        if type(event) is h11.Request:
-            # h11's Headers is a Sequence whose iteration is a Python generator: copied once here
-            headers = list(event.headers)
-            values = b"".join([v for _, v in headers])
-            # h11 bounds a head that is still arriving; one that arrived whole is measured here
-            size = len(event.target) + len(values) + sum([len(n) + 4 for n, _ in headers])
-            if size > self._max_header_bytes:
-                raise HeadersTooLarge("Request headers are too large.")
-            # h11 takes any byte but NUL and whitespace other than SP/HTAB in a value (names it
-            # checks strictly): DEL and the C0 controls would be forwarded to an upstream, whose
-            # parser may cut the head there (RFC 9110, 5.5). One pass over all values, not a regex each.
-            if len(values.translate(None, CONTROLS)) != len(values):
-                raise BadRequest("Control character in a request header.", code="bad_http")
-            if event.http_version not in (b"1.1", b"1.0"):   # h11 takes "HTTP/2.0" (the h2 preface too)
-                raise VersionNotSupported("Use HTTP/1.1.")
-            self._head_only = event.method == b"HEAD"
-            return _head(event, headers)
-        if type(event) is h11.EndOfMessage:
+        if kind is h11.Request:
+            head = self._request_head(event)
+            self._begin(head)
+            return head
+        if kind is h11.EndOfMessage:
+            self._request_done = True
             return END_OF_BODY
-        if type(event) is h11.ConnectionClosed:
+        if kind is h11.ConnectionClosed:
             return PEER_CLOSED
-        if event is h11.PAUSED:   # a pipelined request waits for the current response to finish
-            return NEED_DATA
-        return NEED_DATA if event is h11.NEED_DATA else self.next()
+        return NEED_DATA      # NEED_DATA, or PAUSED: the next request waits until this one is answered
+
+    def _request_head(self, event: h11.Request) -> RequestHead:
+        raw = self._head_bytes
+        self._in_head = False
+        self._head_bytes = bytearray()
+        end = _HEAD_END.search(raw)
+        raw = raw[:end.end()] if end else raw
+        if raw.count(b"\n") != raw.count(b"\r\n") or b"\n " in raw or b"\n\t" in raw:
+            raise ProtocolError(400, MALFORMED)     # a bare LF, or obs-fold
+        # h11's Headers is a Sequence whose iteration is a Python generator: copied once here
+        headers = list(event.headers)
+        if any(name == b"content-length" for name, _ in headers):
+            lengths = _CONTENT_LENGTH.findall(raw.lower())
+            if len(lengths) != 1 or not lengths[0].rstrip(b" \t").isdigit():   # `3, 3`; two equal ones
+                raise ProtocolError(400, MALFORMED)
+        head = request_head(event.method, event.target, event.http_version, headers, self._max_header_bytes,
+                            check_controls=True)
+        if event.method not in METHODS:
+            raise ProtocolError(400, MALFORMED)
+        return head
 
     @property
     def has_buffered_data(self) -> bool:
-        """Whether received bytes wait in the parser. Costs a copy of them (h11 has no cheaper
-        public way to ask): ask after `next()` said NEED_DATA, when they are at most part of a head."""
-        data, _closed = self._h11.trailing_data
-        return bool(data)
+        """Whether received bytes of the next head wait in the parser (ask after `next()` said
+        NEED_DATA between requests)."""
+        return bool(self._head_bytes)
 
-    @property
-    def waiting_for_100_continue(self) -> bool:
-        return self._h11.they_are_waiting_for_100_continue
-
-    # --- output ------------------------------------------------------------------------------
-
-    def response_continue(self) -> bytes:
-        return self._h11.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
-
-    def response_head(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-        framing, rest = _split(headers)
-        head = self._h11.send(h11.Response(status_code=status, headers=framing,
-                                           reason=REASONS.get(status, b"")))
-        return splice_headers(head, rest)
-
-    def response_body(self, data: bytes) -> bytes:
-        return self._h11.send(h11.Data(data=data)) if data and not self._head_only else b""
-
-    def response_end(self) -> bytes:
-        return self._h11.send(END_OF_MESSAGE)
-
-    def response_full(self, status: int, headers: Headers, body: bytes) -> bytes:
-        """A whole response with a Content-Length, as one write (the head alone to a HEAD)."""
-        framing, rest = _split(headers)
-        framing.append((b"content-length", str(len(body)).encode()))
-        h = self._h11
-        head = h.send(h11.Response(status_code=status, headers=framing, reason=REASONS.get(status, b"")))
-        return b"".join((splice_headers(head, rest),
-                         h.send(h11.Data(data=body)) if body and not self._head_only else b"",
-                         h.send(END_OF_MESSAGE)))
-
-    def response_error(self, exc: GatewayError, headers: Headers = ()) -> bytes:
-        """An error answer, closing the connection; b"" if a response was already begun."""
-        if not self.can_start_response:
-            return b""
-        head = [(b"content-type", b"application/json"), (b"connection", b"close"),
-                *exc.headers(), *headers]
-        try:
-            return self.response_full(exc.status, head, exc.body())
-        except h11.LocalProtocolError:
-            return b""
-
-    def send_failed(self) -> None:
-        self._h11.send_failed()
-
-    # --- state -------------------------------------------------------------------------------
-
-    @property
-    def can_start_response(self) -> bool:
-        return self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE)
-
-    @property
-    def response_complete(self) -> bool:
-        return self._h11.our_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
-
-    @property
-    def closes_after_response(self) -> bool:
-        """The response said (or HTTP/1.0 implied) that the connection ends with it."""
-        return self._h11.our_state in (h11.MUST_CLOSE, h11.CLOSED)
-
-    @property
-    def request_complete(self) -> bool:
-        # MUST_CLOSE: the whole request came, with `Connection: close` (or over HTTP/1.0)
-        return self._h11.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
-
-    @property
-    def reusable(self) -> bool:
-        return self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE
-
-    def start_next_cycle(self) -> None:
-        self._h11.start_next_cycle()
-
-
-# h11 sees only the headers that frame the message, so its state machine (keep-alive, length,
-# chunking) stays the authority; the others are written after them as they are. Every one of those
-# was validated once already: parsed by h11 from the client or upstream, or ours (constants, ids
-# matched against a pattern, config values checked at load). Re-validating each on every send was
-# a fifth of the gateway's CPU per request in profiles.
-FRAMING = frozenset((b"connection", b"content-length", b"transfer-encoding"))
-
-
-def _split(headers: Iterable[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
-    framing, rest = [], []
-    for header in headers:
-        (framing if header[0] in FRAMING else rest).append(header)
-    return framing, rest
-
-
-def splice_headers(head: bytes, rest: list[tuple[bytes, bytes]]) -> bytes:
-    """Insert header lines before the blank line that ends `head`."""
-    if not rest:
-        return head
-    return head[:-2] + b"".join([name + b": " + value + b"\r\n" for name, value in rest]) + b"\r\n"
-
-
-def _head(event: h11.Request, headers: Headers) -> RequestHead:
-    length = None
-    keep_alive = event.http_version == b"1.1"
-    chunked = False
-    for name, value in headers:
-        if name == b"content-length":
-            length = int(value)
-        elif name == b"connection" and b"close" in value.lower():
-            keep_alive = False
-        elif name == b"transfer-encoding":
-            chunked = True
-    if chunked and length is not None:
-        # h11 frames the body by Transfer-Encoding, as it must; whatever sent both may frame it
-        # otherwise, so nothing after this request on the connection is trusted (RFC 9112, 6.3)
-        length, keep_alive = None, False
-    elif not chunked and length is None:
-        length = 0          # neither header: no body (RFC 9112, 6.3)
-    target = event.target
-    if target[:1] != b"/":
-        # absolute form (`GET http://host/path`), which servers must accept (RFC 9112, 3.2.2)
-        scheme, sep, rest = target.partition(b"://")
-        if sep and scheme.lower() in (b"http", b"https"):
-            end = next((i for i, c in enumerate(rest) if c in b"/?"), len(rest))    # after host:port
-            target = rest[end:] if rest[end:end + 1] == b"/" else b"/" + rest[end:]
-    return RequestHead(
-        method=event.method.decode("ascii"),
-        target=target.decode("ascii", errors="replace"),
-        headers=headers,
-        content_length=length,
-        keep_alive=keep_alive,
-    )
-
-
-def _translate(exc: h11.RemoteProtocolError) -> GatewayError:
-    if exc.error_status_hint == 431:
-        return HeadersTooLarge("Request headers are too large.")
-    return BadRequest("Malformed HTTP request.", code="bad_http")
+    def _next_cycle(self) -> None:
+        data, closed = self._h11.trailing_data
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_header_bytes)
+        self._in_head = True
+        if data:
+            self.feed(bytes(data))
+        if closed:
+            self.feed(b"")

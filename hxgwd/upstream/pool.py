@@ -21,7 +21,7 @@ import h11
 import trio
 
 from hxgwd.config.model import Timeouts
-from hxgwd.http.server_h11 import END_OF_MESSAGE, splice_headers
+from hxgwd.http.h11_writes import END_OF_MESSAGE, splice_headers
 from hxgwd.errors import Unavailable, UpstreamError, UpstreamTimeout
 from hxgwd.runtime import Origin
 from hxgwd.http.sockio import SocketIO
