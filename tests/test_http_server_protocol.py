@@ -286,3 +286,14 @@ def test_both_parsers_take_and_refuse_the_same_requests(name, data, expected):
         assert type(llhttp[-1]) is not int and llhttp[0][0] in ("GET", "POST"), llhttp
     else:
         assert llhttp == [expected]
+
+
+def test_a_pipelined_body_is_not_counted_as_the_next_head(parser):
+    conn = server_protocol(parser, 1024)
+    conn.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3000\r\n\r\n" + b"b" * 3000 + b"GET /2 HTTP/1.1\r\nHost")
+    assert [type(e) for e in events(conn)] == [RequestHead, bytes, type(END_OF_BODY)]
+    conn.response_full(200, [], b"")
+    conn.start_next_cycle()
+    assert conn.next() is NEED_DATA
+    conn.feed(b": a\r\n\r\n")
+    assert conn.next().target == "/2"

@@ -19,11 +19,12 @@ import functools
 import importlib.util
 
 from hxgwd.http.heads import Headers
-from hxgwd.http.protocol import (END_OF_BODY, NEED_DATA, PEER_CLOSED, HttpError, ProtocolError, RequestHead,
-                                 ServerProtocol, server_protocol)
+from hxgwd.http.protocol import (END_OF_BODY, NEED_DATA, PEER_CLOSED, Errors, HttpError, PlainErrors, ProtocolError,
+                                 RequestHead, ServerProtocol, server_protocol)
 
-__all__ = ["END_OF_BODY", "NEED_DATA", "PEER_CLOSED", "PARSERS", "Headers", "HttpError", "ProtocolError",
-           "RequestHead", "ServerProtocol", "httptools_available", "resolve_parser", "server_protocol"]
+__all__ = ["END_OF_BODY", "NEED_DATA", "PEER_CLOSED", "PARSERS", "Errors", "Headers", "HttpError", "PlainErrors",
+           "ProtocolError", "RequestHead", "ServerProtocol", "httptools_available", "resolve_parser",
+           "server_protocol"]
 
 PARSERS = ("httptools", "h11")
 

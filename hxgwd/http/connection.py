@@ -30,8 +30,8 @@ import trio
 
 from hxgwd.config.model import Server
 from hxgwd.http.listen import IdleConnections
-from hxgwd.http.protocol import (END_OF_BODY, NEED_DATA, PEER_CLOSED, Headers, HttpError, ProtocolError,
-                                 RequestHead, server_protocol)
+from hxgwd.http.protocol import (END_OF_BODY, INTERNAL_ERROR, NEED_DATA, PEER_CLOSED, Errors, Headers, HttpError,
+                                 PlainErrors, ProtocolError, RequestHead, server_protocol)
 from hxgwd.http.sockio import SocketIO
 
 RECEIVE_SIZE = 65536
@@ -53,33 +53,6 @@ class Lifecycle(Protocol):
     def log_exception(self, where: str, exc: BaseException) -> None: ...
 
     def log_refused(self, peer: str, status: int, code: str | None) -> None: ...
-
-
-class Errors(Protocol):
-    """How the application words a refusal: the HTTP layer knows statuses, not answer formats."""
-
-    def refusal(self, error: HttpError) -> Exception:
-        """The application's exception for a refusal of the HTTP layer (400, 408, 413, 431, 505):
-        raised to the handler when reading the body fails, and answered by `answer()`."""
-
-    def answer(self, exc: Exception) -> tuple[int, Headers, bytes] | None:
-        """Status, headers and body answering `exc`; None if it is not one the application
-        raises on purpose (a bug, answered with `answer(HttpError(500, ...))`)."""
-
-
-class PlainErrors:
-    """Refusals as they are, answered in plain text: for an application with no format of its own."""
-
-    def refusal(self, error: HttpError) -> Exception:
-        return error
-
-    def answer(self, exc: Exception) -> tuple[int, Headers, bytes] | None:
-        if isinstance(exc, HttpError):
-            return exc.status, [(b"content-type", b"text/plain; charset=utf-8")], exc.message.encode() + b"\n"
-        return None
-
-
-INTERNAL_ERROR = HttpError(500, "Internal error.")
 
 
 class Request:

@@ -21,7 +21,7 @@ for both (see test_http_server_protocol.py, STRICTNESS).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Protocol, Sequence
 
 from hxgwd.http import heads
 from hxgwd.http.heads import Headers
@@ -39,6 +39,33 @@ class HttpError(Exception):
 class ProtocolError(HttpError):
     """Malformed input: 400, 431 (a head over the limit) or 505 (not HTTP/1.x). Nothing after it
     on the connection can be trusted."""
+
+
+class Errors(Protocol):
+    """How the application words a refusal: the HTTP layer knows statuses, not answer formats."""
+
+    def refusal(self, error: HttpError) -> Exception:
+        """The application's exception for a refusal of the HTTP layer (400, 408, 413, 431, 505):
+        raised to the handler when reading the body fails, and answered by `answer()`."""
+
+    def answer(self, exc: Exception) -> tuple[int, Headers, bytes] | None:
+        """Status, headers and body answering `exc`; None if it is not one the application
+        raises on purpose: a bug, logged, and answered as `refusal(INTERNAL_ERROR)` is."""
+
+
+class PlainErrors:
+    """Refusals as they are, answered in plain text: for an application with no format of its own."""
+
+    def refusal(self, error: HttpError) -> Exception:
+        return error
+
+    def answer(self, exc: Exception) -> tuple[int, Headers, bytes] | None:
+        if isinstance(exc, HttpError):
+            return exc.status, [(b"content-type", b"text/plain; charset=utf-8")], exc.message.encode() + b"\n"
+        return None
+
+
+INTERNAL_ERROR = HttpError(500, "Internal error.")
 
 
 class _Marker:

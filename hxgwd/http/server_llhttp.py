@@ -24,7 +24,7 @@ VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
 class LlhttpServerProtocol(ServerProtocol):
     __slots__ = ("_parser", "_events", "_url", "_headers", "_in_head", "_in_body", "_progress", "_began",
-                 "_pending", "_failed", "_closed")
+                 "_pending", "_body_fed", "_failed", "_closed")
 
     def __init__(self, max_header_bytes: int) -> None:
         super().__init__(max_header_bytes)
@@ -37,6 +37,7 @@ class LlhttpServerProtocol(ServerProtocol):
         self._progress = False     # the last feed produced a head, a body piece or an end
         self._began = False        # a message began during the last feed
         self._pending = 0          # bytes fed while a head (or a body's framing) is incomplete
+        self._body_fed = 0         # of the last feed: bytes of the last Content-Length body it held
         self._failed = False
         self._closed = False
 
@@ -66,14 +67,18 @@ class LlhttpServerProtocol(ServerProtocol):
         if version is None:
             self._fail(ProtocolError(505, "Use HTTP/1.1."))
         try:
-            self._events.append(request_head(parser.get_method(), self._url, version, self._headers,
-                                             self._max_header_bytes, check_controls=False))
+            head = request_head(parser.get_method(), self._url, version, self._headers, self._max_header_bytes,
+                                check_controls=False)
         except ProtocolError as exc:
             self._fail(exc)
+        self._events.append(head)
+        self._body_fed = 0 if head.content_length else -1     # -1: not counted (chunked, or none)
 
     def on_body(self, body: bytes) -> None:
         self._progress = True
         self._events.append(body)
+        if self._body_fed >= 0:
+            self._body_fed += len(body)
 
     def on_message_complete(self) -> None:
         self._in_body = False
@@ -101,6 +106,7 @@ class LlhttpServerProtocol(ServerProtocol):
                 self._events.append(PEER_CLOSED)
             return
         self._progress = self._began = False
+        self._body_fed = -1
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -122,9 +128,12 @@ class LlhttpServerProtocol(ServerProtocol):
         if self._in_head:
             if self._began:
                 # the head began in these bytes: it is at most what follows the last end of a head
-                # or chunked body in them (a head cannot hold an empty line)
+                # or chunked body in them (a head cannot hold an empty line), less a Content-Length
+                # body just before it (less too much if that body held an empty line: the next
+                # bytes are all counted, so a head is never let grow past the limit by more than one feed)
                 end = data.rfind(b"\r\n\r\n")
-                self._pending = len(data) - (end + 4 if end >= 0 else 0)
+                tail = len(data) - (end + 4 if end >= 0 else 0)
+                self._pending = max(0, tail - self._body_fed) if self._body_fed > 0 else tail
             else:
                 self._pending += len(data)
         elif self._in_body and not self._progress:
