@@ -11,8 +11,9 @@ import pytest
 import trio
 
 from hxgwd.config import load
+from hxgwd.http import resolve_parser
 from hxgwd.lifecycle import needs_restart
-from tests.conftest import AUTH, gateway_config
+from tests.conftest import AUTH, HTTP_PARSER, gateway_config, start_gateway
 from tests.daemon import DaemonProcess
 from tests.fakeupstream import FakeUpstream, Reply, Stream
 
@@ -245,3 +246,12 @@ def test_a_parser_change_waits_for_a_restart():
     new = load.loads(gateway_config(backends).replace('http_parser = "', 'http_parser = "auto" # "'))
     assert needs_restart(old, new) == ["server.http_parser"]
     assert needs_restart(new, new) == []
+
+
+async def test_the_gateway_reads_with_the_configured_parser(nursery):
+    backends = '[[backends]]\nname = "e"\nkind = "echo"\n[[models]]\nname = "m"\nbackend = "e"\n'
+    gw = await start_gateway(nursery, gateway_config(backends))
+    assert (await gw.client.get("/healthz")).status_code == 200
+    listening = next(line for line in gw.log.lines() if line["msg"] == "listening")
+    assert listening["http_parser"] == resolve_parser(HTTP_PARSER)
+    await gw.stop()
