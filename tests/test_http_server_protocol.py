@@ -259,6 +259,10 @@ STRICTNESS = [
     ("lowercase method", b"get / HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("CONNECT", b"CONNECT a:443 HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("upgrade with a body", b"POST / HTTP/1.1\r\n" + H + b"Connection: upgrade\r\nUpgrade: h2c\r\nContent-Length: 3\r\n\r\nabc", 400),
+    ("target in no form llhttp reads", b"GET v1/chat HTTP/1.1\r\n" + H + b"\r\n", 400),
+    ("a bare CR", b"GET / HTTP/1.1\r\n" + H + b"X: a\rb\r\n\r\n", 400),
+    ("obs-fold in a head still arriving", b"GET / HTTP/1.1\r\n" + H + b"X: b\r\n c", 400),
+    ("a bare LF in a head still arriving", b"GET / HTTP/1.1\n" + H, 400),
     ("HTTP/0.9", b"GET /\r\n\r\n", None),           # both refuse: 400 or 505
     ("HTTP/2.0", b"GET / HTTP/2.0\r\n" + H + b"\r\n", 505),
     ("HTTP/3.0", b"GET / HTTP/3.0\r\n" + H + b"\r\n", 505),

@@ -6,7 +6,8 @@ h11 is more lenient than llhttp in places, and what it takes that llhttp refuses
 by a look at the head's own bytes (kept until h11 parsed the head, at most max_header_bytes), once
 per request: a bare LF as a line end, obs-fold (a line continued by a space or tab), Content-Length
 twice or as a list (h11 merges them), control characters in values, an empty line before the
-request line (taken, as llhttp does), methods llhttp does not know.
+request line (taken, as llhttp does), methods llhttp does not know, a target in none of the
+forms llhttp reads.
 """
 
 from __future__ import annotations
@@ -24,16 +25,18 @@ METHODS = frozenset(b"""DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK
     PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY""".split())
 _HEAD_END = re.compile(rb"\n\r?\n")              # where h11 ends a head
 _CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([^\r\n]*)")
+_TARGET = re.compile(rb"/|\*\Z|[A-Za-z][A-Za-z0-9+.-]*://")   # origin, asterisk or absolute form, as llhttp reads them
 
 
 class H11ServerProtocol(ServerProtocol):
-    __slots__ = ("_h11", "_head_bytes", "_in_head")
+    __slots__ = ("_h11", "_head_bytes", "_in_head", "_refused")
 
     def __init__(self, max_header_bytes: int) -> None:
         super().__init__(max_header_bytes)
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self._head_bytes = bytearray()   # the bytes of the head h11 has yet to parse
         self._in_head = True
+        self._refused: ProtocolError | None = None    # found in a head still arriving
 
     def feed(self, data: bytes) -> None:
         """Bytes received from the client; b"" means the client closed its side."""
@@ -43,12 +46,16 @@ class H11ServerProtocol(ServerProtocol):
                 if not data:
                     return
             self._head_bytes += data
+            if _HEAD_END.search(self._head_bytes) is None and not _well_formed(self._head_bytes):
+                self._refused = ProtocolError(400, MALFORMED)   # as llhttp, at once, not when the head ends
         try:
             self._h11.receive_data(data)
         except RuntimeError:    # data after the client's EOF: nothing more can come
             pass
 
     def next(self) -> RequestHead | bytes | object:
+        if self._refused is not None:
+            raise self._refused
         try:
             event = self._h11.next_event()
         except h11.RemoteProtocolError as exc:
@@ -74,8 +81,8 @@ class H11ServerProtocol(ServerProtocol):
         self._head_bytes = bytearray()
         end = _HEAD_END.search(raw)
         raw = raw[:end.end()] if end else raw
-        if raw.count(b"\n") != raw.count(b"\r\n") or b"\n " in raw or b"\n\t" in raw:
-            raise ProtocolError(400, MALFORMED)     # a bare LF, or obs-fold
+        if not _well_formed(raw) or not _TARGET.match(event.target):
+            raise ProtocolError(400, MALFORMED)
         # h11's Headers is a Sequence whose iteration is a Python generator: copied once here
         headers = list(event.headers)
         if any(name == b"content-length" for name, _ in headers):
@@ -102,3 +109,11 @@ class H11ServerProtocol(ServerProtocol):
             self.feed(bytes(data))
         if closed:
             self.feed(b"")
+
+
+def _well_formed(raw: bytearray) -> bool:
+    """No bare LF or CR (one that ends the bytes so far may yet be followed by its LF), and no
+    obs-fold (a line continued by a space or a tab)."""
+    crlf = raw.count(b"\r\n")
+    return (raw.count(b"\n") == crlf and raw.count(b"\r") - raw.endswith(b"\r") == crlf
+            and b"\n " not in raw and b"\n\t" not in raw)
