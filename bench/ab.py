@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A/B of hxgwd builds on the chat benchmark: alternating rounds, so machine drift hits every build.
 
-    bench/ab.py REV [REV ...] [--rounds 3] [--duration 5] [--no-store] [--no-log]
+    bench/ab.py REV [REV ...] [--rounds 3] [--duration 5] [--no-store] [--no-log] [--http-parser h11]
 
 REV: a git revision (hxgwd/ as committed there, via git archive) or "." (the working tree). Per
 round and build: start hxgwd on bench/gateway.toml (port 4310, upstream rewritten to the static
@@ -32,7 +32,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 SHARED = os.environ.get("SHARED_BENCH", os.path.join(REPO, "..", "shared", "bench"))
-PORT = 4310
+PORT = int(os.environ.get("BENCH_GATEWAY_PORT", "4310"))   # another, when two A/Bs share the machine
 UP_PORT = int(os.environ.get("BENCH_UPSTREAM_PORT", "18280"))
 
 
@@ -72,6 +72,7 @@ def main() -> int:
     ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     ap.add_argument("--no-store", action="store_true", help="usage store off ([database] url = \"\")")
     ap.add_argument("--no-log", action="store_true", help="access log off")
+    ap.add_argument("--http-parser", help="[server] http_parser for every build (builds before it read with h11)")
     a = ap.parse_args()
     python = os.environ.get("HXGWD_PYTHON", os.path.join(REPO, ".venv", "bin", "python"))
     work = tempfile.mkdtemp(prefix="hxgwd-ab-")
@@ -88,6 +89,8 @@ def main() -> int:
         config = re.sub(r'(?m)^url = "sqlite:[^"]*"', f'url = "{store}"', config)
         if a.no_log:
             config = config.replace("access_log = true", "access_log = false")
+        if a.http_parser:
+            config = config.replace("[server]\n", f'[server]\nhttp_parser = "{a.http_parser}"\n', 1)
         config_path = os.path.join(work, "gateway.toml")
         open(config_path, "w").write(config)
         body = os.path.join(work, "chat.json")

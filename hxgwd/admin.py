@@ -22,7 +22,7 @@ import trio
 
 from hxgwd.config.validate import NAME_RE
 from hxgwd.errors import BadRequest, NotFound, Unavailable, UpstreamTimeout, capped, require_method
-from hxgwd.pipeline.parse import json_document
+from hxgwd.pipeline.body import json_document
 from hxgwd.runtime import Runtime
 
 JSON = (b"content-type", b"application/json")

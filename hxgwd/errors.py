@@ -27,6 +27,8 @@ from __future__ import annotations
 import json
 import math
 
+from hxgwd.http import HttpError
+
 MAX_ECHOED = 256    # characters of a client's string repeated in an error message or a log line
 
 
@@ -181,3 +183,23 @@ STATUS_ERRORS: dict[int, type[GatewayError]] = {
                 PayloadTooLarge, HeadersTooLarge, RateLimited, UpstreamError, UpstreamTimeout,
                 Unavailable)
 }
+
+
+class HttpErrors:
+    """How the HTTP layer's refusals (hxgwd.http.HttpError: a status and a reason) reach a client
+    of the gateway: as the GatewayError of that status, OpenAI-shaped like every other error. The
+    HTTP layer is given one of these (http/connection.py, Errors) and knows no format itself."""
+
+    BY_STATUS: dict[int, type[GatewayError]] = {408: RequestTimeout, 413: PayloadTooLarge, 431: HeadersTooLarge,
+                                                505: VersionNotSupported}
+
+    def refusal(self, error: HttpError) -> GatewayError:
+        if error.status == 400:
+            return BadRequest(error.message, code="bad_http")
+        cls = self.BY_STATUS.get(error.status)
+        return GatewayError(error.message) if cls is None else cls(error.message)
+
+    def answer(self, exc: Exception) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        if not isinstance(exc, GatewayError):
+            return None
+        return exc.status, [(b"content-type", b"application/json"), *exc.headers()], exc.body()

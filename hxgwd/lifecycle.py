@@ -22,16 +22,17 @@ import trio
 from hxgwd import sdnotify
 from hxgwd.config.load import ConfigError
 from hxgwd.config.model import Config
+from hxgwd.errors import HttpErrors
 from hxgwd.http import resolve_parser
 from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
-from hxgwd.pipeline.connection import HttpConnection
+from hxgwd.http.connection import HttpConnection
 from hxgwd.pipeline.handle import Gateway
-from hxgwd.pipeline.listen import IdleConnections, accept_loop, bound_addresses, open_listeners
+from hxgwd.http.listen import IdleConnections, accept_loop, bound_addresses, open_listeners
 from hxgwd.pipeline.route import Router
 from hxgwd.services import Services, open_services
 from hxgwd.runtime import Runtime, RuntimeHolder, build_runtime
-from hxgwd.sockio import SocketIO
+from hxgwd.http.sockio import SocketIO
 from hxgwd.upstream import Transports
 from hxgwd.upstream.gates import Gates
 from hxgwd.upstream.probe import probe_loop
@@ -166,7 +167,7 @@ class Daemon:
 
 
 def needs_restart(old: Config, new: Config) -> list[str]:
-    changed = [f"server.{name}" for name in ("listen", "backlog", "max_connections")
+    changed = [f"server.{name}" for name in ("listen", "backlog", "max_connections", "http_parser")
                if getattr(old.server, name) != getattr(new.server, name)]
     changed += [f"redis.{name}" for name in ("url", "password_env", "password_file")
                 if getattr(old.redis, name) != getattr(new.redis, name)]
@@ -209,8 +210,12 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services, listeners:
     def settings():
         return daemon.holder.current.config.server
 
+    # the parser is chosen once: the upstream side reads with the same one (needs_restart)
+    parser = resolve_parser(cfg.server.http_parser)
+    errors = HttpErrors()
+
     async def serve_connection(stream: SocketIO) -> None:
-        await HttpConnection(stream, settings, gateway, life).run()
+        await HttpConnection(stream, settings, gateway, life, parser=parser, errors=errors).run()
 
     def on_resource_error(exc: OSError) -> None:
         daemon.log.error("accept failed, backing off", error=exc.strerror)
@@ -231,7 +236,7 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services, listeners:
                                                  serve_connection, on_resource_error)
                         life.listening = True
                         daemon.log.info("listening", addresses=addresses,
-                                        http_parser=resolve_parser(daemon.holder.current.config.server.http_parser),
+                                        http_parser=parser,
                                         generation=daemon.holder.current.generation)
                         sdnotify.ready(f"listening on {', '.join(addresses)}")
                         task_status.started(addresses)

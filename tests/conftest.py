@@ -58,11 +58,17 @@ class RunningGateway:
         return await self.client.get(path, headers={**AUTH, **(headers or {})})
 
 
+# The HTTP parser every gateway in the run uses: .ci/run runs the HTTP and gateway tests once more
+# with HXGWD_TEST_HTTP_PARSER=h11 (the default, "auto", is httptools where it is installed).
+HTTP_PARSER = os.environ.get("HXGWD_TEST_HTTP_PARSER", "auto")
+
+
 def gateway_config(backends: str, extra: str = "", database: str = "") -> str:
     """A config with the dev key, listening on a free port, plus the given tables."""
     return textwrap.dedent(f"""
         [server]
         listen = ["127.0.0.1:0"]
+        http_parser = "{HTTP_PARSER}"
         [database]
         url = "{database}"
         key_refresh = 0.2

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from hxgwd.offload import dumps_in_steps
-from hxgwd.pipeline.parse import json_document, json_document_in_steps
+from hxgwd.pipeline.body import json_document, json_document_in_steps
 from hxgwd.upstream.echo import _word_count
 from tests.conftest import AUTH, gateway_config
 from tests.daemon import DaemonProcess

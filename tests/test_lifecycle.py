@@ -10,7 +10,10 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import AUTH, gateway_config
+from hxgwd.config import load
+from hxgwd.http import resolve_parser
+from hxgwd.lifecycle import needs_restart
+from tests.conftest import AUTH, HTTP_PARSER, gateway_config, start_gateway
 from tests.daemon import DaemonProcess
 from tests.fakeupstream import FakeUpstream, Reply, Stream
 
@@ -234,3 +237,21 @@ async def test_a_reload_gives_up_on_a_read_that_never_returns(tmp_path, autojump
         while daemon._reader_stuck:
             await trio.sleep(0.01)
     assert daemon.holder.current.generation == 1
+
+
+def test_a_parser_change_waits_for_a_restart():
+    # the upstream side reads with the same parser, and a connection keeps the one it began with
+    backends = '[[backends]]\nname = "e"\nkind = "echo"\n[[models]]\nname = "m"\nbackend = "e"\n'
+    old = load.loads(gateway_config(backends).replace('http_parser = "', 'http_parser = "h11" # "'))
+    new = load.loads(gateway_config(backends).replace('http_parser = "', 'http_parser = "auto" # "'))
+    assert needs_restart(old, new) == ["server.http_parser"]
+    assert needs_restart(new, new) == []
+
+
+async def test_the_gateway_reads_with_the_configured_parser(nursery):
+    backends = '[[backends]]\nname = "e"\nkind = "echo"\n[[models]]\nname = "m"\nbackend = "e"\n'
+    gw = await start_gateway(nursery, gateway_config(backends))
+    assert (await gw.client.get("/healthz")).status_code == 200
+    listening = next(line for line in gw.log.lines() if line["msg"] == "listening")
+    assert listening["http_parser"] == resolve_parser(HTTP_PARSER)
+    await gw.stop()

@@ -26,7 +26,7 @@ import attrs
 import pytest
 import trio
 
-from tests.conftest import DEV_KEY, gateway_config, start_gateway
+from tests.conftest import HTTP_PARSER, DEV_KEY, gateway_config, start_gateway
 from tests.smuggling import ANY_REQUEST_LINE, CapturingUpstream, Scripted, answer_bytes, chat_answer, \
     exchange, frame_requests, parse_responses
 
@@ -220,7 +220,7 @@ KNOWN_BUGS: dict[str, str] = {}
 
 
 def config(parser: str, upstream_url: str) -> str:
-    server = (f'\nhttp_parser = "{parser}"\nmax_body_bytes = {MAX_BODY}\nheader_timeout = 1\nbody_timeout = 0.5'
+    server = (f'\nmax_body_bytes = {MAX_BODY}\nheader_timeout = 1\nbody_timeout = 0.5'
               f'\nkeepalive_timeout = 0.2')
     return gateway_config(f"""
         [[backends]]
@@ -229,7 +229,8 @@ def config(parser: str, upstream_url: str) -> str:
         [[models]]
         name = "m"
         backend = "u"
-    """).replace('listen = ["127.0.0.1:0"]', 'listen = ["127.0.0.1:0"]' + server)
+    """).replace('listen = ["127.0.0.1:0"]', 'listen = ["127.0.0.1:0"]' + server).replace(
+        f'http_parser = "{HTTP_PARSER}"', f'http_parser = "{parser}"')   # each case runs with both
 
 
 async def start_pair(nursery: trio.Nursery, parser: str) -> tuple[CapturingUpstream, int, object]:

@@ -12,17 +12,27 @@ Whichever parser reads, the heads we send are written by our own code from check
 The client side (upstreams) is `client_protocol(parser, max_head_bytes)`, see `client.py`; both
 backends there accept the same answers and refuse the same ones (`client.STRICTNESS`).
 
-This module only answers which backend is in use; it imports neither parser, so `hxgwd --version`
-stays fast.
+This module answers which backend is in use and exports the server protocol's names
+(protocol.py); it imports neither parser, so `hxgwd --version` stays fast.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+
+from hxgwd.http.heads import Headers
+from hxgwd.http.protocol import (END_OF_BODY, NEED_DATA, PEER_CLOSED, Errors, HttpError, PlainErrors, ProtocolError,
+                                 RequestHead, ServerProtocol, server_protocol)
+
+__all__ = ["END_OF_BODY", "NEED_DATA", "PEER_CLOSED", "PARSERS", "Errors", "Headers", "HttpError", "PlainErrors",
+           "ProtocolError", "RequestHead", "ServerProtocol", "httptools_available", "resolve_parser",
+           "server_protocol"]
 
 PARSERS = ("httptools", "h11")
 
 
+@functools.cache     # a fact of the installation: asked once
 def httptools_available() -> bool:
     return importlib.util.find_spec("httptools") is not None
 

@@ -28,6 +28,7 @@ from typing import Protocol, Sequence
 
 import attrs
 
+from hxgwd.http.events import END_OF_MESSAGE, NEED_DATA, Marker
 from hxgwd.http.heads import request_head
 
 Headers = list[tuple[bytes, bytes]]
@@ -54,18 +55,6 @@ class ResponseHead:
     headers: Headers            # names lowercased, in arrival order
 
 
-class _Marker:
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-END_OF_MESSAGE = _Marker("END_OF_MESSAGE")
-NEED_DATA = _Marker("NEED_DATA")
 
 
 class ClientProtocol(Protocol):
@@ -75,7 +64,7 @@ class ClientProtocol(Protocol):
 
     def feed(self, data: bytes) -> None: ...
 
-    def next(self) -> "ResponseHead | bytes | _Marker": ...
+    def next(self) -> "ResponseHead | bytes | Marker": ...
 
     def start_next(self) -> None: ...
 

@@ -13,7 +13,7 @@ import hmac
 from typing import Callable, Iterable
 
 from hxgwd.errors import Forbidden, Unauthorized
-from hxgwd.pipeline.parse import Headers
+from hxgwd.http import Headers
 from hxgwd.runtime import Principal
 
 KeyLookup = Callable[[bytes], "Principal | None"]

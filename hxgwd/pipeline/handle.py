@@ -26,8 +26,8 @@ from hxgwd.logs import Logger
 from hxgwd import admin, memtrim
 from hxgwd.offload import OFF_LOOP_BYTES, off_loop
 from hxgwd.pipeline import authenticate, limit, proxy, record, route, transform
-from hxgwd.pipeline.connection import ClientGone, Request, Response
-from hxgwd.pipeline.parse import json_document, json_document_in_steps
+from hxgwd.http.connection import ClientGone, Request, Response
+from hxgwd.pipeline.body import json_document, json_document_in_steps
 from hxgwd.runtime import Deployment, Principal, Runtime, RuntimeHolder
 from hxgwd.services import Services
 from hxgwd.upstream import Transports

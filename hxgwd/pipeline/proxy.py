@@ -27,8 +27,8 @@ import trio
 from hxgwd.errors import GatewayError, Unavailable, UpstreamError, UpstreamTimeout
 from hxgwd.offload import off_loop
 from hxgwd.pipeline import transform
-from hxgwd.pipeline.connection import Response
-from hxgwd.pipeline.parse import Headers
+from hxgwd.http.connection import Response
+from hxgwd.http import Headers
 from hxgwd.pipeline.route import Outcome, Plan, RequestFeatures, Router
 from hxgwd.runtime import Deployment
 from hxgwd.upstream import PoolFull, Transports, UpstreamRequest, UpstreamResponse

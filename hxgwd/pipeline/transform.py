@@ -31,8 +31,8 @@ from typing import Any
 import attrs
 
 from hxgwd.errors import BadRequest, PayloadTooLarge, UpstreamError
+from hxgwd.http import Headers
 from hxgwd.offload import OFF_LOOP_BYTES, dumps_in_steps
-from hxgwd.pipeline.parse import Headers
 from hxgwd.runtime import Deployment
 
 ENDPOINT_KINDS = {"/chat/completions": "chat", "/completions": "chat", "/embeddings": "embedding"}

@@ -24,7 +24,7 @@ import trio
 
 from hxgwd.config.model import Timeouts
 from hxgwd.offload import OFF_LOOP_BYTES, off_loop
-from hxgwd.pipeline.parse import json_document_in_steps
+from hxgwd.pipeline.body import json_document_in_steps
 from hxgwd.upstream import Headers, UpstreamRequest
 
 JSON = [(b"content-type", b"application/json")]

@@ -29,8 +29,8 @@ from hxgwd.config.model import Timeouts
 from hxgwd.errors import BadRequest, UpstreamError, UpstreamTimeout
 from hxgwd.http.client import END_OF_MESSAGE, NEED_DATA, ResponseError, ResponseHead, client_protocol
 from hxgwd.http.heads import BadHeader
+from hxgwd.http.sockio import SocketIO
 from hxgwd.runtime import Origin
-from hxgwd.sockio import SocketIO      # the one import of it here: it moves to hxgwd.http.sockio
 from hxgwd.upstream import Headers, PoolFull, UpstreamRequest
 
 RECEIVE_SIZE = 65536

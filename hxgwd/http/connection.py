@@ -1,4 +1,4 @@
-"""One client connection: moves bytes between a socket and `parse.ServerConn`, applies each phase's
+"""One client connection: moves bytes between a socket and the sans-I/O server protocol, applies each phase's
 deadline, and calls the handler once per request. Knows HTTP, not OpenAI.
 
 Two tasks per connection. The reader task receives only when given a permit: when the request
@@ -29,11 +29,10 @@ from typing import AsyncIterator, Awaitable, Callable, Protocol
 import trio
 
 from hxgwd.config.model import Server
-from hxgwd.errors import GatewayError, PayloadTooLarge, RequestTimeout
-from hxgwd.pipeline.listen import IdleConnections
-from hxgwd.pipeline.parse import (END_OF_BODY, NEED_DATA, PEER_CLOSED, Headers, RequestHead,
-                                  ServerConn)
-from hxgwd.sockio import SocketIO
+from hxgwd.http.listen import IdleConnections
+from hxgwd.http.protocol import (END_OF_BODY, INTERNAL_ERROR, NEED_DATA, PEER_CLOSED, Errors, Headers, HttpError,
+                                 PlainErrors, ProtocolError, RequestHead, server_protocol)
+from hxgwd.http.sockio import SocketIO
 
 RECEIVE_SIZE = 65536
 LINGER_SECONDS = 2.0        # longest read-and-drop of a request body before closing under it
@@ -88,16 +87,16 @@ class Request:
         if self._received == 0:
             if self.head.content_length is not None and self.head.content_length > limit:
                 conn.closing = True
-                raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
+                raise conn.errors.refusal(HttpError(413, f"Request body is larger than {limit} bytes."))
             if self._body_due == math.inf:
                 self._body_due = trio.current_time() + self._settings.body_total_timeout
             if conn.protocol.waiting_for_100_continue and self.head.content_length != 0:
                 await conn.send(conn.protocol.response_continue())
         try:
             event = await conn.next_event(self._settings.body_timeout, "body", self._body_due)
-        except RequestTimeout:
+        except HttpError as exc:     # timed out, or malformed
             conn.closing = True      # the rest of the body may still come: no next request after it
-            raise
+            raise conn.errors.refusal(exc) from None
         if event is END_OF_BODY:
             conn.watch_for_hangup()
             return None
@@ -106,7 +105,7 @@ class Request:
         self._received += len(event)
         if self._received > limit:
             conn.closing = True
-            raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
+            raise conn.errors.refusal(HttpError(413, f"Request body is larger than {limit} bytes."))
         return event
 
 
@@ -146,13 +145,14 @@ Handler = Callable[[Request, Response], Awaitable[None]]
 
 class HttpConnection:
     def __init__(self, stream: SocketIO, settings: Callable[[], Server], handler: Handler,
-                 life: Lifecycle) -> None:
+                 life: Lifecycle, *, parser: str = "h11", errors: Errors = PlainErrors()) -> None:
         self.stream = stream
         self._settings = settings
         self._handler = handler
         self._life = life
+        self.errors = errors
         first = settings()
-        self.protocol = ServerConn(first.max_header_bytes)
+        self.protocol = server_protocol(parser, first.max_header_bytes)
         self._write_timeout = first.write_timeout
         self._read_permit = trio.Event()
         self._data_ready = trio.Event()
@@ -200,10 +200,7 @@ class HttpConnection:
                 data = b""
             self._receiving = False
             drained = 0 < len(data) < RECEIVE_SIZE
-            try:
-                self.protocol.feed(data)
-            except RuntimeError:   # h11 refuses data after the client's EOF; nothing more to read
-                data = b""
+            self.protocol.feed(data)
             self._data_ready.set()
             if not data:
                 self.client_gone = True
@@ -220,9 +217,10 @@ class HttpConnection:
             self._write_timeout = settings.write_timeout
             try:
                 head = await self._next_request(settings)
-            except GatewayError as exc:     # 400, 408, 431: answer and close
-                self._life.log_refused(self.peer, exc.status, exc.code)
-                await self._send_quietly(self.protocol.response_error(exc))
+            except HttpError as exc:     # 400, 408, 431, 505: answer and close
+                refusal = self.errors.refusal(exc)
+                self._life.log_refused(self.peer, exc.status, getattr(refusal, "code", None))
+                await self._send_quietly(self._error_answer(refusal))
                 return
             if head is None:
                 return
@@ -258,7 +256,7 @@ class HttpConnection:
         if event is PEER_CLOSED:
             return None
         if type(event) is not RequestHead:
-            raise RequestTimeout("Incomplete request.")
+            raise HttpError(408, "Incomplete request.")
         return event
 
     async def _take_turn(self) -> None:
@@ -307,15 +305,22 @@ class HttpConnection:
             await self._handler(request, response)
         except ClientGone:
             self.client_gone = True
-        except GatewayError as exc:
-            if not response.started:
-                await self._send_quietly(self.protocol.response_error(exc))
         except Exception as exc:
-            self._life.log_exception("request handler", exc)
+            if self.errors.answer(exc) is None:
+                self._life.log_exception("request handler", exc)
+                exc = self.errors.refusal(INTERNAL_ERROR)
             if not response.started:
-                await self._send_quietly(self.protocol.response_error(GatewayError("Internal error.")))
+                await self._send_quietly(self._error_answer(exc, response._extra))
         finally:
             self._handling = False
+
+    def _error_answer(self, exc: Exception, headers: Headers = ()) -> bytes:
+        """The answer to `exc`, closing the connection; b"" if a response was begun already."""
+        if not self.protocol.can_start_response:
+            return b""
+        status, own, body = self.errors.answer(exc) or self.errors.answer(self.errors.refusal(INTERNAL_ERROR))
+        self.closing = True
+        return self.protocol.response_full(status, [*own, *headers, *CLOSE], body)
 
     def closing_headers(self) -> Headers:
         """`Connection: close` for a response after which the connection ends: asked for, draining,
@@ -334,7 +339,7 @@ class HttpConnection:
                     return True
                 if type(event) is not bytes:
                     return False
-        except GatewayError:       # a malformed chunk: nothing after it can be trusted
+        except ProtocolError:       # a malformed chunk: nothing after it can be trusted
             pass
         return False
 
@@ -386,7 +391,7 @@ class HttpConnection:
             with trio.CancelScope(deadline=deadline) as scope:
                 await self._data_ready.wait()
             if scope.cancelled_caught:
-                raise RequestTimeout(f"Request {phase} not received in time.")
+                raise HttpError(408, f"Request {phase} not received in time.")
 
     async def send(self, data: bytes) -> None:
         if not data:

@@ -1,0 +1,119 @@
+"""The server protocol's h11 backend: pure Python, the reference. h11 only reads here; the answers
+are ours (protocol.py), so its send side is never used: each request gets a fresh h11.Connection,
+fed what the last one held beyond its request.
+
+h11 is more lenient than llhttp in places, and what it takes that llhttp refuses is refused here,
+by a look at the head's own bytes (kept until h11 parsed the head, at most max_header_bytes), once
+per request: a bare LF as a line end, obs-fold (a line continued by a space or tab), Content-Length
+twice or as a list (h11 merges them), control characters in values, an empty line before the
+request line (taken, as llhttp does), methods llhttp does not know, a target in none of the
+forms llhttp reads.
+"""
+
+from __future__ import annotations
+
+import re
+
+import h11
+
+from hxgwd.http.protocol import (END_OF_BODY, MALFORMED, NEED_DATA, PEER_CLOSED, TOO_LARGE, ProtocolError,
+                                 RequestHead, ServerProtocol, request_head)
+
+# llhttp's methods in HTTP mode (RTSP's and PRI excepted), as it parses them: h11 takes any token
+METHODS = frozenset(b"""DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH
+    SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY SUBSCRIBE UNSUBSCRIBE
+    PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY""".split())
+_HEAD_END = re.compile(rb"\n\r?\n")              # where h11 ends a head
+_CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([^\r\n]*)")
+_TARGET = re.compile(rb"/|\*\Z|[A-Za-z][A-Za-z0-9+.-]*://")   # origin, asterisk or absolute form, as llhttp reads them
+
+
+class H11ServerProtocol(ServerProtocol):
+    __slots__ = ("_h11", "_head_bytes", "_in_head", "_refused")
+
+    def __init__(self, max_header_bytes: int) -> None:
+        super().__init__(max_header_bytes)
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self._head_bytes = bytearray()   # the bytes of the head h11 has yet to parse
+        self._in_head = True
+        self._refused: ProtocolError | None = None    # found in a head still arriving
+
+    def feed(self, data: bytes) -> None:
+        """Bytes received from the client; b"" means the client closed its side."""
+        if self._in_head and data:
+            if not self._head_bytes:
+                data = data.lstrip(b"\r\n")   # llhttp skips empty lines before a request; h11 refuses them
+                if not data:
+                    return
+            self._head_bytes += data
+            if _HEAD_END.search(self._head_bytes) is None and not _well_formed(self._head_bytes):
+                self._refused = ProtocolError(400, MALFORMED)   # as llhttp, at once, not when the head ends
+        try:
+            self._h11.receive_data(data)
+        except RuntimeError:    # data after the client's EOF: nothing more can come
+            pass
+
+    def next(self) -> RequestHead | bytes | object:
+        if self._refused is not None:
+            raise self._refused
+        try:
+            event = self._h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise ProtocolError(431, TOO_LARGE) if exc.error_status_hint == 431 else ProtocolError(400, MALFORMED) from None
+        kind = type(event)
+        if kind is h11.Data:
+            self._expect_continue = False
+            return bytes(event.data)
+        if kind is h11.Request:
+            head = self._request_head(event)
+            self._begin(head)
+            return head
+        if kind is h11.EndOfMessage:
+            self._request_done = True
+            return END_OF_BODY
+        if kind is h11.ConnectionClosed:
+            return PEER_CLOSED
+        return NEED_DATA      # NEED_DATA, or PAUSED: the next request waits until this one is answered
+
+    def _request_head(self, event: h11.Request) -> RequestHead:
+        raw = self._head_bytes
+        self._in_head = False
+        self._head_bytes = bytearray()
+        end = _HEAD_END.search(raw)
+        raw = raw[:end.end()] if end else raw
+        if not _well_formed(raw) or not _TARGET.match(event.target):
+            raise ProtocolError(400, MALFORMED)
+        # h11's Headers is a Sequence whose iteration is a Python generator: copied once here
+        headers = list(event.headers)
+        if any(name == b"content-length" for name, _ in headers):
+            lengths = _CONTENT_LENGTH.findall(raw.lower())
+            if len(lengths) != 1 or not lengths[0].rstrip(b" \t").isdigit():   # `3, 3`; two equal ones
+                raise ProtocolError(400, MALFORMED)
+        head = request_head(event.method, event.target, event.http_version, headers, self._max_header_bytes,
+                            check_controls=True)
+        if event.method not in METHODS:
+            raise ProtocolError(400, MALFORMED)
+        return head
+
+    @property
+    def has_buffered_data(self) -> bool:
+        """Whether received bytes of the next head wait in the parser (ask after `next()` said
+        NEED_DATA between requests)."""
+        return bool(self._head_bytes)
+
+    def _next_cycle(self) -> None:
+        data, closed = self._h11.trailing_data
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_header_bytes)
+        self._in_head = True
+        if data:
+            self.feed(bytes(data))
+        if closed:
+            self.feed(b"")
+
+
+def _well_formed(raw: bytearray) -> bool:
+    """No bare LF or CR (one that ends the bytes so far may yet be followed by its LF), and no
+    obs-fold (a line continued by a space or a tab)."""
+    crlf = raw.count(b"\r\n")
+    return (raw.count(b"\n") == crlf and raw.count(b"\r") - raw.endswith(b"\r") == crlf
+            and b"\n " not in raw and b"\n\t" not in raw)
