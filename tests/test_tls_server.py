@@ -3,17 +3,26 @@ checked at load (--check-config, start, SIGHUP), reloaded on SIGHUP, mixed with 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import signal
+import ssl
 import subprocess
 import sys
 
+import httpx
 import pytest
+import trio
 
 from hxgwd.config import load
 from hxgwd.config.load import ConfigError
 from hxgwd.runtime import build_runtime
-from tests.conftest import DEV_SHA
+from tests.conftest import AUTH, DEV_SHA, gateway_config, start_gateway
+from tests.daemon import DaemonProcess
+from tests.fakeupstream import FakeUpstream
+
+CHAT = {"messages": [{"role": "user", "content": "Return exactly the text: HX-OK"}], "max_tokens": 10}
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl command is not installed")
 
@@ -49,6 +58,179 @@ def make_cert(d, name: str, *, days: int = 2, dates: tuple[str, str] | None = No
 def certs(tmp_path_factory):
     d = tmp_path_factory.mktemp("tls-server")
     return {name: make_cert(d, name) for name in ("a", "b")} | {"dir": d}
+
+
+def client_context(cert: str) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=cert)
+
+
+def tls_config(upstream: FakeUpstream, cert: str, key: str, server_extra: str = "") -> str:
+    return gateway_config(f"""
+        [[backends]]
+        name = "up"
+        url = "{upstream.url}"
+        [[models]]
+        name = "m"
+        backend = "up"
+    """).replace("[server]\n", f'[server]\ntls_cert = "{cert}"\ntls_key = "{key}"\n{server_extra}', 1)
+
+
+async def handshake(address: str, context: ssl.SSLContext) -> trio.SSLStream:
+    host, port = address.rsplit(":", 1)
+    stream = await trio.open_ssl_over_tcp_stream(host, int(port), ssl_context=context, https_compatible=True)
+    await stream.do_handshake()
+    return stream
+
+
+def fingerprint(stream: trio.SSLStream) -> str:
+    return hashlib.sha256(stream.getpeercert(binary_form=True)).hexdigest()
+
+
+def der_fingerprint(cert: str) -> str:
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(open(cert).read())).hexdigest()
+
+
+async def test_https_healthz_and_chat_through_to_the_upstream_with_http11_over_alpn(nursery, upstream, certs):
+    cert, key = certs["a"]
+    gw = await start_gateway(nursery, tls_config(upstream, cert, key))
+    address = gw.url.removeprefix("http://")
+    assert [line["tls"] for line in gw.log.lines() if line["msg"] == "listening"] == [[address]]
+    async with httpx.AsyncClient(base_url=f"https://{address}", verify=client_context(cert), timeout=30) as client:
+        assert (await client.get("/healthz")).status_code == 200
+        for _ in range(3):      # on one keep-alive connection
+            r = await client.post("/v1/chat/completions", json={**CHAT, "model": "m"}, headers=AUTH)
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "HX-OK"
+        async with client.stream("POST", "/v1/chat/completions", headers=AUTH,
+                                 json={**CHAT, "model": "m", "stream": True}) as r:
+            body = b"".join([chunk async for chunk in r.aiter_bytes()])
+        assert r.status_code == 200 and body.rstrip().endswith(b"data: [DONE]")
+
+    offers_both = client_context(cert)
+    offers_both.set_alpn_protocols(["h2", "http/1.1"])
+    stream = await handshake(address, offers_both)
+    assert stream.selected_alpn_protocol() == "http/1.1"
+    assert stream.version() in ("TLSv1.2", "TLSv1.3")
+    await stream.aclose()
+    # A client that offers only h2 gets no protocol chosen (OpenSSL carries on without ALPN) and
+    # may go on with HTTP/1.1 or give up: either way it is never told h2.
+    only_h2 = client_context(cert)
+    only_h2.set_alpn_protocols(["h2"])
+    stream = await handshake(address, only_h2)
+    assert stream.selected_alpn_protocol() is None
+    await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200 ")
+    await stream.aclose()
+    await gw.stop()
+    assert len([line for line in gw.log.requests() if line["status"] == 200]) == 4
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")   # what the test is about
+async def test_old_protocols_and_weak_ciphers_are_refused(nursery, upstream, certs):
+    cert, key = certs["a"]
+    gw = await start_gateway(nursery, tls_config(upstream, cert, key))
+    address = gw.url.removeprefix("http://")
+
+    def client(minimum: ssl.TLSVersion, maximum: ssl.TLSVersion, ciphers: str = "ALL:@SECLEVEL=0") -> ssl.SSLContext:
+        # security level 0, so that it is the server that refuses, not this client's OpenSSL
+        ctx = client_context(cert)
+        ctx.set_ciphers(ciphers)
+        ctx.minimum_version, ctx.maximum_version = minimum, maximum
+        return ctx
+
+    for version in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
+        with pytest.raises(trio.BrokenResourceError):
+            await handshake(address, client(version, version))
+    tls12 = await handshake(address, client(ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_2))
+    assert tls12.version() == "TLSv1.2" and tls12.cipher()[0] in (
+        "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305")
+    await tls12.aclose()
+    # CBC with SHA-1 is not among Mozilla's intermediate ciphers
+    with pytest.raises(trio.BrokenResourceError):
+        await handshake(address, client(ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-SHA"))
+    assert (await httpx.AsyncClient(verify=client_context(cert)).get(f"https://{address}/healthz")).status_code == 200
+    await gw.stop()
+
+
+async def test_a_client_that_never_finishes_the_handshake_is_closed_after_header_timeout(nursery, upstream, certs):
+    cert, key = certs["a"]
+    gw = await start_gateway(nursery, tls_config(upstream, cert, key, "header_timeout = 0.5\n"))
+    host, port = gw.url.removeprefix("http://").rsplit(":", 1)
+    for first_bytes in (b"", b"\x16\x03\x01\x02\x00\x01"):   # nothing; the start of a ClientHello
+        stream = await trio.open_tcp_stream(host, int(port))
+        started = trio.current_time()
+        if first_bytes:
+            await stream.send_all(first_bytes)
+        with trio.fail_after(5):
+            while await stream.receive_some(65536):
+                pass
+        assert 0.4 < trio.current_time() - started < 2
+        await stream.aclose()
+    assert gw.daemon.holder.current is not None
+    r = await httpx.AsyncClient(verify=client_context(cert)).get(f"https://{host}:{port}/healthz")
+    assert r.status_code == 200
+    await gw.stop()
+
+
+async def test_plain_and_tls_listeners_side_by_side(nursery, upstream, certs):
+    cert, key = certs["a"]
+    gw = await start_gateway(nursery, tls_config(upstream, cert, key).replace(
+        'listen = ["127.0.0.1:0"]', 'listen = ["127.0.0.1:0", "127.0.0.2:0"]\ntls_listen = ["127.0.0.2:0"]'))
+    (listening,) = [line for line in gw.log.lines() if line["msg"] == "listening"]
+    plain, tls = listening["addresses"]
+    assert listening["tls"] == [tls] and plain.startswith("127.0.0.1:") and tls.startswith("127.0.0.2:")
+    async with httpx.AsyncClient(headers=AUTH, timeout=30) as client:
+        r = await client.post(f"http://{plain}/v1/chat/completions", json={**CHAT, "model": "m"})
+        assert r.status_code == 200
+        with pytest.raises(httpx.HTTPError):        # plain HTTP to the TLS listener: closed
+            await client.get(f"http://{tls}/healthz")
+    async with httpx.AsyncClient(headers=AUTH, timeout=30, verify=client_context(cert)) as client:
+        r = await client.post(f"https://{tls}/v1/chat/completions", json={**CHAT, "model": "m"})
+        assert r.status_code == 200
+        with pytest.raises(httpx.HTTPError):        # TLS to the plain one: answered 400, not served
+            await client.get(f"https://{plain}/healthz")
+    await gw.stop()
+
+
+async def test_sighup_serves_new_connections_the_new_certificate_and_keeps_it_on_a_bad_one(nursery, tmp_path, certs):
+    up = FakeUpstream()
+    await nursery.start(up.serve)
+    (cert_a, key_a), (cert_b, key_b) = certs["a"], certs["b"]
+    live_cert, live_key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(cert_a, live_cert)
+    shutil.copy(key_a, live_key)
+    path = tmp_path / "hxgwd.toml"
+    path.write_text(tls_config(up, str(live_cert), str(live_key)))
+    daemon = DaemonProcess(str(path))
+    try:
+        await daemon.start(nursery)
+        insecure = ssl.create_default_context()
+        insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE
+        kept = await handshake(daemon.address, insecure)
+        assert fingerprint(kept) == der_fingerprint(cert_a)
+
+        shutil.copy(cert_b, live_cert)     # a renewal: the same paths, new files
+        shutil.copy(key_b, live_key)
+        mark = len(daemon.lines)
+        daemon.signal(signal.SIGHUP)
+        await daemon.wait_for("config reloaded", after=mark)
+        fresh = await handshake(daemon.address, insecure)
+        assert fingerprint(fresh) == der_fingerprint(cert_b)
+        await fresh.aclose()
+        # the connection from before the reload goes on with its own
+        await kept.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await kept.receive_some(65536)).startswith(b"HTTP/1.1 200 ")
+        await kept.aclose()
+
+        shutil.copy(key_a, live_key)       # half a renewal: the key no longer matches the certificate
+        mark = len(daemon.lines)
+        daemon.signal(signal.SIGHUP)
+        rejected = await daemon.wait_for("reload rejected, still serving the previous config", after=mark)
+        assert rejected["problems"] == [f"server.tls_key: {live_key} is not the key of the certificate in {live_cert}"]
+        fresh = await handshake(daemon.address, insecure)
+        assert fingerprint(fresh) == der_fingerprint(cert_b)
+        await fresh.aclose()
+    finally:
+        daemon.kill()
 
 
 def problems_of(tmp_path, server_lines: str) -> list[str]:

@@ -1,6 +1,7 @@
 """TLS termination for client connections: the server context built from `[server] tls_cert` and
 `tls_key` (checked when the config is compiled, so `--check-config`, the start and every SIGHUP
-refuse files that are unreadable, do not match or are not valid now).
+refuse files that are unreadable, do not match or are not valid now), and `TLSStream`, a TLS
+connection behind the calls of `SocketIO` that `HttpConnection` makes.
 
 The context is part of the runtime snapshot: a reload reads the files again, new connections get
 the new certificate, and a connection keeps the context it was accepted with.
@@ -8,8 +9,12 @@ the new certificate, and a connection keeps the context it was accepted with.
 
 from __future__ import annotations
 
+import math
+import socket
 import ssl
 import time
+
+import trio
 
 from hxgwd.config.model import Server
 
@@ -22,6 +27,9 @@ MOZILLA_INTERMEDIATE_CIPHERS = (
     "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
     "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305")
 EXPIRY_WARNING_DAYS = 14
+# The most a TLS write hands to trio's SSLStream at once: with a stall timeout, the deadline moves
+# after each slice, as SocketIO moves it each time the peer takes some.
+SEND_SLICE = 65536
 
 
 class _EncryptedKey(Exception):
@@ -115,5 +123,81 @@ def expiry_warnings(server: Server, now: float | None = None) -> list[str]:
             f"{_utc(dates[1])}: renew it and reload"]
 
 
+def context_for(tls: ssl.SSLContext | None, server: Server, listen: str) -> ssl.SSLContext | None:
+    """The context for a connection accepted on the listener bound for `listen` (an entry of
+    server.listen), or None if that listener speaks plain HTTP."""
+    if tls is None or (server.tls_listen and listen not in server.tls_listen):
+        return None
+    return tls
+
+
 def _utc(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+class TLSStream:
+    """trio's SSLStream behind the calls of SocketIO (deadlines as numbers), for HttpConnection.
+
+    The handshake happens in the first receive, the reader task's: so it falls under the deadline
+    of the connection's first request head (header_timeout from the connect), and a client that
+    connects and never finishes it holds its slot no longer than one that sends nothing.
+    `socket` is the TCP socket under it (peer address, shutdown before a linger)."""
+
+    __slots__ = ("tls", "socket")
+
+    def __init__(self, tls: trio.SSLStream, sock: socket.socket) -> None:
+        self.tls = tls
+        self.socket = sock
+
+    @classmethod
+    def server(cls, sock: socket.socket, context: ssl.SSLContext) -> "TLSStream":
+        """The server side of an accepted connection. https_compatible: clients close without
+        TLS's close_notify as often as not, and HTTP/1.1 never needs it to find the end of a
+        request, so such an end is an end (b""), not an error."""
+        transport = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        return cls(trio.SSLStream(transport, context, server_side=True, https_compatible=True), sock)
+
+    async def send_all(self, data: bytes, deadline: float = math.inf, *, stall_timeout: float | None = None) -> None:
+        with trio.CancelScope(deadline=deadline) as scope:
+            if stall_timeout is None or len(data) <= SEND_SLICE:
+                await self.tls.send_all(data)
+            else:
+                view = memoryview(data)
+                for start in range(0, len(view), SEND_SLICE):
+                    await self.tls.send_all(view[start:start + SEND_SLICE])
+                    scope.deadline = trio.current_time() + stall_timeout
+        if scope.cancelled_caught:
+            raise trio.TooSlowError()
+
+    async def receive_some(self, max_bytes: int, deadline: float = math.inf, *, wait_first: bool = False) -> bytes:
+        """`wait_first` is moot: SSLStream knows what it holds decrypted already."""
+        if deadline == math.inf:
+            return await self.tls.receive_some(max_bytes)
+        with trio.CancelScope(deadline=deadline):
+            return await self.tls.receive_some(max_bytes)
+        raise trio.TooSlowError()
+
+    def receive_now(self, max_bytes: int) -> None:
+        """Always "nothing now": bytes must be decrypted through SSLStream, which may also have to
+        send on the way and so is async; HttpConnection then lets its reader task take them."""
+        return None
+
+    def has_pending(self) -> bool:
+        """Whether anything waits on the socket (bytes, the end, a reset), without taking it."""
+        try:
+            self.socket.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return True
+
+    def close(self) -> None:
+        """At once, without awaiting, so without TLS's close_notify (as SocketIO.close)."""
+        if self.socket.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.socket)
+            self.socket.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
