@@ -20,7 +20,7 @@ from hxgwd.config.load import ConfigError
 from hxgwd.runtime import build_runtime
 from tests.conftest import AUTH, DEV_SHA, gateway_config, start_gateway
 from tests.daemon import DaemonProcess
-from tests.fakeupstream import FakeUpstream
+from tests.fakeupstream import FakeUpstream, Reply, Stream
 
 CHAT = {"messages": [{"role": "user", "content": "Return exactly the text: HX-OK"}], "max_tokens": 10}
 
@@ -122,6 +122,38 @@ async def test_https_healthz_and_chat_through_to_the_upstream_with_http11_over_a
     await stream.aclose()
     await gw.stop()
     assert len([line for line in gw.log.requests() if line["status"] == 200]) == 4
+
+
+async def test_large_bodies_both_ways_pipelining_and_close_notify(nursery, upstream, certs):
+    cert, key = certs["a"]
+    gw = await start_gateway(nursery, tls_config(upstream, cert, key))
+    address = gw.url.removeprefix("http://")
+    big_question, big_answer = "q" * 3_000_000, "a" * 5_000_000    # many SEND_SLICEs and TLS records
+    upstream.script(Reply(body={"choices": [{"message": {"role": "assistant", "content": big_answer}}]}),
+                    Stream(words=40, pad=50_000))
+    async with httpx.AsyncClient(base_url=f"https://{address}", verify=client_context(cert), timeout=30) as client:
+        r = await client.post("/v1/chat/completions", headers=AUTH,
+                              json={"model": "m", "messages": [{"role": "user", "content": big_question}]})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == big_answer
+        assert upstream.requests[-1].json["messages"][0]["content"] == big_question
+        async with client.stream("POST", "/v1/chat/completions", headers=AUTH,
+                                 json={**CHAT, "model": "m", "stream": True}) as r:
+            body = b"".join([chunk async for chunk in r.aiter_bytes()])
+        assert r.status_code == 200 and len(body) > 40 * 50_000 and body.rstrip().endswith(b"data: [DONE]")
+
+    # two requests in one TLS write; then the connection ends with TLS's close_notify, which a
+    # client that insists on it (https_compatible=False) reads as a clean end
+    host, port = address.rsplit(":", 1)
+    stream = await trio.open_ssl_over_tcp_stream(host, int(port), ssl_context=client_context(cert))
+    await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                          b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    received = b""
+    with trio.fail_after(10):
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    assert received.count(b"HTTP/1.1 200 ") == 2
+    await stream.aclose()
+    await gw.stop()
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")   # what the test is about
