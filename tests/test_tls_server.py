@@ -4,6 +4,7 @@ checked at load (--check-config, start, SIGHUP), reloaded on SIGHUP, mixed with 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -152,6 +153,48 @@ async def test_large_bodies_both_ways_pipelining_and_close_notify(nursery, upstr
         while chunk := await stream.receive_some(65536):
             received += chunk
     assert received.count(b"HTTP/1.1 200 ") == 2
+    await stream.aclose()
+    await gw.stop()
+
+
+async def test_a_client_not_reading_is_dropped_after_write_timeout_one_reading_slowly_is_not(nursery, certs,
+                                                                                              autojump_clock):
+    up = FakeUpstream()
+    await nursery.start(up.serve)
+    cert, key = certs["a"]
+    gw = await start_gateway(nursery, tls_config(up, cert, key, "write_timeout = 10.0\n"))
+    host, port = gw.url.removeprefix("http://").rsplit(":", 1)
+
+    async def request(stream: trio.SSLStream, extra: dict) -> None:
+        body = json.dumps({**CHAT, "model": "m", **extra}).encode()
+        await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                              b"sk-hx-dev-1234\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    up.script(Stream(words=2000, pad=16384))     # ~32 MB of events, far more than socket buffers
+    stream = await trio.open_ssl_over_tcp_stream(host, int(port), ssl_context=client_context(cert))
+    await request(stream, {"stream": True})
+    await stream.receive_some(1000)              # then never read again
+    began = trio.current_time()
+    with trio.fail_after(60):
+        while not gw.log.requests():
+            await trio.sleep(0.5)
+    assert gw.log.requests()[-1]["status"] == 499
+    assert 10.0 <= trio.current_time() - began < 20.0
+    assert up.chunks_sent < 2000
+    await stream.aclose()
+
+    answer = {"pad": "x" * (12 << 20)}           # one write, far more than socket buffers hold
+    up.script(Reply(200, body=answer))
+    stream = await trio.open_ssl_over_tcp_stream(host, int(port), ssl_context=client_context(cert))
+    await request(stream, {})
+    received = 0
+    with trio.fail_after(1000):                  # 256 KiB a second: ~50 s, never 10 s without progress
+        while received < 12 << 20:
+            for _ in range(4):                   # 64 KiB: a receive gives one TLS record, 16 KiB at most
+                chunk = await stream.receive_some(65536)
+                assert chunk, "dropped"
+                received += len(chunk)
+            await trio.sleep(0.25)
     await stream.aclose()
     await gw.stop()
 
