@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import trio
 
 from hxgwd.config import load
 from hxgwd.config.load import ConfigError
+from hxgwd.http.tls import TLSStream
 from hxgwd.runtime import build_runtime
 from tests.conftest import AUTH, DEV_SHA, gateway_config, start_gateway
 from tests.daemon import DaemonProcess
@@ -196,6 +198,30 @@ async def test_a_client_not_reading_is_dropped_after_write_timeout_one_reading_s
                 received += len(chunk)
             await trio.sleep(0.25)
     await stream.aclose()
+    await gw.stop()
+
+
+async def test_tls_stream_as_a_client_too(nursery, upstream, certs):
+    # what the upstream pool's own TLS adapter could become: the same stream, client side
+    cert, key = certs["a"]
+    gw = await start_gateway(nursery, tls_config(upstream, cert, key))
+    host, port = gw.url.removeprefix("http://").rsplit(":", 1)
+    stream = TLSStream(socket.create_connection((host, int(port))), client_context(cert), server_side=False,
+                       server_hostname=host)
+    deadline = trio.current_time() + 10
+    await stream.do_handshake(deadline)
+    assert stream.ssl_object.selected_alpn_protocol() is None      # this client asked for none
+    await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", deadline)
+    assert (await stream.receive_some(65536, deadline, wait_first=True)).startswith(b"HTTP/1.1 200 ")
+    assert not stream.has_pending()
+    with pytest.raises(trio.TooSlowError):                          # nothing more comes
+        await stream.receive_some(65536, trio.current_time() + 0.2)
+    await stream.aclose()
+    untrusted = TLSStream(socket.create_connection((host, int(port))), ssl.create_default_context(),
+                          server_side=False, server_hostname=host)
+    with pytest.raises(trio.BrokenResourceError, match="CERTIFICATE_VERIFY_FAILED"):
+        await untrusted.do_handshake(deadline)
+    untrusted.close()
     await gw.stop()
 
 
