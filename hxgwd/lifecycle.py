@@ -24,7 +24,8 @@ from hxgwd import sdnotify
 from hxgwd.config.load import ConfigError
 from hxgwd.config.model import Config
 from hxgwd.http import resolve_parser
-from hxgwd.http.tls import TLSStream, context_for
+from hxgwd.http.tls import context_for
+from hxgwd.http.tls_stream import TLSStream
 from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
 from hxgwd.pipeline.connection import HttpConnection

@@ -22,6 +22,7 @@ from hxgwd.config import model as m
 from hxgwd.config.load import ConfigError
 from hxgwd.config.validate import (EXAMPLE_KEY_SHA256, HEX64_RE, example_key_problem,
                                    public_listen_address)
+from hxgwd.http.tls import server_context
 
 
 @attrs.frozen
@@ -206,8 +207,6 @@ def read_secrets(config: m.Config, environ: Mapping[str, str] | None = None,
                          db.password_env, db.password_file)
     redis_password = secret("redis." + ("password_env" if rd.password_env else "password_file"),
                             rd.password_env, rd.password_file)
-    from hxgwd.http.tls import server_context   # imports trio: not for every command line
-
     tls, tls_problems = server_context(config.server)
     return Secrets(tuple(digests), tuple(api_keys), db_password, redis_password, problems + tls_problems, tls)
 

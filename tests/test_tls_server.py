@@ -19,7 +19,7 @@ import trio
 
 from hxgwd.config import load
 from hxgwd.config.load import ConfigError
-from hxgwd.http.tls import TLSStream
+from hxgwd.http.tls_stream import TLSStream
 from hxgwd.runtime import build_runtime
 from tests.conftest import AUTH, DEV_SHA, gateway_config, start_gateway
 from tests.daemon import DaemonProcess
