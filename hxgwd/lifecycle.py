@@ -15,6 +15,7 @@ in-flight requests `server.shutdown_grace` seconds before cancelling them.
 from __future__ import annotations
 
 import signal
+from functools import partial
 
 import attrs
 import trio
@@ -24,6 +25,8 @@ from hxgwd.config.load import ConfigError
 from hxgwd.config.model import Config
 from hxgwd.errors import HttpErrors
 from hxgwd.http import resolve_parser
+from hxgwd.http.tls import context_for
+from hxgwd.http.tls_stream import TLSStream
 from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
 from hxgwd.http.connection import HttpConnection
@@ -214,8 +217,11 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services, listeners:
     parser = resolve_parser(cfg.server.http_parser)
     errors = HttpErrors()
 
-    async def serve_connection(stream: SocketIO) -> None:
-        await HttpConnection(stream, settings, gateway, life, parser=parser, errors=errors).run()
+    async def serve_connection(stream: SocketIO, listen: str) -> None:
+        runtime = daemon.holder.current    # TLS or not, and which certificate: as at the accept
+        tls = context_for(runtime.tls, runtime.config.server, listen)
+        await HttpConnection(stream if tls is None else TLSStream.server(stream.socket, tls),
+                             settings, gateway, life, parser=parser, errors=errors).run()
 
     def on_resource_error(exc: OSError) -> None:
         daemon.log.error("accept failed, backing off", error=exc.strerror)
@@ -233,9 +239,13 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services, listeners:
                     async with trio.open_nursery() as acceptors:
                         for listener in listeners:
                             acceptors.start_soon(accept_loop, listener, slots, life.idle_scopes, connections,
-                                                 serve_connection, on_resource_error)
+                                                 partial(serve_connection, listen=listener.listen),
+                                                 on_resource_error)
                         life.listening = True
+                        runtime = daemon.holder.current
                         daemon.log.info("listening", addresses=addresses,
+                                        tls=[listener.address for listener in listeners
+                                             if context_for(runtime.tls, runtime.config.server, listener.listen)],
                                         http_parser=parser,
                                         generation=daemon.holder.current.generation)
                         sdnotify.ready(f"listening on {', '.join(addresses)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import ssl
 import time
 import urllib.parse
 from typing import Callable, Mapping
@@ -21,6 +22,7 @@ from hxgwd.config import model as m
 from hxgwd.config.load import ConfigError
 from hxgwd.config.validate import (EXAMPLE_KEY_SHA256, HEX64_RE, example_key_problem,
                                    public_listen_address)
+from hxgwd.http.tls import server_context
 
 
 @attrs.frozen
@@ -110,6 +112,7 @@ class Runtime:
     loaded_at: float
     db_password: str | None = attrs.field(default=None, repr=False)
     redis_password: str | None = attrs.field(default=None, repr=False)
+    tls: ssl.SSLContext | None = attrs.field(default=None, repr=False, eq=False)   # [server] tls_cert, tls_key
 
 
 class RuntimeHolder:
@@ -144,6 +147,7 @@ class Secrets:
     db_password: str | None = attrs.field(repr=False)
     redis_password: str | None = attrs.field(repr=False)
     problems: list[str]
+    tls: ssl.SSLContext | None = attrs.field(default=None, repr=False)   # holds the private key
 
 
 def read_secrets(config: m.Config, environ: Mapping[str, str] | None = None,
@@ -203,7 +207,8 @@ def read_secrets(config: m.Config, environ: Mapping[str, str] | None = None,
                          db.password_env, db.password_file)
     redis_password = secret("redis." + ("password_env" if rd.password_env else "password_file"),
                             rd.password_env, rd.password_file)
-    return Secrets(tuple(digests), tuple(api_keys), db_password, redis_password, problems)
+    tls, tls_problems = server_context(config.server)
+    return Secrets(tuple(digests), tuple(api_keys), db_password, redis_password, problems + tls_problems, tls)
 
 
 def compile_config(config: m.Config, generation: int, source: str = "<config>",
@@ -247,7 +252,7 @@ def compile_config(config: m.Config, generation: int, source: str = "<config>",
         targets[g.name] = Target(g.name, deps[0].kind, g.name, g, deps)
 
     return Runtime(config, generation, source, keys, targets, deployments, backends, time.time(),
-                   secrets.db_password, secrets.redis_password)
+                   secrets.db_password, secrets.redis_password, secrets.tls)
 
 
 def _read_secret(path: str) -> str:

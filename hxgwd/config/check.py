@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 from hxgwd.config import model as m
 from hxgwd.config.validate import EXAMPLE_KEY_SHA256
+from hxgwd.http.tls import certificate_dates, expiry_warnings
 from hxgwd.runtime import Runtime
 
 
 def summary(rt: Runtime) -> str:
     c = rt.config
     lines = [f"listen:   {', '.join(c.server.listen)}"]
+    if rt.tls is not None:
+        dates = certificate_dates(c.server.tls_cert)
+        lines.append(f"tls:      {', '.join(c.server.tls_listen) or 'every listen address'}; {c.server.tls_cert}"
+                     + (f" until {time.strftime('%Y-%m-%d', time.gmtime(dates[1]))}" if dates else ""))
     sources = {"sha256": 0, "key_env": 0, "key_file": 0}
     for k in c.keys:
         for s in sources:
@@ -42,6 +48,7 @@ def warnings(path: str, config: m.Config) -> list[str]:
            "with `hxgwd genkey` or `hxgwd keys create`" for k in config.keys if k.sha256 == EXAMPLE_KEY_SHA256]
     files = [("config file", path)] + [(f"key file of key {k.name!r}", k.key_file) for k in config.keys if k.key_file]
     files += [(f"api key file of backend {b.name!r}", b.api_key_file) for b in config.backends if b.api_key_file]
+    files += [("TLS private key file", config.server.tls_key)] if config.server.tls_key else []
     files += [(f"{table} password file", getattr(config, table).password_file) for table in ("database", "redis")
               if getattr(config, table).password_file]
     for what, file in files:
@@ -51,4 +58,4 @@ def warnings(path: str, config: m.Config) -> list[str]:
             continue
         if mode & stat.S_IROTH:
             out.append(f"{what} {file} is readable by other users (chmod o-r)")
-    return out
+    return out + expiry_warnings(config.server)

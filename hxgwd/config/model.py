@@ -32,6 +32,9 @@ class Server:
     max_response_bytes: int = 64 * MiB   # a non-streamed upstream answer is buffered up to this -> 502
     max_sse_event_bytes: int = 1 * MiB   # one server-sent event from upstream -> 502 if larger
     http_parser: Literal["auto", "httptools", "h11"] = "auto"   # both sides; auto: httptools if importable
+    tls_cert: str | None = None          # PEM certificate served to clients (leaf first, then its chain)
+    tls_key: str | None = None           # its PEM private key, unencrypted; both re-read on SIGHUP
+    tls_listen: tuple[str, ...] = ()     # the `listen` entries that speak TLS, as written there; empty: all
 
 
 @frozen

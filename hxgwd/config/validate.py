@@ -57,6 +57,13 @@ def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list
     for name in ("header_timeout", "body_timeout", "body_total_timeout", "keepalive_timeout", "write_timeout", "shutdown_grace"):
         if getattr(s, name) <= 0:
             p.append(f"server.{name}: must be greater than 0")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        p.append("server: set both tls_cert and tls_key, or neither")
+    for i, addr in enumerate(s.tls_listen):
+        if addr not in s.listen:
+            p.append(f"server.tls_listen[{i}]: {addr!r} is not an entry of server.listen")
+    if s.tls_listen and not s.tls_cert:
+        p.append("server.tls_listen: TLS needs tls_cert and tls_key")
     p.extend(_check_timeouts(c.timeouts, "timeouts"))
     # The example key opens the gateway to whoever read the README: any key (admin or not: it
     # spends the backends' quota and the budgets either way), on any address others can reach.

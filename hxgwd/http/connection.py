@@ -23,7 +23,6 @@ still sending, is not reset before it read the answer.
 from __future__ import annotations
 
 import math
-import socket
 from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 import trio
@@ -348,7 +347,7 @@ class HttpConnection:
         close() with a reset, which can destroy our answer before the client read it (it is
         usually still sending). So stop sending, then read and drop what comes, for a little while."""
         try:
-            self.stream.socket.shutdown(socket.SHUT_WR)
+            self.stream.shutdown_write()
         except OSError:
             return
         dropped = 0

@@ -87,12 +87,13 @@ class IdleConnections:
 
 
 class Listener:
-    """One bound, listening, non-blocking socket."""
+    """One bound, listening, non-blocking socket; `listen`: the server.listen entry it was bound for."""
 
-    __slots__ = ("socket",)
+    __slots__ = ("socket", "listen")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, listen: str) -> None:
         self.socket = sock
+        self.listen = listen
 
     @property
     def address(self) -> str:
@@ -113,7 +114,7 @@ async def open_listeners(addresses: tuple[str, ...], backlog: int) -> list[Liste
             for family, type_, proto, _name, sockaddr in await trio.socket.getaddrinfo(
                     host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
                 sock = socket.socket(family, type_, proto)
-                listeners.append(Listener(sock))
+                listeners.append(Listener(sock, addr))
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

@@ -87,6 +87,10 @@ class SocketIO:
             return True
         return True
 
+    def shutdown_write(self) -> None:
+        """Send the end (FIN); receiving goes on. OSError if the connection is gone."""
+        self.socket.shutdown(socket.SHUT_WR)
+
     def close(self) -> None:
         """Close at once (no lingering, no await); a task waiting on the socket gets
         trio.ClosedResourceError."""
