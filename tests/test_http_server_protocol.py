@@ -263,6 +263,7 @@ STRICTNESS = [
     ("a bare CR", b"GET / HTTP/1.1\r\n" + H + b"X: a\rb\r\n\r\n", 400),
     ("obs-fold in a head still arriving", b"GET / HTTP/1.1\r\n" + H + b"X: b\r\n c", 400),
     ("a bare LF in a head still arriving", b"GET / HTTP/1.1\n" + H, 400),
+    ("whitespace after Transfer-Encoding", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked \t\r\n\r\n0\r\n\r\n", 400),
     ("HTTP/0.9", b"GET /\r\n\r\n", None),           # both refuse: 400 or 505
     ("HTTP/2.0", b"GET / HTTP/2.0\r\n" + H + b"\r\n", 505),
     ("HTTP/3.0", b"GET / HTTP/3.0\r\n" + H + b"\r\n", 505),

@@ -5,7 +5,7 @@ fed what the last one held beyond its request.
 h11 is more lenient than llhttp in places, and what it takes that llhttp refuses is refused here,
 by a look at the head's own bytes (kept until h11 parsed the head, at most max_header_bytes), once
 per request: a bare LF as a line end, obs-fold (a line continued by a space or tab), Content-Length
-twice or as a list (h11 merges them), control characters in values, an empty line before the
+twice or as a list (h11 merges them), whitespace after a Transfer-Encoding value (h11 strips it), control characters in values, an empty line before the
 request line (taken, as llhttp does), methods llhttp does not know, a target in none of the
 forms llhttp reads.
 """
@@ -25,6 +25,7 @@ METHODS = frozenset(b"""DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK
     PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY""".split())
 _HEAD_END = re.compile(rb"\n\r?\n")              # where h11 ends a head
 _CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([^\r\n]*)")
+_TE_TRAILING_WS = re.compile(rb"\ntransfer-encoding:[^\r\n]*[ \t]\r\n", re.IGNORECASE)   # h11 strips it; llhttp does not
 _TARGET = re.compile(rb"/|\*\Z|[A-Za-z][A-Za-z0-9+.-]*://")   # origin, asterisk or absolute form, as llhttp reads them
 
 
@@ -85,7 +86,10 @@ class H11ServerProtocol(ServerProtocol):
             raise ProtocolError(400, MALFORMED)
         # h11's Headers is a Sequence whose iteration is a Python generator: copied once here
         headers = list(event.headers)
-        if any(name == b"content-length" for name, _ in headers):
+        names = [name for name, _ in headers]
+        if b"transfer-encoding" in names and _TE_TRAILING_WS.search(raw):
+            raise ProtocolError(400, MALFORMED)      # `chunked \t`: llhttp's backend refuses it
+        if b"content-length" in names:
             lengths = _CONTENT_LENGTH.findall(raw.lower())
             if len(lengths) != 1 or not lengths[0].rstrip(b" \t").isdigit():   # `3, 3`; two equal ones
                 raise ProtocolError(400, MALFORMED)
