@@ -7,7 +7,7 @@ by a look at the head's own bytes (kept until h11 parsed the head, at most max_h
 per request: a bare LF as a line end, obs-fold (a line continued by a space or tab), Content-Length
 twice or as a list (h11 merges them), whitespace after a Transfer-Encoding value (h11 strips it), control characters in values, an empty line before the
 request line (taken, as llhttp does), methods llhttp does not know, a target in none of the
-forms llhttp reads.
+forms llhttp reads. Trailers after a chunked body are refused by both backends.
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ class H11ServerProtocol(ServerProtocol):
             self._begin(head)
             return head
         if kind is h11.EndOfMessage:
+            if event.headers:   # trailers: llhttp refuses some (Content-Length); both refuse all
+                raise ProtocolError(400, MALFORMED)
             self._request_done = True
             return END_OF_BODY
         if kind is h11.ConnectionClosed:

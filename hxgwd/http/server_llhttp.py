@@ -53,11 +53,12 @@ class LlhttpServerProtocol(ServerProtocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_head:          # not a trailer, which is dropped as h11's backend drops them
-            # as h11 gives them: llhttp keeps a value's trailing whitespace (RFC 9110 5.5 strips it)
-            # and the case of Transfer-Encoding's
-            name = name.lower()
-            self._headers.append((name, value.rstrip(b" \t") if name != b"transfer-encoding" else value.lower()))
+        if not self._in_head:      # a trailer: refused, as h11's backend and both clients refuse them
+            self._fail(ProtocolError(400, MALFORMED))
+        # as h11 gives them: llhttp keeps a value's trailing whitespace (RFC 9110 5.5 strips it)
+        # and the case of Transfer-Encoding's
+        name = name.lower()
+        self._headers.append((name, value.rstrip(b" \t") if name != b"transfer-encoding" else value.lower()))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
