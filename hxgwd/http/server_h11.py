@@ -2,6 +2,9 @@
 are ours (protocol.py), so its send side is never used: each request gets a fresh h11.Connection,
 fed what the last one held beyond its request.
 
+What llhttp takes and h11 refuses: runs of spaces between the request line's parts, which are made
+one space before h11 sees the line.
+
 h11 is more lenient than llhttp in places, and what it takes that llhttp refuses is refused here,
 by a look at the head's own bytes (kept until h11 parsed the head, at most max_header_bytes), once
 per request: a bare LF as a line end, obs-fold (a line continued by a space or tab), Content-Length
@@ -26,11 +29,12 @@ METHODS = frozenset(b"""DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK
 _HEAD_END = re.compile(rb"\n\r?\n")              # where h11 ends a head
 _CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([^\r\n]*)")
 _TE_TRAILING_WS = re.compile(rb"\ntransfer-encoding:[^\r\n]*[ \t]\r\n", re.IGNORECASE)   # h11 strips it; llhttp does not
+_SPACES = re.compile(rb"  +")
 _TARGET = re.compile(rb"/|\*\Z|[A-Za-z][A-Za-z0-9+.-]*://")   # origin, asterisk or absolute form, as llhttp reads them
 
 
 class H11ServerProtocol(ServerProtocol):
-    __slots__ = ("_h11", "_head_bytes", "_in_head", "_refused")
+    __slots__ = ("_h11", "_head_bytes", "_in_head", "_refused", "_line")
 
     def __init__(self, max_header_bytes: int) -> None:
         super().__init__(max_header_bytes)
@@ -38,6 +42,7 @@ class H11ServerProtocol(ServerProtocol):
         self._head_bytes = bytearray()   # the bytes of the head h11 has yet to parse
         self._in_head = True
         self._refused: ProtocolError | None = None    # found in a head still arriving
+        self._line: bytes | None = b""    # the request line so far, held from h11 until it ends; None once given
 
     def feed(self, data: bytes) -> None:
         """Bytes received from the client; b"" means the client closed its side."""
@@ -49,10 +54,33 @@ class H11ServerProtocol(ServerProtocol):
             self._head_bytes += data
             if _HEAD_END.search(self._head_bytes) is None and not _well_formed(self._head_bytes):
                 self._refused = ProtocolError(400, MALFORMED)   # as llhttp, at once, not when the head ends
+            if self._line is not None:
+                data = self._request_line(data)
+                if not data:
+                    return
+        elif not data and self._line:       # the client's EOF within a request line: h11 gets it all
+            self._h11.receive_data(self._line)
+            self._line = None
         try:
             self._h11.receive_data(data)
         except RuntimeError:    # data after the client's EOF: nothing more can come
             pass
+
+    def _request_line(self, data: bytes) -> bytes:
+        """What h11 is to be given of `data` while the request line arrives: nothing until it
+        ends, then the line with each run of spaces made one, as llhttp reads it (RFC 9112, 3
+        lets a recipient split the line on whitespace), and what followed it."""
+        line = self._line + data if self._line else data
+        end = line.find(b"\n")
+        if end < 0:
+            self._line = line
+            if len(line) > self._max_header_bytes:      # as h11 would, the line held back
+                self._refused = ProtocolError(431, TOO_LARGE)
+            return b""
+        self._line = None
+        if line.find(b"  ", 0, end) >= 0:
+            line = _SPACES.sub(b" ", line[:end]) + line[end:]
+        return line
 
     def next(self) -> RequestHead | bytes | object:
         if self._refused is not None:
@@ -111,6 +139,7 @@ class H11ServerProtocol(ServerProtocol):
         data, closed = self._h11.trailing_data
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_header_bytes)
         self._in_head = True
+        self._line = b""
         if data:
             self.feed(bytes(data))
         if closed:
