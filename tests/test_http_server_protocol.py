@@ -270,6 +270,11 @@ STRICTNESS = [
     ("spaces after the version", b"GET / HTTP/1.1  \r\n" + H + b"\r\n", 400),
     ("spaces before the method", b"  GET / HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("spaces within the target", b"GET /a  b HTTP/1.1\r\n" + H + b"\r\n", 400),
+    ("a bare CR in a quoted chunk extension", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3;a=\"v\r b\"\r\nabc\r\n0\r\n\r\n", 400),
+    ("a control in a quoted chunk extension", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3;a=\"v\x01\"\r\nabc\r\n0\r\n\r\n", 400),
+    ("a space around a chunk extension's =", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3;a = b\r\nabc\r\n0\r\n\r\n", 400),
+    ("a chunk extension ending in ;", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3;a=b;\r\nabc\r\n0\r\n\r\n", 400),
+    ("a chunk extension's value neither token nor quoted", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3;a=\"b\"c\r\nabc\r\n0\r\n\r\n", 400),
     ("HTTP/0.9", b"GET /\r\n\r\n", None),           # both refuse: 400 or 505
     ("HTTP/2.0", b"GET / HTTP/2.0\r\n" + H + b"\r\n", 505),
     ("HTTP/3.0", b"GET / HTTP/3.0\r\n" + H + b"\r\n", 505),
@@ -283,6 +288,7 @@ STRICTNESS = [
                                                b"GET /2 HTTP/1.1\r\n" + H + b"\r\n", "served"),
     ("Upgrade alone", b"GET / HTTP/1.1\r\n" + H + b"Upgrade: websocket\r\n\r\nGET /2 HTTP/1.1\r\n" + H + b"\r\n", "served"),
     ("chunk extension", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\n\r\n", "served"),
+    ("a quoted chunk extension", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3;a=\"v a\";b;=c;d=\r\nabc\r\n0\r\n\r\n", "served"),
     ("data after Connection: close", b"GET / HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\nGET /2 HTTP/1.1\r\n" + H + b"\r\n", "served"),
 ]
 

@@ -19,6 +19,8 @@ import re
 
 import h11
 
+import hxgwd.http.h11_chunks  # noqa: F401  (llhttp's chunk extension grammar)
+
 from hxgwd.http.protocol import (END_OF_BODY, MALFORMED, NEED_DATA, PEER_CLOSED, TOO_LARGE, ProtocolError,
                                  RequestHead, ServerProtocol, request_head)
 
