@@ -275,6 +275,8 @@ STRICTNESS = [
     ("a space around a chunk extension's =", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3;a = b\r\nabc\r\n0\r\n\r\n", 400),
     ("a chunk extension ending in ;", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3;a=b;\r\nabc\r\n0\r\n\r\n", 400),
     ("a chunk extension's value neither token nor quoted", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3;a=\"b\"c\r\nabc\r\n0\r\n\r\n", 400),
+    ("a quote in an absolute target's host", b'GET http://a"b/v1 HTTP/1.1\r\n' + H + b"\r\n", 400),
+    ("a brace in an absolute target's port", b"GET http://a:8{/v1 HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("HTTP/0.9", b"GET /\r\n\r\n", None),           # both refuse: 400 or 505
     ("HTTP/2.0", b"GET / HTTP/2.0\r\n" + H + b"\r\n", 505),
     ("HTTP/3.0", b"GET / HTTP/3.0\r\n" + H + b"\r\n", 505),
@@ -289,6 +291,7 @@ STRICTNESS = [
     ("Upgrade alone", b"GET / HTTP/1.1\r\n" + H + b"Upgrade: websocket\r\n\r\nGET /2 HTTP/1.1\r\n" + H + b"\r\n", "served"),
     ("chunk extension", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\n\r\n", "served"),
     ("a quoted chunk extension", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3;a=\"v a\";b;=c;d=\r\nabc\r\n0\r\n\r\n", "served"),
+    ("an absolute target", b"GET https://gw.example:8443/v1/models?a=%22b%22 HTTP/1.1\r\n" + H + b"\r\n", "served"),
     ("data after Connection: close", b"GET / HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\nGET /2 HTTP/1.1\r\n" + H + b"\r\n", "served"),
 ]
 

@@ -10,7 +10,8 @@ by a look at the head's own bytes (kept until h11 parsed the head, at most max_h
 per request: a bare LF as a line end, obs-fold (a line continued by a space or tab), Content-Length
 twice or as a list (h11 merges them), whitespace after a Transfer-Encoding value (h11 strips it), control characters in values, an empty line before the
 request line (taken, as llhttp does), methods llhttp does not know, a target in none of the
-forms llhttp reads. Trailers after a chunked body are refused by both backends.
+forms llhttp reads, or an absolute one whose authority holds a character llhttp refuses there.
+Trailers after a chunked body are refused by both backends.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ _CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([^\r\n]*)")
 _TE_TRAILING_WS = re.compile(rb"\ntransfer-encoding:[^\r\n]*[ \t]\r\n", re.IGNORECASE)   # h11 strips it; llhttp does not
 _SPACES = re.compile(rb"  +")
 _TARGET = re.compile(rb"/|\*\Z|[A-Za-z][A-Za-z0-9+.-]*://")   # origin, asterisk or absolute form, as llhttp reads them
+_AUTHORITY = re.compile(rb'[A-Za-z][A-Za-z0-9+.-]*://[^/?"#<>\\^`{|}]*(?:[/?]|\Z)')   # what llhttp takes in one
 
 
 class H11ServerProtocol(ServerProtocol):
@@ -114,7 +116,9 @@ class H11ServerProtocol(ServerProtocol):
         self._head_bytes = bytearray()
         end = _HEAD_END.search(raw)
         raw = raw[:end.end()] if end else raw
-        if not _well_formed(raw) or not _TARGET.match(event.target):
+        target = event.target
+        if not _well_formed(raw) or not _TARGET.match(target) or (target[:1] != b"/" and target != b"*"
+                                                                  and not _AUTHORITY.match(target)):
             raise ProtocolError(400, MALFORMED)
         # h11's Headers is a Sequence whose iteration is a Python generator: copied once here
         headers = list(event.headers)
