@@ -292,6 +292,7 @@ STRICTNESS = [
     ("chunk extension", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\n\r\n", "served"),
     ("a quoted chunk extension", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3;a=\"v a\";b;=c;d=\r\nabc\r\n0\r\n\r\n", "served"),
     ("an absolute target", b"GET https://gw.example:8443/v1/models?a=%22b%22 HTTP/1.1\r\n" + H + b"\r\n", "served"),
+    ("whitespace after a chunk size", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3 \t\r\nabc\r\n1\t;a=b\r\nd\r\n0\r\n\r\n", "served"),
     ("data after Connection: close", b"GET / HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\nGET /2 HTTP/1.1\r\n" + H + b"\r\n", "served"),
 ]
 
