@@ -277,6 +277,7 @@ STRICTNESS = [
     ("a chunk extension's value neither token nor quoted", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3;a=\"b\"c\r\nabc\r\n0\r\n\r\n", 400),
     ("a quote in an absolute target's host", b'GET http://a"b/v1 HTTP/1.1\r\n' + H + b"\r\n", 400),
     ("a brace in an absolute target's port", b"GET http://a:8{/v1 HTTP/1.1\r\n" + H + b"\r\n", 400),
+    ("a target of * and more", b"OPTIONS *: HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("HTTP/0.9", b"GET /\r\n\r\n", None),           # both refuse: 400 or 505
     ("HTTP/2.0", b"GET / HTTP/2.0\r\n" + H + b"\r\n", 505),
     ("HTTP/3.0", b"GET / HTTP/3.0\r\n" + H + b"\r\n", 505),
