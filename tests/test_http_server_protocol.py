@@ -278,6 +278,8 @@ STRICTNESS = [
     ("a quote in an absolute target's host", b'GET http://a"b/v1 HTTP/1.1\r\n' + H + b"\r\n", 400),
     ("a brace in an absolute target's port", b"GET http://a:8{/v1 HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("a target of * and more", b"OPTIONS *: HTTP/1.1\r\n" + H + b"\r\n", 400),
+    ("a bare LF after the last chunk", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\n"
+                                       b"GET / HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("HTTP/0.9", b"GET /\r\n\r\n", None),           # both refuse: 400 or 505
     ("HTTP/2.0", b"GET / HTTP/2.0\r\n" + H + b"\r\n", 505),
     ("HTTP/3.0", b"GET / HTTP/3.0\r\n" + H + b"\r\n", 505),

@@ -38,7 +38,7 @@ _AUTHORITY = re.compile(rb'[A-Za-z][A-Za-z0-9+.-]*://[^/?"#<>\\^`{|}]*(?:[/?]|\Z
 
 
 class H11ServerProtocol(ServerProtocol):
-    __slots__ = ("_h11", "_head_bytes", "_in_head", "_refused", "_line")
+    __slots__ = ("_h11", "_head_bytes", "_in_head", "_refused", "_line", "_tail")
 
     def __init__(self, max_header_bytes: int) -> None:
         super().__init__(max_header_bytes)
@@ -47,6 +47,7 @@ class H11ServerProtocol(ServerProtocol):
         self._in_head = True
         self._refused: ProtocolError | None = None    # found in a head still arriving
         self._line: bytes | None = b""    # the request line so far, held from h11 until it ends; None once given
+        self._tail: bytes | None = None   # of a chunked body: its last bytes received, to check how it ends
 
     def feed(self, data: bytes) -> None:
         """Bytes received from the client; b"" means the client closed its side."""
@@ -65,6 +66,8 @@ class H11ServerProtocol(ServerProtocol):
         elif not data and self._line:       # the client's EOF within a request line: h11 gets it all
             self._h11.receive_data(self._line)
             self._line = None
+        elif self._tail is not None:
+            self._tail = self._tail[-4:] + data
         try:
             self._h11.receive_data(data)
         except RuntimeError:    # data after the client's EOF: nothing more can come
@@ -104,6 +107,11 @@ class H11ServerProtocol(ServerProtocol):
         if kind is h11.EndOfMessage:
             if event.headers:   # trailers: llhttp refuses some (Content-Length); both refuse all
                 raise ProtocolError(400, MALFORMED)
+            if self._tail is not None:
+                # llhttp wants CRLF after the last chunk, where h11 takes a bare LF
+                tail, self._tail = self._tail, None
+                if not tail[:len(tail) - len(self._h11.trailing_data[0])].endswith(b"\r\n\r\n"):
+                    raise ProtocolError(400, MALFORMED)
             self._request_done = True
             return END_OF_BODY
         if kind is h11.ConnectionClosed:
@@ -111,7 +119,7 @@ class H11ServerProtocol(ServerProtocol):
         return NEED_DATA      # NEED_DATA, or PAUSED: the next request waits until this one is answered
 
     def _request_head(self, event: h11.Request) -> RequestHead:
-        raw = self._head_bytes
+        received = raw = self._head_bytes
         self._in_head = False
         self._head_bytes = bytearray()
         end = _HEAD_END.search(raw)
@@ -133,6 +141,8 @@ class H11ServerProtocol(ServerProtocol):
                             check_controls=True)
         if event.method not in METHODS:
             raise ProtocolError(400, MALFORMED)
+        if head.content_length is None:     # chunked: the body's first bytes came with the head
+            self._tail = bytes(received[end.end():]) if end else b""
         return head
 
     @property
