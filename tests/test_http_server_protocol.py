@@ -280,6 +280,7 @@ STRICTNESS = [
     ("a target of * and more", b"OPTIONS *: HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("a bare LF after the last chunk", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\n"
                                        b"GET / HTTP/1.1\r\n" + H + b"\r\n", 400),
+    ("a digit in an absolute target's scheme", b"GET h9ttp://a/v1 HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("HTTP/0.9", b"GET /\r\n\r\n", None),           # both refuse: 400 or 505
     ("HTTP/2.0", b"GET / HTTP/2.0\r\n" + H + b"\r\n", 505),
     ("HTTP/3.0", b"GET / HTTP/3.0\r\n" + H + b"\r\n", 505),

@@ -33,8 +33,8 @@ _HEAD_END = re.compile(rb"\n\r?\n")              # where h11 ends a head
 _CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([^\r\n]*)")
 _TE_TRAILING_WS = re.compile(rb"\ntransfer-encoding:[^\r\n]*[ \t]\r\n", re.IGNORECASE)   # h11 strips it; llhttp does not
 _SPACES = re.compile(rb"  +")
-_TARGET = re.compile(rb"/|\*\Z|[A-Za-z][A-Za-z0-9+.-]*://")   # origin, asterisk or absolute form, as llhttp reads them
-_AUTHORITY = re.compile(rb'[A-Za-z][A-Za-z0-9+.-]*://[^/?"#<>\\^`{|}]*(?:[/?]|\Z)')   # what llhttp takes in one
+_TARGET = re.compile(rb"/|\*\Z|[A-Za-z]+://")   # origin, asterisk or absolute form, as llhttp reads them
+_AUTHORITY = re.compile(rb'[A-Za-z]+://[^/?"#<>\\^`{|}]*(?:[/?]|\Z)')   # what llhttp takes in one
 
 
 class H11ServerProtocol(ServerProtocol):
