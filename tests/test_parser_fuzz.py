@@ -183,10 +183,6 @@ def new_server(parser: str) -> tuple[Callable[[], Any], dict[str, Any]]:
     return make, names
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "not aligned yet (38 of 3,000 streams): Transfer-Encoding with trailing whitespace and request "
-    "trailers are taken by h11 and refused by llhttp; extra spaces in the request line are taken by "
-    "llhttp only; quoted chunk extensions differ"))
 def test_server_backends_frame_every_stream_alike():
     backends = {parser: new_server(parser) for parser in ("h11", "httptools")}
     rng = random.Random(SEED)

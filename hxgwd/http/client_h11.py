@@ -12,6 +12,8 @@ from typing import Sequence
 
 import h11
 
+import hxgwd.http.h11_chunks  # noqa: F401  (llhttp's chunk extension grammar)
+
 from hxgwd.http.client import (END_OF_MESSAGE, NEED_DATA, ResponseError, ResponseHead, body_framing,
                                check_status, head_size, request_bytes)
 

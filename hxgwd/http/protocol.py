@@ -164,6 +164,8 @@ def request_head(method: bytes, target: bytes, version: bytes, headers: Headers,
     if not chunked and length is None:
         length = 0          # neither header: no body (RFC 9112, 6.3)
     if target[:1] != b"/":
+        if target[:1] == b"*" and target != b"*":     # llhttp reads `*:` or `*x` as a target; h11 refuses
+            raise ProtocolError(400, MALFORMED)
         target = _origin_form(target)
     return RequestHead(method.decode("ascii"), target.decode("ascii", errors="replace"), headers, length,
                        keep_alive, version, expect and version == b"1.1")

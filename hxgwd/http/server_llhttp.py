@@ -28,7 +28,7 @@ class LlhttpServerProtocol(ServerProtocol):
 
     def __init__(self, max_header_bytes: int) -> None:
         super().__init__(max_header_bytes)
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser = _parser(self)
         self._events: deque = deque()
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -53,11 +53,12 @@ class LlhttpServerProtocol(ServerProtocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_head:          # not a trailer, which is dropped as h11's backend drops them
-            # as h11 gives them: llhttp keeps a value's trailing whitespace (RFC 9110 5.5 strips it)
-            # and the case of Transfer-Encoding's
-            name = name.lower()
-            self._headers.append((name, value.rstrip(b" \t") if name != b"transfer-encoding" else value.lower()))
+        if not self._in_head:      # a trailer: refused, as h11's backend and both clients refuse them
+            self._fail(ProtocolError(400, MALFORMED))
+        # as h11 gives them: llhttp keeps a value's trailing whitespace (RFC 9110 5.5 strips it)
+        # and the case of Transfer-Encoding's
+        name = name.lower()
+        self._headers.append((name, value.rstrip(b" \t") if name != b"transfer-encoding" else value.lower()))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -112,7 +113,7 @@ class LlhttpServerProtocol(ServerProtocol):
         except httptools.HttpParserUpgrade as upgrade:
             # a request that proposed an upgrade (without a body, or it was refused): served as a
             # plain one; llhttp will not read past it, so a new parser reads what follows
-            self._parser = httptools.HttpRequestParser(self)
+            self._parser = _parser(self)
             if not self._failed and len(data) > upgrade.args[0]:
                 self.feed(data[upgrade.args[0]:])
             return
@@ -176,3 +177,11 @@ class LlhttpServerProtocol(ServerProtocol):
 
     def _next_cycle(self) -> None:
         pass      # llhttp reads one message after another by itself
+
+
+def _parser(protocol: LlhttpServerProtocol) -> httptools.HttpRequestParser:
+    parser = httptools.HttpRequestParser(protocol)
+    # h11 takes spaces and tabs after a chunk size (`1f \r\n`), as the client's llhttp is told to
+    # (client_llhttp.py); what follows the size is read the same by both, so there is nothing to smuggle
+    parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
+    return parser
