@@ -181,3 +181,12 @@ async def test_a_record_handed_over_late_keeps_its_segment_pending_and_survives_
         await sink.aclose(timeout=5)
     assert await store.count_usage() == 8 and not list(spool_dir.glob("usage-*.jsonl"))
     await store.aclose()
+
+
+def test_a_journal_racing_the_close_at_shutdown_fails_softly(tmp_path):
+    spool = Spool(str(tmp_path), 1 << 30, ListLog())
+    spool.open()
+    assert spool.journal(lines(1)[0]) is not None
+    spool._map.close()               # what close() in the writer's worker thread does, mid-journal
+    assert spool.journal(lines(1)[0]) is None and "closed" in spool.last_error
+    spool.close(fsync=False)      # closing a closed mapping is harmless

@@ -173,6 +173,9 @@ class Spool:
         except OSError as exc:
             self.last_error = f"spool write failed: {exc.strerror}"
             return None
+        except (ValueError, TypeError):   # the mapping closed under us (close() in a worker thread at shutdown)
+            self.last_error = "spool write failed: the segment was closed"
+            return None
         active = self._active
         self._pending[active] = self._pending.get(active, 0) + 1
         if self.bytes >= self._warn_bytes:
@@ -225,9 +228,10 @@ class Spool:
                 written = n
                 self.last_error = None
                 self._replay.add(self._active)
-            except OSError as exc:
-                self.last_error = f"spool write failed: {exc.strerror}"
-                self.log.error("cannot write the usage spool", directory=self.directory, error=exc.strerror)
+            except (OSError, ValueError, TypeError) as exc:   # the last two: the mapping closed under us
+                error = getattr(exc, "strerror", None) or str(exc)
+                self.last_error = f"spool write failed: {error}"
+                self.log.error("cannot write the usage spool", directory=self.directory, error=error)
         dropped = len(lines) - written
         self.dropped += dropped
         self._check_level(dropped)
