@@ -136,7 +136,16 @@ def record_line(record: RequestRecord) -> bytes:
     return values_line(_LINE_VALUES(record))
 
 
+# RequestRecord(ts=v[0], request_id=v[1], ...), made once: 2.7 us a record against 3.2 with **dict(zip(...))
+_FROM_VALUES = eval("lambda v: RequestRecord(" + ", ".join(f"{name}=v[{i}]" for i, name in enumerate(LINE_FIELDS))
+                    + ")", {"RequestRecord": RequestRecord})
+
+
 def record_from_values(values: tuple[Any, ...] | list[Any]) -> RequestRecord:
+    """The record of a line's values (LINE_FIELDS order); a shorter list (an older hxgwd's line)
+    leaves the fields it lacks at their defaults, a longer one has its extra values ignored."""
+    if len(values) == len(LINE_FIELDS):
+        return _FROM_VALUES(values)
     return RequestRecord(**dict(zip(LINE_FIELDS, values)))
 
 
