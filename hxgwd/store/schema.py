@@ -115,10 +115,38 @@ LINE_FIELDS = ("ts", "request_id", "client_request_id", "key", "endpoint", "mode
 assert sorted(LINE_FIELDS) == sorted(RECORD_FIELDS), "a RequestRecord field is not in the spool's lines"
 _LINE_VALUES = operator.attrgetter(*LINE_FIELDS)
 _ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode   # one encoder: json.dumps makes one per call
+if json.encoder.c_make_encoder is not None:
+    # the C encoder made once: JSONEncoder.encode makes one per call (0.9 of 3.7 us a line). No
+    # circular check (markers None): a line is a flat tuple of scalars.
+    _C_ENCODE = json.encoder.c_make_encoder(None, str, json.encoder.encode_basestring_ascii, None, ":", ",",
+                                            False, False, True)
+
+    def _encode(values: tuple[Any, ...]) -> str:
+        return "".join(_C_ENCODE(values, 0))
+else:   # pragma: no cover - a Python without _json
+    _encode = _ENCODE
+
+
+def values_line(values: tuple[Any, ...]) -> bytes:
+    """The spool line of a record's values in LINE_FIELDS order (the request path: no record needed)."""
+    return f"[{LINE_FORMAT},{_encode(values)[1:]}\n".encode()
 
 
 def record_line(record: RequestRecord) -> bytes:
-    return f"[{LINE_FORMAT},{_ENCODE(_LINE_VALUES(record))[1:]}\n".encode()
+    return values_line(_LINE_VALUES(record))
+
+
+# RequestRecord(ts=v[0], request_id=v[1], ...), made once: 2.7 us a record against 3.2 with **dict(zip(...))
+_FROM_VALUES = eval("lambda v: RequestRecord(" + ", ".join(f"{name}=v[{i}]" for i, name in enumerate(LINE_FIELDS))
+                    + ")", {"RequestRecord": RequestRecord})
+
+
+def record_from_values(values: tuple[Any, ...] | list[Any]) -> RequestRecord:
+    """The record of a line's values (LINE_FIELDS order); a shorter list (an older hxgwd's line)
+    leaves the fields it lacks at their defaults, a longer one has its extra values ignored."""
+    if len(values) == len(LINE_FIELDS):
+        return _FROM_VALUES(values)
+    return RequestRecord(**dict(zip(LINE_FIELDS, values)))
 
 
 def record_document(record: RequestRecord) -> bytes:
@@ -133,7 +161,7 @@ def record_from_line(line: bytes) -> RequestRecord:
     if isinstance(doc, list):
         if not doc or doc[0] != LINE_FORMAT:
             raise ValueError("not a spool line of a known format")
-        return RequestRecord(**dict(zip(LINE_FIELDS, doc[1:])))
+        return record_from_values(doc[1:])
     if not isinstance(doc, dict):
         raise ValueError("not a JSON array or object")
     try:
