@@ -89,20 +89,26 @@ def main() -> int:
         config = re.sub(r'(?m)^url = "sqlite:[^"]*"', f'url = "{store}"', config)
         if a.no_log:
             config = config.replace("access_log = true", "access_log = false")
-        if a.http_parser:
-            config = config.replace("[server]\n", f'[server]\nhttp_parser = "{a.http_parser}"\n', 1)
         config_path = os.path.join(work, "gateway.toml")
         open(config_path, "w").write(config)
+        # builds from before [server] http_parser read with h11 and would refuse the key
+        parser_config = config_path
+        if a.http_parser:
+            parser_config = os.path.join(work, "gateway-parser.toml")
+            open(parser_config, "w").write(
+                config.replace("[server]\n", f'[server]\nhttp_parser = "{a.http_parser}"\n', 1))
         body = os.path.join(work, "chat.json")
         template = open(os.path.join(SHARED, "bodies", "chat.json")).read()
         open(body, "w").write(template.replace("@CHAT_MODEL@", "fake-model"))
         trees = {rev: source(rev, os.path.join(work, f"src{i}")) for i, rev in enumerate(a.revs)}
+        knows_parser = {rev: "http_parser" in open(os.path.join(tree, "hxgwd", "config", "model.py")).read()
+                        for rev, tree in trees.items()}
         rows: dict[str, list[tuple[float, ...]]] = {rev: [] for rev in a.revs}
         for r in range(a.rounds):
             for rev, tree in trees.items():
                 env = dict(os.environ, PYTHONPATH=tree, HXBENCH_UPSTREAM_KEY="dummy")
                 with open(os.path.join(work, "hxgwd.log"), "wb") as log:
-                    proc = subprocess.Popen([python, "-m", "hxgwd", "-c", config_path], env=env, stderr=log, cwd=work)
+                    proc = subprocess.Popen([python, "-m", "hxgwd", "-c", parser_config if knows_parser[rev] else config_path], env=env, stderr=log, cwd=work)
                 try:
                     deadline = time.monotonic() + 20
                     while not answers(f"http://127.0.0.1:{PORT}/healthz"):
