@@ -9,6 +9,8 @@ import ssl
 
 import trio
 
+from hxgwd.http.sockio import _receive_now, _send_now, _wait_readable, _wait_writable
+
 SEND_SLICE = 65536       # plaintext encrypted per step of a send: what waits for the kernel stays small
 RECEIVE_SIZE = 65536
 
@@ -208,33 +210,3 @@ class TLSStream:
                         scope.deadline = trio.current_time() + stall_timeout
             if scope.cancelled_caught:
                 raise trio.TooSlowError()
-
-
-# Plain system calls on the socket under a TLSStream, with SocketIO's errors.
-
-_wait_readable = trio.lowlevel.wait_readable
-_wait_writable = trio.lowlevel.wait_writable
-
-
-def _send_now(sock: socket.socket, data: bytes | bytearray) -> int:
-    try:
-        return sock.send(data)
-    except BlockingIOError:
-        return 0
-    except OSError as exc:
-        raise _broken(sock, exc) from None
-
-
-def _receive_now(sock: socket.socket, max_bytes: int) -> bytes | None:
-    try:
-        return sock.recv(max_bytes)
-    except BlockingIOError:
-        return None
-    except OSError as exc:
-        raise _broken(sock, exc) from None
-
-
-def _broken(sock: socket.socket, exc: OSError) -> Exception:
-    if sock.fileno() < 0:
-        return trio.ClosedResourceError("the socket was closed")
-    return trio.BrokenResourceError(f"socket error: {exc.strerror or exc}")
