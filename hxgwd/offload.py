@@ -1,7 +1,7 @@
 """Work too large for the event loop's thread: a parse or an encoding of a large body.
 
 One event loop serves every client: a 15 MB body parsed there stalled all of them, /healthz
-included, for 0.4-0.7 s. Above OFF_LOOP_BYTES of input, `off_loop` runs the work in a worker
+included, for 0.4-0.7 s. Above OFF_LOOP_BYTES of input, `Offload.run` runs the work in a worker
 thread instead. A thread only helps where the work lets go of the GIL now and then: CPython's
 json parser keeps it inside C, except when it calls back into Python (strict parsing's
 `parse_float` does, once per number), and a loop in Python code lets it go every 5 ms. Below the
@@ -23,16 +23,22 @@ MAX_THREADS = 2              # at once, over all requests: the GIL lets one run 
 
 T = TypeVar("T")
 
-_threads = trio.CapacityLimiter(MAX_THREADS)
+class Offload:
+    """Worker threads for work too large for the event loop: one per gateway (and one per echo
+    backend), so that at most MAX_THREADS of its pieces of work run at once."""
 
+    __slots__ = ("_threads",)
 
-async def off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
-    """fn(*args), in a worker thread when `size` (bytes of input) is at least OFF_LOOP_BYTES.
-    A cancelled caller still waits for the thread to finish: the work is bounded by its input
-    (request bodies by server.max_body_bytes, answers by server.max_response_bytes)."""
-    if size < OFF_LOOP_BYTES:
-        return fn(*args)
-    return await trio.to_thread.run_sync(fn, *args, limiter=_threads)
+    def __init__(self, max_threads: int = MAX_THREADS) -> None:
+        self._threads = trio.CapacityLimiter(max_threads)
+
+    async def run(self, size: int, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args), in a worker thread when `size` (bytes of input) is at least OFF_LOOP_BYTES.
+        A cancelled caller still waits for the thread to finish: the work is bounded by its input
+        (request bodies by server.max_body_bytes, answers by server.max_response_bytes)."""
+        if size < OFF_LOOP_BYTES:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._threads)
 
 
 def dumps_in_steps(doc: Any, encode: Callable[[Any], str]) -> bytes:

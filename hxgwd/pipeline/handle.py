@@ -24,7 +24,7 @@ from hxgwd.errors import BadRequest, GatewayError, NotFound, ShuttingDown, cappe
 from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
 from hxgwd import admin, memtrim
-from hxgwd.offload import OFF_LOOP_BYTES, off_loop
+from hxgwd.offload import OFF_LOOP_BYTES, Offload
 from hxgwd.pipeline import authenticate, limit, proxy, record, route, transform
 from hxgwd.http.connection import ClientGone, Request, Response
 from hxgwd.pipeline.body import json_document, json_document_in_steps
@@ -58,6 +58,7 @@ class Gateway:
         self._models_cache: OrderedDict[tuple, bytes] = OrderedDict()
         self._ids = RequestIds()
         self._memory = memtrim.MemoryTrim()
+        self._offload = Offload()
 
     async def __call__(self, request: Request, response: Response) -> None:
         head = request.head
@@ -147,7 +148,7 @@ class Gateway:
             require_method(head.method, "POST")
         body = await request.read_body()
         ex.bytes_in = len(body)
-        payload = await off_loop(len(body), _payload, body)
+        payload = await self._offload.run(len(body), _payload, body)
         name = _target_name(head.header(b"x-hx-model-group"), payload)
         endpoint = path[3:]          # below /v1
         ex.model = name
@@ -162,13 +163,15 @@ class Gateway:
             max_attempts=rt.config.routing.max_attempts,
             deadline=ex.started + rt.config.timeouts.total,
             max_response_bytes=rt.config.server.max_response_bytes,
-            max_sse_event_bytes=rt.config.server.max_sse_event_bytes)
+            max_sse_event_bytes=rt.config.server.max_sse_event_bytes,
+            offload=self._offload)
         in_steps = len(body) >= OFF_LOOP_BYTES
 
         async def build(dep: Deployment) -> transform.CallPlan:
             # the upstream body is written anew for each deployment: a large one in a thread, in
             # steps (offload.py), like its parse
-            return await off_loop(len(body), transform.plan_calls, endpoint, payload, dep, name, in_steps)
+            return await self._offload.run(len(body), transform.plan_calls, endpoint, payload, dep, name,
+                                           in_steps)
 
         await proxy.forward(ex, plan, build, self.router, self.transports, self.gates, settings, features,
                             response)
@@ -312,7 +315,7 @@ def _with_unfinished_share(ex: proxy.Exchange, tokens: int | None,
 
 
 def _payload(body: bytes) -> dict[str, Any]:
-    # a large body is parsed in a thread (off_loop): in steps there, so the loop's thread runs between them
+    # a large body is parsed in a thread (Offload): in steps there, so the loop's thread runs between them
     decode = json_document if len(body) < OFF_LOOP_BYTES else json_document_in_steps
     try:
         payload = decode(body)

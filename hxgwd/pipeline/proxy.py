@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from hxgwd.errors import GatewayError, Unavailable, UpstreamError, UpstreamTimeout
-from hxgwd.offload import off_loop
+from hxgwd.offload import Offload
 from hxgwd.pipeline import transform
 from hxgwd.http.connection import Response
 from hxgwd.http import Headers
@@ -78,6 +78,7 @@ class ProxySettings:
     deadline: float                      # trio clock: the whole request, every attempt included
     max_response_bytes: int
     max_sse_event_bytes: int
+    offload: Offload                     # the gateway's worker threads, for a large answer's merge
 
 
 class _Retry(Exception):
@@ -210,7 +211,7 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
             if transform.needs_merge(calls, whole):
                 merge = transform.EmbeddingsMerge(calls, settings.max_response_bytes)
                 try:
-                    await off_loop(len(whole), merge.add, 0, whole)
+                    await settings.offload.run(len(whole), merge.add, 0, whole)
                 except UpstreamError as exc:
                     raise _Retry(exc, None) from None
                 del whole

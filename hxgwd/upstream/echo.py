@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 import trio
 
 from hxgwd.config.model import Timeouts
-from hxgwd.offload import OFF_LOOP_BYTES, off_loop
+from hxgwd.offload import OFF_LOOP_BYTES, Offload
 from hxgwd.pipeline.body import json_document_in_steps
 from hxgwd.upstream import Headers, UpstreamRequest
 
@@ -61,6 +61,7 @@ class EchoResponse:
 class EchoBackend:
     def __init__(self, dimensions: int, delay: float = 0.0) -> None:
         self.dimensions = dimensions
+        self._offload = Offload()
         self.delay = delay
 
     async def request(self, req: UpstreamRequest, timeouts: Timeouts) -> EchoResponse:
@@ -68,7 +69,7 @@ class EchoBackend:
             with trio.fail_after(timeouts.first_byte):
                 await trio.sleep(self.delay)
         # a large body is parsed and answered in a thread (offload.py), as the gateway parses it
-        return await off_loop(len(req.body), self._answer, req)
+        return await self._offload.run(len(req.body), self._answer, req)
 
     def _answer(self, req: UpstreamRequest) -> EchoResponse:
         try:
