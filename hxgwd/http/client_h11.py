@@ -18,6 +18,18 @@ from hxgwd.http.client import (END_OF_MESSAGE, NEED_DATA, ResponseError, Respons
                                check_status, head_size, request_bytes)
 
 _STAND_IN = [(b"host", b"upstream"), (b"content-length", b"0")]
+_STAND_INS: dict[bytes, h11.Request] = {}   # by method: an h11 event is immutable, and building one
+                                             # (h11 validates its headers) was an eighth of a request
+_END = h11.EndOfMessage()
+
+
+def _stand_in(method: bytes) -> h11.Request:
+    event = _STAND_INS.get(method)
+    if event is None:
+        event = h11.Request(method=method, target=b"/", headers=_STAND_IN)
+        if len(_STAND_INS) < 64:
+            _STAND_INS[method] = event
+    return event
 _CONTROLS = bytes(range(0x09)) + bytes(range(0x0a, 0x20)) + b"\x7f"   # all but HTAB
 _NEWLINES = b"\r\n"
 
@@ -53,8 +65,8 @@ class H11Client:
             raise RuntimeError("a request is under way: start_next() after its response")
         data = request_bytes(method, target, headers, body)
         self._method = method
-        self._h11.send(h11.Request(method=method, target=b"/", headers=_STAND_IN))
-        self._h11.send(h11.EndOfMessage())
+        self._h11.send(_stand_in(method))
+        self._h11.send(_END)
         self._raw, self._in_head, self._ended = b"", True, False
         return data
 
@@ -172,8 +184,8 @@ class H11Client:
         # for the final answer, given the rest without them
         rest = self._h11.trailing_data[0].lstrip(_NEWLINES)
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=self._max)
-        self._h11.send(h11.Request(method=self._method, target=b"/", headers=_STAND_IN))
-        self._h11.send(h11.EndOfMessage())
+        self._h11.send(_stand_in(self._method))
+        self._h11.send(_END)
         self._in_head = True
         if rest:
             self.feed(rest)

@@ -30,7 +30,7 @@ METHODS = frozenset(b"""DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK
     SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY SUBSCRIBE UNSUBSCRIBE
     PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY""".split())
 _HEAD_END = re.compile(rb"\n\r?\n")              # where h11 ends a head
-_CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([^\r\n]*)")
+_CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([^\r\n]*)", re.IGNORECASE)
 _TE_TRAILING_WS = re.compile(rb"\ntransfer-encoding:[^\r\n]*[ \t]\r\n", re.IGNORECASE)   # h11 strips it; llhttp does not
 _SPACES = re.compile(rb"  +")
 _TARGET = re.compile(rb"/|\*\Z|[A-Za-z]+://")   # origin, asterisk or absolute form, as llhttp reads them
@@ -38,11 +38,12 @@ _AUTHORITY = re.compile(rb'[A-Za-z]+://[^/?"#<>\\^`{|}]*(?:[/?]|\Z)')   # what l
 
 
 class H11ServerProtocol(ServerProtocol):
-    __slots__ = ("_h11", "_head_bytes", "_in_head", "_refused", "_line", "_tail")
+    __slots__ = ("_h11", "_fed", "_head_bytes", "_in_head", "_refused", "_line", "_tail")
 
     def __init__(self, max_header_bytes: int) -> None:
         super().__init__(max_header_bytes)
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self._fed = False       # h11 was given something (bytes or the EOF): else it can only say NEED_DATA
         self._head_bytes = bytearray()   # the bytes of the head h11 has yet to parse
         self._in_head = True
         self._refused: ProtocolError | None = None    # found in a head still arriving
@@ -68,6 +69,7 @@ class H11ServerProtocol(ServerProtocol):
             self._line = None
         elif self._tail is not None:
             self._tail = self._tail[-4:] + data
+        self._fed = True
         try:
             self._h11.receive_data(data)
         except RuntimeError:    # data after the client's EOF: nothing more can come
@@ -92,6 +94,8 @@ class H11ServerProtocol(ServerProtocol):
     def next(self) -> RequestHead | bytes | object:
         if self._refused is not None:
             raise self._refused
+        if not self._fed:       # between requests: asking h11 costs as much as parsing a line
+            return NEED_DATA
         try:
             event = self._h11.next_event()
         except h11.RemoteProtocolError as exc:
@@ -134,7 +138,7 @@ class H11ServerProtocol(ServerProtocol):
         if b"transfer-encoding" in names and _TE_TRAILING_WS.search(raw):
             raise ProtocolError(400, MALFORMED)      # `chunked \t`: llhttp's backend refuses it
         if b"content-length" in names:
-            lengths = _CONTENT_LENGTH.findall(raw.lower())
+            lengths = _CONTENT_LENGTH.findall(raw)
             if len(lengths) != 1 or not lengths[0].rstrip(b" \t").isdigit():   # `3, 3`; two equal ones
                 raise ProtocolError(400, MALFORMED)
         head = request_head(event.method, event.target, event.http_version, headers, self._max_header_bytes,
@@ -154,6 +158,7 @@ class H11ServerProtocol(ServerProtocol):
     def _next_cycle(self) -> None:
         data, closed = self._h11.trailing_data
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_header_bytes)
+        self._fed = False
         self._in_head = True
         self._line = b""
         if data:
