@@ -124,7 +124,7 @@ def _old_record(ex, cost, ended, generation):
         endpoint=ex.endpoint, model=ex.model, group=ex.group, deployment=ex.deployment, backend=ex.backend,
         status=status, error_type=err.type if err else ("client_closed" if ex.client_gone else None),
         fault=err.fault if err else ("client" if ex.client_gone else handle._upstream_fault(status)),
-        stream=ex.stream, **record.usage_tokens(ex.usage), cost_usd=cost, bytes_in=ex.bytes_in,
+        stream=ex.stream, **dict(zip(("prompt_tokens", "completion_tokens", "total_tokens"), record.usage_tokens(ex.usage))), cost_usd=cost, bytes_in=ex.bytes_in,
         bytes_out=ex.bytes_out, total_ms=(ended - ex.started) * 1000, upstream_ms=ex.upstream_time * 1000,
         ttfb_ms=ex.ttfb * 1000 if ex.ttfb is not None else None, attempts=ex.attempts, route=ex.route,
         generation=generation)

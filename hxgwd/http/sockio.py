@@ -79,13 +79,7 @@ class SocketIO:
 
     def has_pending(self) -> bool:
         """Whether anything waits to be read (bytes, the end, a reset), without taking it."""
-        try:
-            self.socket.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
-        return True
+        return socket_has_pending(self.socket)
 
     def shutdown_write(self) -> None:
         """Send the end (FIN); receiving goes on. OSError if the connection is gone."""
@@ -110,6 +104,17 @@ async def _receive_when_ready(sock: socket.socket, max_bytes: int) -> bytes:
         data = _receive_now(sock, max_bytes)
         if data is not None:
             return data
+
+
+def socket_has_pending(sock: socket.socket) -> bool:
+    """Whether the kernel holds anything to read on `sock` (bytes, the end, a reset), untaken."""
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _send_now(sock: socket.socket, data: bytes | memoryview) -> int:

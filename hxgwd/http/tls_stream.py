@@ -9,7 +9,7 @@ import ssl
 
 import trio
 
-from hxgwd.http.sockio import _receive_now, _send_now, _wait_readable, _wait_writable
+from hxgwd.http.sockio import _receive_now, _send_now, _wait_readable, _wait_writable, socket_has_pending
 
 SEND_SLICE = 65536       # plaintext encrypted per step of a send: what waits for the kernel stays small
 RECEIVE_SIZE = 65536
@@ -107,15 +107,7 @@ class TLSStream:
 
     def has_pending(self) -> bool:
         """Whether anything waits to be read (plaintext, bytes, the end, a reset), without taking it."""
-        if self._tls.pending() or self._incoming.pending:
-            return True
-        try:
-            self.socket.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
-        return True
+        return bool(self._tls.pending() or self._incoming.pending) or socket_has_pending(self.socket)
 
     def shutdown_write(self) -> None:
         """TLS's close_notify, then the TCP end (FIN); receiving goes on. OSError if the

@@ -234,14 +234,7 @@ class Gateway:
         else:
             status = ex.status
             error_type, fault = (err.type, err.fault) if err else (None, _upstream_fault(status))
-        usage = ex.usage
-        if usage:
-            prompt, completion, total = (usage.get("prompt_tokens"), usage.get("completion_tokens"),
-                                         usage.get("total_tokens"))
-            if total is None and prompt is not None:
-                total = prompt + (completion or 0)
-        else:
-            prompt = completion = total = None
+        prompt, completion, total = record.usage_tokens(ex.usage)
         ttfb = ex.ttfb
         # the order of schema.LINE_FIELDS (tests/test_store_journal.py checks it against record.py)
         return (ex.ts, ex.request_id, ex.client_request_id, ex.key, ex.endpoint, ex.model, ex.group,

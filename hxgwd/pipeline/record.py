@@ -62,14 +62,14 @@ _MILLISECONDS = frozenset(("total_ms", "upstream_ms", "ttfb_ms"))
 _FIELDS = tuple(f.name for f in attrs.fields(RequestRecord))
 
 
-def usage_tokens(usage: dict[str, int] | None) -> dict[str, int | None]:
-    usage = usage or {}
-    prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens")
-    total = usage.get("total_tokens")
+def usage_tokens(usage: dict[str, int] | None) -> tuple[int | None, int | None, int | None]:
+    """(prompt, completion, total) tokens of an upstream's usage; total from the parts when missing."""
+    if not usage:
+        return None, None, None
+    prompt, completion, total = usage.get("prompt_tokens"), usage.get("completion_tokens"), usage.get("total_tokens")
     if total is None and prompt is not None:
         total = prompt + (completion or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+    return prompt, completion, total
 
 
 # One encoder for the process: json.dumps with options builds a new encoder on every call.
