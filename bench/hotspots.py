@@ -81,7 +81,7 @@ HXGWD_GROUPS = [
     ("route: resolve + plan", r"^(resolve|Router\.plan) "),
     ("routing bookkeeping (router.started/finished)", r"^Router\.(started|finished) "),
     ("limits (admit/settle)", r"pipeline/limit\.py"),
-    ("transform: plan_calls (JSON re-encode of the body)", r"^plan_calls "),
+    ("transform: plan_chat/json/embeddings (JSON re-encode of the body)", r"^plan_(chat|json|embeddings) "),
     ("upstream exchange (Pool.request: h11 client, send, wait for head)", r"^Pool\.request "),
     ("read upstream body (proxy._read)", r"^_read "),
     ("usage_from_body", r"^usage_from_body "),

@@ -22,13 +22,13 @@ import types
 
 import trio
 
-from hxgwd.pipeline import handle, proxy
+from hxgwd.pipeline import exchange as exchanges, handle
 from hxgwd.store.usage import UsageSink
 from tests.test_store_support import ListLog, database, sqlite_url
 
 
-def exchange(i: int) -> proxy.Exchange:
-    ex = proxy.Exchange(request_id=f"0193a4b5c6d{i:06x}a1b2c3d4", started=1000.0, ts=1733450000.123456,
+def exchange(i: int) -> exchanges.Exchange:
+    ex = exchanges.Exchange(request_id=f"0193a4b5c6d{i:06x}a1b2c3d4", started=1000.0, ts=1733450000.123456,
                         endpoint="/v1/chat/completions", client_request_id=None)
     ex.key, ex.model, ex.group, ex.deployment, ex.backend = "bench", "m", None, "m-0", "http://127.0.0.1:18280"
     ex.status, ex.usage, ex.bytes_in, ex.bytes_out = 200, {"prompt_tokens": 12, "completion_tokens": 34,
@@ -51,31 +51,23 @@ def main() -> None:
                                    log=types.SimpleNamespace(access=lambda rec: None))
         rt = types.SimpleNamespace(generation=3)
         exs = [exchange(i) for i in range(1000)]
-        values = getattr(handle.Gateway, "_values", None)
-        sync = None if values is None else (lambda rt, ex, cost, ended: (v := values(rt, ex, cost, ended),
-                                                                            sink.journal(v)))
+        sync = lambda rt, ex, cost, ended: (v := ex.record_values(rt.generation, cost, ended), sink.journal(v))
         best = best_after = float("inf")
         for _ in range(args.repeat):
             t = time.perf_counter()
-            if sync is None:     # before: the record and the line, both here
-                for i in range(args.n):
-                    handle.Gateway._record(gw, rt, exs[i % 1000], 0.0, 1000.000321)
-            else:
-                done = [sync(rt, exs[i % 1000], 0.0, 1000.000321) for i in range(args.n)]
+            done = [sync(rt, exs[i % 1000], 0.0, 1000.000321) for i in range(args.n)]
             best = min(best, (time.perf_counter() - t) / args.n * 1e6)
-            if sync is not None:
-                t = time.perf_counter()
-                for item in done:
-                    handle.Gateway._finish(gw, *item)
-                best_after = min(best_after, (time.perf_counter() - t) / args.n * 1e6)
+            t = time.perf_counter()
+            for item in done:
+                handle.Gateway._finish(types.SimpleNamespace(ctx=gw), *item)
+            best_after = min(best_after, (time.perf_counter() - t) / args.n * 1e6)
             while True:     # drain the channel, and start a new segment as the writer would
                 try:
                     sink._recv.receive_nowait()
                 except trio.WouldBlock:
                     break
             trio.run(sink._spool.seal, False)
-        print(f"synchronous path: {best:.2f} µs/request" +
-              ("" if sync is None else f"; deferred part: {best_after:.2f} µs/request"))
+        print(f"synchronous path: {best:.2f} µs/request; deferred part: {best_after:.2f} µs/request")
 
 
 if __name__ == "__main__":

@@ -16,14 +16,21 @@ from __future__ import annotations
 import json
 import time
 import urllib.parse
-from typing import Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
 
+from hxgwd.commandline import parse_when
 from hxgwd.config.validate import NAME_RE
-from hxgwd.errors import BadRequest, NotFound, Unavailable, UpstreamTimeout, capped, require_method
+from hxgwd.errors import BadRequest, NotFound, Unavailable, UpstreamTimeout, capped
 from hxgwd.pipeline.body import json_document
-from hxgwd.runtime import Runtime
+from hxgwd.runtime import Principal, Runtime
+
+if TYPE_CHECKING:
+    from hxgwd.http.connection import Request, Response
+    from hxgwd.pipeline.context import GatewayContext
+    from hxgwd.pipeline.endpoint import Endpoint
+    from hxgwd.pipeline.exchange import Exchange
 
 JSON = (b"content-type", b"application/json")
 READS = ("GET", "HEAD")          # HEAD is answered as GET, without the body (errors.require_method)
@@ -40,84 +47,104 @@ class DatabaseTimeout(UpstreamTimeout):
     code = "database_timeout"
 
 
-async def handle(gw: Any, rt: Runtime, request: Any, response: Any) -> None:
-    head = request.head
-    path, _, query = head.target.partition("?")
-    params = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
-    if path == "/admin/routing":
-        require_method(head.method, "GET")
-        return await _send(response, 200, {"generation": rt.generation,
-                                           "targets": gw.router.table(rt, trio.current_time())})
-    if path == "/admin/stats":
-        require_method(head.method, "GET")
-        return await _send(response, 200, {
-            "generation": rt.generation, **gw.services.statistics(),
-            "concurrency": gw.gates.statistics(),
-            "deferred": gw.idle.statistics(),
-            "pools": {f"{p.origin.scheme}://{p.origin.host}:{p.origin.port}": p.statistics()
-                      for p in gw.transports.pools()}})
-    if path == "/admin/keys" or path.startswith("/admin/keys/") or path == "/admin/usage":
-        store = gw.services.store
-        if store is None:
-            raise Unavailable("No database is configured ([database] url).", code="no_database")
-        from hxgwd.store import KeyExists, KeyNotFound, StoreTimeout, StoreUnavailable
-
-        db = rt.config.database
-        what = "usage query" if path == "/admin/usage" else "database query"
-        # SQLite has no statement timeout of its own (PostgreSQL's server enforces one): the same
-        # bound here, and a cancel interrupts the query in its thread
-        limit = db.connect_timeout + db.statement_timeout
-        status: int | None = None
-        with trio.move_on_after(limit) as bound:
-            try:
-                if path == "/admin/usage":
-                    require_method(head.method, "GET")
-                    status, doc = await _usage(store, params, rt.config.limits.timezone)
-                else:
-                    status, doc = await _keys(gw, store, path, params, request)
-            except KeyExists as exc:
-                raise Conflict(str(exc)) from None
-            except KeyNotFound as exc:
-                raise NotFound(capped(str(exc)), code="key_not_found") from None
-            except StoreTimeout:
-                raise DatabaseTimeout(f"The {what} timed out: the database did not answer within "
-                                      f"{db.statement_timeout:g} s ([database] statement_timeout).") from None
-            except StoreUnavailable:
-                if not bound.cancel_called:    # else: the interrupted query, reporting itself
-                    raise Unavailable("The database is unreachable.", code="database_unavailable",
-                                      retry_after=5) from None
-        if status is None:
-            raise DatabaseTimeout(f"The {what} timed out: no answer within {limit:g} s "
-                                  "([database] connect_timeout + statement_timeout).")
-        return await _send(response, status, doc)
-    raise NotFound(f"Unknown endpoint {capped(path)}.", code="unknown_url")
+async def routing(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Principal | None,
+                  request: Request, response: Response, ep: Endpoint, rest: str) -> None:
+    await _send(response, 200, {"generation": rt.generation, "targets": ctx.router.table(rt, trio.current_time())})
 
 
-async def _keys(gw: Any, store: Any, path: str, params: dict[str, str], request: Any) -> tuple[int, Any]:
+async def stats(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Principal | None,
+                request: Request, response: Response, ep: Endpoint, rest: str) -> None:
+    await _send(response, 200, {
+        "generation": rt.generation, **ctx.services.statistics(),
+        "concurrency": ctx.gates.statistics(),
+        "deferred": ctx.idle.statistics(),
+        "stored_responses": len(ctx.response_homes),
+        "pools": {f"{p.origin.scheme}://{p.origin.host}:{p.origin.port}": p.statistics()
+                  for p in ctx.transports.pools()}})
+
+
+async def keys(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Principal | None,
+               request: Request, response: Response, ep: Endpoint, rest: str) -> None:
+    await _with_store(ctx, rt, response, "database query", lambda store: _keys(ctx, store, request))
+
+
+async def key(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Principal | None,
+              request: Request, response: Response, ep: Endpoint, rest: str) -> None:
+    name = urllib.parse.unquote(rest)
+    await _with_store(ctx, rt, response, "database query", lambda store: _key(ctx, store, name, request))
+
+
+async def usage(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Principal | None,
+                request: Request, response: Response, ep: Endpoint, rest: str) -> None:
+    params = _params(request)
+    await _with_store(ctx, rt, response, "usage query",
+                      lambda store: _usage(store, params, rt.config.limits.timezone))
+
+
+def _params(request: Request) -> dict[str, str]:
+    query = request.head.target.partition("?")[2]
+    return {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
+
+
+async def _with_store(ctx: GatewayContext, rt: Runtime, response: Response, what: str,
+                      call: Callable[[Any], Awaitable[tuple[int, Any]]]) -> None:
+    """Runs a store call within the database's bounds, its failures as answers."""
+    store = ctx.services.store
+    if store is None:
+        raise Unavailable("No database is configured ([database] url).", code="no_database")
+    from hxgwd.store import KeyExists, KeyNotFound, StoreTimeout, StoreUnavailable
+
+    db = rt.config.database
+    # SQLite has no statement timeout of its own (PostgreSQL's server enforces one): the same
+    # bound here, and a cancel interrupts the query in its thread
+    limit = db.connect_timeout + db.statement_timeout
+    status: int | None = None
+    with trio.move_on_after(limit) as bound:
+        try:
+            status, doc = await call(store)
+        except KeyExists as exc:
+            raise Conflict(str(exc)) from None
+        except KeyNotFound as exc:
+            raise NotFound(capped(str(exc)), code="key_not_found") from None
+        except StoreTimeout:
+            raise DatabaseTimeout(f"The {what} timed out: the database did not answer within "
+                                  f"{db.statement_timeout:g} s ([database] statement_timeout).") from None
+        except StoreUnavailable:
+            if not bound.cancel_called:    # else: the interrupted query, reporting itself
+                raise Unavailable("The database is unreachable.", code="database_unavailable",
+                                  retry_after=5) from None
+    if status is None:
+        raise DatabaseTimeout(f"The {what} timed out: no answer within {limit:g} s "
+                              "([database] connect_timeout + statement_timeout).")
+    await _send(response, status, doc)
+
+
+async def _keys(ctx: GatewayContext, store: Any, request: Request) -> tuple[int, Any]:
     head = request.head
     now = time.time()
-    if path == "/admin/keys":
-        if head.method in READS:
-            keys = await store.list_keys(include_revoked=params.get("revoked") in ("1", "true"))
-            return 200, {"object": "list", "data": [k.as_dict(now) for k in keys]}
-        require_method(head.method, "POST", "GET")
-        doc = _json_object(await request.read_body())
-        fields = _key_fields(doc, gw, ROOT_NAMES := {k.name for k in gw.holder.current.config.keys})
-        if fields["name"] in ROOT_NAMES:
-            raise Conflict(f"A key named {fields['name']!r} is in the config file.")
-        key, info = await store.create_key(**fields)
-        await gw.services.keys.refresh()
-        return 201, {"key": key, **info.as_dict(now)}
-    name = urllib.parse.unquote(path[len("/admin/keys/"):])
     if head.method in READS:
+        listed = await store.list_keys(include_revoked=_params(request).get("revoked") in ("1", "true"))
+        return 200, {"object": "list", "data": [k.as_dict(now) for k in listed]}
+    doc = _json_object(await request.read_body())
+    config_names = {k.name for k in ctx.holder.current.config.keys}
+    fields = _key_fields(doc, ctx.holder.current, config_names)
+    if fields["name"] in config_names:
+        raise Conflict(f"A key named {fields['name']!r} is in the config file.")
+    made, info = await store.create_key(**fields)
+    await ctx.services.keys.refresh()
+    return 201, {"key": made, **info.as_dict(now)}
+
+
+async def _key(ctx: GatewayContext, store: Any, name: str, request: Request) -> tuple[int, Any]:
+    now = time.time()
+    if request.head.method in READS:
         return 200, (await store.get_key(name)).as_dict(now)
-    require_method(head.method, "DELETE", "GET")
     info = await store.revoke_key(name)
-    await gw.services.keys.refresh()
+    await ctx.services.keys.refresh()
     return 200, info.as_dict(now)
 
 
-def _key_fields(doc: dict[str, Any], gw: Any, config_names: set[str]) -> dict[str, Any]:
+def _key_fields(doc: dict[str, Any], rt: Runtime, config_names: set[str]) -> dict[str, Any]:
     allowed = {"name", "models", "admin", "rpm", "tpm", "budget_usd", "budget_period", "expires_at"}
     unknown = set(doc) - allowed
     if unknown:
@@ -127,7 +154,7 @@ def _key_fields(doc: dict[str, Any], gw: Any, config_names: set[str]) -> dict[st
         raise BadRequest("'name' is 1-128 letters, digits and ._:/@- (starting with a letter or digit).",
                          param="name")
     models = doc.get("models", [])
-    targets = gw.holder.current.targets
+    targets = rt.targets
     if not isinstance(models, list) or any(not isinstance(m, str) or m not in targets for m in models):
         raise BadRequest("'models' must list models or groups of the config.", param="models")
     for field in ("rpm", "tpm"):
@@ -148,7 +175,6 @@ def _key_fields(doc: dict[str, Any], gw: Any, config_names: set[str]) -> dict[st
 
 
 async def _usage(store: Any, params: dict[str, str], tz: str) -> tuple[int, Any]:
-    from hxgwd.store.cli import parse_when
 
     now = time.time()
     by = params.get("by", "key")
@@ -183,6 +209,6 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return doc
 
 
-async def _send(response: Any, status: int, doc: Any) -> None:
+async def _send(response: Response, status: int, doc: Any) -> None:
     await response.send_full(status, [JSON], json.dumps(doc, default=str).encode())
 

@@ -20,12 +20,9 @@ import gc
 import os
 import sys
 
+from hxgwd.commandline import EXIT_CANTCREAT, EXIT_CONFIG, EXIT_FORCED, EXIT_LISTEN, EXIT_USAGE
+
 DEFAULT_CONFIG = "/etc/hxgwd/hxgwd.toml"
-EXIT_USAGE = 2            # as argparse exits on a bad command line
-EXIT_FORCED = 3
-EXIT_LISTEN = 71
-EXIT_CANTCREAT = 73
-EXIT_CONFIG = 78
 
 
 def config_path(args: argparse.Namespace) -> str:

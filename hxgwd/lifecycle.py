@@ -30,6 +30,7 @@ from hxgwd.http.tls_stream import TLSStream
 from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
 from hxgwd.http.connection import HttpConnection
+from hxgwd.pipeline.context import GatewayContext
 from hxgwd.pipeline.handle import Gateway
 from hxgwd.http.listen import IdleConnections, accept_loop, bound_addresses, open_listeners
 from hxgwd.pipeline.route import Router
@@ -206,9 +207,10 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services, listeners:
                  task_status: trio.TaskStatus[list[str]]) -> None:
     cfg = daemon.holder.current.config
     idle = IdleWork(life.log_exception)
-    gateway = Gateway(daemon.holder, daemon.router, daemon.transports, daemon.gates, services, daemon.log,
-                      idle, is_listening=lambda: life.listening,
-                      is_cutting_off=lambda: life.connections is not None and life.connections.cancel_called)
+    gateway = Gateway(GatewayContext(
+        daemon.holder, daemon.router, daemon.transports, daemon.gates, services, daemon.log, idle,
+        is_listening=lambda: life.listening,
+        is_cutting_off=lambda: life.connections is not None and life.connections.cancel_called))
 
     def settings():
         return daemon.holder.current.config.server

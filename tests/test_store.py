@@ -257,7 +257,7 @@ async def test_usage_by_day_is_in_the_given_time_zone(store):
 
 
 def test_dates_without_an_offset_are_in_the_given_time_zone():
-    from hxgwd.store.cli import parse_when
+    from hxgwd.commandline import parse_when
 
     assert parse_when("2026-07-01", 0) == 1_782_864_000                          # UTC midnight
     assert parse_when("2026-07-01", 0, tz="Europe/Berlin") == 1_782_864_000 - 2 * 3600

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from hxgwd.errors import BadRequest, GatewayError
-from hxgwd.pipeline import handle, proxy, record
+from hxgwd.pipeline import exchange, record
 from hxgwd.store import open_store
 from hxgwd.store.schema import (LINE_FIELDS, record_document, record_from_line, record_from_values, record_line,
                                 values_line)
@@ -106,7 +106,7 @@ def test_a_full_disk_fails_the_segment_not_the_request(tmp_path, monkeypatch):
 # --- the request path: values journaled at once, the RequestRecord made and handed over later ---
 
 def _exchange(**kw):
-    ex = proxy.Exchange(request_id="0193a4b5c6d000001a1b2c3d4", started=100.0, ts=1733450000.25,
+    ex = exchange.Exchange(request_id="0193a4b5c6d000001a1b2c3d4", started=100.0, ts=1733450000.25,
                         endpoint="/v1/chat/completions", client_request_id="cli-1")
     for name, value in {"key": "team-a", "model": "m", "deployment": "m@b", "backend": "b", "status": 200,
                         "usage": {"prompt_tokens": 3, "completion_tokens": 4}, "bytes_in": 10, "bytes_out": 20,
@@ -123,7 +123,7 @@ def _old_record(ex, cost, ended, generation):
         ts=ex.ts, request_id=ex.request_id, client_request_id=ex.client_request_id, key=ex.key,
         endpoint=ex.endpoint, model=ex.model, group=ex.group, deployment=ex.deployment, backend=ex.backend,
         status=status, error_type=err.type if err else ("client_closed" if ex.client_gone else None),
-        fault=err.fault if err else ("client" if ex.client_gone else handle._upstream_fault(status)),
+        fault=err.fault if err else ("client" if ex.client_gone else exchange.upstream_fault(status)),
         stream=ex.stream, **dict(zip(("prompt_tokens", "completion_tokens", "total_tokens"), record.usage_tokens(ex.usage))), cost_usd=cost, bytes_in=ex.bytes_in,
         bytes_out=ex.bytes_out, total_ms=(ended - ex.started) * 1000, upstream_ms=ex.upstream_time * 1000,
         ttfb_ms=ex.ttfb * 1000 if ex.ttfb is not None else None, attempts=ex.attempts, route=ex.route,
@@ -141,8 +141,7 @@ def _old_record(ex, cost, ended, generation):
 ])
 def test_the_journaled_values_are_the_record_field_by_field(kw):
     ex = _exchange(**kw)
-    rt = types.SimpleNamespace(generation=7)
-    values = handle.Gateway._values(rt, ex, 0.25, 100.5)
+    values = ex.record_values(7, 0.25, 100.5)
     assert len(values) == len(LINE_FIELDS)
     assert record_from_values(values) == _old_record(ex, 0.25, 100.5, 7)
     assert values_line(values) == record_line(_old_record(ex, 0.25, 100.5, 7))

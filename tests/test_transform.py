@@ -37,27 +37,27 @@ def merged(plan: transform.CallPlan, bodies: list[bytes], max_bytes: int = 1 << 
 
 
 def test_chat_body_gets_upstream_model_and_stream_usage():
-    plan = transform.plan_calls("/chat/completions", {"model": "pub", "stream": True, "messages": []}, dep(), "pub")
+    plan = transform.plan_chat("/chat/completions", {"model": "pub", "stream": True, "messages": []}, dep(), "pub")
     body = json.loads(plan.bodies[0])
     assert body["model"] == "up" and body["stream_options"] == {"include_usage": True}
     assert plan.strip_stream_usage
-    plan = transform.plan_calls("/chat/completions", {"model": "pub", "stream": True,
+    plan = transform.plan_chat("/chat/completions", {"model": "pub", "stream": True,
                                                       "stream_options": {"include_usage": True}}, dep(), "pub")
     assert not plan.strip_stream_usage
-    plan = transform.plan_calls("/chat/completions", {"model": "pub", "stream": True}, dep(stream_usage=False), "pub")
+    plan = transform.plan_chat("/chat/completions", {"model": "pub", "stream": True}, dep(stream_usage=False), "pub")
     assert "stream_options" not in json.loads(plan.bodies[0])
 
 
 def test_embeddings_input_renamed_and_split():
-    plan = transform.plan_calls("/embeddings", {"model": "pub", "input": ["a", "b"], "encoding_format": "base64"},
+    plan = transform.plan_embeddings("/embeddings", {"model": "pub", "input": ["a", "b"], "encoding_format": "base64"},
                                 dep(embeddings_input="prompt"), "pub")
     assert [json.loads(b) for b in plan.bodies] == [{"model": "up", "prompt": "a"}, {"model": "up", "prompt": "b"}]
     with pytest.raises(BadRequest):
-        transform.plan_calls("/embeddings", {"model": "pub", "input": [[1, 2]]}, dep(embeddings_input="prompt"), "pub")
+        transform.plan_embeddings("/embeddings", {"model": "pub", "input": [[1, 2]]}, dep(embeddings_input="prompt"), "pub")
 
 
 def test_single_vector_answers_merged_in_order_with_base64():
-    plan = transform.plan_calls("/embeddings", {"model": "pub", "input": ["a", "b"], "encoding_format": "base64"},
+    plan = transform.plan_embeddings("/embeddings", {"model": "pub", "input": ["a", "b"], "encoding_format": "base64"},
                                 dep(embeddings_input="prompt"), "pub")
     out = json.loads(merged(plan, [b'{"embedding":[1.0,0.0]}', b'{"embedding":[0.5,0.5]}']))
     assert out["object"] == "list" and out["model"] == "pub" and "usage" in out
@@ -66,13 +66,13 @@ def test_single_vector_answers_merged_in_order_with_base64():
 
 
 def test_float_answer_converted_only_when_client_asked_base64():
-    asked = transform.plan_calls("/embeddings", {"model": "pub", "input": "x", "encoding_format": "base64"}, dep(), "pub")
+    asked = transform.plan_embeddings("/embeddings", {"model": "pub", "input": "x", "encoding_format": "base64"}, dep(), "pub")
     floats = b'{"object":"list","data":[{"object":"embedding","index":0,"embedding": [0.25]}],"model":"up"}'
     out = json.loads(merged(asked, [floats]))
     assert struct.unpack("<f", base64.b64decode(out["data"][0]["embedding"])) == (0.25,)
     already = b'{"object":"list","data":[{"object":"embedding","index":0,"embedding":"AACAPg=="}]}'
     assert not transform.needs_merge(asked, already)         # relayed untouched
-    plain = transform.plan_calls("/embeddings", {"model": "pub", "input": "x"}, dep(), "pub")
+    plain = transform.plan_embeddings("/embeddings", {"model": "pub", "input": "x"}, dep(), "pub")
     assert not transform.needs_merge(plain, floats)
 
 
@@ -151,7 +151,7 @@ def test_headers_listed_in_connection_are_hop_by_hop_both_ways():
 def test_body_is_written_by_the_gateway_with_the_values_it_read():
     d = dep()    # public "pub", upstream "up"
     raw = '{"model": "up", "messages": [{"role": "user", "content": "say \\"model\\": 1.0 \u00e9"}], "temperature": 1.0}'.encode()
-    (body,) = transform.plan_calls("/chat/completions", json.loads(raw), d, "pub").bodies
+    (body,) = transform.plan_chat("/chat/completions", json.loads(raw), d, "pub").bodies
     assert json.loads(body) == json.loads(raw) and body.count(b'"model"') == 1
     assert "\u00e9".encode() in body      # non-ASCII text as UTF-8, not re-escaped
 
@@ -165,14 +165,15 @@ def test_body_is_written_by_the_gateway_with_the_values_it_read():
     (b'{"model": "up", "input": "x"}', "/embeddings", {"embeddings_input": "prompt"}),
 ])
 def test_every_body_has_one_model_the_upstream_name(raw, endpoint, backend):
-    plan = transform.plan_calls(endpoint, json.loads(raw), dep(**backend), "pub")
+    planner = transform.plan_embeddings if endpoint == "/embeddings" else transform.plan_chat
+    plan = planner(endpoint, json.loads(raw), dep(**backend), "pub")
     assert all(body.count(b'"model"') == 1 and b"\\u" not in body for body in plan.bodies)
     assert all(json.loads(body).get("model") == "up" for body in plan.bodies)
 
 
 def test_stream_asking_for_usage_itself_is_not_stripped():
     raw = b'{"model": "up", "stream": true, "stream_options": {"include_usage": true}}'
-    plan = transform.plan_calls("/chat/completions", json.loads(raw), dep(), "pub")
+    plan = transform.plan_chat("/chat/completions", json.loads(raw), dep(), "pub")
     assert json.loads(plan.bodies[0]) == json.loads(raw) and plan.stream and not plan.strip_stream_usage
 
 
@@ -187,7 +188,7 @@ def test_ambiguous_key(key, found):
 
 def test_a_lone_surrogate_escape_is_the_callers_400():
     with pytest.raises(BadRequest) as caught:
-        transform.plan_calls("/chat/completions", {"model": "pub", "messages": "\ud800"}, dep(), "pub")
+        transform.plan_chat("/chat/completions", {"model": "pub", "messages": "\ud800"}, dep(), "pub")
     assert caught.value.status == 400 and caught.value.code == "invalid_json"
 
 
@@ -200,7 +201,7 @@ def test_sse_relay_bounds_an_event_that_arrived_whole():
 
 def test_a_body_encoded_in_steps_is_the_same_bytes():
     payload = {"model": "pub", "messages": [{"role": "user", "content": "h\u00e9"}] * 3, "n": 2, "stop": ["a"]}
-    assert (transform.plan_calls("/chat/completions", payload, dep(), "pub", in_steps=True).bodies
-            == transform.plan_calls("/chat/completions", payload, dep(), "pub").bodies)
+    assert (transform.plan_chat("/chat/completions", payload, dep(), "pub", in_steps=True).bodies
+            == transform.plan_chat("/chat/completions", payload, dep(), "pub").bodies)
     with pytest.raises(BadRequest):
-        transform.plan_calls("/chat/completions", {"model": "pub", "messages": ["\ud800"]}, dep(), "pub", in_steps=True)
+        transform.plan_chat("/chat/completions", {"model": "pub", "messages": ["\ud800"]}, dep(), "pub", in_steps=True)

@@ -1,12 +1,9 @@
 """Stage 7, proxy: send a request to the deployments of a plan in order until one answers, and
 relay that answer to the client.
 
-Failover happens only before the first byte reaches the client. A transport failure (refused,
-reset, timeout before the response head, or for a stream before its first bytes), or an answer of
-5xx, 429, 408 or 409, moves the request to the next deployment. So does a 401 or 403: it refused
-the gateway's own key for that backend, so it becomes our 502 on the last attempt. Any other 4xx
-is the caller's fault and is returned as is. The last upstream answer is passed through when every
-attempt fails that way; a transport failure on the last attempt becomes our own 502 / 504.
+Which failures move a request on to the next deployment, and what each attempt teaches routing,
+is failover.py's pure decision; this module acts on it. A deployment's own `timeouts.total` bounds
+each attempt there, within the request's `[timeouts] total`.
 
 Non-streamed answers are read whole (bounded by `server.max_response_bytes`) before anything is
 sent, so a backend that breaks mid-body is still failed over. An embeddings request for a backend
@@ -27,6 +24,8 @@ import trio
 from hxgwd.errors import GatewayError, Unavailable, UpstreamError, UpstreamTimeout
 from hxgwd.offload import Offload
 from hxgwd.pipeline import transform
+from hxgwd.pipeline.exchange import Exchange
+from hxgwd.pipeline.failover import Learn, Verdict, judge_failure, judge_status
 from hxgwd.http.connection import Response
 from hxgwd.http import Headers
 from hxgwd.pipeline.route import Outcome, Plan, RequestFeatures, Router
@@ -34,42 +33,9 @@ from hxgwd.runtime import Deployment
 from hxgwd.upstream import PoolFull, Transports, UpstreamRequest, UpstreamResponse
 from hxgwd.upstream.gates import DeploymentBusy, Gates
 
-RETRY_STATUSES = frozenset((408, 409, 429))
 COALESCE_BYTES = 65536      # most stream bytes gathered into one write to the client
 SEND_IN_PIECES_BYTES = 1 << 20   # a non-streamed answer this large is written piece by piece
 ERROR_BODY_LIMIT = 65536
-
-
-@attrs.define
-class Exchange:
-    """What one request has learned so far; `record` turns it into a RequestRecord at the end."""
-
-    request_id: str
-    started: float                       # trio clock
-    ts: float                            # unix time
-    endpoint: str
-    client_request_id: str | None = None   # the client's X-Request-ID: echoed, sent upstream, stored
-    key: str | None = None
-    model: str | None = None
-    group: str | None = None
-    deployment: str | None = None
-    backend: str | None = None
-    status: int = 0
-    error: GatewayError | None = None
-    stream: bool = False
-    usage: dict[str, int] | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-    upstream_time: float = 0.0
-    ttfb: float | None = None
-    attempts: int = 0
-    route: str | None = None
-    client_gone: bool = False
-    client_headers: Headers = attrs.field(factory=list, repr=False)
-    served: Deployment | None = None     # the deployment of the last attempt
-    reservation: object = None           # what the limit stage reserved; settled at the end
-    fanout_calls: int = 0                # calls of the last attempt's fan-out (embeddings, one per input)
-    fanout_left: int = 0                 # ... not finished: their share of the reservation is kept
 
 
 @attrs.frozen
@@ -114,6 +80,7 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], Awaita
         calls = await build(dep)     # BadRequest here is the caller's fault: no failover
         ex.attempts += 1
         ex.deployment, ex.backend, ex.served = dep.id, dep.backend.name, dep
+        ex.tried.append(dep.id)
         predicted = plan.predicted.get(dep.id)
         ex.route = f"strategy={plan.strategy}; attempts={ex.attempts}" + (
             f"; predicted_ms={predicted * 1000:.0f}" if predicted is not None else "")
@@ -122,26 +89,30 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], Awaita
         ttfb_before = ex.ttfb
         ex.ttfb = None
         outcome: Outcome | None = None      # None: the deployment failed (timeout, broken answer)
+        # the deployment's own bound on one exchange with it, within the request's
+        attempt_deadline = min(settings.deadline, began + dep.backend.timeouts.total)
         try:
-            with trio.CancelScope(deadline=settings.deadline) as overall:
+            with trio.CancelScope(deadline=attempt_deadline) as bound:
                 gate = gates.get(dep)
                 if gate is None:
                     outcome = await _attempt(ex, dep, calls, transports, settings, response, features, began)
                 else:
                     async with gate.slot(dep.config.queue_timeout):
                         outcome = await _attempt(ex, dep, calls, transports, settings, response, features, began)
-            if overall.cancelled_caught:
+            if bound.cancelled_caught:
                 outcome = None
                 if response.started:
                     raise UpstreamTimeout("The request took longer than its total deadline.")
                 last = _Retry(UpstreamTimeout("The upstream did not answer within the request deadline.",
                                               code="upstream_total_timeout"), None)
-                break
+                if attempt_deadline >= settings.deadline:
+                    break            # the request's own deadline: no time left for another attempt
+                continue
             return
-        except (DeploymentBusy, PoolFull) as busy:   # not the deployment's fault: nothing to learn
+        except (DeploymentBusy, PoolFull) as busy:
+            verdict = judge_failure(busy, gateway_limit=True)
             last = _Retry(busy, None)
-            outcome = Outcome(ok=True, status=0, ttfb=0.0, duration=0.0, features=features, cancelled=True,
-                              began=began)
+            outcome = _learned(verdict, 0, began, features)
         except _Retry as retry:
             last = retry
             outcome = Outcome(ok=False, status=retry.answer[0] if retry.answer else 0,
@@ -149,12 +120,8 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], Awaita
                               retry_after=retry.retry_after(), began=began)
         except UpstreamError:     # mid-answer, after the response began: the deployment's failure
             raise
-        except BaseException:
-            # the client left, or an error of ours or of the caller's input: nothing to learn about
-            # the deployment, and nothing to hold against it (a client must not be able to open
-            # its breaker for everyone)
-            outcome = Outcome(ok=True, status=0, ttfb=0.0, duration=trio.current_time() - began,
-                              features=features, cancelled=True, began=began)
+        except BaseException as exc:
+            outcome = _learned(judge_failure(exc, gateway_limit=False), 0, began, features)
             raise
         finally:
             if ex.ttfb is None:
@@ -176,6 +143,16 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], Awaita
     raise last.error
 
 
+def _learned(verdict: Verdict, status: int, began: float, features: RequestFeatures) -> Outcome:
+    """The Outcome of an attempt that ended without an answer, by what the verdict teaches."""
+    duration = trio.current_time() - began
+    if verdict.learn is Learn.NOTHING:
+        return Outcome(ok=True, status=status, ttfb=0.0, duration=duration, features=features,
+                       cancelled=True, began=began)
+    return Outcome(ok=verdict.learn is Learn.SERVED, status=status, ttfb=0.0, duration=duration,
+                   features=features, began=began)
+
+
 async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, transports: Transports,
                    settings: ProxySettings, response: Response, features: RequestFeatures,
                    started: float) -> Outcome:
@@ -188,14 +165,20 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
     if len(calls.bodies) > 1:
         status, answer_headers, body = await _fan_out(ex, dep, calls, transport, headers, settings, began)
     else:
-        req = UpstreamRequest("POST", dep.backend.path(calls.path), headers, calls.bodies[0])
+        req = UpstreamRequest(calls.method, dep.backend.path(calls.path), headers, calls.bodies[0])
         up = await _call(transport, req, timeouts)
         try:
             if ex.ttfb is None:
                 ex.ttfb = trio.current_time() - began
             await _refuse_failures(up, timeouts)
-            if calls.stream and up.status == 200 and _is_event_stream(up.headers):
-                await _relay_stream(ex, dep, calls, up, settings, response, timeouts.between_chunks)
+            relay = None
+            if up.status == 200:
+                if calls.stream and _is_event_stream(up.headers):
+                    relay = _relay_stream
+                elif calls.binary_answer:
+                    relay = _relay_bytes
+            if relay is not None:
+                await relay(ex, dep, calls, up, settings, response, timeouts.between_chunks)
                 return Outcome(ok=True, status=200, ttfb=ex.ttfb or 0.0, duration=trio.current_time() - began,
                                features=features, output_tokens=(ex.usage or {}).get("completion_tokens"),
                                began=started)
@@ -206,7 +189,7 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
         finally:
             await up.aclose()
         status, answer_headers = up.status, up.headers
-        if status == 200 and calls.path == "/embeddings" and (calls.embeddings_merge or calls.client_base64):
+        if status == 200 and (calls.embeddings_merge or calls.client_base64):
             whole = b"".join(body)
             if transform.needs_merge(calls, whole):
                 merge = transform.EmbeddingsMerge(calls, settings.max_response_bytes)
@@ -224,6 +207,8 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
     finally:   # after the answer is out, not before (it only feeds the record), but always
         if status == 200 and len(calls.bodies) == 1:
             ex.usage = transform.usage_from_body(_tail(body))
+            if calls.note_answer_id:
+                ex.answer_id = transform.answer_id(body if isinstance(body, bytes) else _head(body))
     return Outcome(ok=status < 500, status=status, ttfb=ex.ttfb or 0.0, duration=duration,
                    features=features, output_tokens=(ex.usage or {}).get("completion_tokens"), began=started)
 
@@ -238,15 +223,17 @@ async def _call(transport, req: UpstreamRequest, timeouts) -> UpstreamResponse:
 
 
 async def _refuse_failures(up: UpstreamResponse, timeouts) -> None:
-    """_Retry for an answer the next deployment may not give: refused credentials, 5xx, 408, 409, 429."""
-    if up.status in (401, 403):
-        # The gateway's own key for this backend was refused (a client's key never goes
-        # upstream): not the caller's doing, and the upstream's message may quote the key.
+    """_Retry for an answer the next deployment may not give (failover.judge_status)."""
+    verdict = judge_status(up.status)
+    if not verdict.move_on:
+        return
+    if not verdict.pass_through:
+        # The gateway's own key for this backend was refused: the upstream's message may quote
+        # the key, so the client gets ours.
         raise _Retry(UpstreamError(f"The backend refused the gateway's credentials ({up.status}).",
                                    code="upstream_auth_failed"), None)
-    if up.status >= 500 or up.status in RETRY_STATUSES:
-        error_body = await _read(up, ERROR_BODY_LIMIT, timeouts.between_chunks, tolerate=True)
-        raise _Retry(None, (up.status, transform.downstream_headers(up.headers), error_body))
+    error_body = await _read(up, ERROR_BODY_LIMIT, timeouts.between_chunks, tolerate=True)
+    raise _Retry(None, (up.status, transform.downstream_headers(up.headers), error_body))
 
 
 async def _fan_out(ex: Exchange, dep: Deployment, calls: transform.CallPlan, transport, headers: Headers,
@@ -344,6 +331,11 @@ async def _read_parts(up: UpstreamResponse, limit: int, between_chunks: float,
         raise UpstreamTimeout("The upstream stopped sending mid-answer.", code="upstream_read_timeout") from None
 
 
+def _head(parts: list[bytes], at_most: int = 1 << 20) -> bytes:
+    """The start of a body in pieces: the whole of it when small, else its first piece."""
+    return b"".join(parts) if sum(map(len, parts)) <= at_most else parts[0]
+
+
 def _tail(parts: list[bytes], at_least: int = 65536) -> bytes:
     """The end of a body in pieces: where an answer's `usage` is."""
     if len(parts) == 1:
@@ -359,7 +351,7 @@ async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan
                         settings: ProxySettings, response: Response, between_chunks: float) -> None:
     ex.stream = True
     ex.status = 200
-    relay = transform.SseRelay(calls.strip_stream_usage, settings.max_sse_event_bytes)
+    relay = transform.SseRelay(calls.strip_stream_usage, settings.max_sse_event_bytes, calls.event_usage)
     # Nothing reaches the client before the stream's first whole event: a stream that breaks,
     # stalls, or sends a first event over max_sse_event_bytes before it is still failed over, like
     # a 5xx. (A stream that ends before any whole event sends what it had, as it came.)
@@ -391,6 +383,26 @@ async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan
         await response.end()
     finally:
         ex.usage = relay.usage
+        ex.answer_id = relay.answer_id
+
+
+async def _relay_bytes(ex: Exchange, dep: Deployment, calls: transform.CallPlan, up: UpstreamResponse,
+                       settings: ProxySettings, response: Response, between_chunks: float) -> None:
+    """A binary answer (speech audio) relayed as it arrives, at the client's pace: one piece in
+    memory at a time, however long the audio. Failover ends with its head, as for a stream."""
+    ex.status = 200
+    try:
+        chunk = await _next_chunk(up, between_chunks)
+    except UpstreamError as exc:
+        raise _Retry(exc, None) from None
+    headers = transform.downstream_headers(up.headers)
+    headers += _gateway_headers(ex, dep, trio.current_time() - ex.started)
+    await response.start(200, headers)
+    while chunk:
+        ex.bytes_out += len(chunk)
+        await response.send(chunk)
+        chunk = await _next_chunk(up, between_chunks)
+    await response.end()
 
 
 async def _next_chunk(up: UpstreamResponse, between_chunks: float) -> bytes:
@@ -429,10 +441,24 @@ async def _send_whole(ex: Exchange, response: Response, status: int, headers: He
 
 
 def _gateway_headers(ex: Exchange, dep: Deployment | None, upstream_time: float) -> Headers:
+    """`dep`: the deployment whose answer this is; None when the answer is the request's, after
+    every attempt failed (the last one's answer passed through): then every deployment tried."""
     overhead_ms = max(0.0, (trio.current_time() - ex.started - upstream_time) * 1000)
     out = [(b"x-hx-overhead-ms", f"{overhead_ms:.3f}".encode())]
-    if ex.deployment:
-        out.append((b"x-hx-deployment", ex.deployment.encode()))
+    if dep is None:
+        return out + route_headers(ex)
+    out.append((b"x-hx-deployment", dep.id.encode()))
+    if ex.route:
+        out.append((b"x-hx-route", ex.route.encode()))
+    return out
+
+
+def route_headers(ex: Exchange) -> Headers:
+    """X-HX-Deployment naming every deployment tried, in order, and X-HX-Route: on the answers of
+    requests that failed, so that a 502/503/504 says where it came from."""
+    out = []
+    if ex.tried:
+        out.append((b"x-hx-deployment", ", ".join(ex.tried).encode()))
     if ex.route:
         out.append((b"x-hx-route", ex.route.encode()))
     return out

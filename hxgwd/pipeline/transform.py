@@ -26,7 +26,7 @@ import base64
 import json
 import re
 import struct
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 
@@ -34,8 +34,6 @@ from hxgwd.errors import BadRequest, PayloadTooLarge, UpstreamError
 from hxgwd.http import Headers
 from hxgwd.offload import OFF_LOOP_BYTES, dumps_in_steps
 from hxgwd.runtime import Deployment
-
-ENDPOINT_KINDS = {"/chat/completions": "chat", "/completions": "chat", "/embeddings": "embedding"}
 
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
                         b"te", b"trailer", b"transfer-encoding", b"upgrade", b"proxy-connection"))
@@ -48,15 +46,25 @@ DROP_DOWNSTREAM = HOP_BY_HOP | {b"content-length", b"server", b"x-request-id", b
 FLOAT_VECTOR = re.compile(rb'"embedding"\s*:\s*\[')
 
 
-@attrs.frozen
+def chat_event_usage(doc: dict[str, Any]) -> Any:
+    """Chat and completions streams: the chunk's own `usage` (null on every chunk but the last)."""
+    return doc.get("usage")
+
+
+@attrs.frozen(kw_only=True)
 class CallPlan:
     path: str                        # endpoint below /v1, e.g. "/chat/completions"
     bodies: tuple[bytes, ...]        # one upstream call each
-    stream: bool
-    strip_stream_usage: bool         # we asked for the usage chunk; the client did not
-    embeddings_merge: bool           # answers need parsing: single-vector shape or several calls
-    client_base64: bool
     public_model: str
+    method: str = "POST"
+    stream: bool = False
+    strip_stream_usage: bool = False   # we asked for the usage chunk; the client did not
+    embeddings_merge: bool = False   # answers need parsing: single-vector shape or several calls
+    client_base64: bool = False
+    binary_answer: bool = False      # relayed as it arrives (audio), not read whole first
+    # a parsed stream event with "usage" in it -> its usage object, if it is the usage of the answer
+    event_usage: Callable[[dict[str, Any]], Any] = chat_event_usage
+    note_answer_id: bool = False     # the backend keeps the answer: its id is where to fetch it (Responses)
 
 
 # Top-level fields the gateway routes, limits or adapts by. A key that is not one of them but
@@ -74,26 +82,42 @@ def ambiguous_key(payload: dict[str, Any]) -> str | None:
     return None
 
 
-def plan_calls(endpoint: str, payload: dict[str, Any], dep: Deployment, public_model: str,
-               in_steps: bool = False) -> CallPlan:
-    """`in_steps`: a large body, planned in a worker thread, is encoded an element at a time so
-    that the event loop's thread gets the GIL between them (offload.dumps_in_steps)."""
-    backend = dep.backend.config
+def plan_json(path: str, payload: dict[str, Any], dep: Deployment, public_model: str, in_steps: bool = False,
+              *, binary_answer: bool = False,
+              event_usage: Callable[[dict[str, Any]], Any] = chat_event_usage) -> CallPlan:
+    """One call with the body written anew for the deployment: its upstream model name, the rest
+    as parsed. `in_steps`: a large body, planned in a worker thread, is encoded an element at a
+    time so that the event loop's thread gets the GIL between them (offload.dumps_in_steps)."""
+    body = dict(payload)
+    body["model"] = dep.upstream_model
+    return CallPlan(path=path, bodies=(_request_bytes(body, in_steps),), public_model=public_model,
+                    stream=body.get("stream") is True, binary_answer=binary_answer, event_usage=event_usage)
+
+
+def plan_chat(path: str, payload: dict[str, Any], dep: Deployment, public_model: str,
+              in_steps: bool = False) -> CallPlan:
+    """Chat and completions: a stream asks for its usage chunk (`stream_usage`), removed on the way
+    back when the client did not ask for it."""
     body = dict(payload)
     body["model"] = dep.upstream_model
     stream = body.get("stream") is True
     strip_usage = False
-    if stream and endpoint in ("/chat/completions", "/completions") and backend.stream_usage:
+    if stream and dep.backend.config.stream_usage:
         options = body.get("stream_options")
         options = dict(options) if isinstance(options, dict) else {}
         if not options.get("include_usage"):
             options["include_usage"] = True
             body["stream_options"] = options
             strip_usage = True
-    if endpoint != "/embeddings":
-        return CallPlan(endpoint, (_request_bytes(body, in_steps),), stream, strip_usage, False, False,
-                        public_model)
+    return CallPlan(path=path, bodies=(_request_bytes(body, in_steps),), public_model=public_model,
+                    stream=stream, strip_stream_usage=strip_usage)
 
+
+def plan_embeddings(path: str, payload: dict[str, Any], dep: Deployment, public_model: str,
+                    in_steps: bool = False) -> CallPlan:
+    backend = dep.backend.config
+    body = dict(payload)
+    body["model"] = dep.upstream_model
     given = body.get("input")
     # Checked before anything is built: each input is a call or a vector of the answer (OpenAI
     # caps them at 2048 too); 20,000 took 100,000 upstream calls or a 247 MB answer.
@@ -106,15 +130,35 @@ def plan_calls(endpoint: str, payload: dict[str, Any], dep: Deployment, public_m
     if client_base64 and backend.embeddings_encoding == "float":
         body["encoding_format"] = "float"
     if backend.embeddings_input == "input":
-        return CallPlan(endpoint, (_request_bytes(body, in_steps),), False, False, False, client_base64,
-                        public_model)
+        return CallPlan(path=path, bodies=(_request_bytes(body, in_steps),), public_model=public_model,
+                        client_base64=client_base64)
     body.pop("input", None)
     body.pop("encoding_format", None)    # single-prompt backends know floats only
     items = [given] if isinstance(given, str) else given
     if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
         raise BadRequest("This model takes text input: a string or an array of strings.", param="input")
     bodies = tuple(_request_bytes({**body, "prompt": item}) for item in items)
-    return CallPlan(endpoint, bodies, False, False, True, client_base64, public_model)
+    return CallPlan(path=path, bodies=bodies, public_model=public_model, embeddings_merge=True,
+                    client_base64=client_base64)
+
+
+def plan_speech(path: str, payload: dict[str, Any], dep: Deployment, public_model: str,
+                in_steps: bool = False) -> CallPlan:
+    """Speech: the audio comes back as it is made, relayed piece by piece (never held whole)."""
+    return plan_json(path, payload, dep, public_model, in_steps, binary_answer=True)
+
+
+def plan_responses(path: str, payload: dict[str, Any], dep: Deployment, public_model: str,
+                   in_steps: bool = False) -> CallPlan:
+    return attrs.evolve(plan_json(path, payload, dep, public_model, in_steps, event_usage=responses_event_usage),
+                        note_answer_id=True)
+
+
+def responses_event_usage(doc: dict[str, Any]) -> Any:
+    """Responses streams: the usage is the finished response's, in `response.completed` (and in
+    `response.incomplete` / `response.failed`, which may have spent tokens too)."""
+    response = doc.get("response")
+    return response.get("usage") if isinstance(response, dict) else None
 
 
 def _request_bytes(body: dict[str, Any], in_steps: bool = False) -> bytes:
@@ -269,6 +313,20 @@ _RAW_DECODE = json.JSONDecoder().raw_decode    # a decoder is built once: buildi
                                                # decoding a usage object
 
 
+def answer_id(body: bytes) -> str | None:
+    """The `id` of a JSON answer (a Responses object): its top-level one, found without parsing
+    a large answer whole (the id comes first in every server's answers we know)."""
+    if len(body) <= 1 << 20:
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return None
+        value = doc.get("id") if isinstance(doc, dict) else None
+        return value if isinstance(value, str) else None
+    match = re.match(rb'\s*\{\s*"id"\s*:\s*"([^"\\]{1,256})"', body)
+    return match.group(1).decode() if match else None
+
+
 def usage_from_body(body: bytes) -> dict[str, int] | None:
     """The `usage` object of a JSON answer, found from its end so large answers are not parsed."""
     at = body.rfind(b'"usage"')
@@ -290,6 +348,10 @@ def _clean_usage(usage: Any) -> dict[str, int] | None:
     # counts from an upstream are trusted to be counts, not to be sane: bounded before any arithmetic
     out = {k: v for k in ("prompt_tokens", "completion_tokens", "total_tokens")
            if type(v := usage.get(k)) is int and 0 <= v < 1 << 40}
+    # the Responses, images and audio APIs count input and output tokens under other names
+    for theirs, ours in (("input_tokens", "prompt_tokens"), ("output_tokens", "completion_tokens")):
+        if ours not in out and type(v := usage.get(theirs)) is int and 0 <= v < 1 << 40:
+            out[ours] = v
     return out or None
 
 
@@ -307,13 +369,16 @@ class SseRelay:
     event is held.
     """
 
-    __slots__ = ("_buf", "_strip_usage", "_max", "usage", "events")
+    __slots__ = ("_buf", "_strip_usage", "_max", "_event_usage", "usage", "events", "answer_id")
 
-    def __init__(self, strip_usage: bool, max_event_bytes: int) -> None:
+    def __init__(self, strip_usage: bool, max_event_bytes: int,
+                 event_usage: Callable[[dict[str, Any]], Any] = chat_event_usage) -> None:
         self._buf = b""
         self._strip_usage = strip_usage
         self._max = max_event_bytes
+        self._event_usage = event_usage
         self.usage: dict[str, int] | None = None
+        self.answer_id: str | None = None     # a Responses stream's response id (response.created)
         self.events = 0
 
     def feed(self, data: bytes) -> bytes:
@@ -350,9 +415,15 @@ class SseRelay:
             doc = json.loads(payload)
         except ValueError:
             return True
-        if not isinstance(doc, dict) or not isinstance(doc.get("usage"), dict):
+        if not isinstance(doc, dict):
+            return True
+        if self.answer_id is None and isinstance(response := doc.get("response"), dict):
+            if isinstance(ident := response.get("id"), str):
+                self.answer_id = ident[:256]
+        usage = self._event_usage(doc)
+        if not isinstance(usage, dict):
             return True            # "usage": null rides on every chunk of a stream that asked for it
-        self.usage = _clean_usage(doc["usage"]) or self.usage
+        self.usage = _clean_usage(usage) or self.usage
         # the usage chunk we asked for on the client's behalf goes, whatever its counts look like
         return not (self._strip_usage and not doc.get("choices"))
 

@@ -22,12 +22,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hxgwd.commandline import EXIT_USAGE, EXPIRES_HELP, WHEN_HELP, parse_when
 from hxgwd.config.validate import NAME_RE
 
 COMMANDS = ("keys", "db", "usage")
-WHEN_FORMS = "YYYY-MM-DD (midnight in [limits] timezone), an ISO 8601 time (that zone unless it has an offset)"
-WHEN_HELP = f"{WHEN_FORMS}, or an age like 30m, 12h, 7d, 4w"
-EXPIRES_HELP = f"{WHEN_FORMS}, or a time from now like 30d, 12h"
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -91,10 +89,8 @@ def run(args: argparse.Namespace, config_path: str) -> int:
         return 1
     problem = _time_flag_problem(args, config.limits.timezone) or _key_flag_problem(args, config)
     if problem:
-        from hxgwd.cli import EXIT_USAGE    # a bad flag value: as argparse exits for the flags it checks
-
         _err(problem)
-        return EXIT_USAGE
+        return EXIT_USAGE    # a bad flag value: as argparse exits for the flags it checks
     if not config.database.url:
         _err(f"{config_path}: the database is disabled ([database] url is empty)")
         return 1
@@ -352,30 +348,6 @@ def _foreign_state_owner(database) -> str | None:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return str(uid)
-
-
-def parse_when(text: str, now: float, future: bool = False, tz: str = "UTC") -> float:
-    """A point in time as unix seconds: "now", an age ("7d": 7 days ago; with future=True, 7 days
-    from now), a date (its midnight), or an ISO 8601 time; a date or time without an offset is in
-    the time zone `tz` ([limits] timezone, as budgets and `--by day` are). ValueError otherwise."""
-    import datetime as dt
-    import re
-    import zoneinfo
-
-    text = text.strip()
-    if text == "now":
-        return now
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text)
-    if match:
-        seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
-        return now + seconds if future else now - seconds
-    try:
-        when = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"{text!r}: not a time; use {EXPIRES_HELP if future else WHEN_HELP}") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=zoneinfo.ZoneInfo(tz))
-    return when.timestamp()
 
 
 def _dash(value) -> str:
