@@ -19,8 +19,8 @@ import sys, time, json
 sys.path.insert(0, _OLD)
 import h11
 from old_parse import ServerConn, splice_headers
-from hxgwd.http.protocol import server_protocol
-from hxgwd.http.client import client_protocol, END_OF_MESSAGE, NEED_DATA
+from hxgwd.http.client import END_OF_MESSAGE, NEED_DATA
+from hxgwd.http.parsers import client_protocol, server_protocol
 
 body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello " * 20}]}).encode()
 REQ = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost:4395\r\nUser-Agent: bench/1\r\n"

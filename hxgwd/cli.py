@@ -157,7 +157,6 @@ def cmd_run(path: str) -> int:
     # What is loaded by now (modules, the config snapshot) lives as long as the process: out of
     # the collector's sight, a full collection under load took 4.6 ms instead of 28. Frozen
     # objects are still freed by refcount; only cycles among them would outlive a reload.
-    import hxgwd.upstream.echo, hxgwd.upstream.pool  # noqa: F401  (loaded lazily otherwise)
     gc.collect()
     gc.freeze()
     try:

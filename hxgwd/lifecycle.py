@@ -37,7 +37,7 @@ from hxgwd.pipeline.route import Router
 from hxgwd.services import Services, open_services
 from hxgwd.runtime import Runtime, RuntimeHolder, build_runtime
 from hxgwd.http.sockio import SocketIO
-from hxgwd.upstream import Transports
+from hxgwd.upstream.transports import Transports
 from hxgwd.upstream.gates import Gates
 from hxgwd.upstream.probe import probe_loop
 

@@ -98,7 +98,9 @@ class Model:
     name: str
     backend: str
     upstream_model: str | None = None
-    kind: Literal["chat", "embedding"] = "chat"
+    # what it serves: chat (chat completions, completions, responses), embedding, moderation,
+    # rerank, transcription (transcriptions and translations), speech, image
+    kind: Literal["chat", "embedding", "moderation", "rerank", "transcription", "speech", "image"] = "chat"
     weight: float = 1.0
     max_concurrency: int = 0          # requests in flight to this deployment; 0: no cap
     max_queue: int = 64               # requests waiting for a slot when at the cap; more fail over

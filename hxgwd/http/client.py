@@ -116,14 +116,3 @@ def check_status(status: int, version: bytes) -> None:
         raise ResponseError(f"status {status}")
     if version != b"1.1" and version != b"1.0":
         raise ResponseError("not HTTP/1.1 or 1.0")
-
-
-def client_protocol(parser: str, max_head_bytes: int) -> ClientProtocol:
-    """A client connection's protocol state with the named backend ("httptools" or "h11")."""
-    if parser == "httptools":
-        from hxgwd.http.client_llhttp import LlhttpClient
-        return LlhttpClient(max_head_bytes)
-    if parser == "h11":
-        from hxgwd.http.client_h11 import H11Client
-        return H11Client(max_head_bytes)
-    raise ValueError(f"unknown HTTP parser {parser!r}")

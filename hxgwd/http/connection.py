@@ -29,8 +29,9 @@ import trio
 
 from hxgwd.config.model import Server
 from hxgwd.http.listen import IdleConnections
+from hxgwd.http.parsers import server_protocol
 from hxgwd.http.protocol import (END_OF_BODY, INTERNAL_ERROR, NEED_DATA, PEER_CLOSED, Errors, Headers, HttpError,
-                                 PlainErrors, ProtocolError, RequestHead, server_protocol)
+                                 PlainErrors, ProtocolError, RequestHead)
 from hxgwd.http.sockio import SocketIO
 
 RECEIVE_SIZE = 65536

@@ -336,14 +336,3 @@ class ServerProtocol:
 
     def _next_cycle(self) -> None:
         raise NotImplementedError
-
-
-def server_protocol(parser: str, max_header_bytes: int) -> ServerProtocol:
-    """The server side of one connection, read by `parser` ("httptools" or "h11")."""
-    if parser == "httptools":
-        from hxgwd.http.server_llhttp import LlhttpServerProtocol
-        return LlhttpServerProtocol(max_header_bytes)
-    if parser == "h11":
-        from hxgwd.http.server_h11 import H11ServerProtocol
-        return H11ServerProtocol(max_header_bytes)
-    raise ValueError(f"unknown HTTP parser {parser!r}")

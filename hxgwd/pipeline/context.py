@@ -19,7 +19,7 @@ from hxgwd.offload import Offload
 from hxgwd.pipeline.route import Router
 from hxgwd.runtime import RuntimeHolder
 from hxgwd.services import Services
-from hxgwd.upstream import Transports
+from hxgwd.upstream.transports import Transports
 from hxgwd.upstream.gates import Gates
 
 

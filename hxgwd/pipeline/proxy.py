@@ -30,7 +30,8 @@ from hxgwd.http.connection import Response
 from hxgwd.http import Headers
 from hxgwd.pipeline.route import Outcome, Plan, RequestFeatures, Router
 from hxgwd.runtime import Deployment
-from hxgwd.upstream import PoolFull, Transports, UpstreamRequest, UpstreamResponse
+from hxgwd.upstream import PoolFull, UpstreamRequest, UpstreamResponse
+from hxgwd.upstream.transports import Transports
 from hxgwd.upstream.gates import DeploymentBusy, Gates
 
 COALESCE_BYTES = 65536      # most stream bytes gathered into one write to the client

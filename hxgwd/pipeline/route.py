@@ -26,6 +26,11 @@ from hxgwd.routing.state import DeploymentState
 from hxgwd.runtime import Deployment, Principal, Runtime, Target
 
 
+KIND_NAMES = {"chat": "a chat model", "embedding": "an embedding model", "moderation": "a moderation model",
+              "rerank": "a rerank model", "transcription": "a transcription model", "speech": "a speech model",
+              "image": "an image model"}
+
+
 def resolve(runtime: Runtime, name: str, kind: str, principal: Principal) -> Target:
     target = runtime.targets.get(name)
     if target is None:   # only here is `name` any length the client chose; below, a config name
@@ -33,9 +38,8 @@ def resolve(runtime: Runtime, name: str, kind: str, principal: Principal) -> Tar
     if not principal.may_use(name):
         raise Forbidden(f"This key may not use the model '{name}'.", param="model")
     if target.kind != kind:
-        what = "an embedding model" if target.kind == "embedding" else "a chat model"
-        raise BadRequest(f"'{name}' is {what}; it cannot serve this endpoint.", code="model_wrong_kind",
-                         param="model")
+        raise BadRequest(f"'{name}' is {KIND_NAMES.get(target.kind, target.kind)}; this endpoint needs "
+                         f"{KIND_NAMES.get(kind, kind)}.", code="model_wrong_kind", param="model")
     return target
 
 

@@ -37,7 +37,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
 from hxgwd.config.model import Database
-from hxgwd.store import KeyExists, RecordRejected, StoreTimeout, StoreUnavailable, redact_url
+from hxgwd.store.base import KeyExists, RecordRejected, StoreTimeout, StoreUnavailable, redact_url
 from hxgwd.store import schema
 from hxgwd.store.sql import KEY_COLUMNS, SQLStore
 from hxgwd.store.threads import STOP_TIMEOUT, Connections, Engine

@@ -16,7 +16,7 @@ from typing import Any, Callable, TypeVar
 
 from hxgwd.pipeline.record import RequestRecord
 from hxgwd.runtime import Principal
-from hxgwd.store import BY, KeyInfo, Store, StoreError
+from hxgwd.store.base import BY, KeyInfo, Store, StoreError
 from hxgwd.store import schema
 from hxgwd.store.threads import Connections
 
@@ -181,7 +181,7 @@ class SQLStore(Store):
         return [key_info(r) for r in await self._call(self._select_keys_sync, where, ())]
 
     async def get_key(self, name: str) -> KeyInfo:
-        from hxgwd.store import KeyNotFound
+        from hxgwd.store.base import KeyNotFound
 
         rows = await self._call(self._select_keys_sync, "name = {p}", (name,))
         if not rows:
@@ -190,7 +190,7 @@ class SQLStore(Store):
         return key_info(live[0] if live else max(rows, key=lambda r: r[KEY_COLUMNS.index("revoked_at")]))
 
     async def revoke_key(self, name: str) -> KeyInfo:
-        from hxgwd.store import KeyNotFound
+        from hxgwd.store.base import KeyNotFound
 
         row = await self._call(self._revoke_sync, name)
         if row is None:

@@ -29,7 +29,7 @@ import urllib.parse
 from typing import Any
 
 from hxgwd.config.model import Database
-from hxgwd.store import KeyExists, NoDatabase, RecordRejected, StoreTimeout, StoreUnavailable
+from hxgwd.store.base import KeyExists, NoDatabase, RecordRejected, StoreTimeout, StoreUnavailable
 from hxgwd.store import schema
 from hxgwd.store.sql import KEY_COLUMNS, SQLStore
 from hxgwd.store.threads import Connections, Engine

@@ -27,7 +27,8 @@ import trio
 
 from hxgwd.config.model import Timeouts
 from hxgwd.errors import BadRequest, UpstreamError, UpstreamTimeout
-from hxgwd.http.client import END_OF_MESSAGE, NEED_DATA, ResponseError, ResponseHead, client_protocol
+from hxgwd.http.client import END_OF_MESSAGE, NEED_DATA, ResponseError, ResponseHead
+from hxgwd.http.parsers import client_protocol
 from hxgwd.http.heads import BadHeader
 from hxgwd.http.sockio import SocketIO
 from hxgwd.runtime import Origin

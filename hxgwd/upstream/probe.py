@@ -24,7 +24,8 @@ import trio
 from hxgwd.config.model import Timeouts
 from hxgwd.errors import GatewayError
 from hxgwd.runtime import BackendRuntime, RuntimeHolder
-from hxgwd.upstream import PoolFull, Transports, UpstreamRequest
+from hxgwd.upstream import PoolFull, UpstreamRequest
+from hxgwd.upstream.transports import Transports
 
 MAX_PROBE_BODY = 1 << 20     # read to its end (up to this) so the connection can be reused
 
