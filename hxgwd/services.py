@@ -1,6 +1,6 @@
 """What the request path uses besides the config snapshot, opened once at start for the process:
 the limiter (memory or Redis), and, when `[database] url` is set, the store with its usage sink,
-key cache, and the seeder of the limiter's budgets from recorded usage (limits_seed.py). Their
+key cache, and the seeder of the limiter's budgets from recorded usage (limits/seed.py). Their
 tasks live in one nursery here; `open_services` closes them in order.
 
 A database that is down at start does not stop the daemon: usage records go to the spool and
@@ -17,8 +17,8 @@ from typing import Any, AsyncIterator
 import attrs
 import trio
 
-from hxgwd.limits_redis import Limiter, open_limiter
-from hxgwd.limits_seed import BudgetSeeder
+from hxgwd.limits.redis import Limiter, open_limiter
+from hxgwd.limits.seed import BudgetSeeder
 from hxgwd.runtime import Runtime
 
 USAGE_FLUSH_TIMEOUT = 10.0   # at shutdown, after the drain: memory to the store, else to the spool

@@ -11,8 +11,8 @@ import pytest
 
 from hxgwd.config.model import Backend, Model, Timeouts
 from hxgwd.errors import RateLimited
-from hxgwd.pipeline import limit
-from hxgwd.pipeline.limit import Calendar, Estimate, LocalLimiter
+from hxgwd.limits import local as limit
+from hxgwd.limits.local import Calendar, Estimate, LocalLimiter
 from hxgwd.runtime import BackendRuntime, Deployment, Principal
 
 T0 = 1_800_000_000.0        # 2027-01-15T08:00:00Z, a whole second

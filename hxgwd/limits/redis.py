@@ -15,7 +15,7 @@ windows expire 61 s after their last use, budget counters a day after their peri
     hxgwd:{name}:tpm           hash: unix second -> tokens reserved / settled in it
     hxgwd:{name}:usd:2026-11   integer nano-USD spent or reserved in the period
     hxgwd:{budgets}:seeded:2026-11   set once the period's counters were seeded from the usage
-                               store (limits_seed.py); gone: Redis lost them, seed again
+                               store (seed.py); gone: Redis lost them, seed again
 
 The client computes the budget period from its clock and the timezone (Lua has no zoneinfo) and
 passes the previous, current and next period; the script picks by the server clock, so hosts also
@@ -34,7 +34,7 @@ down, one request at a time probes it, at most once a second; the rest do not wa
 
 A Redis that comes back without its data (restarted without persistence, flushed): a key's budget
 counter starts again from the spend this host last saw in the period (or the store's, once seeded),
-not from 0; and limits_seed.py raises every key's counter to the usage store's sum within a second.
+not from 0; and seed.py raises every key's counter to the usage store's sum within a second.
 
 A timeout is ambiguous: the script may still have run. A lost admission then stays reserved (it
 leaves the windows within a minute; on a budget it overcounts, never undercounts), and corrections
@@ -54,9 +54,9 @@ import trio
 
 from hxgwd.config import model as m
 from hxgwd.errors import Unavailable
-from hxgwd.pipeline import limit
-from hxgwd.pipeline.limit import BUDGET, RPM, TPM, Estimate, LocalLimiter, Period, Reservation
-from hxgwd.redis_scripts import ADMIT, SEED, SETTLE
+from hxgwd.limits import local as limit
+from hxgwd.limits.local import BUDGET, RPM, TPM, Estimate, LocalLimiter, Period, Reservation
+from hxgwd.limits.scripts import ADMIT, SEED, SETTLE
 from hxgwd.runtime import Principal
 
 PREFIX = "hxgwd:"
@@ -103,7 +103,7 @@ class HostLimiter:
         return {"backend": "local", **self.local.statistics()}
 
     async def unseeded(self, periods: list[Period]) -> list[Period]:
-        """The periods whose spend before this process is still to be seeded (limits_seed.py)."""
+        """The periods whose spend before this process is still to be seeded (seed.py)."""
         return [p for p in periods if p.start < self.started and p.key not in self.local.seeded]
 
     async def seed(self, period: Period, spend: dict[str, int]) -> None:
@@ -188,7 +188,7 @@ class RedisLimiter:
             if pending is not None and pending[0] == cur.key:
                 carry = pending[1]
             # should Redis have lost the counter since (restarted empty, flushed), it starts again
-            # from the spend this host knows, not from 0, until the store's is seeded (limits_seed.py)
+            # from the spend this host knows, not from 0, until the store's is seeded (seed.py)
             seen = self._seen.get(name)
             floor = max(self.local.seeded.get(cur.key, {}).get(name, 0),
                         seen[1] if seen is not None and seen[0] == cur.key else 0)
@@ -306,7 +306,7 @@ class RedisLimiter:
         old = self._pending.get(key)
         self._pending[key] = (period, nano + (old[1] if old and old[0] == period else 0))
 
-    # --- seeding from the usage store (limits_seed.py) --------------------------------------------
+    # --- seeding from the usage store (seed.py) --------------------------------------------------
 
     async def unseeded(self, periods: list[Period]) -> list[Period]:
         """Periods whose counters in Redis were not seeded from the store: a period that began

@@ -9,7 +9,7 @@ admitted at unix time t counts until floor(t) + 60, i.e. for 59 to 60 s. This is
 minute" limit (never more than the limit in any window), unlike GCRA / token buckets with a burst
 of the per-minute amount, which allow up to twice the limit within one minute. It also lets
 `settle()` correct a tpm reservation in the bucket it was made in. The same layout is used by the
-Redis scripts (`hxgwd.limits_redis`), so a key behaves the same with or without Redis. Memory: at
+Redis scripts (`hxgwd.limits.redis`), so a key behaves the same with or without Redis. Memory: at
 most 60 buckets per key and window.
 
 A request larger than the whole tpm allowance is admitted when the window is otherwise empty (it
@@ -19,7 +19,7 @@ have no such exception: a budget is a hard cap.
 Budgets are USD spent in the current calendar day or month in `[limits] timezone`, counted in
 integer nano-USD (exact sums; atomic INCRBY in Redis). Period keys look like "2026-11" and
 "2026-11-28"; a refusal's Retry-After is the start of the next period. A period that began before
-this process starts from what the usage store recorded in it (`seed_period`, limits_seed.py).
+this process starts from what the usage store recorded in it (`seed_period`, seed.py).
 
 Pure: no I/O; time comes in as unix seconds.
 """
