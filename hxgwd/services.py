@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 import attrs
 import trio
 
-from hxgwd.limits.redis import Limiter, open_limiter
+from hxgwd.limits.limiter import Limiter, open_limiter
 from hxgwd.limits.seed import BudgetSeeder
 from hxgwd.runtime import Runtime
 

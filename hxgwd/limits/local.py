@@ -1,224 +1,41 @@
-"""Stage 4, limit: per-key requests per minute, tokens per minute and a calendar budget.
+"""Stage 4, limit, on one host: per-key requests per minute, tokens per minute and a calendar
+budget, counted in memory.
 
-Admission reserves an estimate and `settle()` corrects it to the real usage when the request ends,
-so a reservation counts from the moment it is made: concurrent requests cannot overrun a budget
-(as long as the estimate is an upper bound of the real cost; see `estimate`).
+Admission reserves an estimate (estimate.py) and `settle()` corrects it to the real usage when the
+request ends, so a reservation counts from the moment it is made: concurrent requests cannot
+overrun a budget (as long as the estimate is an upper bound of the real cost).
 
 Windows. rpm and tpm count what was admitted in a sliding 60 s window of 1 s buckets: a request
 admitted at unix time t counts until floor(t) + 60, i.e. for 59 to 60 s. This is a true "per
 minute" limit (never more than the limit in any window), unlike GCRA / token buckets with a burst
 of the per-minute amount, which allow up to twice the limit within one minute. It also lets
 `settle()` correct a tpm reservation in the bucket it was made in. The same layout is used by the
-Redis scripts (`hxgwd.limits.redis`), so a key behaves the same with or without Redis. Memory: at
-most 60 buckets per key and window.
+Redis scripts (scripts.py), so a key behaves the same with or without Redis. Memory: at most 60
+buckets per key and window.
 
 A request larger than the whole tpm allowance is admitted when the window is otherwise empty (it
 runs alone): estimates lean high (max_tokens), and refusing it forever would help nobody. Budgets
 have no such exception: a budget is a hard cap.
 
-Budgets are USD spent in the current calendar day or month in `[limits] timezone`, counted in
-integer nano-USD (exact sums; atomic INCRBY in Redis). Period keys look like "2026-11" and
-"2026-11-28"; a refusal's Retry-After is the start of the next period. A period that began before
-this process starts from what the usage store recorded in it (`seed_period`, seed.py).
+Budgets are USD spent in the current calendar day or month in `[limits] timezone` (periods.py),
+counted in integer nano-USD (exact sums; atomic INCRBY in Redis). A refusal's Retry-After is the
+start of the next period. A period that began before this process starts from what the usage
+store recorded in it (`seed_period`, seed.py).
 
 Pure: no I/O; time comes in as unix seconds.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import math
-import zoneinfo
-from typing import Any, Iterable
-
-import attrs
-
-from hxgwd.config.model import Model
 from hxgwd.errors import RateLimited
-from hxgwd.runtime import Deployment, Principal
+from hxgwd.limits.estimate import Estimate
+from hxgwd.limits.periods import Calendar
+from hxgwd.limits.refusal import BUDGET, RPM, TPM, refusal
+from hxgwd.limits.reservation import NANO, Reservation, to_nano
+from hxgwd.runtime import Principal
 
 WINDOW = 60                                       # seconds; rpm and tpm windows, in 1 s buckets
-NANO = 1_000_000_000                              # nano-USD per USD
-DEFAULT_MAX_TOKENS = {"chat": 256, "embedding": 0}  # completion tokens assumed when max_tokens is absent
-BYTES_PER_TOKEN = 4                               # prompt tokens ~= request body bytes / 4
-MAX_TOKENS_ESTIMATED = 1 << 24     # more output than any model's context window holds today
-MAX_CHOICES = 128                  # n and best_of counted up to this (OpenAI's own cap on n)
-MAX_GENERATIONS = 1 << 16          # choices x prompts counted up to this: sums stay in int64 (Redis)
-MAX_NANO = 1 << 62                 # a reservation is at most this (INCRBY's int64); refused by any sane budget
 
-RPM, TPM, BUDGET = "rate_limit_rpm", "rate_limit_tpm", "budget_exceeded"
-
-
-@attrs.frozen
-class Estimate:
-    tokens: int        # prompt + completion tokens, an upper bound in practice
-    cost_usd: float    # worst case over the deployments that may serve the request
-
-
-@attrs.frozen
-class Reservation:
-    """What admission took; `settle()` gives back the difference to the real usage."""
-
-    key: str
-    bucket: int                  # the whole second (limiter's clock) the request counts in
-    tokens: int | None           # reserved in the tpm window; None: the key has no tpm
-    nano_usd: int | None         # reserved on the budget; None: the key has no budget
-    period: str | None = None    # budget period key, e.g. "2026-11"
-    period_end: float = 0.0      # unix time the period ends
-    where: str = "local"         # the store holding it: "local" or "redis"
-
-    @property
-    def cost_usd(self) -> float:
-        return (self.nano_usd or 0) / NANO
-
-
-def limited(principal: Principal) -> bool:
-    return principal.rpm is not None or principal.tpm is not None or principal.budget_usd is not None
-
-
-def estimate(kind: str, prompt_bytes: int, max_tokens: int | None, deployments: Iterable[Deployment],
-             choices: int = 1, prompt_tokens: int = 0) -> Estimate:
-    """`kind` "chat" or "embedding"; `max_tokens` 0 or None when the request gives none, per
-    choice; `choices` completions generated (n, best_of, prompts); `prompt_tokens` a floor for the
-    prompt that the bytes may not show (token arrays, items)."""
-    prompt = max(-(-prompt_bytes // BYTES_PER_TOKEN), prompt_tokens)
-    output = 0 if kind == "embedding" else (max_tokens or DEFAULT_MAX_TOKENS.get(kind, 0)) * choices
-    cost = max((usage_cost(d.config, prompt, output) for d in deployments), default=0.0)
-    return Estimate(prompt + output, cost)
-
-
-def estimate_request(kind: str, payload: dict[str, Any], prompt_bytes: int,
-                     deployments: Iterable[Deployment]) -> Estimate:
-    """The admission estimate of a parsed request body: what it may cost at most, as far as the
-    body tells. An upstream bills every choice it generates (`n`, `best_of`, each prompt of a
-    completions list), and an embeddings or completions prompt given as token arrays holds more
-    tokens than its bytes / 4. Without max_tokens, DEFAULT_MAX_TOKENS per choice is a guess, not a
-    bound: such a request may settle above its reservation, past the budget by that much."""
-    # embeddings: `input`, or `prompt` as single-prompt (Ollama) backends spell it; completions: `prompt`
-    given = payload.get("input", payload.get("prompt")) if kind == "embedding" else payload.get("prompt")
-    items, item_tokens = _prompt_items(given)
-    choices = max(_choices(payload.get("n")), _choices(payload.get("best_of")))
-    return estimate(kind, prompt_bytes, max_tokens(payload), deployments,
-                    choices=min(choices * max(items, 1), MAX_GENERATIONS), prompt_tokens=item_tokens)
-
-
-def max_tokens(payload: dict[str, Any]) -> int:
-    """Output tokens asked for per choice, 0 when not said: bounded, so that one request's absurd
-    value cannot overflow a cost or skew what others are routed on."""
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = payload.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return min(value, MAX_TOKENS_ESTIMATED)
-    return 0
-
-
-def _choices(value: Any) -> int:
-    """n or best_of as the client gave it: an int in [1, MAX_CHOICES]; anything else counts as 1
-    (the upstream rejects it, or takes its default of 1)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 1:
-        return min(value, MAX_CHOICES)
-    return 1
-
-
-def _prompt_items(given: Any) -> tuple[int, int]:
-    """-> (prompts, tokens at least) of an `input` / `prompt`: a string, a token array, or a list
-    of either. Each item is at least one token, a token array exactly its length."""
-    if isinstance(given, str):
-        return 1, 1
-    if not isinstance(given, list) or not given:
-        return 0, 0
-    if all(isinstance(t, int) for t in given):                 # one token array
-        return 1, len(given)
-    return len(given), sum(len(i) if isinstance(i, list) else 1 for i in given)
-
-
-def usage_cost(model: Model, prompt_tokens: int, completion_tokens: int) -> float:
-    """USD for a usage at a deployment's prices (what settle() wants for a finished request)."""
-    return (prompt_tokens * model.input_cost_per_1k + completion_tokens * model.output_cost_per_1k) / 1000
-
-
-def to_nano(usd: float, up: bool = False) -> int:
-    """USD -> integer nano-USD; reservations round up, real costs to nearest."""
-    return min(MAX_NANO, max(0, math.ceil(usd * NANO - 1e-6) if up else round(usd * NANO)))
-
-
-# --- refusals ----------------------------------------------------------------------------------
-
-def refusal(code: str, wait: float, limit: float, used: float, asked: float, period: str = "month") -> RateLimited:
-    """The 429 for the limit that binds; `wait` seconds until it would admit (Retry-After)."""
-    secs = max(1, math.ceil(wait))
-    if code == RPM:
-        msg = (f"Rate limit reached for requests per minute (RPM): limit {int(limit)}, used {int(used)}, "
-               f"requested 1. Please try again in {secs}s.")
-    elif code == TPM:
-        msg = (f"Rate limit reached for tokens per minute (TPM): limit {int(limit)}, used {int(used)}, "
-               f"requested {int(asked)}. Please try again in {secs}s.")
-    else:
-        word = "daily" if period == "day" else "monthly"
-        msg = (f"Budget exceeded: this key's {word} budget is ${limit / NANO:.2f}, ${used / NANO:.4f} is "
-               f"spent or reserved and this request may cost up to ${asked / NANO:.4f}. "
-               f"The budget resets in {_human(secs)}.")
-    return RateLimited(msg, code=code, retry_after=wait)
-
-
-def _human(secs: int) -> str:
-    if secs < 120:
-        return f"{secs}s"
-    if secs < 7200:
-        return f"{secs // 60} minutes"
-    if secs < 172800:
-        return f"{secs // 3600} hours"
-    return f"{secs // 86400} days"
-
-
-# --- calendar ----------------------------------------------------------------------------------
-
-@attrs.frozen
-class Period:
-    key: str        # "2026-11" or "2026-11-28"
-    start: float    # unix time, inclusive
-    end: float      # unix time, exclusive
-
-
-class Calendar:
-    """Calendar periods in one timezone; the current one is cached per kind (a hot-path lookup)."""
-
-    def __init__(self, timezone: str = "UTC") -> None:
-        self.timezone = timezone
-        self.tz = zoneinfo.ZoneInfo(timezone)
-        self._current: dict[str, Period] = {}
-        self._around: dict[str, tuple[Period, Period, Period]] = {}
-
-    def period(self, kind: str, now: float) -> Period:
-        p = self._current.get(kind)
-        if p is None or not p.start <= now < p.end:
-            p = self._current[kind] = self.compute(kind, now)
-        return p
-
-    def around(self, kind: str, now: float) -> tuple[Period, Period, Period]:
-        """The previous, current and next period (Redis picks by its own clock at boundaries)."""
-        cur = self.period(kind, now)
-        three = self._around.get(kind)
-        if three is None or three[1] is not cur:
-            three = self._around[kind] = (self.compute(kind, cur.start - 1), cur, self.compute(kind, cur.end))
-        return three
-
-    def compute(self, kind: str, now: float) -> Period:
-        day = dt.datetime.fromtimestamp(now, self.tz).date()
-        if kind == "day":
-            start, end, key = day, day + dt.timedelta(days=1), day.isoformat()
-        else:
-            start = day.replace(day=1)
-            end = (start + dt.timedelta(days=32)).replace(day=1)
-            key = start.isoformat()[:7]
-        return Period(key, self._midnight(start), self._midnight(end))
-
-    def _midnight(self, day: dt.date) -> float:
-        # A midnight that falls in a DST gap maps (fold=0) to the first instant of that day.
-        return dt.datetime(day.year, day.month, day.day, tzinfo=self.tz).timestamp()
-
-
-# --- the in-memory limiter ---------------------------------------------------------------------
 
 class Window:
     """Amounts per whole second over the last WINDOW seconds."""

@@ -1,12 +1,5 @@
-"""The limiter the request path uses: in memory on one host, or shared across hosts in Redis.
-
-    async with open_limiter(config, log, password) as limiter:
-        res = await limiter.admit(principal, estimate)       # RateLimited 429 / LimitsUnavailable 503
-        ...
-        await limiter.settle(res, total_tokens, cost_usd)    # once, whatever the outcome
-
-`HostLimiter` wraps the pure `LocalLimiter` (stage 4). `RedisLimiter` keeps the same counters in
-Redis: each admit and each settle is ONE EVALSHA of a Lua script that reads the server clock
+"""Limits shared by every host: `RedisLimiter` keeps the counters of `LocalLimiter` (local.py) in
+Redis. Each admit and each settle is ONE EVALSHA of a Lua script that reads the server clock
 (TIME), so hosts with skewed clocks agree, and checks every limit of the key before reserving any
 (all or nothing). Keys carry the hash tag `{name}` (one Cluster slot per client key) and TTLs:
 windows expire 61 s after their last use, budget counters a day after their period ends.
@@ -43,71 +36,33 @@ that cannot be known to have been applied are only carried over when they add sp
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
 import time
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, Callable
 
 import attrs
 import trio
 
 from hxgwd.config import model as m
 from hxgwd.errors import Unavailable
-from hxgwd.limits import local as limit
-from hxgwd.limits.local import BUDGET, RPM, TPM, Estimate, LocalLimiter, Period, Reservation
+from hxgwd.limits.estimate import Estimate
+from hxgwd.limits.local import LocalLimiter
+from hxgwd.limits.periods import Period
+from hxgwd.limits.refusal import BUDGET, RPM, TPM, refusal
+from hxgwd.limits.reservation import Reservation, to_nano
 from hxgwd.limits.scripts import ADMIT, SEED, SETTLE
 from hxgwd.runtime import Principal
 
 PREFIX = "hxgwd:"
 PROBE_INTERVAL = 1.0          # seconds between attempts to reach Redis while it is down
 BUDGET_GRACE = 86400          # budget counters outlive their period by this (late settles)
-MAX_CONNECTIONS = 64
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._:@+~-]{1,100}$")
 
 
 class LimitsUnavailable(Unavailable):
     code = "limits_unavailable"
     fault = "gateway"
-
-
-class Limiter(Protocol):
-    local: LocalLimiter              # this host's counters (the fallback's, with Redis)
-    clock: Callable[[], float]
-    async def admit(self, principal: Principal, est: Estimate) -> Reservation | None: ...
-    async def settle(self, res: Reservation | None, tokens: int | None, cost_usd: float | None) -> None: ...
-    def configure(self, config: m.Config) -> None: ...
-    def statistics(self) -> dict[str, Any]: ...
-    async def unseeded(self, periods: list[Period]) -> list[Period]: ...
-    async def seed(self, period: Period, spend: dict[str, int]) -> None: ...
-
-
-class HostLimiter:
-    """The in-memory limiter behind the async interface; admit never awaits, so it is atomic."""
-
-    def __init__(self, limits: m.Limits, clock: Callable[[], float] = time.time) -> None:
-        self.local = LocalLimiter(limits.timezone)
-        self.clock = clock
-        self.started = clock()      # periods that began since were counted here whole
-
-    async def admit(self, principal: Principal, est: Estimate) -> Reservation | None:
-        return self.local.admit(principal, est, self.clock())
-
-    async def settle(self, res: Reservation | None, tokens: int | None, cost_usd: float | None) -> None:
-        self.local.settle(res, tokens, cost_usd, self.clock())
-
-    def configure(self, config: m.Config) -> None:
-        self.local.set_timezone(config.limits.timezone)
-
-    def statistics(self) -> dict[str, Any]:
-        return {"backend": "local", **self.local.statistics()}
-
-    async def unseeded(self, periods: list[Period]) -> list[Period]:
-        """The periods whose spend before this process is still to be seeded (seed.py)."""
-        return [p for p in periods if p.start < self.started and p.key not in self.local.seeded]
-
-    async def seed(self, period: Period, spend: dict[str, int]) -> None:
-        self.local.seed_period(period.key, spend)
 
 
 CODES = {1: RPM, 2: TPM, 3: BUDGET}
@@ -179,7 +134,7 @@ class RedisLimiter:
             return self._fallback(principal, est, now)
         name = principal.key_name
         keys = self._names(name)
-        cost = limit.to_nano(est.cost_usd, up=True)
+        cost = to_nano(est.cost_usd, up=True)
         carry = 0
         if budget is not None:
             prev, cur, nxt = self.local.calendar.around(principal.budget_period, now)
@@ -193,7 +148,7 @@ class RedisLimiter:
             floor = max(self.local.seeded.get(cur.key, {}).get(name, 0),
                         seen[1] if seen is not None and seen[0] == cur.key else 0)
             bkeys = [keys[2] + p.key for p in periods]
-            budget_args = [limit.to_nano(budget), cost, *(p.end for p in periods),
+            budget_args = [to_nano(budget), cost, *(p.end for p in periods),
                            *(int(p.end) + BUDGET_GRACE for p in periods), carry, floor]
         else:
             bkeys = [keys[2] + "-"] * 3
@@ -215,8 +170,8 @@ class RedisLimiter:
             _, which, wait_ms, used, asked, pi = reply
             code = CODES[int(which)]
             self.stats["refused"][code] += 1
-            lim = {RPM: rpm, TPM: tpm, BUDGET: limit.to_nano(budget or 0)}[code]
-            raise limit.refusal(code, int(wait_ms) / 1000, lim, int(used), int(asked), principal.budget_period)
+            lim = {RPM: rpm, TPM: tpm, BUDGET: to_nano(budget or 0)}[code]
+            raise refusal(code, int(wait_ms) / 1000, lim, int(used), int(asked), principal.budget_period)
         _, bucket, pi, spent = reply
         self.stats["admitted"] += 1
         period = None
@@ -257,7 +212,7 @@ class RedisLimiter:
         if res is None:
             return
         now = self.clock()
-        actual = None if res.nano_usd is None else (res.nano_usd if cost_usd is None else limit.to_nano(cost_usd))
+        actual = None if res.nano_usd is None else (res.nano_usd if cost_usd is None else to_nano(cost_usd))
         if res.where == "local":
             self.local.settle(res, tokens, cost_usd, now)
             if actual and res.period:      # spent while Redis was away: add it there later
@@ -369,32 +324,3 @@ class RedisLimiter:
         fallback, denied = self._outage_counts
         self.log.info("limits: redis recovered", down_seconds=round(down, 3), policy=self.policy,
                       fallback_admits=fallback, denied=denied)
-
-
-@contextlib.asynccontextmanager
-async def open_limiter(config: m.Config, log: Any, password: str | None = None) -> AsyncIterator[Limiter]:
-    """The limiter for `config`: Redis when `[redis] url` is set, else in memory. Open it once at
-    daemon scope: the coredis client (and its pool) lives exactly as long as this context."""
-    if not config.redis.url:
-        yield HostLimiter(config.limits)
-        return
-    import coredis
-    from coredis.retry import NoRetryPolicy
-
-    t = config.redis.timeout
-    kwargs: dict[str, Any] = {} if password is None else {"password": password}
-    client = coredis.Redis.from_url(config.redis.url, stream_timeout=t, connect_timeout=t, pool_timeout=t,
-                                    max_connections=MAX_CONNECTIONS, retry_policy=NoRetryPolicy(), **kwargs)
-    raised: BaseException | None = None
-    try:
-        async with client:
-            try:
-                yield RedisLimiter(client, config, log)
-            except BaseException as exc:
-                raised = exc
-                raise
-    except BaseExceptionGroup as group:
-        # coredis's pool runs a task group: an error of the daemon's own would come out wrapped
-        if raised is not None and len(group.exceptions) == 1 and group.exceptions[0] is raised:
-            raise raised from None
-        raise

@@ -24,8 +24,8 @@ from typing import Any
 
 import trio
 
-from hxgwd.limits.local import to_nano
-from hxgwd.limits.redis import Limiter
+from hxgwd.limits.limiter import Limiter
+from hxgwd.limits.reservation import to_nano
 from hxgwd.store import Store, StoreError
 
 CHECK_INTERVAL = 1.0

@@ -25,7 +25,7 @@ from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
 from hxgwd import admin, memtrim
 from hxgwd.offload import OFF_LOOP_BYTES, Offload
-from hxgwd.limits import local as limit
+from hxgwd.limits import estimate as limit
 from hxgwd.pipeline import authenticate, proxy, record, route, transform
 from hxgwd.http.connection import ClientGone, Request, Response
 from hxgwd.pipeline.body import json_document, json_document_in_steps
