@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Protocol
 
 from hxgwd.config import model as m
 from hxgwd.limits.estimate import Estimate
@@ -22,6 +22,9 @@ from hxgwd.limits.periods import Period
 from hxgwd.limits.redis import RedisLimiter
 from hxgwd.limits.reservation import Reservation
 from hxgwd.runtime import Principal
+
+if TYPE_CHECKING:
+    from hxgwd.logs import Logger
 
 MAX_CONNECTIONS = 64          # of the Redis client's pool
 
@@ -66,7 +69,7 @@ class HostLimiter:
 
 
 @contextlib.asynccontextmanager
-async def open_limiter(config: m.Config, log: Any, password: str | None = None) -> AsyncIterator[Limiter]:
+async def open_limiter(config: m.Config, log: Logger, password: str | None = None) -> AsyncIterator[Limiter]:
     """The limiter for `config`: Redis when `[redis] url` is set, else in memory. Open it once at
     daemon scope: the coredis client (and its pool) lives exactly as long as this context."""
     if not config.redis.url:

@@ -128,16 +128,17 @@ class LocalLimiter:
             st = self.keys[principal.key_name] = KeyState()
         bucket = st.bucket(now)
         worst: RateLimited | None = None
+        worst_wait = 0.0                 # worst's Retry-After
         if rpm is not None:
             st.rpm.prune(bucket)
             wait = st.rpm.wait(1, rpm, now)
             if wait:
-                worst = refusal(RPM, wait, rpm, st.rpm.total, 1)
+                worst, worst_wait = refusal(RPM, wait, rpm, st.rpm.total, 1), wait
         if tpm is not None:
             st.tpm.prune(bucket)
             wait = st.tpm.wait(est.tokens, tpm, now)
-            if wait and (worst is None or wait > worst.retry_after):
-                worst = refusal(TPM, wait, tpm, st.tpm.total, est.tokens)
+            if wait and (worst is None or wait > worst_wait):
+                worst, worst_wait = refusal(TPM, wait, tpm, st.tpm.total, est.tokens), wait
         period = None
         cost = 0
         if budget is not None:
@@ -147,7 +148,7 @@ class LocalLimiter:
             cost, cap = to_nano(est.cost_usd, up=True), to_nano(budget)
             if st.spent + cost > cap:
                 wait = period.end - now
-                if worst is None or wait > worst.retry_after:
+                if worst is None or wait > worst_wait:
                     worst = refusal(BUDGET, wait, cap, st.spent, cost, principal.budget_period)
         if worst is not None:
             self.refused[worst.code] += 1

@@ -39,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 
 import attrs
 import trio
@@ -53,6 +53,13 @@ from hxgwd.limits.refusal import BUDGET, RPM, TPM, refusal
 from hxgwd.limits.reservation import Reservation, to_nano
 from hxgwd.limits.scripts import ADMIT, SEED, SETTLE
 from hxgwd.runtime import Principal
+
+if TYPE_CHECKING:                 # coredis is optional: imported when [redis] url is set
+    from coredis import Redis
+    from coredis.commands import Script
+    from coredis.typing import ResponseType, ValueT
+
+    from hxgwd.logs import Logger
 
 PREFIX = "hxgwd:"
 PROBE_INTERVAL = 1.0          # seconds between attempts to reach Redis while it is down
@@ -83,7 +90,7 @@ def _tag(name: str) -> str:
 class RedisLimiter:
     """Shared limits in Redis, with this host's `LocalLimiter` as the "local" fallback."""
 
-    def __init__(self, client: Any, config: m.Config, log: Any, *,
+    def __init__(self, client: Redis[bytes], config: m.Config, log: Logger, *,
                  clock: Callable[[], float] = time.time, prefix: str = PREFIX) -> None:
         from coredis.exceptions import RedisError
 
@@ -106,8 +113,8 @@ class RedisLimiter:
         self._probing = False
         self._outage_counts = [0, 0]                     # fallback admits, denials in this outage
         self.stats = {"calls": 0, "errors": 0, "outages": 0, "fallback_admits": 0, "denied": 0,
-                      "settles_deferred": 0, "admitted": 0,
-                      "refused": {RPM: 0, TPM: 0, BUDGET: 0}}
+                      "settles_deferred": 0, "admitted": 0}
+        self.refused = {RPM: 0, TPM: 0, BUDGET: 0}
 
     def configure(self, config: m.Config) -> None:
         """A reload: timezone, policy and timeout apply at once; a new url needs a restart."""
@@ -121,7 +128,7 @@ class RedisLimiter:
 
     def statistics(self) -> dict[str, Any]:
         return {"backend": "redis", "policy": self.policy, "down": self.down, **self.stats,
-                "refused": dict(self.stats["refused"]), "local": self.local.statistics()}
+                "refused": dict(self.refused), "local": self.local.statistics()}
 
     # --- admission -------------------------------------------------------------------------------
 
@@ -156,7 +163,8 @@ class RedisLimiter:
         args = [-1 if rpm is None else rpm, -1 if tpm is None else tpm, est.tokens, *budget_args]
         self._probing = self._down_since is not None
         try:
-            reply = await self._call(self._admit, [keys[0], keys[1], *bkeys], args)
+            # ADMIT answers a Lua table of integers: a list of ints
+            reply = cast("list[int]", await self._call(self._admit, [keys[0], keys[1], *bkeys], args))
         except self._errors as exc:
             if carry > 0:    # it may or may not have landed: keep only what can overcount
                 self._carry(name, cur.key, carry)
@@ -169,8 +177,9 @@ class RedisLimiter:
         if reply[0] == 0:
             _, which, wait_ms, used, asked, pi = reply
             code = CODES[int(which)]
-            self.stats["refused"][code] += 1
+            self.refused[code] += 1
             lim = {RPM: rpm, TPM: tpm, BUDGET: to_nano(budget or 0)}[code]
+            assert lim is not None               # the script refuses only on a limit the key has
             raise refusal(code, int(wait_ms) / 1000, lim, int(used), int(asked), principal.budget_period)
         _, bucket, pi, spent = reply
         self.stats["admitted"] += 1
@@ -218,10 +227,11 @@ class RedisLimiter:
             if actual and res.period:      # spent while Redis was away: add it there later
                 self._carry(res.key, res.period, actual)
             return
-        delta = None if actual is None else actual - res.nano_usd
+        delta = None if actual is None or res.nano_usd is None else actual - res.nano_usd
         tok = res.tokens is not None and tokens is not None and tokens != res.tokens
+        reserved_tokens, settled_tokens = res.tokens or 0, tokens or 0     # what they are when tok
         if tok and isinstance(res, RedisReservation):
-            self.local.correct_tokens(res.key, res.local_bucket, res.tokens, tokens, now)
+            self.local.correct_tokens(res.key, res.local_bucket, reserved_tokens, settled_tokens, now)
         if not tok and not delta:
             return
         if self._skip():
@@ -230,9 +240,10 @@ class RedisLimiter:
             self.stats["settles_deferred"] += 1
             return
         tag = f"{self.prefix}{{{_tag(res.key)}}}:"
-        args = [res.bucket if tok else "", (tokens - res.tokens) if tok else 0, tokens if tok else 0,
-                "" if delta is None else delta, actual or 0, res.period_end,
-                int(res.period_end) + BUDGET_GRACE]
+        args: list[ValueT] = [res.bucket if tok else "", (settled_tokens - reserved_tokens) if tok else 0,
+                              settled_tokens if tok else 0,
+                              "" if delta is None else delta, actual or 0, res.period_end,
+                              int(res.period_end) + BUDGET_GRACE]
         self._probing = self._down_since is not None
         try:
             await self._call(self._settle, [f"{tag}tpm", f"{tag}usd:{res.period}"], args)
@@ -247,7 +258,7 @@ class RedisLimiter:
         if self._down_since is not None:
             self._recovered()
 
-    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    async def _call(self, script: Script[bytes], keys: list[str], args: Sequence[ValueT]) -> ResponseType:
         """One EVALSHA, shielded and bounded by the timeout: a client hanging up cannot leave it
         half done (an admission completes and is returned, so the caller settles it)."""
         self.stats["calls"] += 1

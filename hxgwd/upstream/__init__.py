@@ -11,13 +11,17 @@ certificates as traffic.
 from __future__ import annotations
 
 import ssl
-from typing import Protocol
+from typing import TYPE_CHECKING, Iterable, Protocol
 
 import attrs
 
 from hxgwd.config.model import Timeouts
 from hxgwd.errors import Unavailable
 from hxgwd.http import resolve_parser
+
+if TYPE_CHECKING:                 # both import this module
+    from hxgwd.runtime import BackendRuntime
+    from hxgwd.upstream.pool import Pool
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -64,11 +68,11 @@ class Transports:
     def __init__(self, http_parser: str = "auto", log: object = None) -> None:
         self.http_parser = resolve_parser(http_parser)
         self._log = log
-        self._by_key: dict[tuple, Transport] = {}
+        self._by_key: dict[tuple[object, ...], Transport] = {}   # the settings a transport is made with
         # per snapshot object: the hot path looks a backend up by identity, not by its settings
-        self._by_backend: dict[int, tuple[object, Transport]] = {}
+        self._by_backend: dict[int, tuple[BackendRuntime, Transport]] = {}
 
-    def get(self, backend) -> Transport:   # backend: runtime.BackendRuntime
+    def get(self, backend: BackendRuntime) -> Transport:
         hit = self._by_backend.get(id(backend))
         if hit is not None and hit[0] is backend:
             return hit[1]
@@ -76,13 +80,13 @@ class Transports:
         self._by_backend[id(backend)] = (backend, transport)
         return transport
 
-    def _lookup(self, backend) -> Transport:
+    def _lookup(self, backend: BackendRuntime) -> Transport:
         from hxgwd.upstream.echo import EchoBackend
         from hxgwd.upstream.pool import Pool
 
         cfg = backend.config
         if cfg.kind == "echo":
-            key: tuple = ("echo", cfg.echo_dimensions, cfg.echo_delay)
+            key: tuple[object, ...] = ("echo", cfg.echo_dimensions, cfg.echo_delay)
         else:
             key = ("http", backend.origin, cfg.max_connections, cfg.max_idle_connections,
                    cfg.idle_timeout, cfg.tls_verify, cfg.ca_file, self.http_parser, backend.name)
@@ -91,6 +95,7 @@ class Transports:
             if cfg.kind == "echo":
                 transport = EchoBackend(cfg.echo_dimensions, cfg.echo_delay)
             else:
+                assert backend.origin is not None            # an http backend has a url
                 ctx = _ssl_context(cfg.tls_verify, cfg.ca_file) if backend.origin.tls else None
                 transport = Pool(backend.origin, max_connections=cfg.max_connections,
                                  max_idle=cfg.max_idle_connections, idle_timeout=cfg.idle_timeout,
@@ -98,12 +103,12 @@ class Transports:
             self._by_key[key] = transport
         return transport
 
-    def pools(self) -> list:
+    def pools(self) -> list[Pool]:
         from hxgwd.upstream.pool import Pool
 
         return [t for t in self._by_key.values() if isinstance(t, Pool)]
 
-    def retain(self, backends, http_parser: str | None = None) -> None:
+    def retain(self, backends: Iterable[BackendRuntime], http_parser: str | None = None) -> None:
         """After a reload: forget transports no current backend uses, once they are idle. A new
         `http_parser` setting makes new pools (their connections parse with it from the start)."""
         backends = list(backends)
