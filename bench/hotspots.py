@@ -80,7 +80,7 @@ HXGWD_GROUPS = [
     ("JSON parse of the request (_payload)", r"^_payload "),
     ("route: resolve + plan", r"^(resolve|Router\.plan) "),
     ("routing bookkeeping (router.started/finished)", r"^Router\.(started|finished) "),
-    ("limits (admit/settle)", r"pipeline/limit\.py"),
+    ("limits (admit/settle)", r"hxgwd/limits/"),
     ("transform: plan_chat/json/embeddings (JSON re-encode of the body)", r"^plan_(chat|json|embeddings) "),
     ("upstream exchange (Pool.request: h11 client, send, wait for head)", r"^Pool\.request "),
     ("read upstream body (proxy._read)", r"^_read "),

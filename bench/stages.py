@@ -29,7 +29,7 @@ STAGES = [
      r"^(_next_request|read_body|_take_arrived|_wait_for_first_byte|next_event|_next_piece|_read_loop) \(hxgwd/http/connection"
      r"|\(hxgwd/http/server_llhttp"),
     ("auth", r"^(_authenticate|authenticate) \(hxgwd/pipeline/"),
-    ("limit admit/settle", r"\(hxgwd/pipeline/limit\.py"),
+    ("limit admit/settle", r"\(hxgwd/limits/"),
     ("JSON parse of the request", r"^(_payload|json_document) \(hxgwd/pipeline/"),
     ("routing plan/update", r"\(hxgwd/routing/|^(plan|started|finished|resolve) \(hxgwd/pipeline/route\.py"),
     ("transform (body re-serialisation, headers, usage_from_body)", r"\(hxgwd/pipeline/transform\.py"),

@@ -26,8 +26,9 @@ DEFAULT_CONFIG = "/etc/hxgwd/hxgwd.toml"
 
 
 def config_path(args: argparse.Namespace) -> str:
-    if args.config is not None:    # `-c ""` is a mistake to report, not a wish for the default
-        return args.config
+    given: str | None = args.config
+    if given is not None:          # `-c ""` is a mistake to report, not a wish for the default
+        return given
     return os.environ.get("HXGWD_CONFIG") or DEFAULT_CONFIG
 
 
@@ -162,15 +163,15 @@ def cmd_run(path: str) -> int:
     try:
         life = trio.run(serve, daemon)
     except Exception as raised:
-        exc = _sole_cause(raised)   # a failure at start may come wrapped by the nursery it ran in
-        if isinstance(exc, SchemaError):
-            log.error("cannot start: database schema", error=str(exc))
+        cause = _sole_cause(raised)   # a failure at start may come wrapped by the nursery it ran in
+        if isinstance(cause, SchemaError):
+            log.error("cannot start: database schema", error=str(cause))
             return EXIT_CONFIG
-        if isinstance(exc, SpoolError):
-            log.error("cannot start: usage spool", error=str(exc))
+        if isinstance(cause, SpoolError):
+            log.error("cannot start: usage spool", error=str(cause))
             return EXIT_CANTCREAT
-        if isinstance(exc, OSError):   # listeners are bound before any task starts
-            log.error("cannot listen", error=exc.strerror or str(exc), addresses=list(runtime.config.server.listen))
+        if isinstance(cause, OSError):   # listeners are bound before any task starts
+            log.error("cannot listen", error=cause.strerror or str(cause), addresses=list(runtime.config.server.listen))
             return EXIT_LISTEN
         raise
     return EXIT_FORCED if life.forced else 0

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import trio
 try:   # trio.testing re-exports it from here; importing trio.testing itself pulls in pytest when
     # that is installed (+8 MiB resident)
-    from trio._core import wait_all_tasks_blocked
+    from trio._core import wait_all_tasks_blocked  # type: ignore[attr-defined]  # not in its __all__, as said
 except ImportError:   # pragma: no cover - a trio that moved it
     from trio.testing import wait_all_tasks_blocked
 

@@ -13,13 +13,16 @@ is absent (musl, macOS), it does nothing.
 from __future__ import annotations
 
 import ctypes
+from typing import Callable
 
 AFTER_BYTES = 4 * 1024 * 1024     # a request's body + answer from which its memory is trimmed
 
+_malloc_trim: Callable[[int], int] | None
 try:
-    _malloc_trim = ctypes.CDLL(None).malloc_trim      # glibc only; ctypes lets the GIL go meanwhile
-    _malloc_trim.argtypes = [ctypes.c_size_t]
-    _malloc_trim.restype = ctypes.c_int
+    _trim = ctypes.CDLL(None).malloc_trim             # glibc only; ctypes lets the GIL go meanwhile
+    _trim.argtypes = [ctypes.c_size_t]
+    _trim.restype = ctypes.c_int
+    _malloc_trim = _trim
 except (OSError, AttributeError):     # pragma: no cover - not glibc
     _malloc_trim = None
 

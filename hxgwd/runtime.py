@@ -132,6 +132,7 @@ def build_runtime(path: str, generation: int, environ: Mapping[str, str] | None 
         # the secrets' sources are checked too, so that one run reports every problem of the file
         found = read_secrets(draft.config, environ, entry_path=draft.entry_path).problems if draft.config else []
         raise ConfigError(draft.in_file_order(draft.problems + found))
+    assert draft.config is not None          # None only with problems
     try:
         return compile_config(draft.config, generation, path, environ)
     except ConfigError as exc:

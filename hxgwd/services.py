@@ -1,6 +1,6 @@
 """What the request path uses besides the config snapshot, opened once at start for the process:
 the limiter (memory or Redis), and, when `[database] url` is set, the store with its usage sink,
-key cache, and the seeder of the limiter's budgets from recorded usage (limits_seed.py). Their
+key cache, and the seeder of the limiter's budgets from recorded usage (limits/seed.py). Their
 tasks live in one nursery here; `open_services` closes them in order.
 
 A database that is down at start does not stop the daemon: usage records go to the spool and
@@ -12,14 +12,22 @@ this host alone, is migrated in place.
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 import attrs
 import trio
 
-from hxgwd.limits_redis import Limiter, open_limiter
-from hxgwd.limits_seed import BudgetSeeder
-from hxgwd.runtime import Runtime
+from hxgwd.config import model as m
+from hxgwd.limits.limiter import Limiter, open_limiter
+from hxgwd.limits.seed import BudgetSeeder
+from hxgwd.runtime import Principal, Runtime
+
+if TYPE_CHECKING:                 # the store's modules are imported only when [database] url is set
+    from hxgwd.logs import Logger
+    from hxgwd.store import Store
+    from hxgwd.store.keys import KeyCache
+    from hxgwd.store.retention import Pruner
+    from hxgwd.store.usage import UsageSink
 
 USAGE_FLUSH_TIMEOUT = 10.0   # at shutdown, after the drain: memory to the store, else to the spool
 
@@ -27,25 +35,26 @@ USAGE_FLUSH_TIMEOUT = 10.0   # at shutdown, after the drain: memory to the store
 @attrs.define
 class Services:
     limiter: Limiter
-    store: Any = None            # hxgwd.store.Store
-    usage: Any = None            # hxgwd.store.usage.UsageSink
-    keys: Any = None             # hxgwd.store.keys.KeyCache
-    pruner: Any = None           # hxgwd.store.retention.Pruner
+    # all four, or none without a database
+    store: Store | None = None
+    usage: UsageSink | None = None
+    keys: KeyCache | None = None
+    pruner: Pruner | None = None
     # the flush of usage records at shutdown: shielded from the drain's end, cut by a forced stop
     flush: trio.CancelScope = attrs.field(factory=lambda: trio.CancelScope(shield=True))
 
-    def configure(self, config: Any) -> None:
+    def configure(self, config: m.Config) -> None:
         """A reload: what of the new config applies without a restart."""
         self.limiter.configure(config)
         if self.pruner is not None:
             self.pruner.configure(config.database.retention_days)
 
-    def key_lookups(self, rt: Runtime) -> tuple:
+    def key_lookups(self, rt: Runtime) -> tuple[Callable[[bytes], Principal | None], ...]:
         return (rt.keys.get, self.keys.lookup) if self.keys is not None else (rt.keys.get,)
 
     def statistics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"limits": self.limiter.statistics()}
-        if self.usage is not None:
+        if self.usage is not None and self.keys is not None and self.pruner is not None:
             out["usage"] = self.usage.statistics()
             out["keys"] = self.keys.statistics()
             out["retention"] = self.pruner.statistics()
@@ -53,7 +62,7 @@ class Services:
 
 
 @asynccontextmanager
-async def open_services(rt: Runtime, log: Any) -> AsyncIterator[Services]:
+async def open_services(rt: Runtime, log: Logger) -> AsyncIterator[Services]:
     cfg = rt.config
     async with open_limiter(cfg, log, rt.redis_password) as limiter:
         if not cfg.database.url:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import urllib.parse
 
 import attrs
 import pytest
@@ -160,6 +161,40 @@ def test_backend_url_with_and_without_v1_and_secrets(tmp_path):
     with pytest.raises(load.ConfigError) as exc:
         compile_config(config, 1, environ={"A": "sk-a", "CLIENT_KEY": "sk-env"})
     assert exc.value.problems == [f"keys[0].key_file: {key_file} is not UTF-8 text"]
+
+
+ENDPOINTS = ["/chat/completions", "/completions", "/embeddings", "/responses", "/moderations", "/rerank",
+             "/audio/transcriptions", "/audio/translations", "/audio/speech", "/images/generations"]
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("base, use", [("http://host:8000/v1", "http://host:8000/v1"),
+                                       ("http://host:8000", "http://host:8000/v1"),
+                                       ("https://gw.example/openai/v1/", "https://gw.example/openai/v1")])
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_a_backend_url_ending_in_an_endpoint_is_refused_with_the_base_to_use(base, use, endpoint, slash):
+    url = base.rstrip("/") + endpoint + slash
+    got = problems(MINIMAL + f'[[backends]]\nname = "b"\nurl = "{url}"\n')
+    doubled = urllib.parse.urlsplit(url).path.rstrip("/") + "/v1" + endpoint     # what it would call
+    assert got == [f"backends[1].url: ends in the endpoint path {endpoint}, which hxgwd adds itself "
+                   f'(requests would go to {doubled}); use the base URL "{use}"']
+    config = load.loads(MINIMAL + f'[[backends]]\nname = "b"\nurl = "{use}"\n')
+    assert compile_config(config, 1, environ={}).backends["b"].path(endpoint) == urllib.parse.urlsplit(use).path + endpoint
+
+
+@pytest.mark.parametrize("url", ["http://h/v1", "http://h/chat", "http://h/embeddings-gw/v1", "http://h/v1/my-completions",
+                                 "http://h/completions/v1", "http://h/audio"])
+def test_a_backend_url_that_only_looks_like_an_endpoint_passes(url):
+    load.loads(MINIMAL + f'[[backends]]\nname = "b"\nurl = "{url}"\n')
+
+
+def test_check_config_cli_names_the_base_url_for_an_endpoint_url(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(MINIMAL + '[[backends]]\nname = "vllm"\nurl = "http://10.0.0.5:8000/v1/chat/completions"\n')
+    out = run_cli("--check-config", "-c", str(bad))
+    assert out.returncode == 1
+    assert 'backends[1].url: ends in the endpoint path /chat/completions' in out.stderr
+    assert 'use the base URL "http://10.0.0.5:8000/v1"' in out.stderr
 
 
 def test_dump_round_trips_and_redacts():

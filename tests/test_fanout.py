@@ -111,7 +111,7 @@ async def test_a_client_gone_mid_fan_out_is_charged_for_the_finished_calls_and_k
         model_extra="input_cost_per_1k = 1.0", environ={"METERED": "sk-metered"})
     up.default = Reply(delay=1.0, body={"embedding": [0.5, 0.5], "usage": {"prompt_tokens": 3, "total_tokens": 3}})
     body = json.dumps({"model": "emb", "input": [f"text number {i}" for i in range(100)]}).encode()
-    reserved = -(-len(body) // 4)        # limit.estimate: a token per 4 bytes of body, no output
+    reserved = -(-len(body) // 4)        # limits.estimate: a token per 4 bytes of body, no output
     with trio.move_on_after(5.5):        # 5 rounds of 8 calls done (8 at a time by default), the 6th in flight
         await gw.client.post("/v1/embeddings", content=body,
                              headers={"Authorization": "Bearer sk-metered", "Content-Type": "application/json"})

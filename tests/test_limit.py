@@ -11,8 +11,10 @@ import pytest
 
 from hxgwd.config.model import Backend, Model, Timeouts
 from hxgwd.errors import RateLimited
-from hxgwd.pipeline import limit
-from hxgwd.pipeline.limit import Calendar, Estimate, LocalLimiter
+from hxgwd.limits import estimate, reservation
+from hxgwd.limits.estimate import Estimate
+from hxgwd.limits.local import LocalLimiter
+from hxgwd.limits.periods import Calendar
 from hxgwd.runtime import BackendRuntime, Deployment, Principal
 
 T0 = 1_800_000_000.0        # 2027-01-15T08:00:00Z, a whole second
@@ -263,48 +265,48 @@ def _dep(name: str, inp: float, out: float, kind: str = "chat") -> Deployment:
 
 def test_estimate_is_prompt_bytes_over_four_plus_max_tokens_at_the_dearest_deployment():
     deps = [_dep("cheap", 0.001, 0.002), _dep("dear", 0.01, 0.03), _dep("in-heavy", 0.05, 0.0)]
-    est = limit.estimate("chat", 4001, 500, deps)
+    est = estimate.estimate("chat", 4001, 500, deps)
     assert est.tokens == 1001 + 500
     assert est.cost_usd == pytest.approx(max(1001 * 0.01 + 500 * 0.03, 1001 * 0.05) / 1000)
-    assert limit.estimate("chat", 400, 0, deps).tokens == 100 + limit.DEFAULT_MAX_TOKENS["chat"]
-    assert limit.estimate("chat", 400, None, []).cost_usd == 0.0
-    emb = limit.estimate("embedding", 400, 99, [_dep("e", 0.0001, 0.0, "embedding")])
+    assert estimate.estimate("chat", 400, 0, deps).tokens == 100 + estimate.DEFAULT_MAX_TOKENS["chat"]
+    assert estimate.estimate("chat", 400, None, []).cost_usd == 0.0
+    emb = estimate.estimate("embedding", 400, 99, [_dep("e", 0.0001, 0.0, "embedding")])
     assert emb.tokens == 100 and emb.cost_usd == pytest.approx(0.00001)
-    assert limit.usage_cost(deps[1].config, 1000, 2000) == pytest.approx(0.07)
-    assert limit.to_nano(0.07, up=True) == 70_000_000 and limit.to_nano(1e-10, up=True) == 1
+    assert estimate.usage_cost(deps[1].config, 1000, 2000) == pytest.approx(0.07)
+    assert reservation.to_nano(0.07, up=True) == 70_000_000 and reservation.to_nano(1e-10, up=True) == 1
 
 
 def test_a_request_is_estimated_for_every_choice_it_may_be_billed_for():
     deps = [_dep("m", 0.0, 1.0)]                          # $0.001 per completion token
     chat = {"messages": [], "max_tokens": 41}
-    one = limit.estimate_request("chat", chat, 40, deps)
+    one = estimate.estimate_request("chat", chat, 40, deps)
     assert (one.tokens, one.cost_usd) == (10 + 41, pytest.approx(0.041))
-    ten = limit.estimate_request("chat", {**chat, "n": 10}, 40, deps)
+    ten = estimate.estimate_request("chat", {**chat, "n": 10}, 40, deps)
     assert (ten.tokens, ten.cost_usd) == (10 + 410, pytest.approx(0.41))
-    assert limit.estimate_request("chat", {**chat, "n": 2, "best_of": 5}, 40, deps).tokens == 10 + 205
+    assert estimate.estimate_request("chat", {**chat, "n": 2, "best_of": 5}, 40, deps).tokens == 10 + 205
     for junk in (True, 0, -3, 2.5, "10", None, [10]):    # ignored: the upstream refuses or takes 1
-        assert limit.estimate_request("chat", {**chat, "n": junk, "best_of": junk}, 40, deps).tokens == 51
-    huge = limit.estimate_request("chat", {**chat, "max_tokens": 10**30, "n": 10**9}, 40, deps)
-    assert huge.tokens == 10 + limit.MAX_TOKENS_ESTIMATED * limit.MAX_CHOICES
-    assert limit.to_nano(huge.cost_usd * 10**9, up=True) == limit.MAX_NANO   # still an int64 for Redis
-    no_max = limit.estimate_request("chat", {"n": 3}, 40, deps)
-    assert no_max.tokens == 10 + 3 * limit.DEFAULT_MAX_TOKENS["chat"]
+        assert estimate.estimate_request("chat", {**chat, "n": junk, "best_of": junk}, 40, deps).tokens == 51
+    huge = estimate.estimate_request("chat", {**chat, "max_tokens": 10**30, "n": 10**9}, 40, deps)
+    assert huge.tokens == 10 + estimate.MAX_TOKENS_ESTIMATED * estimate.MAX_CHOICES
+    assert reservation.to_nano(huge.cost_usd * 10**9, up=True) == reservation.MAX_NANO   # still an int64 for Redis
+    no_max = estimate.estimate_request("chat", {"n": 3}, 40, deps)
+    assert no_max.tokens == 10 + 3 * estimate.DEFAULT_MAX_TOKENS["chat"]
     # completions: n choices for each prompt of a list
     prompts = {"prompt": ["a", "b", "c"], "max_tokens": 10, "n": 2}
-    assert limit.estimate_request("chat", prompts, 40, deps).tokens == 10 + 60
-    assert limit.estimate_request("chat", {"prompt": [1] * 50, "max_tokens": 10}, 104, deps).tokens == 50 + 10
+    assert estimate.estimate_request("chat", prompts, 40, deps).tokens == 10 + 60
+    assert estimate.estimate_request("chat", {"prompt": [1] * 50, "max_tokens": 10}, 104, deps).tokens == 50 + 10
 
 
 def test_embeddings_are_estimated_per_item():
     deps = [_dep("e", 1.0, 0.0, "embedding")]             # $0.001 per prompt token
     arrays = {"input": [[1] * 50] * 100}                  # 5,000 tokens in 10,412 bytes of "1,"
     size = len(json.dumps(arrays, separators=(",", ":")))
-    est = limit.estimate_request("embedding", arrays, size, deps)
+    est = estimate.estimate_request("embedding", arrays, size, deps)
     assert est.tokens == 5000 and est.cost_usd == pytest.approx(5.0)
     empties = {"input": [""] * 1000}                      # one token each, at least
-    assert limit.estimate_request("embedding", empties, 3000, deps).tokens == 1000
-    assert limit.estimate_request("embedding", {"prompt": [7] * 30}, 60, deps).tokens == 30
-    assert limit.estimate_request("embedding", {"input": "x", "n": 5, "max_tokens": 9}, 4, deps).tokens == 1
+    assert estimate.estimate_request("embedding", empties, 3000, deps).tokens == 1000
+    assert estimate.estimate_request("embedding", {"prompt": [7] * 30}, 60, deps).tokens == 30
+    assert estimate.estimate_request("embedding", {"input": "x", "n": 5, "max_tokens": 9}, 4, deps).tokens == 1
 
 
 def test_a_seeded_period_starts_each_key_from_what_the_store_recorded():

@@ -15,9 +15,11 @@ import trio
 
 from hxgwd.config import model as m
 from hxgwd.errors import GatewayError, RateLimited
-from hxgwd.limits_redis import HostLimiter, LimitsUnavailable, RedisLimiter, open_limiter
+from hxgwd.limits.limiter import HostLimiter, open_limiter
+from hxgwd.limits.redis import LimitsUnavailable, RedisLimiter
 from hxgwd.logs import Logger
-from hxgwd.pipeline.limit import NANO, Estimate
+from hxgwd.limits.estimate import Estimate
+from hxgwd.limits.reservation import NANO
 from hxgwd.runtime import Principal
 from tests.conftest import CapturedLog
 

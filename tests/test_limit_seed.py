@@ -8,7 +8,7 @@ import time
 import pytest
 
 from hxgwd.errors import RateLimited
-from hxgwd.pipeline.limit import Estimate
+from hxgwd.limits.estimate import Estimate
 from tests.test_limit_redis import key, limiter, spent_in_redis
 from tests.test_store_support import make_record, new_pg_url, store, store_url  # noqa: F401
 

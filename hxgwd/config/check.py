@@ -15,7 +15,7 @@ from hxgwd.runtime import Runtime
 def summary(rt: Runtime) -> str:
     c = rt.config
     lines = [f"listen:   {', '.join(c.server.listen)}"]
-    if rt.tls is not None:
+    if rt.tls is not None and c.server.tls_cert is not None:     # the one implies the other
         dates = certificate_dates(c.server.tls_cert)
         lines.append(f"tls:      {', '.join(c.server.tls_listen) or 'every listen address'}; {c.server.tls_cert}"
                      + (f" until {time.strftime('%Y-%m-%d', time.gmtime(dates[1]))}" if dates else ""))

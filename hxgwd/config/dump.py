@@ -14,7 +14,7 @@ REDACTED = "<redacted>"
 
 
 def to_dict(config: m.Config, *, redact: bool = True) -> dict[str, Any]:
-    doc = _plain(config)
+    doc: dict[str, Any] = _plain(config)      # a Config is an attrs instance: a table
     doc["groups"] = {g.pop("name"): g for g in doc["groups"]}
     if redact:   # key hashes stay: a hash of a random key gives nothing away, and the dump loads again
         for backend in doc["backends"]:

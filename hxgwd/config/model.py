@@ -11,12 +11,10 @@ from typing import Literal
 
 import attrs
 
-frozen = attrs.frozen(kw_only=True)
-
 MiB = 1024 * 1024
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class Server:
     listen: tuple[str, ...] = ("127.0.0.1:4010",)
     max_connections: int = 1024          # open client connections; more wait in the kernel backlog
@@ -37,7 +35,7 @@ class Server:
     tls_listen: tuple[str, ...] = ()     # the `listen` entries that speak TLS, as written there; empty: all
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class Timeouts:
     """Upstream phases, in seconds; each phase has its own answer (502/504)."""
 
@@ -48,7 +46,7 @@ class Timeouts:
     pool: float = 5.0               # wait for a free connection of a backend's pool -> 503
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class Key:
     """A client key. Only its SHA-256 is held; the key itself comes from env or a file if at all."""
 
@@ -64,7 +62,7 @@ class Key:
     budget_period: Literal["day", "month"] = "month"
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class Backend:
     name: str
     url: str = ""
@@ -91,7 +89,7 @@ class Backend:
     probe_timeout: float = 5.0
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class Model:
     """A deployment: a public model name served by one backend under its upstream name."""
 
@@ -112,7 +110,7 @@ class Model:
 STRATEGIES = ("scored", "weighted", "priority", "least-busy", "least-latency")
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class Group:
     name: str
     models: tuple[str, ...]
@@ -121,7 +119,7 @@ class Group:
     exploration: float = 0.05         # scored: share of requests that go to a deployment to measure it
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class Routing:
     max_attempts: int = 3             # deployments tried per request before giving up
     breaker_failures: int = 5         # consecutive failures that open a deployment's breaker
@@ -132,7 +130,7 @@ class Routing:
     max_retry_after: float = 300.0    # a longer upstream Retry-After is capped to this
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class Database:
     url: str = "sqlite:////var/lib/hxgwd/hxgwd.db"   # "" disables the store; postgresql://user@host/db
     password_env: str | None = None
@@ -148,7 +146,7 @@ class Database:
     retention_days: int = 0           # usage rows older than this are deleted (hourly); 0 keeps all
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class Redis:
     url: str | None = None            # redis://host:port/db; None: limits are per host, in memory
     password_env: str | None = None
@@ -157,18 +155,18 @@ class Redis:
     timeout: float = 0.25             # per limit check
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class Limits:
     timezone: str = "UTC"             # budgets reset at midnight / the 1st of the month here
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class Log:
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
 
 
-@frozen
+@attrs.frozen(kw_only=True)
 class Config:
     server: Server = Server()
     timeouts: Timeouts = Timeouts()

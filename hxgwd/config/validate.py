@@ -21,6 +21,12 @@ TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")        # RFC 9110 token
 VALUE_RE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")           # no CR, LF or other controls
 # sha256 of sk-hx-dev-1234, the key of hxgwd.toml.example and the README's quick start: anyone has it
 EXAMPLE_KEY_SHA256 = "8d170aee995d48e15c108cbb5e9f5210c8054eaa4ea7e3c74a8dbde384b5b76a"
+# Paths of the OpenAI API under its base (longest first where one ends another): hxgwd adds them
+# to a backend's url itself, so a url that already ends in one would get it twice. All of the
+# API's, not only those hxgwd serves: such a url is a mistake whatever the endpoint.
+ENDPOINT_PATHS = ("/chat/completions", "/completions", "/embeddings", "/responses", "/moderations",
+                  "/rerank", "/audio/transcriptions", "/audio/translations", "/audio/speech",
+                  "/images/generations")
 
 
 def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list[str]:
@@ -96,7 +102,7 @@ def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list
             p.append(f"{path}.name: duplicate backend name {b.name!r}")
         backend_names.add(b.name)
         if b.kind == "openai":
-            problem = check_url(b.url)
+            problem = check_url(b.url) or check_base_url(b.url)
             if problem:
                 p.append(f"{path}.url: {problem}")
         elif b.url:
@@ -252,6 +258,22 @@ def check_url(url: str) -> str | None:
     if parts.username or parts.password:
         return "must not hold credentials; use api_key_env or api_key_file"
     return None
+
+
+def check_base_url(url: str) -> str | None:
+    """A backend url (already a valid http(s) URL) that ends in an endpoint path: the base to use
+    instead is the url without it, where the OpenAI paths go under /v1 as at run time."""
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path.rstrip("/")
+    endpoint = next((e for e in ENDPOINT_PATHS if path.endswith(e)), None)
+    if endpoint is None:
+        return None
+    base = path[:-len(endpoint)].rstrip("/")
+    if not base.endswith("/v1"):
+        base += "/v1"
+    use = urllib.parse.urlunsplit((parts.scheme, parts.netloc, base, "", ""))
+    return (f"ends in the endpoint path {endpoint}, which hxgwd adds itself (requests would go to "
+            f"{path}/v1{endpoint}); use the base URL \"{use}\"")
 
 
 def public_listen_address(server: m.Server) -> str | None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Literal
 
 import attrs
 
-from hxgwd.pipeline.limit import Estimate
+from hxgwd.limits.estimate import Estimate
 from hxgwd.pipeline.transform import CallPlan
 from hxgwd.runtime import Deployment
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from hxgwd import admin
-from hxgwd.pipeline import limit, models_api, serve_model, transform
+from hxgwd.limits import estimate as limit
+from hxgwd.pipeline import models_api, serve_model, transform
 from hxgwd.pipeline.endpoint import Endpoint, Table
 from hxgwd.runtime import Deployment
 

@@ -15,7 +15,7 @@ import attrs
 
 from hxgwd.errors import GatewayError
 from hxgwd.http import Headers
-from hxgwd.pipeline.limit import usage_cost
+from hxgwd.limits.estimate import usage_cost
 from hxgwd.pipeline.record import STATUS_CLIENT_CLOSED, usage_tokens
 from hxgwd.runtime import Deployment
 

@@ -15,7 +15,7 @@ from hxgwd.http.connection import Request, Response
 from hxgwd.pipeline.context import GatewayContext
 from hxgwd.pipeline.endpoint import Endpoint
 from hxgwd.pipeline.exchange import Exchange
-from hxgwd.pipeline.limit import Estimate
+from hxgwd.limits.estimate import Estimate
 from hxgwd.runtime import Principal, Runtime
 
 JSON = (b"content-type", b"application/json")

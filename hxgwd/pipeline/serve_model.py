@@ -15,7 +15,8 @@ import trio
 from hxgwd.errors import BadRequest, NotFound, capped
 from hxgwd.http.connection import Request, Response
 from hxgwd.offload import OFF_LOOP_BYTES
-from hxgwd.pipeline import limit, proxy, route, transform
+from hxgwd.limits import estimate as limit
+from hxgwd.pipeline import proxy, route, transform
 from hxgwd.pipeline.body import json_document, json_document_in_steps
 from hxgwd.pipeline.context import GatewayContext
 from hxgwd.pipeline.endpoint import Endpoint

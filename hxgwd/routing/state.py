@@ -141,6 +141,7 @@ class DeploymentState:
         if not 200 <= status < 300 or prompt_bytes is None:
             return                    # a caller's 4xx: quick, and says nothing about speed
         self.duration.add(duration)
+        out: float                    # expected when not counted
         if output_tokens is not None:
             lengths.observe(max_tokens, output_tokens)
             out = output_tokens

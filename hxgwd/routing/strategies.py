@@ -42,12 +42,16 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import attrs
 
 from hxgwd.routing.estimator import Ewma, OutputLength, quad
 from hxgwd.routing.state import KIB, RATE_HALF_LIFE, DeploymentState
+
+if TYPE_CHECKING:                 # runtime holds the router's inputs; routing/ stays free of it
+    from hxgwd.config.model import Model
+    from hxgwd.runtime import Deployment
 
 Z = 2.0                  # standard deviations within which two predictions are a tie
 SMALL = 1.5              # "not larger than usual": predicted at most 1.5 x the typical request
@@ -67,7 +71,7 @@ class Estimate:
     impact: float = 0.0  # seconds it would add to the others' times, all of them together
 
 
-def estimate(dep, st: DeploymentState, prompt_bytes: int, max_tokens: int, lengths: OutputLength,
+def estimate(dep: Deployment, st: DeploymentState, prompt_bytes: int, max_tokens: int, lengths: OutputLength,
              now: float) -> Estimate:
     cfg = dep.config
     cap = cfg.max_concurrency
@@ -111,7 +115,7 @@ def estimate(dep, st: DeploymentState, prompt_bytes: int, max_tokens: int, lengt
                     model.observations > 0, impact)
 
 
-def predict_time(dep, st: DeploymentState, prompt_bytes: int, max_tokens: int, lengths: OutputLength,
+def predict_time(dep: Deployment, st: DeploymentState, prompt_bytes: int, max_tokens: int, lengths: OutputLength,
                  now: float) -> float:
     """Just the predicted time (queue + duration): all a plan with one candidate needs."""
     cfg = dep.config
@@ -131,7 +135,7 @@ def like_peers(estimates: dict[str, Estimate]) -> dict[str, Estimate]:
     return {k: e if e.measured else attrs.evolve(e, time=e.wait + peer) for k, e in estimates.items()}
 
 
-def _queue(st: DeploymentState, cfg, service: float) -> tuple[float, float, float]:
+def _queue(st: DeploymentState, cfg: Model, service: float) -> tuple[float, float, float]:
     """(expected wait for a slot, chance the wait ends in failover, time lost when it does).
 
     With `ahead` requests before ours and `cap` slots each freeing after a mean duration S, a
@@ -157,7 +161,7 @@ def score(time: float, est: Estimate, cost_weight: float) -> float:
     return time + p * est.fail_time / (1.0 - p) + est.impact + cost_weight * est.cost
 
 
-def load_ratio(cands: Sequence) -> Callable[[object, DeploymentState], float]:
+def load_ratio(cands: Sequence[Deployment]) -> Callable[[Deployment, DeploymentState], float]:
     """In flight relative to capacity: max_concurrency; for an uncapped deployment, its weight
     times the capped ones' capacity per unit of weight (1 if none is capped), so capped and
     uncapped deployments compare fairly."""
@@ -169,38 +173,40 @@ def load_ratio(cands: Sequence) -> Callable[[object, DeploymentState], float]:
 
 # --- orders ---------------------------------------------------------------------------------------
 
-def priority(cands: Sequence, **_) -> list:
+def priority(cands: Sequence[Deployment], **_: object) -> list[Deployment]:
     return list(cands)
 
 
-def weighted(cands: Sequence, *, rng: random.Random, **_) -> list:
+def weighted(cands: Sequence[Deployment], *, rng: random.Random, **_: object) -> list[Deployment]:
     """Efraimidis-Spirakis: sort by u ** (1 / w); what remains is again weighted: the failover."""
     keyed = [(math.log(rng.random() or 1e-300) / max(d.weight, 1e-9), i, d) for i, d in enumerate(cands)]
     keyed.sort(key=lambda k: (k[0], -k[1]), reverse=True)
     return [d for _, _, d in keyed]
 
 
-def least_busy(cands: Sequence, *, states: Callable[[str], DeploymentState], rng: random.Random, **_) -> list:
+def least_busy(cands: Sequence[Deployment], *, states: Callable[[str], DeploymentState], rng: random.Random,
+               **_: object) -> list[Deployment]:
     ratio = load_ratio(cands)
     return _sorted(cands, lambda d: ratio(d, states(d.id)), rng)
 
 
-def least_latency(cands: Sequence, *, states: Callable[[str], DeploymentState], rng: random.Random,
-                  **_) -> list:
+def least_latency(cands: Sequence[Deployment], *, states: Callable[[str], DeploymentState], rng: random.Random,
+                  **_: object) -> list[Deployment]:
     return _sorted(cands, lambda d: states(d.id).duration.get(-1.0), rng)
 
 
-def scored(cands: Sequence, *, estimates: dict[str, Estimate], states: Callable[[str], DeploymentState],
+def scored(cands: Sequence[Deployment], *, estimates: dict[str, Estimate], states: Callable[[str], DeploymentState],
            rng: random.Random, cost_weight: float, exploration: float, typical: Ewma, now: float,
-           **_) -> list:
-    rows = []
+           **_: object) -> list[Deployment]:
+    rows: list[tuple[float, float, float, Deployment]] = []
     for d in cands:
         est = estimates[d.id]
         rows.append((score(est.time, est, cost_weight), est.spread, rng.random(), d))
     rows.sort(key=lambda r: (r[0], r[2]))
     best, best_spread = rows[0][0], rows[0][1]
     z = Z if exploration > 0 else 0.0
-    ties, rest = [], []
+    ties: list[tuple[float, float, float, Deployment]] = []
+    rest: list[tuple[float, float, float, Deployment]] = []
     for r in rows:
         tied = r[0] <= best + z * math.sqrt(r[1] * r[1] + best_spread * best_spread)
         (ties if tied else rest).append(r)
@@ -225,14 +231,15 @@ def _stale(st: DeploymentState, now: float) -> bool:
     return st.last_started is None or now - st.last_started >= STALE
 
 
-def _sorted(cands: Iterable, key: Callable, rng: random.Random) -> list:
+def _sorted(cands: Iterable[Deployment], key: Callable[[Deployment], float],
+            rng: random.Random) -> list[Deployment]:
     """Sort by key; ties in random order, so equal deployments share the load."""
     keyed = [(key(d), rng.random(), d) for d in cands]
     keyed.sort(key=lambda k: (k[0], k[1]))
     return [d for _, _, d in keyed]
 
 
-ORDERS: dict[str, Callable[..., list]] = {
+ORDERS: dict[str, Callable[..., list[Deployment]]] = {
     "priority": priority, "weighted": weighted, "least-busy": least_busy,
     "least-latency": least_latency, "scored": scored,
 }

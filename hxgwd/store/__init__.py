@@ -25,13 +25,23 @@ drivers are imported by `open_store`.
 
 from __future__ import annotations
 
-from hxgwd.store.base import (  # noqa: F401  (the package's interface)
+from typing import TYPE_CHECKING
+
+from hxgwd.store.base import (
     BY, DEFAULT_STATE_DIR, KeyExists, KeyInfo, KeyNotFound, NoDatabase, RecordRejected,
     SchemaError, Store, StoreError, StoreTimeout, StoreUnavailable, default_spool_dir, iso_time,
     legacy_spool_dir, read_password, redact_url, schema_problem, sqlite_path)
 
+if TYPE_CHECKING:
+    from hxgwd.config.model import Database
 
-def open_store(database, password: str | None = None, create: bool = True) -> "Store":
+__all__ = ["BY", "DEFAULT_STATE_DIR", "KeyExists", "KeyInfo", "KeyNotFound", "NoDatabase", "RecordRejected",
+           "SchemaError", "Store", "StoreError", "StoreTimeout", "StoreUnavailable", "default_spool_dir",
+           "iso_time", "legacy_spool_dir", "read_password", "redact_url", "schema_problem", "sqlite_path",
+           "open_store"]
+
+
+def open_store(database: Database, password: str | None = None, create: bool = True) -> Store:
     """The store for a `[database]` config section. Does no I/O: connections (and the SQLite file
     and its directory) are made on first use. `database.url` must not be empty. With
     create=False, a SQLite file that does not exist is not made: every call raises NoDatabase

@@ -1,12 +1,18 @@
 """The store's base: its errors, `KeyInfo`, the `Store` interface and the helpers every engine
-shares. Imports nothing of hxgwd: the engines (sqlite.py, postgres.py, sql.py) import it, and the
-package's `open_store` imports them.
+shares. Imports nothing of hxgwd at run time: the engines (sqlite.py, postgres.py, sql.py) import
+it, and the package's `open_store` imports them.
 """
 
 from __future__ import annotations
 
 import abc
 import os
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from hxgwd.config.model import Database
+    from hxgwd.pipeline.record import RequestRecord
+    from hxgwd.runtime import Principal
 
 BY = ("key", "model", "deployment", "day")    # usage_summary groupings
 DEFAULT_STATE_DIR = "/var/lib/hxgwd"
@@ -70,9 +76,9 @@ class KeyInfo:
             return "expired"
         return "active"
 
-    def as_dict(self, now: float) -> dict:
+    def as_dict(self, now: float) -> dict[str, Any]:
         """JSON-ready, times as ISO 8601 UTC: for `--json` and the admin API."""
-        doc = {name: getattr(self, name) for name in self.__slots__}
+        doc: dict[str, Any] = {name: getattr(self, name) for name in self.__slots__}
         doc["models"] = list(self.models)
         for name in ("created_at", "expires_at", "revoked_at"):
             doc[name] = iso_time(doc[name])
@@ -111,7 +117,7 @@ class Store(abc.ABC):
             raise SchemaError(schema_problem(current, expected))
 
     @abc.abstractmethod
-    async def insert_usage(self, records: list) -> int:
+    async def insert_usage(self, records: list[RequestRecord]) -> int:
         """Insert RequestRecords in one transaction; a request_id already stored is skipped.
         -> rows actually inserted. Raises StoreUnavailable or RecordRejected."""
 
@@ -124,7 +130,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def usage_summary(self, since: float | None = None, until: float | None = None, by: str = "key",
-                            key: str | None = None, tz: str = "UTC") -> list[dict]:
+                            key: str | None = None, tz: str = "UTC") -> list[dict[str, Any]]:
         """Usage in [since, until) (unix seconds; None: unbounded) grouped by one of BY, optionally for
         one key. One dict per group: {by: value, "requests", "errors", "prompt_tokens",
         "completion_tokens", "total_tokens", "cost_usd", "avg_ms"}; day is a date "YYYY-MM-DD" in
@@ -156,7 +162,7 @@ class Store(abc.ABC):
         """Revoke the unrevoked key of this name; KeyNotFound if there is none."""
 
     @abc.abstractmethod
-    async def active_keys(self) -> list:
+    async def active_keys(self) -> list[Principal]:
         """Principals (source="store") of keys neither revoked nor expired, expiry compared now."""
 
     @abc.abstractmethod
@@ -173,7 +179,7 @@ def sqlite_path(url: str) -> str:
     return url[len("sqlite:///"):]
 
 
-def default_spool_dir(database) -> str:
+def default_spool_dir(database: Database) -> str:
     """<the SQLite file>-spool (/var/lib/hxgwd/hxgwd.db-spool, beside SQLite's own -wal and -shm:
     two databases in one directory get a spool each), or /var/lib/hxgwd/spool for PostgreSQL."""
     if database.spool_dir:
@@ -183,7 +189,7 @@ def default_spool_dir(database) -> str:
     return os.path.join(DEFAULT_STATE_DIR, "spool")
 
 
-def legacy_spool_dir(database) -> str | None:
+def legacy_spool_dir(database: Database) -> str | None:
     """Where hxgwd before 14 put a SQLite file's spool by default (<its directory>/spool): its
     segments are taken over at start, so an upgrade strands no record there."""
     if database.spool_dir or not database.url.startswith("sqlite:///"):
@@ -191,7 +197,7 @@ def legacy_spool_dir(database) -> str | None:
     return os.path.join(os.path.dirname(os.path.abspath(sqlite_path(database.url))), "spool")
 
 
-def read_password(database, environ=None) -> str | None:
+def read_password(database: Database, environ: Mapping[str, str] | None = None) -> str | None:
     """The PostgreSQL password from password_env or password_file; None if neither is set.
     Raises StoreError naming what is missing (never the password)."""
     env = os.environ if environ is None else environ

@@ -21,14 +21,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING, Any, Sequence
 
 from hxgwd.commandline import EXIT_USAGE, EXPIRES_HELP, WHEN_HELP, parse_when
 from hxgwd.config.validate import NAME_RE
 
+if TYPE_CHECKING:
+    from hxgwd.config import model as m
+    from hxgwd.store import Store
+
 COMMANDS = ("keys", "db", "usage")
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", metavar="PATH", default=argparse.SUPPRESS, help="config file")
         return p
@@ -84,8 +89,8 @@ def run(args: argparse.Namespace, config_path: str) -> int:
         config = load_file(config_path)
     except ConfigError as exc:
         _err(f"{config_path}: {len(exc.problems)} error(s)")
-        for problem in exc.problems:
-            print(f"  error: {problem}", file=sys.stderr)
+        for line in exc.problems:
+            print(f"  error: {line}", file=sys.stderr)
         return 1
     problem = _time_flag_problem(args, config.limits.timezone) or _key_flag_problem(args, config)
     if problem:
@@ -142,7 +147,7 @@ def _time_flag_problem(args: argparse.Namespace, tz: str) -> str | None:
     return None
 
 
-def _key_flag_problem(args: argparse.Namespace, config) -> str | None:
+def _key_flag_problem(args: argparse.Namespace, config: m.Config) -> str | None:
     """`keys create`'s --name, --budget-usd and --models, checked like the time flags."""
     if getattr(args, "keys_command", None) != "create":
         return None
@@ -161,7 +166,7 @@ def _models_flag(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(name for arg in args.models for name in arg.split(",") if name)
 
 
-async def _dispatch(args: argparse.Namespace, config, store) -> int:
+async def _dispatch(args: argparse.Namespace, config: m.Config, store: Store) -> int:
     try:
         if args.command == "db" and args.db_command != "prune":
             return await (_db_migrate if args.db_command == "migrate" else _db_status)(store)
@@ -178,7 +183,7 @@ async def _dispatch(args: argparse.Namespace, config, store) -> int:
 
 # --- db ----------------------------------------------------------------------------------------------
 
-async def _db_migrate(store) -> int:
+async def _db_migrate(store: Store) -> int:
     before, after = await store.migrate()
     if before == after:
         print(f"hxgwd: {store.url_for_display}: schema already at version {after}")
@@ -187,7 +192,7 @@ async def _db_migrate(store) -> int:
     return 0
 
 
-async def _db_status(store) -> int:
+async def _db_status(store: Store) -> int:
     from hxgwd.store import schema_problem
 
     current, expected = await store.schema_status()
@@ -198,14 +203,17 @@ async def _db_status(store) -> int:
     return 1
 
 
-async def _db_prune(args: argparse.Namespace, store, config) -> int:
+async def _db_prune(args: argparse.Namespace, store: Store, config: m.Config) -> int:
     import time
 
+    from hxgwd.logs import Logger
     from hxgwd.store import iso_time
     from hxgwd.store.retention import Pruner
 
     before = parse_when(args.before, time.time(), tz=config.limits.timezone)
-    pruner = Pruner(store, None, days=0, timeout=config.database.connect_timeout + config.database.statement_timeout)
+    # delete_before() logs nothing; the Logger is what run() would write to
+    pruner = Pruner(store, Logger(), days=0,
+                    timeout=config.database.connect_timeout + config.database.statement_timeout)
     try:
         await pruner.delete_before(before)
     finally:   # a failure midway still says what was deleted (the error follows, exit 1)
@@ -215,7 +223,7 @@ async def _db_prune(args: argparse.Namespace, store, config) -> int:
 
 # --- keys --------------------------------------------------------------------------------------------
 
-async def _keys_create(args: argparse.Namespace, config, store) -> int:
+async def _keys_create(args: argparse.Namespace, config: m.Config, store: Store) -> int:
     import time
 
     if any(k.name == args.name for k in config.keys):
@@ -234,13 +242,13 @@ async def _keys_create(args: argparse.Namespace, config, store) -> int:
     return 0
 
 
-def _config_key_doc(k) -> dict:
+def _config_key_doc(k: m.Key) -> dict[str, Any]:
     return {"name": k.name, "source": "config", "prefix": None, "models": list(k.models), "admin": k.admin,
             "rpm": k.rpm, "tpm": k.tpm, "budget_usd": k.budget_usd, "budget_period": k.budget_period,
             "created_at": None, "expires_at": None, "revoked_at": None, "status": "active"}
 
 
-async def _keys_list(args: argparse.Namespace, config, store) -> int:
+async def _keys_list(args: argparse.Namespace, config: m.Config, store: Store) -> int:
     import time
 
     now = time.time()
@@ -258,7 +266,7 @@ async def _keys_list(args: argparse.Namespace, config, store) -> int:
     return 0
 
 
-async def _keys_show(args: argparse.Namespace, config, store) -> int:
+async def _keys_show(args: argparse.Namespace, config: m.Config, store: Store) -> int:
     import time
 
     from hxgwd.store import KeyNotFound
@@ -280,7 +288,7 @@ async def _keys_show(args: argparse.Namespace, config, store) -> int:
     return 0
 
 
-async def _keys_revoke(args: argparse.Namespace, config, store) -> int:
+async def _keys_revoke(args: argparse.Namespace, config: m.Config, store: Store) -> int:
     from hxgwd.store import KeyNotFound
 
     try:
@@ -297,7 +305,7 @@ async def _keys_revoke(args: argparse.Namespace, config, store) -> int:
 
 # --- usage -------------------------------------------------------------------------------------------
 
-async def _usage(args: argparse.Namespace, store, tz: str) -> int:
+async def _usage(args: argparse.Namespace, store: Store, tz: str) -> int:
     import time
 
     from hxgwd.store import iso_time
@@ -329,7 +337,7 @@ async def _usage(args: argparse.Namespace, store, tz: str) -> int:
 
 # --- helpers -----------------------------------------------------------------------------------------
 
-def _foreign_state_owner(database) -> str | None:
+def _foreign_state_owner(database: m.Database) -> str | None:
     """As root, the name of the user owning the SQLite file's directory if that is not root."""
     import os
     import pwd
@@ -350,11 +358,11 @@ def _foreign_state_owner(database) -> str | None:
         return str(uid)
 
 
-def _dash(value) -> str:
+def _dash(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def _budget(doc: dict) -> str:
+def _budget(doc: dict[str, Any]) -> str:
     return "-" if doc["budget_usd"] is None else f"${doc['budget_usd']:g}/{doc['budget_period']}"
 
 
@@ -374,7 +382,7 @@ def _escaped(c: str) -> str:
     return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
 
 
-def _print_json(doc) -> None:
+def _print_json(doc: object) -> None:
     """JSON for scripts: json.dumps escapes C0 and (ensure_ascii) everything past ASCII, but not
     DEL, which JSON allows raw; escaped too, so that no output of these commands carries one."""
     import json
@@ -382,7 +390,7 @@ def _print_json(doc) -> None:
     print(json.dumps(doc, indent=2).replace("\x7f", "\\u007f"))
 
 
-def _table(header: tuple, rows: list[tuple], numeric_from: int | None = None) -> None:
+def _table(header: tuple[str, ...], rows: Sequence[tuple[object, ...]], numeric_from: int | None = None) -> None:
     cells = [tuple(visible(str(c)) for c in header)] + [tuple(visible(str(c)) for c in row) for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     for row in cells:

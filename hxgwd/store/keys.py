@@ -15,16 +15,19 @@ started with an empty table after one bounded attempt, and keeps trying.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from hxgwd.runtime import Principal
 from hxgwd.store import Store
 
+if TYPE_CHECKING:
+    from hxgwd.logs import Logger
+
 
 class KeyCache:
-    def __init__(self, store: Store, log: Any, refresh: float = 5.0, load_timeout: float = 5.0) -> None:
+    def __init__(self, store: Store, log: Logger, refresh: float = 5.0, load_timeout: float = 5.0) -> None:
         self._store = store
         self._log = log
         self.refresh_interval = refresh

@@ -39,7 +39,8 @@ from psycopg.pq import TransactionStatus
 from hxgwd.config.model import Database
 from hxgwd.store.base import KeyExists, RecordRejected, StoreTimeout, StoreUnavailable, redact_url
 from hxgwd.store import schema
-from hxgwd.store.sql import KEY_COLUMNS, SQLStore
+from hxgwd.store.schema import Row
+from hxgwd.store.sql import KEY_COLUMNS, SQLStore, one
 from hxgwd.store.threads import STOP_TIMEOUT, Connections, Engine
 
 POOL_SIZE = 4
@@ -73,7 +74,7 @@ class _Postgres(Engine):
         }
         if password is not None:
             self.kwargs["password"] = password
-        self.staged: weakref.WeakSet = weakref.WeakSet()   # connections that have usage_in
+        self.staged: weakref.WeakSet[psycopg.Connection[Row]] = weakref.WeakSet()   # connections that have usage_in
 
     def connect(self) -> psycopg.Connection:
         return psycopg.connect(self.url, **self.kwargs)
@@ -119,9 +120,9 @@ class PostgresStore(SQLStore):
         return exc
 
     def _version_sync(self, conn: psycopg.Connection) -> int:
-        if conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+        if one(conn.execute("SELECT to_regclass('schema_version')").fetchone())[0] is None:
             return 0
-        return conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+        return int(one(conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone())[0])
 
     def _migrate_sync(self, conn: psycopg.Connection) -> tuple[int, int]:
         with conn.transaction():
@@ -137,7 +138,7 @@ class PostgresStore(SQLStore):
                              (version, description))
             return before, max(before, len(migrations))
 
-    def _insert_usage_sync(self, conn: psycopg.Connection, rows: list[tuple]) -> int:
+    def _insert_usage_sync(self, conn: psycopg.Connection, rows: list[Row]) -> int:
         if conn not in self._pg.staged:
             # in its own (autocommit) statement: created inside the batch's transaction, a rollback
             # (a timeout, a cancel) would drop the table while we still believed it there
@@ -157,7 +158,7 @@ class PostgresStore(SQLStore):
             raise
 
     def _count_sync(self, conn: psycopg.Connection) -> int:
-        return conn.execute("SELECT count(*) FROM usage").fetchone()[0]
+        return int(one(conn.execute("SELECT count(*) FROM usage").fetchone())[0])
 
     def _prune_sync(self, conn: psycopg.Connection, before: float, limit: int) -> int:
         return conn.execute("DELETE FROM usage WHERE request_id IN (SELECT request_id FROM usage "
@@ -165,24 +166,24 @@ class PostgresStore(SQLStore):
 
     def _insert_key_sync(self, conn: psycopg.Connection, name: str, prefix: str, digest: bytes, models: str,
                          admin: bool, rpm: int | None, tpm: int | None, budget_usd: float | None,
-                         budget_period: str, created_at: float, expires_at: float | None) -> tuple:
+                         budget_period: str, created_at: float, expires_at: float | None) -> Row:
         try:
             with conn.transaction():
-                key_id = conn.execute(
+                key_id = one(conn.execute(
                     "INSERT INTO api_keys (name, prefix, sha256, models, admin, rpm, tpm, budget_usd, "
                     "budget_period, created_at, expires_at) "
                     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s), to_timestamp(%s)) RETURNING id",
                     (name, prefix, digest, models, admin, rpm, tpm, budget_usd, budget_period, created_at,
-                     expires_at)).fetchone()[0]
-                return conn.execute(f"{_KEY_SELECT} WHERE id = %s", (key_id,)).fetchone()
+                     expires_at)).fetchone())[0]
+                return one(conn.execute(f"{_KEY_SELECT} WHERE id = %s", (key_id,)).fetchone())
         except errors.UniqueViolation:
             raise KeyExists(f"a key named {name!r} exists; revoke it first") from None
 
-    def _select_keys_sync(self, conn: psycopg.Connection, where: str, args: tuple) -> list[tuple]:
+    def _select_keys_sync(self, conn: psycopg.Connection, where: str, args: tuple[object, ...]) -> list[Row]:
         query = _KEY_SELECT + (" WHERE " + where.format(p="%s") if where else "") + " ORDER BY name, id"
         return conn.execute(sql.SQL(query), args).fetchall()
 
-    def _revoke_sync(self, conn: psycopg.Connection, name: str) -> tuple | None:
+    def _revoke_sync(self, conn: psycopg.Connection, name: str) -> Row | None:
         with conn.transaction():
             row = conn.execute("UPDATE api_keys SET revoked_at = now() WHERE name = %s AND revoked_at IS NULL "
                                "RETURNING id", (name,)).fetchone()
@@ -190,6 +191,6 @@ class PostgresStore(SQLStore):
                 return None
             return conn.execute(f"{_KEY_SELECT} WHERE id = %s", (row[0],)).fetchone()
 
-    def _active_sync(self, conn: psycopg.Connection) -> list[tuple]:
+    def _active_sync(self, conn: psycopg.Connection) -> list[Row]:
         return conn.execute(f"{_KEY_SELECT} WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())"
                             ).fetchall()

@@ -8,7 +8,7 @@ parse (a torn write after a power cut) are skipped and counted as corrupt, never
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 import trio
 
@@ -16,9 +16,12 @@ from hxgwd.pipeline.record import RequestRecord
 from hxgwd.store.schema import records_from_lines
 from hxgwd.store.spool import Spool
 
+if TYPE_CHECKING:
+    from hxgwd.logs import Logger
+
 
 class Replay:
-    def __init__(self, spool: Spool, log: Any, batch_size: int, fsync: bool) -> None:
+    def __init__(self, spool: Spool, log: Logger, batch_size: int, fsync: bool) -> None:
         self._spool = spool
         self._log = log
         self._batch_size = batch_size

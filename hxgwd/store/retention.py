@@ -9,11 +9,14 @@ logged and tried again at the next hour; it never touches the request path.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from hxgwd.store import Store, StoreError, StoreUnavailable
+
+if TYPE_CHECKING:
+    from hxgwd.logs import Logger
 
 DAY = 86400.0
 INTERVAL = 3600.0       # seconds between prunes
@@ -23,7 +26,7 @@ PAUSE = 0.05            # seconds between chunks
 
 
 class Pruner:
-    def __init__(self, store: Store, log: Any, days: int, *, timeout: float = 15.0, chunk: int = CHUNK,
+    def __init__(self, store: Store, log: Logger, days: int, *, timeout: float = 15.0, chunk: int = CHUNK,
                  pause: float = PAUSE) -> None:
         self._store, self._log = store, log
         self.days = days

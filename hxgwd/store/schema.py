@@ -22,7 +22,7 @@ import json
 import math
 import operator
 import zoneinfo
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import attrs
 
@@ -75,11 +75,10 @@ def _text(value: Any) -> str:
     return s.replace("\x00", "\ufffd")
 
 
-def _int_in(lo: int, hi: int):
+def _int_in(lo: int, hi: int) -> Callable[[Any], int]:
     def convert(value: Any) -> int:
-        if type(value) is not int:
-            value = int(value)
-        return value if lo <= value <= hi else min(max(value, lo), hi)
+        n: int = value if type(value) is int else int(value)
+        return n if lo <= n <= hi else min(max(n, lo), hi)
     return convert
 
 
@@ -88,8 +87,9 @@ def _float(value: Any) -> float | None:
     return value if math.isfinite(value) else None   # JSON, and so the batch insert, has no NaN/inf
 
 
-_CONVERT = {"text": _text, "float": _float, "bool": bool,
-            "int4": _int_in(-(2 ** 31), 2 ** 31 - 1), "int8": _int_in(-(2 ** 63), 2 ** 63 - 1)}
+_CONVERT: dict[str, Callable[[Any], object]] = {
+    "text": _text, "float": _float, "bool": bool,
+    "int4": _int_in(-(2 ** 31), 2 ** 31 - 1), "int8": _int_in(-(2 ** 63), 2 ** 63 - 1)}
 _GET = operator.attrgetter(*(field for _, field, _ in USAGE_COLUMNS))
 _CONVERTERS = tuple(_CONVERT[kind] for _, _, kind in USAGE_COLUMNS)
 
@@ -115,16 +115,17 @@ LINE_FIELDS = ("ts", "request_id", "client_request_id", "key", "endpoint", "mode
 assert sorted(LINE_FIELDS) == sorted(RECORD_FIELDS), "a RequestRecord field is not in the spool's lines"
 _LINE_VALUES = operator.attrgetter(*LINE_FIELDS)
 _ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode   # one encoder: json.dumps makes one per call
-if json.encoder.c_make_encoder is not None:
+if json.encoder.c_make_encoder is not None:   # type: ignore[attr-defined]  # CPython's _json; not in typeshed
     # the C encoder made once: JSONEncoder.encode makes one per call (0.9 of 3.7 us a line). No
     # circular check (markers None): a line is a flat tuple of scalars.
-    _C_ENCODE = json.encoder.c_make_encoder(None, str, json.encoder.encode_basestring_ascii, None, ":", ",",
-                                            False, False, True)
+    _C_ENCODE = json.encoder.c_make_encoder(  # type: ignore[attr-defined]  # as above
+        None, str, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
 
     def _encode(values: tuple[Any, ...]) -> str:
         return "".join(_C_ENCODE(values, 0))
 else:   # pragma: no cover - a Python without _json
-    _encode = _ENCODE
+    def _encode(values: tuple[Any, ...]) -> str:
+        return _ENCODE(values)
 
 
 def values_line(values: tuple[Any, ...]) -> bytes:
@@ -137,8 +138,9 @@ def record_line(record: RequestRecord) -> bytes:
 
 
 # RequestRecord(ts=v[0], request_id=v[1], ...), made once: 2.7 us a record against 3.2 with **dict(zip(...))
-_FROM_VALUES = eval("lambda v: RequestRecord(" + ", ".join(f"{name}=v[{i}]" for i, name in enumerate(LINE_FIELDS))
-                    + ")", {"RequestRecord": RequestRecord})
+_FROM_VALUES: Callable[[Sequence[Any]], RequestRecord] = eval(
+    "lambda v: RequestRecord(" + ", ".join(f"{name}=v[{i}]" for i, name in enumerate(LINE_FIELDS)) + ")",
+    {"RequestRecord": RequestRecord})
 
 
 def record_from_values(values: tuple[Any, ...] | list[Any]) -> RequestRecord:
@@ -313,9 +315,10 @@ SUMMARY_FIELDS = ("requests", "errors", "prompt_tokens", "completion_tokens", "t
 # date in the report's time zone: every zone's UTC offset is a multiple of 15 minutes, so a bucket
 # never straddles a local midnight, and SQLite needs no time zone support.
 DAY_BUCKET = 900
+Row = tuple[Any, ...]      # a row as a driver returns it: the columns the query names, in its order
 
 
-def summary_rows(by: str, rows: list[tuple], tz: str = "UTC") -> list[dict]:
+def summary_rows(by: str, rows: list[Row], tz: str = "UTC") -> list[dict[str, Any]]:
     """SQL rows (group, count, errors, sums..., sum of total_ms) -> dicts, NULL sums as 0, sorted.
     For by="day" the group is a DAY_BUCKET number, and buckets of one local date in `tz` merge."""
     if by == "day":
@@ -333,8 +336,8 @@ def summary_rows(by: str, rows: list[tuple], tz: str = "UTC") -> list[dict]:
     return out
 
 
-def _buckets_to_days(rows: list[tuple], tz: dt.tzinfo) -> list[tuple]:
-    days: dict[str, list] = {}
+def _buckets_to_days(rows: list[Row], tz: dt.tzinfo) -> list[Row]:
+    days: dict[str, list[Any]] = {}
     for bucket, *sums in rows:
         day = dt.datetime.fromtimestamp(int(bucket) * DAY_BUCKET, tz).date().isoformat()
         acc = days.setdefault(day, [0] * len(sums))

@@ -40,9 +40,12 @@ import mmap
 import os
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
+
+if TYPE_CHECKING:
+    from hxgwd.logs import Logger
 
 
 _NAME = re.compile(r"^usage-(\d{10})\.jsonl$")
@@ -56,7 +59,7 @@ class SpoolError(Exception):
 
 
 class Spool:
-    def __init__(self, directory: str, max_bytes: int, log: Any, segment_bytes: int | None = None,
+    def __init__(self, directory: str, max_bytes: int, log: Logger, segment_bytes: int | None = None,
                  adopt: str | None = None) -> None:
         self.directory = directory
         self.adopt = adopt         # an old default spool directory whose segments become ours at open
@@ -148,7 +151,7 @@ class Spool:
 
     def close(self, fsync: bool) -> None:
         if self._fd is not None:
-            active = self._active
+            active = self._segment()[0]
             clean = self._settled_clean(active)
             if fsync and self._unsynced and not clean:
                 self._fsync()
@@ -169,14 +172,13 @@ class Spool:
         if self.bytes + len(line) > self.max_bytes or self._lock_fd is None:
             return None
         try:
-            self._write(line)
+            active = self._write(line)
         except OSError as exc:
             self.last_error = f"spool write failed: {exc.strerror}"
             return None
         except (ValueError, TypeError):   # the mapping closed under us (close() in a worker thread at shutdown)
             self.last_error = "spool write failed: the segment was closed"
             return None
-        active = self._active
         self._pending[active] = self._pending.get(active, 0) + 1
         if self.bytes >= self._warn_bytes:
             self._check_level(0)
@@ -224,10 +226,10 @@ class Spool:
         if n:
             data = b"".join(lines[:n]) if n > 1 else lines[0]
             try:
-                self._write(data)
+                segment = self._write(data)
                 written = n
                 self.last_error = None
-                self._replay.add(self._active)
+                self._replay.add(segment)
             except (OSError, ValueError, TypeError) as exc:   # the last two: the mapping closed under us
                 error = getattr(exc, "strerror", None) or str(exc)
                 self.last_error = f"spool write failed: {error}"
@@ -237,18 +239,27 @@ class Spool:
         self._check_level(dropped)
         return written
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes) -> str:
+        """-> the segment written to."""
         if self._fd is None:
             self._new_segment(max(self.segment_bytes, len(data)))
-        active = self._active
+        active, fd, mapped = self._segment()
         start = self._sizes[active]
         end = start + len(data)
         if end > self._cap:
-            self._grow(end)
-        self._map[start:end] = data     # into the page cache: the kernel owns it from here
+            self._grow(fd, mapped, end)
+        mapped[start:end] = data        # into the page cache: the kernel owns it from here
         self._sizes[active] = end
         self.bytes += len(data)
         self._unsynced = True
+        return active
+
+    def _segment(self) -> tuple[str, int, mmap.mmap]:
+        """The active segment: its path, descriptor and mapping. ValueError if there is none (as
+        for a closed mapping: close() runs in a worker thread at shutdown)."""
+        if self._active is None or self._fd is None or self._map is None:
+            raise ValueError("no active spool segment")
+        return self._active, self._fd, self._map
 
     def _new_segment(self, size: int) -> None:
         self._seq += 1
@@ -265,23 +276,24 @@ class Spool:
         self._sizes[path] = 0
         self._new_file = True
 
-    def _grow(self, end: int) -> None:
+    def _grow(self, fd: int, mapped: mmap.mmap, end: int) -> None:
         """More records than a segment holds came before the writer sealed it: twice the room."""
         size = max(end, 2 * self._cap)
-        os.posix_fallocate(self._fd, 0, size)
-        self._map.resize(size)
+        os.posix_fallocate(fd, 0, size)
+        mapped.resize(size)
         self._cap = size
 
     def _unmap(self, cut: bool) -> None:
         """Close the active segment, cut to its data if it is kept (a deleted one need not be)."""
-        self._map.close()
+        active, fd, mapped = self._segment()
+        mapped.close()
         try:
             if cut:
-                os.ftruncate(self._fd, self._sizes[self._active])
+                os.ftruncate(fd, self._sizes[active])
         except OSError as exc:   # replay reads up to the NULs anyway
             self.last_error = f"spool truncate failed: {exc.strerror}"
         finally:
-            os.close(self._fd)
+            os.close(fd)
             self._map, self._cap = None, 0
 
     @property
@@ -330,7 +342,7 @@ class Spool:
                 self.log.error("cannot fsync the usage spool", path=path, error=exc.strerror)
 
     def _fsync(self) -> None:
-        os.fsync(self._fd)
+        os.fsync(self._segment()[1])
         if self._new_file:
             self._new_file = False
             dir_fd = os.open(self.directory, os.O_RDONLY)
@@ -356,9 +368,10 @@ class Spool:
                     self.log.error("cannot fsync the usage spool", directory=self.directory, error=exc.strerror)
                     break
             self._unsynced = False
-            clean = self._settled_clean(self._active)
+            sealed = self._segment()[0]
+            clean = self._settled_clean(sealed)
             self._unmap(cut=not clean)
-            sealed, self._fd, self._active = self._active, None, None
+            self._fd, self._active = None, None
             if clean:
                 self.remove(sealed)
 

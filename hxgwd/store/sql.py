@@ -18,6 +18,7 @@ from hxgwd.pipeline.record import RequestRecord
 from hxgwd.runtime import Principal
 from hxgwd.store.base import BY, KeyInfo, Store, StoreError
 from hxgwd.store import schema
+from hxgwd.store.schema import Row
 from hxgwd.store.threads import Connections
 
 T = TypeVar("T")
@@ -34,14 +35,21 @@ def new_key() -> tuple[str, bytes, str]:
     return key, hashlib.sha256(key.encode()).digest(), key[:SHOWN_PREFIX]
 
 
-def key_info(row: tuple) -> KeyInfo:
+def one(row: Row | None) -> Row:
+    """The row of a query that always returns one (an aggregate, INSERT ... RETURNING)."""
+    if row is None:
+        raise StoreError("the database returned no row where it always returns one")
+    return row
+
+
+def key_info(row: Row) -> KeyInfo:
     doc = dict(zip(KEY_COLUMNS, row))
     doc.pop("sha256")
     doc["models"] = schema.models_tuple(doc["models"])
     return KeyInfo(**doc)
 
 
-def principal(row: tuple) -> Principal:
+def principal(row: Row) -> Principal:
     info = key_info(row)
     return Principal(info.name, frozenset(info.models) if info.models else None, info.admin, bytes(row[-1]),
                      info.rpm, info.tpm, info.budget_usd, info.budget_period, source="store")
@@ -72,7 +80,7 @@ class SQLStore(Store):
     def _version_sync(self, conn: Any) -> int: ...
 
     @abc.abstractmethod
-    def _insert_usage_sync(self, conn: Any, rows: list[tuple]) -> int:
+    def _insert_usage_sync(self, conn: Any, rows: list[Row]) -> int:
         """Insert rows (USAGE_COLUMNS order) in one transaction, a few statements or a COPY, not one per row:
         a worker thread that hands the GIL back around every row's statement waits out the event
         loop thread's switch interval (5 ms) each time it takes it back (1,000 rows: 2.5-4 s under
@@ -88,16 +96,16 @@ class SQLStore(Store):
     @abc.abstractmethod
     def _insert_key_sync(self, conn: Any, name: str, prefix: str, digest: bytes, models: str, admin: bool,
                          rpm: int | None, tpm: int | None, budget_usd: float | None, budget_period: str,
-                         created_at: float, expires_at: float | None) -> tuple: ...
+                         created_at: float, expires_at: float | None) -> Row: ...
 
     @abc.abstractmethod
-    def _select_keys_sync(self, conn: Any, where: str, args: tuple) -> list[tuple]: ...
+    def _select_keys_sync(self, conn: Any, where: str, args: tuple[object, ...]) -> list[Row]: ...
 
     @abc.abstractmethod
-    def _revoke_sync(self, conn: Any, name: str) -> tuple | None: ...
+    def _revoke_sync(self, conn: Any, name: str) -> Row | None: ...
 
     @abc.abstractmethod
-    def _active_sync(self, conn: Any) -> list[tuple]: ...
+    def _active_sync(self, conn: Any) -> list[Row]: ...
 
     # --- the Store interface -------------------------------------------------------------------
 
@@ -134,14 +142,14 @@ class SQLStore(Store):
         return await self._call(self._prune_sync, before, limit)
 
     async def usage_summary(self, since: float | None = None, until: float | None = None, by: str = "key",
-                            key: str | None = None, tz: str = "UTC") -> list[dict]:
+                            key: str | None = None, tz: str = "UTC") -> list[dict[str, Any]]:
         if by not in BY:
             raise ValueError(f"by: one of {', '.join(BY)}")
         rows = await self._call(self._summary_sync, since, until, by, key)
         return schema.summary_rows(by, rows, tz)
 
     def _summary_sync(self, conn: Any, since: float | None, until: float | None, by: str,
-                      key: str | None) -> list[tuple]:
+                      key: str | None) -> list[Row]:
         where, args = [], []
         for condition, value in ((f"ts >= {self._TS_PARAM}", since), (f"ts < {self._TS_PARAM}", until),
                                  (f"key = {self._PARAM}", key)):
@@ -151,16 +159,18 @@ class SQLStore(Store):
         query = (f"SELECT {self._GROUP[by]} AS g, count(*), {self._ERRORS}, sum(prompt_tokens), "
                  "sum(completion_tokens), sum(total_tokens), sum(cost_usd), sum(total_ms) FROM usage"
                  + (" WHERE " + " AND ".join(where) if where else "") + " GROUP BY g")
-        return conn.execute(query, args).fetchall()
+        rows: list[Row] = conn.execute(query, args).fetchall()
+        return rows
 
     async def spend_by_key(self, since: float) -> dict[str, float]:
         return dict(await self._call(self._spend_sync, since))
 
-    def _spend_sync(self, conn: Any, since: float) -> list[tuple]:
+    def _spend_sync(self, conn: Any, since: float) -> list[Row]:
         # a range of the ts index (a day or a month of rows); statement_timeout bounds it on PostgreSQL,
         # the caller's cancel (interrupt) on SQLite
-        return conn.execute(f"SELECT key, coalesce(sum(cost_usd), 0) FROM usage WHERE ts >= {self._TS_PARAM} "
-                            "AND key IS NOT NULL GROUP BY key", (since,)).fetchall()
+        rows: list[Row] = conn.execute(f"SELECT key, coalesce(sum(cost_usd), 0) FROM usage WHERE ts >= "
+                                       f"{self._TS_PARAM} AND key IS NOT NULL GROUP BY key", (since,)).fetchall()
+        return rows
 
     async def create_key(self, name: str, *, models: tuple[str, ...] = (), admin: bool = False,
                          rpm: int | None = None, tpm: int | None = None, budget_usd: float | None = None,

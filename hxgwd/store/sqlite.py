@@ -31,7 +31,8 @@ from typing import Any
 from hxgwd.config.model import Database
 from hxgwd.store.base import KeyExists, NoDatabase, RecordRejected, StoreTimeout, StoreUnavailable
 from hxgwd.store import schema
-from hxgwd.store.sql import KEY_COLUMNS, SQLStore
+from hxgwd.store.schema import Row
+from hxgwd.store.sql import KEY_COLUMNS, SQLStore, one
 from hxgwd.store.threads import Connections, Engine
 
 POOL_SIZE = 4
@@ -166,7 +167,7 @@ class SQLiteStore(SQLStore):
     def _version_sync(self, conn: sqlite3.Connection) -> int:
         if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone() is None:
             return 0
-        return conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+        return int(one(conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone())[0])
 
     def _migrate_sync(self, conn: sqlite3.Connection) -> tuple[int, int]:
         with _write(conn):
@@ -181,7 +182,7 @@ class SQLiteStore(SQLStore):
                              (version, time.time(), description))
             return before, max(before, len(migrations))
 
-    def _insert_usage_sync(self, conn: sqlite3.Connection, rows: list[tuple]) -> int:
+    def _insert_usage_sync(self, conn: sqlite3.Connection, rows: list[Row]) -> int:
         new = done = 0
         with _write(conn):
             while done < len(rows):
@@ -192,7 +193,7 @@ class SQLiteStore(SQLStore):
         return new
 
     def _count_sync(self, conn: sqlite3.Connection) -> int:
-        return conn.execute("SELECT count(*) FROM usage").fetchone()[0]
+        return int(one(conn.execute("SELECT count(*) FROM usage").fetchone())[0])
 
     def _prune_sync(self, conn: sqlite3.Connection, before: float, limit: int) -> int:
         with _write(conn):
@@ -201,7 +202,7 @@ class SQLiteStore(SQLStore):
 
     def _insert_key_sync(self, conn: sqlite3.Connection, name: str, prefix: str, digest: bytes, models: str,
                          admin: bool, rpm: int | None, tpm: int | None, budget_usd: float | None,
-                         budget_period: str, created_at: float, expires_at: float | None) -> tuple:
+                         budget_period: str, created_at: float, expires_at: float | None) -> Row:
         try:
             with _write(conn):
                 cur = conn.execute(
@@ -209,22 +210,23 @@ class SQLiteStore(SQLStore):
                     "budget_period, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (name, prefix, digest, models, int(admin), rpm, tpm, budget_usd, budget_period,
                      created_at, expires_at))
-                return conn.execute(f"{_KEY_SELECT} WHERE id = ?", (cur.lastrowid,)).fetchone()
+                return one(conn.execute(f"{_KEY_SELECT} WHERE id = ?", (cur.lastrowid,)).fetchone())
         except sqlite3.IntegrityError:
             raise KeyExists(f"a key named {name!r} exists; revoke it first") from None
 
-    def _select_keys_sync(self, conn: sqlite3.Connection, where: str, args: tuple) -> list[tuple]:
+    def _select_keys_sync(self, conn: sqlite3.Connection, where: str, args: tuple[object, ...]) -> list[Row]:
         sql = _KEY_SELECT + (" WHERE " + where.format(p="?") if where else "") + " ORDER BY name, id"
         return conn.execute(sql, args).fetchall()
 
-    def _revoke_sync(self, conn: sqlite3.Connection, name: str) -> tuple | None:
+    def _revoke_sync(self, conn: sqlite3.Connection, name: str) -> Row | None:
         with _write(conn):
             row = conn.execute(f"{_KEY_SELECT} WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone()
             if row is None:
                 return None
             conn.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (time.time(), row[0]))
-            return conn.execute(f"{_KEY_SELECT} WHERE id = ?", (row[0],)).fetchone()
+            revoked: Row | None = conn.execute(f"{_KEY_SELECT} WHERE id = ?", (row[0],)).fetchone()
+            return revoked
 
-    def _active_sync(self, conn: sqlite3.Connection) -> list[tuple]:
+    def _active_sync(self, conn: sqlite3.Connection) -> list[Row]:
         return conn.execute(f"{_KEY_SELECT} WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)",
                             (time.time(),)).fetchall()

@@ -46,7 +46,7 @@ the grace time, and leaves the rest to be replayed; a cancelled `run()` does the
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -56,6 +56,9 @@ from hxgwd.store import RecordRejected, Store, StoreUnavailable, default_spool_d
 from hxgwd.store.replay import Replay
 from hxgwd.store.schema import record_document, record_line, values_line
 from hxgwd.store.spool import Spool
+
+if TYPE_CHECKING:
+    from hxgwd.logs import Logger
 
 RETRY_MIN = 0.2
 RETRY_MAX = 5.0
@@ -72,7 +75,7 @@ Item = tuple["str | None", RequestRecord]
 
 
 class UsageSink:
-    def __init__(self, store: Store, database: Database, log: Any, *, spool_dir: str | None = None,
+    def __init__(self, store: Store, database: Database, log: Logger, *, spool_dir: str | None = None,
                  retry_min: float = RETRY_MIN, retry_max: float = RETRY_MAX) -> None:
         self._store = store
         self._log = log

@@ -9,7 +9,7 @@ what the gateway holds is bounded by config, not by how many clients keep trying
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterable
 
 import trio
 
@@ -78,7 +78,7 @@ class Gates:
         return {dep_id: {"limit": g.limit, "in_use": g.in_use, "waiting": g.waiting, "rejected": g.rejected}
                 for (dep_id, _, _), g in self._gates.items()}
 
-    def retain(self, deployments) -> None:
+    def retain(self, deployments: Iterable[Deployment]) -> None:
         live = {(d.id, d.config.max_concurrency, d.config.max_queue) for d in deployments}
         for key, gate in list(self._gates.items()):
             if key not in live and gate.in_use == 0 and gate.waiting == 0:

@@ -19,6 +19,8 @@ at most `interval_floor` apart), so a reload that adds, removes or changes a pro
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import trio
 
 from hxgwd.config.model import Timeouts
@@ -26,6 +28,9 @@ from hxgwd.errors import GatewayError
 from hxgwd.runtime import BackendRuntime, RuntimeHolder
 from hxgwd.upstream import PoolFull, UpstreamRequest
 from hxgwd.upstream.transports import Transports
+
+if TYPE_CHECKING:
+    from hxgwd.pipeline.route import Router
 
 MAX_PROBE_BODY = 1 << 20     # read to its end (up to this) so the connection can be reused
 
@@ -70,7 +75,7 @@ async def probe_once(transports: Transports, backend: BackendRuntime) -> bool | 
     return False
 
 
-async def probe_loop(holder: RuntimeHolder, router, transports: Transports | None = None, *,
+async def probe_loop(holder: RuntimeHolder, router: Router, transports: Transports | None = None, *,
                      interval_floor: float = 0.5) -> None:
     """Probe every backend that has a probe_path, for ever; cancel the surrounding scope to stop.
     `transports`: the traffic's (the daemon passes its own); without, the loop keeps its own."""

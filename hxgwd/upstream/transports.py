@@ -4,11 +4,15 @@ settings and HTTP parser are unchanged keeps its pool and its warm connections."
 from __future__ import annotations
 
 import ssl
+from typing import TYPE_CHECKING, Iterable
 
 from hxgwd.http import resolve_parser
 from hxgwd.upstream import Transport
 from hxgwd.upstream.echo import EchoBackend
 from hxgwd.upstream.pool import Pool
+
+if TYPE_CHECKING:
+    from hxgwd.runtime import BackendRuntime
 
 
 class Transports:
@@ -17,11 +21,11 @@ class Transports:
     def __init__(self, http_parser: str = "auto", log: object = None) -> None:
         self.http_parser = resolve_parser(http_parser)
         self._log = log
-        self._by_key: dict[tuple, Transport] = {}
+        self._by_key: dict[tuple[object, ...], Transport] = {}   # the settings a transport is made with
         # per snapshot object: the hot path looks a backend up by identity, not by its settings
-        self._by_backend: dict[int, tuple[object, Transport]] = {}
+        self._by_backend: dict[int, tuple[BackendRuntime, Transport]] = {}
 
-    def get(self, backend) -> Transport:   # backend: runtime.BackendRuntime
+    def get(self, backend: BackendRuntime) -> Transport:
         hit = self._by_backend.get(id(backend))
         if hit is not None and hit[0] is backend:
             return hit[1]
@@ -29,10 +33,10 @@ class Transports:
         self._by_backend[id(backend)] = (backend, transport)
         return transport
 
-    def _lookup(self, backend) -> Transport:
+    def _lookup(self, backend: BackendRuntime) -> Transport:
         cfg = backend.config
         if cfg.kind == "echo":
-            key: tuple = ("echo", cfg.echo_dimensions, cfg.echo_delay)
+            key: tuple[object, ...] = ("echo", cfg.echo_dimensions, cfg.echo_delay)
         else:
             key = ("http", backend.origin, cfg.max_connections, cfg.max_idle_connections,
                    cfg.idle_timeout, cfg.tls_verify, cfg.ca_file, self.http_parser, backend.name)
@@ -41,6 +45,7 @@ class Transports:
             if cfg.kind == "echo":
                 transport = EchoBackend(cfg.echo_dimensions, cfg.echo_delay)
             else:
+                assert backend.origin is not None            # an http backend has a url
                 ctx = _ssl_context(cfg.tls_verify, cfg.ca_file) if backend.origin.tls else None
                 transport = Pool(backend.origin, max_connections=cfg.max_connections,
                                  max_idle=cfg.max_idle_connections, idle_timeout=cfg.idle_timeout,
@@ -51,7 +56,7 @@ class Transports:
     def pools(self) -> list[Pool]:
         return [t for t in self._by_key.values() if isinstance(t, Pool)]
 
-    def retain(self, backends, http_parser: str | None = None) -> None:
+    def retain(self, backends: Iterable[BackendRuntime], http_parser: str | None = None) -> None:
         """After a reload: forget transports no current backend uses, once they are idle. A new
         `http_parser` setting makes new pools (their connections parse with it from the start)."""
         backends = list(backends)

@@ -1,4 +1,4 @@
-"""The Lua scripts of the Redis limiter (limits_redis.py): one EVALSHA per admit and per settle.
+"""The Lua scripts of the Redis limiter (redis.py): one EVALSHA per admit and per settle.
 
 Both read the server's clock (TIME), so that hosts with skewed clocks agree on the windows.
 """

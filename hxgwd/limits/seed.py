@@ -20,13 +20,16 @@ serves on, and it is tried again, backing off to RETRY_MAX.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
 
-from hxgwd.limits_redis import Limiter
-from hxgwd.pipeline.limit import to_nano
+from hxgwd.limits.limiter import Limiter
+from hxgwd.limits.reservation import to_nano
 from hxgwd.store import Store, StoreError
+
+if TYPE_CHECKING:
+    from hxgwd.logs import Logger
 
 CHECK_INTERVAL = 1.0
 RETRY_MAX = 60.0
@@ -34,7 +37,7 @@ KINDS = ("day", "month")
 
 
 class BudgetSeeder:
-    def __init__(self, limiter: Limiter, store: Store, log: Any, timeout: float) -> None:
+    def __init__(self, limiter: Limiter, store: Store, log: Logger, timeout: float) -> None:
         self.limiter = limiter
         self.store = store
         self.log = log

@@ -1,12 +1,5 @@
-"""The limiter the request path uses: in memory on one host, or shared across hosts in Redis.
-
-    async with open_limiter(config, log, password) as limiter:
-        res = await limiter.admit(principal, estimate)       # RateLimited 429 / LimitsUnavailable 503
-        ...
-        await limiter.settle(res, total_tokens, cost_usd)    # once, whatever the outcome
-
-`HostLimiter` wraps the pure `LocalLimiter` (stage 4). `RedisLimiter` keeps the same counters in
-Redis: each admit and each settle is ONE EVALSHA of a Lua script that reads the server clock
+"""Limits shared by every host: `RedisLimiter` keeps the counters of `LocalLimiter` (local.py) in
+Redis. Each admit and each settle is ONE EVALSHA of a Lua script that reads the server clock
 (TIME), so hosts with skewed clocks agree, and checks every limit of the key before reserving any
 (all or nothing). Keys carry the hash tag `{name}` (one Cluster slot per client key) and TTLs:
 windows expire 61 s after their last use, budget counters a day after their period ends.
@@ -15,7 +8,7 @@ windows expire 61 s after their last use, budget counters a day after their peri
     hxgwd:{name}:tpm           hash: unix second -> tokens reserved / settled in it
     hxgwd:{name}:usd:2026-11   integer nano-USD spent or reserved in the period
     hxgwd:{budgets}:seeded:2026-11   set once the period's counters were seeded from the usage
-                               store (limits_seed.py); gone: Redis lost them, seed again
+                               store (seed.py); gone: Redis lost them, seed again
 
 The client computes the budget period from its clock and the timezone (Lua has no zoneinfo) and
 passes the previous, current and next period; the script picks by the server clock, so hosts also
@@ -34,7 +27,7 @@ down, one request at a time probes it, at most once a second; the rest do not wa
 
 A Redis that comes back without its data (restarted without persistence, flushed): a key's budget
 counter starts again from the spend this host last saw in the period (or the store's, once seeded),
-not from 0; and limits_seed.py raises every key's counter to the usage store's sum within a second.
+not from 0; and seed.py raises every key's counter to the usage store's sum within a second.
 
 A timeout is ambiguous: the script may still have run. A lost admission then stays reserved (it
 leaves the windows within a minute; on a budget it overcounts, never undercounts), and corrections
@@ -43,71 +36,40 @@ that cannot be known to have been applied are only carried over when they add sp
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
 import time
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 
 import attrs
 import trio
 
 from hxgwd.config import model as m
 from hxgwd.errors import Unavailable
-from hxgwd.pipeline import limit
-from hxgwd.pipeline.limit import BUDGET, RPM, TPM, Estimate, LocalLimiter, Period, Reservation
-from hxgwd.redis_scripts import ADMIT, SEED, SETTLE
+from hxgwd.limits.estimate import Estimate
+from hxgwd.limits.local import LocalLimiter
+from hxgwd.limits.periods import Period
+from hxgwd.limits.refusal import BUDGET, RPM, TPM, refusal
+from hxgwd.limits.reservation import Reservation, to_nano
+from hxgwd.limits.scripts import ADMIT, SEED, SETTLE
 from hxgwd.runtime import Principal
+
+if TYPE_CHECKING:                 # coredis is optional: imported when [redis] url is set
+    from coredis import Redis
+    from coredis.commands import Script
+    from coredis.typing import ResponseType, ValueT
+
+    from hxgwd.logs import Logger
 
 PREFIX = "hxgwd:"
 PROBE_INTERVAL = 1.0          # seconds between attempts to reach Redis while it is down
 BUDGET_GRACE = 86400          # budget counters outlive their period by this (late settles)
-MAX_CONNECTIONS = 64
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._:@+~-]{1,100}$")
 
 
 class LimitsUnavailable(Unavailable):
     code = "limits_unavailable"
     fault = "gateway"
-
-
-class Limiter(Protocol):
-    local: LocalLimiter              # this host's counters (the fallback's, with Redis)
-    clock: Callable[[], float]
-    async def admit(self, principal: Principal, est: Estimate) -> Reservation | None: ...
-    async def settle(self, res: Reservation | None, tokens: int | None, cost_usd: float | None) -> None: ...
-    def configure(self, config: m.Config) -> None: ...
-    def statistics(self) -> dict[str, Any]: ...
-    async def unseeded(self, periods: list[Period]) -> list[Period]: ...
-    async def seed(self, period: Period, spend: dict[str, int]) -> None: ...
-
-
-class HostLimiter:
-    """The in-memory limiter behind the async interface; admit never awaits, so it is atomic."""
-
-    def __init__(self, limits: m.Limits, clock: Callable[[], float] = time.time) -> None:
-        self.local = LocalLimiter(limits.timezone)
-        self.clock = clock
-        self.started = clock()      # periods that began since were counted here whole
-
-    async def admit(self, principal: Principal, est: Estimate) -> Reservation | None:
-        return self.local.admit(principal, est, self.clock())
-
-    async def settle(self, res: Reservation | None, tokens: int | None, cost_usd: float | None) -> None:
-        self.local.settle(res, tokens, cost_usd, self.clock())
-
-    def configure(self, config: m.Config) -> None:
-        self.local.set_timezone(config.limits.timezone)
-
-    def statistics(self) -> dict[str, Any]:
-        return {"backend": "local", **self.local.statistics()}
-
-    async def unseeded(self, periods: list[Period]) -> list[Period]:
-        """The periods whose spend before this process is still to be seeded (limits_seed.py)."""
-        return [p for p in periods if p.start < self.started and p.key not in self.local.seeded]
-
-    async def seed(self, period: Period, spend: dict[str, int]) -> None:
-        self.local.seed_period(period.key, spend)
 
 
 CODES = {1: RPM, 2: TPM, 3: BUDGET}
@@ -128,7 +90,7 @@ def _tag(name: str) -> str:
 class RedisLimiter:
     """Shared limits in Redis, with this host's `LocalLimiter` as the "local" fallback."""
 
-    def __init__(self, client: Any, config: m.Config, log: Any, *,
+    def __init__(self, client: Redis[bytes], config: m.Config, log: Logger, *,
                  clock: Callable[[], float] = time.time, prefix: str = PREFIX) -> None:
         from coredis.exceptions import RedisError
 
@@ -151,8 +113,8 @@ class RedisLimiter:
         self._probing = False
         self._outage_counts = [0, 0]                     # fallback admits, denials in this outage
         self.stats = {"calls": 0, "errors": 0, "outages": 0, "fallback_admits": 0, "denied": 0,
-                      "settles_deferred": 0, "admitted": 0,
-                      "refused": {RPM: 0, TPM: 0, BUDGET: 0}}
+                      "settles_deferred": 0, "admitted": 0}
+        self.refused = {RPM: 0, TPM: 0, BUDGET: 0}
 
     def configure(self, config: m.Config) -> None:
         """A reload: timezone, policy and timeout apply at once; a new url needs a restart."""
@@ -166,7 +128,7 @@ class RedisLimiter:
 
     def statistics(self) -> dict[str, Any]:
         return {"backend": "redis", "policy": self.policy, "down": self.down, **self.stats,
-                "refused": dict(self.stats["refused"]), "local": self.local.statistics()}
+                "refused": dict(self.refused), "local": self.local.statistics()}
 
     # --- admission -------------------------------------------------------------------------------
 
@@ -179,7 +141,7 @@ class RedisLimiter:
             return self._fallback(principal, est, now)
         name = principal.key_name
         keys = self._names(name)
-        cost = limit.to_nano(est.cost_usd, up=True)
+        cost = to_nano(est.cost_usd, up=True)
         carry = 0
         if budget is not None:
             prev, cur, nxt = self.local.calendar.around(principal.budget_period, now)
@@ -188,12 +150,12 @@ class RedisLimiter:
             if pending is not None and pending[0] == cur.key:
                 carry = pending[1]
             # should Redis have lost the counter since (restarted empty, flushed), it starts again
-            # from the spend this host knows, not from 0, until the store's is seeded (limits_seed.py)
+            # from the spend this host knows, not from 0, until the store's is seeded (seed.py)
             seen = self._seen.get(name)
             floor = max(self.local.seeded.get(cur.key, {}).get(name, 0),
                         seen[1] if seen is not None and seen[0] == cur.key else 0)
             bkeys = [keys[2] + p.key for p in periods]
-            budget_args = [limit.to_nano(budget), cost, *(p.end for p in periods),
+            budget_args = [to_nano(budget), cost, *(p.end for p in periods),
                            *(int(p.end) + BUDGET_GRACE for p in periods), carry, floor]
         else:
             bkeys = [keys[2] + "-"] * 3
@@ -201,7 +163,8 @@ class RedisLimiter:
         args = [-1 if rpm is None else rpm, -1 if tpm is None else tpm, est.tokens, *budget_args]
         self._probing = self._down_since is not None
         try:
-            reply = await self._call(self._admit, [keys[0], keys[1], *bkeys], args)
+            # ADMIT answers a Lua table of integers: a list of ints
+            reply = cast("list[int]", await self._call(self._admit, [keys[0], keys[1], *bkeys], args))
         except self._errors as exc:
             if carry > 0:    # it may or may not have landed: keep only what can overcount
                 self._carry(name, cur.key, carry)
@@ -214,9 +177,10 @@ class RedisLimiter:
         if reply[0] == 0:
             _, which, wait_ms, used, asked, pi = reply
             code = CODES[int(which)]
-            self.stats["refused"][code] += 1
-            lim = {RPM: rpm, TPM: tpm, BUDGET: limit.to_nano(budget or 0)}[code]
-            raise limit.refusal(code, int(wait_ms) / 1000, lim, int(used), int(asked), principal.budget_period)
+            self.refused[code] += 1
+            lim = {RPM: rpm, TPM: tpm, BUDGET: to_nano(budget or 0)}[code]
+            assert lim is not None               # the script refuses only on a limit the key has
+            raise refusal(code, int(wait_ms) / 1000, lim, int(used), int(asked), principal.budget_period)
         _, bucket, pi, spent = reply
         self.stats["admitted"] += 1
         period = None
@@ -257,16 +221,17 @@ class RedisLimiter:
         if res is None:
             return
         now = self.clock()
-        actual = None if res.nano_usd is None else (res.nano_usd if cost_usd is None else limit.to_nano(cost_usd))
+        actual = None if res.nano_usd is None else (res.nano_usd if cost_usd is None else to_nano(cost_usd))
         if res.where == "local":
             self.local.settle(res, tokens, cost_usd, now)
             if actual and res.period:      # spent while Redis was away: add it there later
                 self._carry(res.key, res.period, actual)
             return
-        delta = None if actual is None else actual - res.nano_usd
+        delta = None if actual is None or res.nano_usd is None else actual - res.nano_usd
         tok = res.tokens is not None and tokens is not None and tokens != res.tokens
+        reserved_tokens, settled_tokens = res.tokens or 0, tokens or 0     # what they are when tok
         if tok and isinstance(res, RedisReservation):
-            self.local.correct_tokens(res.key, res.local_bucket, res.tokens, tokens, now)
+            self.local.correct_tokens(res.key, res.local_bucket, reserved_tokens, settled_tokens, now)
         if not tok and not delta:
             return
         if self._skip():
@@ -275,9 +240,10 @@ class RedisLimiter:
             self.stats["settles_deferred"] += 1
             return
         tag = f"{self.prefix}{{{_tag(res.key)}}}:"
-        args = [res.bucket if tok else "", (tokens - res.tokens) if tok else 0, tokens if tok else 0,
-                "" if delta is None else delta, actual or 0, res.period_end,
-                int(res.period_end) + BUDGET_GRACE]
+        args: list[ValueT] = [res.bucket if tok else "", (settled_tokens - reserved_tokens) if tok else 0,
+                              settled_tokens if tok else 0,
+                              "" if delta is None else delta, actual or 0, res.period_end,
+                              int(res.period_end) + BUDGET_GRACE]
         self._probing = self._down_since is not None
         try:
             await self._call(self._settle, [f"{tag}tpm", f"{tag}usd:{res.period}"], args)
@@ -292,7 +258,7 @@ class RedisLimiter:
         if self._down_since is not None:
             self._recovered()
 
-    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    async def _call(self, script: Script[bytes], keys: list[str], args: Sequence[ValueT]) -> ResponseType:
         """One EVALSHA, shielded and bounded by the timeout: a client hanging up cannot leave it
         half done (an admission completes and is returned, so the caller settles it)."""
         self.stats["calls"] += 1
@@ -306,7 +272,7 @@ class RedisLimiter:
         old = self._pending.get(key)
         self._pending[key] = (period, nano + (old[1] if old and old[0] == period else 0))
 
-    # --- seeding from the usage store (limits_seed.py) --------------------------------------------
+    # --- seeding from the usage store (seed.py) --------------------------------------------------
 
     async def unseeded(self, periods: list[Period]) -> list[Period]:
         """Periods whose counters in Redis were not seeded from the store: a period that began
@@ -369,32 +335,3 @@ class RedisLimiter:
         fallback, denied = self._outage_counts
         self.log.info("limits: redis recovered", down_seconds=round(down, 3), policy=self.policy,
                       fallback_admits=fallback, denied=denied)
-
-
-@contextlib.asynccontextmanager
-async def open_limiter(config: m.Config, log: Any, password: str | None = None) -> AsyncIterator[Limiter]:
-    """The limiter for `config`: Redis when `[redis] url` is set, else in memory. Open it once at
-    daemon scope: the coredis client (and its pool) lives exactly as long as this context."""
-    if not config.redis.url:
-        yield HostLimiter(config.limits)
-        return
-    import coredis
-    from coredis.retry import NoRetryPolicy
-
-    t = config.redis.timeout
-    kwargs: dict[str, Any] = {} if password is None else {"password": password}
-    client = coredis.Redis.from_url(config.redis.url, stream_timeout=t, connect_timeout=t, pool_timeout=t,
-                                    max_connections=MAX_CONNECTIONS, retry_policy=NoRetryPolicy(), **kwargs)
-    raised: BaseException | None = None
-    try:
-        async with client:
-            try:
-                yield RedisLimiter(client, config, log)
-            except BaseException as exc:
-                raised = exc
-                raise
-    except BaseExceptionGroup as group:
-        # coredis's pool runs a task group: an error of the daemon's own would come out wrapped
-        if raised is not None and len(group.exceptions) == 1 and group.exceptions[0] is raised:
-            raise raised from None
-        raise
