@@ -25,7 +25,7 @@ from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
 from hxgwd import admin, memtrim
 from hxgwd.offload import OFF_LOOP_BYTES, Offload
-from hxgwd.pipeline import authenticate, limit, proxy, record, route, transform
+from hxgwd.pipeline import authenticate, cors, limit, proxy, record, route, transform
 from hxgwd.http.connection import ClientGone, Request, Response
 from hxgwd.pipeline.body import json_document, json_document_in_steps
 from hxgwd.runtime import Deployment, Principal, Runtime, RuntimeHolder
@@ -72,9 +72,14 @@ class Gateway:
             await self._ready(response)
             return
         rt = self.holder.current
+        if (preflight := cors.preflight(rt.config.server, head)) is not None:   # a browser's, without a key
+            await response.send_full(*preflight)
+            return
         rid, client_rid = self._ids.take(head.header(b"x-request-id"))
         response.add_header(b"x-request-id", (client_rid or rid).encode())
         response.add_header(b"x-hx-request-id", rid.encode())
+        for name, value in cors.answer_headers(rt.config.server, head):
+            response.add_header(name, value)
         ex = proxy.Exchange(request_id=rid, started=trio.current_time(), ts=time.time(), endpoint=path,
                             client_request_id=client_rid, client_headers=head.headers)
         try:
