@@ -25,7 +25,7 @@ from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
 from hxgwd import admin, memtrim
 from hxgwd.offload import OFF_LOOP_BYTES, Offload
-from hxgwd.pipeline import authenticate, cors, limit, proxy, record, route, transform
+from hxgwd.pipeline import authenticate, content_encoding, cors, limit, proxy, record, route, transform
 from hxgwd.http.connection import ClientGone, Request, Response
 from hxgwd.pipeline.body import json_document, json_document_in_steps
 from hxgwd.runtime import Deployment, Principal, Runtime, RuntimeHolder
@@ -151,8 +151,11 @@ class Gateway:
             raise NotFound(f"Unknown endpoint {capped(path)}.", code="unknown_url")
         if head.method != "POST":
             require_method(head.method, "POST")
+        coding = content_encoding.coding(head.headers)     # a 415 before the body is read
         body = await request.read_body()
         ex.bytes_in = len(body)
+        if coding is not None:
+            body = await content_encoding.decoded(body, coding, rt.config.server.max_body_bytes, self._offload)
         payload = await self._offload.run(len(body), _payload, body)
         name = _target_name(head.header(b"x-hx-model-group"), payload)
         endpoint = path[3:]          # below /v1
