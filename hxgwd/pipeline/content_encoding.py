@@ -39,9 +39,11 @@ RAW_WBITS = -zlib.MAX_WBITS
 def coding(headers: Headers) -> str | None:
     """The coding of a request body from its Content-Encoding header lines: "gzip", "deflate" or
     None (none, or only `identity`). UnsupportedEncoding (415) for anything else."""
-    names = [token.strip().lower() for name, value in headers if name == b"content-encoding"
-             for token in value.split(b",")]
-    names = [n for n in names if n and n != b"identity"]
+    values = [value for name, value in headers if name == b"content-encoding"]   # on every POST: kept cheap
+    if not values:
+        return None
+    names = [n for n in (token.strip().lower() for value in values for token in value.split(b","))
+             if n and n != b"identity"]
     if not names:
         return None
     if len(names) == 1 and names[0] in CODINGS:

@@ -42,7 +42,7 @@ JSON = (b"content-type", b"application/json")
 
 def preflight(server: Server, head: RequestHead) -> tuple[int, Headers, bytes] | None:
     """The answer to `head` if it is a CORS preflight on an API path: (status, headers, body)."""
-    if head.method != "OPTIONS" or not head.path.startswith(API_PREFIX):
+    if head.method != "OPTIONS" or not head.target.startswith(API_PREFIX):   # the path, and its query
         return None
     origin = head.header(b"origin")
     method = head.header(b"access-control-request-method")
@@ -66,7 +66,7 @@ def preflight(server: Server, head: RequestHead) -> tuple[int, Headers, bytes] |
 
 def answer_headers(server: Server, head: RequestHead) -> Headers:
     """The CORS headers of any answer to `head` (none when CORS is off or off the API)."""
-    if not server.cors_origins or not head.path.startswith(API_PREFIX):
+    if not server.cors_origins or not head.target.startswith(API_PREFIX):
         return []
     if server.cors_origins == ("*",):
         return ANY_ORIGIN        # the same for every origin and for none: no Vary
