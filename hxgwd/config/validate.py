@@ -200,7 +200,7 @@ def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list
 
 CORS_MAX_AGE = 86400     # what Firefox caps Access-Control-Max-Age at (Chrome: 7200)
 SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]*$")
-DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def _check_cors(s: m.Server) -> list[str]:

@@ -9,9 +9,9 @@ asked for at most STEP bytes of output at a time (`max_length`), and decoding st
 moment the output would pass `server.max_body_bytes`, the limit an uncompressed body has: no more
 than that is ever held, whatever the ratio.
 
-Off the loop: the first OFF_LOOP_BYTES of output are decoded on the event loop's thread (about a
-millisecond, as a parse below that size is); the rest, if any, in a worker thread (offload.py),
-where zlib lets go of the GIL while it inflates.
+Off the loop: the first OFF_LOOP_BYTES of output are decoded on the event loop's thread (1-2 ms,
+as a parse below that size is); the rest, if any, in a worker thread (offload.py), where zlib lets
+go of the GIL while it inflates.
 
 Refused: any other coding (br, zstd, compress) and more than one (`gzip, gzip`), with a 415 that
 names what is taken in Accept-Encoding (RFC 9110, 15.5.16), before the body is read; a body that is
