@@ -10,9 +10,11 @@ import attrs
 import pytest
 
 from hxgwd.config import dump, load
+from hxgwd.config.check import summary
 from hxgwd.config import model as m
 from hxgwd.http.protocol import RequestHead
 from hxgwd.pipeline import cors
+from hxgwd.runtime import compile_config
 from tests.conftest import AUTH
 from tests.fakeupstream import Reply
 from tests.test_config import problems
@@ -139,6 +141,12 @@ def test_the_any_origin_wildcard_stands_alone_and_never_with_credentials():
                    f"server.cors_origins[2]: '{APP}' is listed twice",
                    'server.cors_allow_credentials: not with cors_origins = ["*"]; list the origins',
                    "server.cors_max_age: must be 0 to 86400 seconds (browsers cap it: Chrome at 7200)"]
+
+
+def test_check_config_shows_the_origins():
+    config = load.loads(cors_config(f'cors_origins = ["{APP}", "{OTHER}"]\ncors_allow_credentials = true'))
+    assert f"cors:     {APP}, {OTHER} (with credentials)" in summary(compile_config(config, 1)).splitlines()
+    assert "cors:" not in summary(compile_config(load.loads(cors_config("")), 1))
 
 
 # --- a running gateway -------------------------------------------------------------------------
