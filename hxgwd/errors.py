@@ -8,6 +8,7 @@
     │   ├── MethodNotAllowed              405     invalid_request_error
     │   ├── RequestTimeout                408     invalid_request_error
     │   ├── PayloadTooLarge               413     invalid_request_error
+    │   ├── UnsupportedEncoding           415     invalid_request_error   (+ Accept-Encoding)
     │   ├── HeadersTooLarge               431     invalid_request_error
     │   ├── VersionNotSupported           505     invalid_request_error
     │   └── RateLimited                   429     rate_limit_error        (+ Retry-After)
@@ -135,6 +136,21 @@ class RequestTimeout(BadRequest):
 class PayloadTooLarge(BadRequest):
     status = 413
     code = "request_too_large"
+
+
+class UnsupportedEncoding(BadRequest):
+    """A request body in a content coding the gateway does not decode."""
+
+    status = 415
+    code = "unsupported_content_encoding"
+
+    def __init__(self, message: str, accepted: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.accepted = accepted
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        # the codings that would have been taken (RFC 9110, 15.5.16)
+        return [(b"accept-encoding", ", ".join(self.accepted).encode()), *super().headers()]
 
 
 class HeadersTooLarge(BadRequest):

@@ -19,6 +19,9 @@ def summary(rt: Runtime) -> str:
         dates = certificate_dates(c.server.tls_cert)
         lines.append(f"tls:      {', '.join(c.server.tls_listen) or 'every listen address'}; {c.server.tls_cert}"
                      + (f" until {time.strftime('%Y-%m-%d', time.gmtime(dates[1]))}" if dates else ""))
+    if c.server.cors_origins:
+        lines.append(f"cors:     {', '.join(c.server.cors_origins)}"
+                     + (" (with credentials)" if c.server.cors_allow_credentials else ""))
     sources = {"sha256": 0, "key_env": 0, "key_file": 0}
     for k in c.keys:
         for s in sources:

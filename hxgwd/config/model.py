@@ -33,6 +33,9 @@ class Server:
     tls_cert: str | None = None          # PEM certificate served to clients (leaf first, then its chain)
     tls_key: str | None = None           # its PEM private key, unencrypted; both re-read on SIGHUP
     tls_listen: tuple[str, ...] = ()     # the `listen` entries that speak TLS, as written there; empty: all
+    cors_origins: tuple[str, ...] = ()   # browser origins allowed to call /v1/*, as browsers send them, or ("*",)
+    cors_allow_credentials: bool = False # let browsers send cookies / HTTP auth along; never with "*"
+    cors_max_age: int = 600              # seconds a browser may reuse a preflight answer
 
 
 @attrs.frozen(kw_only=True)

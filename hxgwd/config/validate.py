@@ -70,6 +70,7 @@ def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list
             p.append(f"server.tls_listen[{i}]: {addr!r} is not an entry of server.listen")
     if s.tls_listen and not s.tls_cert:
         p.append("server.tls_listen: TLS needs tls_cert and tls_key")
+    p.extend(_check_cors(s))
     p.extend(_check_timeouts(c.timeouts, "timeouts"))
     # The example key opens the gateway to whoever read the README: any key (admin or not: it
     # spends the backends' quota and the budgets either way), on any address others can reach.
@@ -201,6 +202,70 @@ def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list
             if name not in model_names and name not in group_names:
                 p.append(f"{at('keys', i)}.models[{j}]: no model or group named {name!r}")
     return p
+
+
+CORS_MAX_AGE = 86400     # what Firefox caps Access-Control-Max-Age at (Chrome: 7200)
+SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]*$")
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _check_cors(s: m.Server) -> list[str]:
+    p = []
+    if "*" in s.cors_origins:
+        if len(s.cors_origins) > 1:
+            p.append("server.cors_origins: \"*\" allows every origin; list nothing else with it")
+        if s.cors_allow_credentials:
+            # browsers refuse credentials with "*" anyway; reflecting every origin instead would let
+            # any web page act with its visitors' cookies
+            p.append("server.cors_allow_credentials: not with cors_origins = [\"*\"]; list the origins")
+    seen: set[str] = set()
+    for i, origin in enumerate(s.cors_origins):
+        if origin == "*":
+            continue
+        problem = origin_problem(origin)
+        if problem:
+            p.append(f"server.cors_origins[{i}]: {problem}")
+        elif origin in seen:
+            p.append(f"server.cors_origins[{i}]: {origin!r} is listed twice")
+        seen.add(origin)
+    if not 0 <= s.cors_max_age <= CORS_MAX_AGE:
+        p.append(f"server.cors_max_age: must be 0 to {CORS_MAX_AGE} seconds (browsers cap it: Chrome at 7200)")
+    return p
+
+
+def origin_problem(text: str) -> str | None:
+    """Why `text` is not an origin as a browser sends it in `Origin` (scheme://host[:port],
+    lowercase, no default port, no path), or None. Request origins are matched as they come, so an
+    entry written any other way would never match: the message says how to write it."""
+    if text == "null":
+        # sandboxed frames and file:// pages send it: any web page can make one
+        return "'null' is the origin of sandboxed frames and local files, which any page can make; not allowed"
+    if "*" in text:
+        return f"{text!r}: the only wildcard is \"*\" alone, for every origin"
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7f for c in text):
+        return f"{text!r} has spaces or control characters"
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError:
+        return f"{text!r} is not scheme://host[:port]"
+    scheme, host = parts.scheme.lower(), parts.hostname
+    if not SCHEME_RE.match(scheme) or not host or port == 0 or not text.lower().startswith(scheme + "://"):
+        return f"{text!r} is not scheme://host[:port]"
+    if parts.username is not None or parts.query or parts.fragment or parts.path not in ("", "/"):
+        return f"{text!r}: an origin is scheme://host[:port], without a path, query or credentials"
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return f"{text!r}: the host is not a valid domain name"
+    shown = f"[{host}]" if ":" in host else host
+    if port is not None and port != DEFAULT_PORTS.get(scheme):
+        shown += f":{port}"
+    canonical = f"{scheme}://{shown}"
+    if canonical != text:
+        return f"{text!r}: write it as browsers send it, {canonical!r}"
+    return None
 
 
 def _check_stores(c: m.Config) -> list[str]:

@@ -17,7 +17,7 @@ import trio
 from hxgwd import memtrim
 from hxgwd.errors import GatewayError, NotFound, ShuttingDown, capped, require_method
 from hxgwd.http.connection import ClientGone, Request, Response
-from hxgwd.pipeline import authenticate
+from hxgwd.pipeline import authenticate, cors
 from hxgwd.pipeline.context import GatewayContext
 from hxgwd.pipeline.endpoint import Table
 from hxgwd.pipeline.endpoints import TABLE
@@ -47,9 +47,15 @@ class Gateway:
             return
         ctx = self.ctx
         rt = ctx.holder.current
+        api = cors.is_api(path, found is not None and found.endpoint.model_from != "none")
+        if (preflight := cors.preflight(rt.config.server, head, api)) is not None:   # a browser's, without a key
+            await response.send_full(*preflight)
+            return
         rid, client_rid = self._ids.take(head.header(b"x-request-id"))
         response.add_header(b"x-request-id", (client_rid or rid).encode())
         response.add_header(b"x-hx-request-id", rid.encode())
+        for name, value in cors.answer_headers(rt.config.server, head, api):
+            response.add_header(name, value)
         ex = Exchange(request_id=rid, started=trio.current_time(), ts=time.time(), endpoint=path,
                       client_request_id=client_rid, client_headers=head.headers)
         try:

@@ -16,7 +16,7 @@ from hxgwd.errors import BadRequest, NotFound, capped
 from hxgwd.http.connection import Request, Response
 from hxgwd.offload import OFF_LOOP_BYTES
 from hxgwd.limits import estimate as limit
-from hxgwd.pipeline import proxy, route, transform
+from hxgwd.pipeline import content_encoding, proxy, route, transform
 from hxgwd.pipeline.body import json_document, json_document_in_steps
 from hxgwd.pipeline.context import GatewayContext
 from hxgwd.pipeline.endpoint import Endpoint
@@ -40,9 +40,12 @@ async def proxied(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Pri
                   request: Request, response: Response, ep: Endpoint, rest: str) -> None:
     assert principal is not None and ep.plan is not None and ep.estimate is not None and ep.kind is not None
     head = request.head
+    offload = ctx.offload
+    coding = content_encoding.coding(head.headers)     # a 415 before the body is read
     body = await request.read_body()
     ex.bytes_in = len(body)
-    offload = ctx.offload
+    if coding is not None:
+        body = await content_encoding.decoded(body, coding, rt.config.server.max_body_bytes, offload)
     payload = await offload.run(len(body), parse_payload, body)
     name = target_name(head.header(b"x-hx-model-group"), payload)
     ex.model = name

@@ -37,11 +37,14 @@ from hxgwd.runtime import Deployment
 
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
                         b"te", b"trailer", b"transfer-encoding", b"upgrade", b"proxy-connection"))
-# Client headers never forwarded: hop-by-hop, the client's own credentials, what we set ourselves.
+# Client headers never forwarded: hop-by-hop, the client's own credentials, what we set ourselves
+# (the body is ours, never encoded: content_encoding.py), and a browser's Origin: CORS is the
+# gateway's to decide (cors.py), not the backend's.
 DROP_UPSTREAM = HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"api-key", b"x-api-key",
                               b"x-request-id", b"cookie", b"accept-encoding", b"content-type",
-                              b"expect", b"x-hx-model-group"}
+                              b"content-encoding", b"expect", b"x-hx-model-group", b"origin"}
 DROP_DOWNSTREAM = HOP_BY_HOP | {b"content-length", b"server", b"x-request-id", b"set-cookie"}
+CORS_HEADERS = b"access-control-"    # a backend's own (some proxies add them to every answer) never pass
 
 FLOAT_VECTOR = re.compile(rb'"embedding"\s*:\s*\[')
 
@@ -185,7 +188,7 @@ def upstream_headers(client: Headers, dep: Deployment, request_id: bytes) -> Hea
 
 
 def downstream_headers(upstream: Headers) -> Headers:
-    out = [(n, v) for n, v in upstream if n not in DROP_DOWNSTREAM]
+    out = [(n, v) for n, v in upstream if n not in DROP_DOWNSTREAM and not n.startswith(CORS_HEADERS)]
     if listed := connection_listed(upstream):
         out = [(n, v) for n, v in out if n not in listed]
     return out
