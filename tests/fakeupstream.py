@@ -189,7 +189,7 @@ class FakeUpstream:
             with trio.move_on_after(1, shield=True):
                 await stream.aclose()
 
-    async def _answer(self, stream: trio.SocketStream, conn: h11.Connection, request: h11.Request,
+    async def _answer(self, stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request,
                       body: bytes) -> bool:
         headers = {k.decode(): v.decode() for k, v in request.headers}
         form = _form(headers.get("content-type", ""), body)
@@ -337,7 +337,7 @@ class FakeUpstream:
             return _ok({"id": ident, "object": "response", "deleted": True})
         return _ok(self.stored[ident])
 
-    async def _stream(self, stream: trio.SocketStream, conn: h11.Connection, path: str, doc: dict[str, Any],
+    async def _stream(self, stream: trio.abc.Stream, conn: h11.Connection, path: str, doc: dict[str, Any],
                       form: dict[str, Any], action: Stream) -> bool:
         """A streamed answer: `action.words` pieces after its head (events, or audio for speech),
         each one HTTP chunk, paced, padded, burst or reset as the action says."""
@@ -365,7 +365,7 @@ class FakeUpstream:
     def _pieces(self, path: str, doc: dict[str, Any], form: dict[str, Any],
                 action: Stream) -> tuple[bytes, list[bytes], list[bytes]]:
         """(content type, the pieces a Stream action paces, what follows them unpaced)."""
-        pad = {"pad": "x" * action.pad} if action.pad else {}
+        pad: dict[str, Any] = {"pad": "x" * action.pad} if action.pad else {}
         if path.endswith("/audio/speech"):
             # 0.1 s of 24 kHz 16-bit mono silence a piece, after a WAV header for all of them
             size = 4800 * action.words
@@ -376,8 +376,8 @@ class FakeUpstream:
             final = self._response(doc, action.words)
             item = final["output"][0]
             at = {"item_id": item["id"], "output_index": 0, "content_index": 0}
-            started = {**final, "status": "in_progress", "output": [], "usage": None}
-            events = [{"type": "response.created", "response": started},
+            started: dict[str, Any] = {**final, "status": "in_progress", "output": [], "usage": None}
+            events: list[dict[str, Any]] = [{"type": "response.created", "response": started},
                       {"type": "response.in_progress", "response": started},
                       {"type": "response.output_item.added", "output_index": 0,
                        "item": {**item, "status": "in_progress", "content": []}},
@@ -393,28 +393,27 @@ class FakeUpstream:
                                           + json.dumps({**e, "sequence_number": n}).encode() + b"\n\n"
                                           for n, e in enumerate(events)], []
         if path.endswith("/audio/transcriptions"):
-            deltas = [{"type": "transcript.text.delta", "delta": f"w{i} ", **pad} for i in range(action.words)]
+            deltas: list[dict[str, Any]] = [{"type": "transcript.text.delta", "delta": f"w{i} ", **pad} for i in range(action.words)]
             done = {"type": "transcript.text.done", "text": "".join(d["delta"] for d in deltas),
                     "usage": {"type": "tokens", "input_tokens": 7, "output_tokens": action.words,
                               "total_tokens": 7 + action.words}}
             return b"text/event-stream", [b"data: " + json.dumps(e).encode() + b"\n\n" for e in deltas + [done]], []
-        chunks = [{"choices": [{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}], **pad}
+        chunks: list[dict[str, Any]] = [{"choices": [{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}], **pad}
                   for i in range(action.words)]
         chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         if (doc.get("stream_options") or {}).get("include_usage"):
             chunks.append({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": action.words,
                                                     "total_tokens": 7 + action.words}})
-        events = [b"data: " + json.dumps({"object": "chat.completion.chunk", **c}).encode() + b"\n\n" for c in chunks]
-        return b"text/event-stream", events, [b"data: [DONE]\n\n"]
+        encoded = [b"data: " + json.dumps({"object": "chat.completion.chunk", **c}).encode() + b"\n\n" for c in chunks]
+        return b"text/event-stream", encoded, [b"data: [DONE]\n\n"]
 
 
-async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> tuple[h11.Request | None, bytes]:
+async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> tuple[h11.Request | None, bytes]:
     request, body = None, bytearray()     # not bytes +=: a 20 MB upload would be copied 300 times
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            data = await stream.receive_some(65536)
-            conn.receive_data(data)
+            conn.receive_data(bytes(await stream.receive_some(65536)))
             continue
         if isinstance(event, h11.Request):
             request = event
@@ -426,14 +425,14 @@ async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> tupl
             return None, b""
 
 
-async def _receive_or_eof(stream: trio.SocketStream) -> bytes:
+async def _receive_or_eof(stream: trio.abc.Stream) -> bytes:
     try:
-        return await stream.receive_some(65536)
+        return bytes(await stream.receive_some(65536))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return b""
 
 
-async def _send(stream: trio.SocketStream, conn: h11.Connection, status: int, payload: bytes,
+async def _send(stream: trio.abc.Stream, conn: h11.Connection, status: int, payload: bytes,
                 extra: list[tuple[bytes, bytes]], content_type: bytes = b"application/json") -> None:
     headers = [(b"content-type", content_type), (b"content-length", str(len(payload)).encode()), *extra]
     await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers))
@@ -441,13 +440,13 @@ async def _send(stream: trio.SocketStream, conn: h11.Connection, status: int, pa
 
 
 def _reset(stream: trio.abc.Stream) -> None:
-    if isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
+    tcp = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    assert isinstance(tcp, trio.SocketStream)
     try:
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
         pass
-    stream.socket.close()
+    tcp.socket.close()
 
 
 def _answer_text(content: Any) -> str:

@@ -184,6 +184,7 @@ async def test_stored_responses_get_delete_and_store_false():
     assert status == 200 and json.loads(body) == made
     follow = await call(echo, "POST", "/v1/responses", {"input": "next", "previous_response_id": made["id"]})
     assert follow[0] == 200 and json.loads(follow[2])["previous_response_id"] == made["id"]
+    assert json.loads(follow[2])["usage"]["input_tokens"] == 1 + made["usage"]["total_tokens"]
     status, _, body = await call(echo, "DELETE", f"/v1/responses/{made['id']}")
     assert status == 200 and json.loads(body) == {"id": made["id"], "object": "response", "deleted": True}
     for method in ("GET", "DELETE"):
@@ -446,3 +447,15 @@ async def test_every_endpoint_through_the_sdk():
     assert out["tr"].text.startswith("Echo translation of talk.wav")
     assert out["tts"][:4] == b"RIFF" and len(out["tts"]) == 44 + 24000
     assert len(out["img"].data) == 2 and out["img"].usage.total_tokens == 4
+
+
+async def test_a_20_mb_upload_is_read_in_place():
+    """The file part stays a view into the body (no copy), and the work runs off the loop."""
+    echo = EchoBackend(4)
+    audio = wav(625.0)                          # 20 MB of 16 kHz 16-bit mono
+    body = multipart({"model": "whisper-1"}, {"file": ("long.wav", audio)})
+    form = parse_form(body, FORM[0][1].decode())
+    assert form.files["file"].data.obj is body
+    status, _, answer = await call(echo, "POST", "/v1/audio/transcriptions", body, FORM)
+    doc = Transcription.model_validate(json.loads(answer))
+    assert doc.text == f"Echo transcription of long.wav, {len(audio)} bytes." and doc.usage.seconds == 625

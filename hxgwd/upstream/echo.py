@@ -71,6 +71,7 @@ class EchoBackend:
         self._offload = Offload()
         self.delay = delay
         self._routes = _routes(ECHO_ANSWERS if answers is None else answers)
+        self._by_path: dict[str, Answer | None] = {}    # the routes' verdicts, for paths seen before
 
     @property
     def dimensions(self) -> int:
@@ -85,7 +86,12 @@ class EchoBackend:
 
     def _answer(self, req: UpstreamRequest) -> EchoResponse:
         path = req.path.split("?", 1)[0]
-        answer = next((a for pattern, a in self._routes if pattern.search(path)), None)
+        try:
+            answer = self._by_path[path]
+        except KeyError:
+            answer = next((a for pattern, a in self._routes if pattern.search(path)), None)
+            if len(self._by_path) < 64:      # ids in paths (/responses/{id}) would grow it without end
+                self._by_path[path] = answer
         if answer is None:
             return error_reply(404, f"No echo endpoint at {path}.")
         content_type = next((v.decode("latin-1") for k, v in req.headers if k.lower() == b"content-type"), "")

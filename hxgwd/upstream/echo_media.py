@@ -76,8 +76,8 @@ def parse_form(body: bytes, content_type: str | None) -> Form:
 def _add_part(head: bytes, data: memoryview, fields: dict[str, Any], files: dict[str, FormFile]) -> None:
     headers = {}
     for line in head.decode("utf-8", "replace").split("\r\n"):
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
+        field, _, value = line.partition(":")
+        headers[field.strip().lower()] = value.strip()
     params = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
               for m in _PARAM.finditer(";" + headers.get("content-disposition", "").partition(";")[2])}
     name = params.get("name")
@@ -166,8 +166,8 @@ def _speech_to_text(body: Body, task: str) -> EchoResponse:
 def audio_seconds(upload: FormFile) -> float:
     """A WAV file's duration from its header; any other, its size at 128 kbit/s."""
     data = upload.data
-    if len(data) >= 44 and data[:4] == b"RIFF" and data[8:12] == b"WAVE":
-        byte_rate = struct.unpack_from("<I", data, 28)[0]
+    if len(data) >= 44 and bytes(data[:4]) + bytes(data[8:12]) == b"RIFFWAVE":
+        byte_rate: int = struct.unpack_from("<I", data, 28)[0]
         if byte_rate:
             return round((len(data) - 44) / byte_rate, 3)
     return round(len(data) / 16000, 3)

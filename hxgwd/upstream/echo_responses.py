@@ -8,6 +8,7 @@ how a gateway's pass-through to "the deployment that made it" can be tested.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Iterator
@@ -30,12 +31,15 @@ def responses(body: Body, req: UpstreamRequest, state: EchoState) -> EchoRespons
     else:
         return error_reply(400, "'input' must be a string or an array of input items.", "input")
     previous = body.get("previous_response_id")
-    if previous is not None and (not isinstance(previous, str) or state.responses.get(previous) is None):
+    earlier = state.responses.get(previous) if isinstance(previous, str) else None
+    if previous is not None and earlier is None:
         return error_reply(400, f"Previous response with id '{previous}' not found.",
                            "previous_response_id", "previous_response_not_found")
     instructions = body.get("instructions") if isinstance(body.get("instructions"), str) else None
     input_tokens = word_count(instructions or "") + sum(word_count(text_of(m.get("content"))) for m in messages)
-    last = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+    if earlier is not None:    # the conversation so far is input again, as OpenAI counts it
+        input_tokens += json.loads(earlier)["usage"]["total_tokens"]
+    last: dict[str, Any] = next((m for m in reversed(messages) if m.get("role") == "user"), {})
     text = text_of(last.get("content"))
     end, count, cut = limit_words(text, body.get("max_output_tokens"))
     ident, item_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
