@@ -115,6 +115,9 @@ async def test_a_mapping_of_its_own():
     assert (await call(echo, "GET", "/v1/things/7"))[2] == b"pong /v1/things/7"
     assert (await call(echo, "POST", "/v1/chat/completions", {}))[0] == 404
     assert echo.dimensions == 4
+    for i in range(100):     # a path with an id is matched each time, not remembered
+        assert (await call(echo, "GET", f"/v1/things/{i}"))[2] == f"pong /v1/things/{i}".encode()
+    assert set(echo._by_path) == {"/v1/ping", "/v1/chat/completions"}
 
 
 async def test_bodies_that_are_not_json_objects_or_forms():

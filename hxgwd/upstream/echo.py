@@ -89,8 +89,9 @@ class EchoBackend:
         try:
             answer = self._by_path[path]
         except KeyError:
-            answer = next((a for pattern, a in self._routes if pattern.search(path)), None)
-            if len(self._by_path) < 64:      # ids in paths (/responses/{id}) would grow it without end
+            key, answer = next(((k, a) for k, pattern, a in self._routes if pattern.search(path)), ("", None))
+            # not paths with ids (/responses/{id}), nor more than a few: each is a new path
+            if "{" not in key and len(self._by_path) < 64:
                 self._by_path[path] = answer
         if answer is None:
             return error_reply(404, f"No echo endpoint at {path}.")
@@ -112,10 +113,10 @@ class EchoBackend:
         return answer(parsed, req, self.state)
 
 
-def _routes(answers: Mapping[str, Answer]) -> list[tuple[re.Pattern[str], Answer]]:
+def _routes(answers: Mapping[str, Answer]) -> list[tuple[str, re.Pattern[str], Answer]]:
     """A pattern per path, matching it at the end of a request's path (the backend's base path,
     /v1 or another, goes before it); the longest first, so /chat/completions is not taken for
     /completions."""
     def pattern(key: str) -> re.Pattern[str]:
         return re.compile(re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(key)) + "$")
-    return [(pattern(key), answers[key]) for key in sorted(answers, key=len, reverse=True)]
+    return [(key, pattern(key), answers[key]) for key in sorted(answers, key=len, reverse=True)]
