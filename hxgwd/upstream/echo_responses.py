@@ -45,7 +45,7 @@ def responses(body: Body, req: UpstreamRequest, state: EchoState) -> EchoRespons
     ident, item_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
     status = "incomplete" if cut else "completed"
     usage = {"input_tokens": input_tokens,
-             # cache_write_tokens: required by openai-python's ResponseUsage since 2026
+             # cache_write_tokens: openai-python 3.63 requires it (older SDKs knew cached_tokens only)
              "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
              "output_tokens": count, "output_tokens_details": {"reasoning_tokens": 0},
              "total_tokens": input_tokens + count}
