@@ -267,3 +267,10 @@ async def test_a_backends_total_timeout_bounds_its_attempt_and_the_next_one_serv
     r = await gw.post("/v1/chat/completions", {**CHAT, "model": "g"})
     assert r.status_code == 200 and r.headers["x-hx-deployment"] == "m@b"
     assert 3.0 <= trio.current_time() - started < 10       # not first_byte's 300 s
+
+
+def test_every_proxied_endpoint_has_an_echo_answer():
+    from hxgwd.upstream.echo import ECHO_ANSWERS
+
+    missing = {ep.upstream for ep in ENDPOINTS if ep.model_from != "none"} - set(ECHO_ANSWERS)
+    assert not missing

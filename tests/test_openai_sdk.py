@@ -65,3 +65,60 @@ async def test_base64_raw_and_bad_key(gw):
     assert isinstance(exc, openai.AuthenticationError) and exc.status_code == 401
     emb = raw.data[0].embedding
     assert isinstance(emb, str) and len(base64.b64decode(emb)) == 16 * 4
+
+
+@pytest.fixture
+async def every_kind(nursery):
+    return await start_gateway(nursery, gateway_config("""
+        [[backends]]
+        name = "echo"
+        kind = "echo"
+        [[models]]
+        name = "chat"
+        backend = "echo"
+        [[models]]
+        name = "mod"
+        backend = "echo"
+        kind = "moderation"
+        [[models]]
+        name = "tts"
+        backend = "echo"
+        kind = "speech"
+        [[models]]
+        name = "img"
+        backend = "echo"
+        kind = "image"
+    """))
+
+
+async def test_responses_moderations_speech_images_through_the_sdk(every_kind):
+    gw = every_kind
+
+    def run():
+        c = client(gw)
+        made = c.responses.create(model="chat", input="hello responses")
+        fetched = c.responses.retrieve(made.id)
+        with c.responses.stream(model="chat", input="one two three") as stream:
+            deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+            final = stream.get_final_response()
+        c.responses.delete(made.id)
+        try:
+            c.responses.retrieve(made.id)
+            gone = None
+        except openai.NotFoundError as exc:
+            gone = exc
+        moderation = c.moderations.create(model="mod", input=["fine", "hx-flag this"])
+        audio = c.audio.speech.create(model="tts", input="four words of audio", voice="alloy",
+                                      response_format="wav")
+        image = c.images.generate(model="img", prompt="a cat", n=2, response_format="b64_json")
+        return made, fetched, deltas, final, gone, moderation, audio.content, image
+
+    made, fetched, deltas, final, gone, moderation, audio, image = await trio.to_thread.run_sync(run)
+    assert made.output_text == "hello responses" and fetched.id == made.id
+    assert "".join(deltas).split() == ["one", "two", "three"] and final.usage.total_tokens > 0
+    assert gone is not None and gone.status_code == 404
+    assert [r.flagged for r in moderation.results] == [False, True]
+    assert audio[:4] == b"RIFF" and audio[8:12] == b"WAVE"
+    assert len(image.data) == 2 and base64.b64decode(image.data[0].b64_json)[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [r for r in gw.log.requests() if r["endpoint"] == "/v1/responses"]
+    assert records and all(r.get("total_tokens", 0) > 0 for r in records)
