@@ -21,13 +21,15 @@ from tests.test_gateway import CHAT, last_record
 def test_every_model_kind_is_served_and_every_served_kind_is_configurable():
     served = {ep.kind for ep in ENDPOINTS if ep.kind is not None}
     configurable = set(typing.get_args(typing.get_type_hints(Model)["kind"]))
-    assert served | {"transcription"} == set(KINDS) == configurable
+    assert served == set(KINDS) == configurable
 
 
 def test_proxied_entries_say_everything_the_stages_need():
     for ep in ENDPOINTS:
-        if ep.model_from != "none":
+        if ep.model_from == "json":
             assert ep.kind and ep.plan and ep.estimate and ep.upstream, ep.name
+        if ep.model_from == "multipart":
+            assert ep.kind and ep.upstream, ep.name
         assert ep.methods and ep.paths, ep.name
     assert len({ep.name for ep in ENDPOINTS}) == len(ENDPOINTS)
 
@@ -274,3 +276,52 @@ def test_every_proxied_endpoint_has_an_echo_answer():
 
     missing = {ep.upstream for ep in ENDPOINTS if ep.model_from != "none"} - set(ECHO_ANSWERS)
     assert not missing
+
+
+TRANSCRIBE = """
+    [[backends]]
+    name = "u"
+    url = "{url}"
+    [[models]]
+    name = "stt"
+    backend = "u"
+    kind = "transcription"
+    upstream_model = "whisper-large-v3"
+"""
+
+
+async def test_a_transcription_form_goes_upstream_with_the_upstream_model_and_the_file_as_it_was(nursery):
+    up = FakeUpstream()
+    await nursery.start(up.serve)
+    gw = await start_gateway(nursery, gateway_config(TRANSCRIBE.format(url=up.url)))
+    audio = bytes(range(256)) * 400 + b"\r\n--not-a-boundary\r\n"
+    up.script(Reply(body={"text": "hello", "usage": {"type": "tokens", "input_tokens": 9, "output_tokens": 2,
+                                                      "total_tokens": 11}}))
+    for path in ("/v1/audio/transcriptions", "/audio/translations"):
+        r = await gw.client.post(path, headers=AUTH, data={"model": "stt", "language": "en"},
+                                 files={"file": ("a.wav", audio, "audio/wav")})
+        assert r.status_code == 200, r.text
+        sent = up.requests[-1]
+        assert sent.path == "/v1" + path.removeprefix("/v1")
+        assert sent.form["model"] == "whisper-large-v3" and sent.form["language"] == "en"
+        assert sent.form["file"].data == audio and sent.form["file"].filename == "a.wav"
+        assert sent.headers["content-type"].startswith("multipart/form-data; boundary=")
+    with trio.fail_after(5):
+        while not (recs := [r for r in gw.log.requests() if r["endpoint"] == "/v1/audio/transcriptions"]):
+            await trio.sleep(0.01)
+    rec = recs[-1]
+    assert (rec["model"], rec["prompt_tokens"], rec["completion_tokens"]) == ("stt", 9, 2)
+
+
+async def test_a_transcription_form_that_is_not_one_is_a_clear_400(nursery):
+    up = FakeUpstream()
+    await nursery.start(up.serve)
+    gw = await start_gateway(nursery, gateway_config(TRANSCRIBE.format(url=up.url)))
+    r = await gw.post("/v1/audio/transcriptions", {"model": "stt"})        # JSON, not a form
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_content_type"
+    r = await gw.client.post("/v1/audio/transcriptions", headers=AUTH, files={"file": ("a.wav", b"x")})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "missing_model"
+    r = await gw.client.post("/v1/audio/transcriptions", headers=AUTH, data={"model": "nope"},
+                             files={"file": ("a.wav", b"x")})
+    assert r.status_code == 404
+    assert not up.requests

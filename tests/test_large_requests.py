@@ -169,3 +169,61 @@ def test_echo_counts_words_in_pieces_as_split_does():
 def test_encoding_in_steps_gives_what_encoding_at_once_gives(doc):
     encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
     assert dumps_in_steps(doc, encode) == encode(doc).encode()
+
+
+async def test_a_20_mb_upload_is_held_once(nursery, tmp_path):
+    """Transcription forms are read as they arrive and sent on in pieces: the daemon's RSS grows
+    by less than twice the file while it is in flight."""
+    from tests.fakeupstream import FakeUpstream
+
+    up = FakeUpstream()
+    await nursery.start(up.serve)
+    config = tmp_path / "hxgwd.toml"
+    config.write_text(gateway_config(f"""
+        [[backends]]
+        name = "u"
+        url = "{up.url}"
+        [[models]]
+        name = "stt"
+        backend = "u"
+        kind = "transcription"
+    """, extra="[log]\naccess_log = false\n").replace('listen = ["127.0.0.1:0"]\n',
+                                                     'listen = ["127.0.0.1:0"]\nmax_body_bytes = 33554432\n', 1))
+    daemon = DaemonProcess(str(config))
+    await daemon.start(nursery)
+    pid = daemon.proc.pid
+    audio = bytes(range(256)) * (20 * 4096)            # 20 MiB
+    boundary = b"hxgwd-test-boundary"
+    form = (b"--%b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nstt\r\n"
+            b"--%b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+            b"Content-Type: audio/wav\r\n\r\n" % (boundary, boundary))
+    tail = b"\r\n--%b--\r\n" % boundary
+    async with httpx.AsyncClient(base_url=daemon.url, timeout=60) as client:
+        await client.get("/healthz")
+        await trio.sleep(1)
+        baseline = peak = rss_mib(pid)
+
+        async def body():
+            yield form
+            for at in range(0, len(audio), 1 << 20):
+                yield audio[at:at + (1 << 20)]
+                await trio.sleep(0.02)
+            yield tail
+
+        async def watch_rss() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, rss_mib(pid))
+                await trio.sleep(0.005)
+
+        async with trio.open_nursery() as watching:
+            watching.start_soon(watch_rss)
+            r = await client.post("/v1/audio/transcriptions", content=body(), headers={
+                **AUTH, "content-type": "multipart/form-data; boundary=" + boundary.decode(),
+                "content-length": str(len(form) + len(audio) + len(tail))})
+            await trio.sleep(0.2)
+            watching.cancel_scope.cancel()
+    assert r.status_code == 200 and up.requests[-1].form["file"].data == audio
+    growth = peak - baseline
+    print(f"RSS MiB: baseline {baseline:.0f}, peak {peak:.0f}, growth {growth:.0f} for a 20 MiB upload")
+    assert growth < 2 * 20, growth

@@ -88,6 +88,10 @@ async def every_kind(nursery):
         name = "img"
         backend = "echo"
         kind = "image"
+        [[models]]
+        name = "stt"
+        backend = "echo"
+        kind = "transcription"
     """))
 
 
@@ -111,9 +115,11 @@ async def test_responses_moderations_speech_images_through_the_sdk(every_kind):
         audio = c.audio.speech.create(model="tts", input="four words of audio", voice="alloy",
                                       response_format="wav")
         image = c.images.generate(model="img", prompt="a cat", n=2, response_format="b64_json")
-        return made, fetched, deltas, final, gone, moderation, audio.content, image
+        text = c.audio.transcriptions.create(model="stt", file=("hello.wav", b"RIFF" + bytes(4000), "audio/wav"))
+        return made, fetched, deltas, final, gone, moderation, audio.content, image, text
 
-    made, fetched, deltas, final, gone, moderation, audio, image = await trio.to_thread.run_sync(run)
+    made, fetched, deltas, final, gone, moderation, audio, image, text = await trio.to_thread.run_sync(run)
+    assert text.text
     assert made.output_text == "hello responses" and fetched.id == made.id
     assert "".join(deltas).split() == ["one", "two", "three"] and final.usage.total_tokens > 0
     assert gone is not None and gone.status_code == 404

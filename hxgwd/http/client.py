@@ -60,7 +60,8 @@ class ResponseHead:
 class ClientProtocol(Protocol):
     reusable: bool
 
-    def request(self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bytes: ...
+    def request(self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes,
+                body_length: int | None = None) -> bytes: ...
 
     def feed(self, data: bytes) -> None: ...
 
@@ -69,14 +70,17 @@ class ClientProtocol(Protocol):
     def start_next(self) -> None: ...
 
 
-def request_bytes(method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bytes:
+def request_bytes(method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes,
+                  body_length: int | None = None) -> bytes:
     """Head and body of a request framed by Content-Length (none on a bodiless GET, as RFC 9110
-    8.6 asks). `headers` hold Host and no framing header: those are ours to write."""
+    8.6 asks). `headers` hold Host and no framing header: those are ours to write. `body_length`:
+    the head only, announcing a body of that length that the caller sends itself, in pieces."""
     if method == b"HEAD":
         raise ValueError("HEAD is not sent upstream: its answer's framing differs")
-    if body or method != b"GET":
-        headers = [*headers, (b"content-length", b"%d" % len(body))]
-    return request_head(method, target, headers) + body
+    length = len(body) if body_length is None else body_length
+    if length or method != b"GET":
+        headers = [*headers, (b"content-length", b"%d" % length)]
+    return request_head(method, target, headers) + (body if body_length is None else b"")
 
 
 def head_size(reason: bytes, headers: Headers) -> int:

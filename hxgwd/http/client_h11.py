@@ -60,10 +60,11 @@ class H11Client:
         return (self._ended and not self._stray and not self._closed and not self._failed
                 and c.our_state is h11.DONE and c.their_state is h11.DONE)
 
-    def request(self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bytes:
+    def request(self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes,
+                body_length: int | None = None) -> bytes:
         if self._in_head or self._ended:
             raise RuntimeError("a request is under way: start_next() after its response")
-        data = request_bytes(method, target, headers, body)
+        data = request_bytes(method, target, headers, body, body_length)
         self._method = method
         self._h11.send(_stand_in(method))
         self._h11.send(_END)

@@ -60,10 +60,11 @@ class LlhttpClient:
     def reusable(self) -> bool:
         return self._ended and self._keep_alive and not self._stray and not self._closed and self._error is None
 
-    def request(self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bytes:
+    def request(self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes,
+                body_length: int | None = None) -> bytes:
         if self._in_head or self._ended:
             raise RuntimeError("a request is under way: start_next() after its response")
-        data = request_bytes(method, target, headers, body)
+        data = request_bytes(method, target, headers, body, body_length)
         self._in_head = True
         return data
 

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 from hxgwd import admin
 from hxgwd.limits import estimate as limit
-from hxgwd.pipeline import models_api, serve_model, transform
+from hxgwd.pipeline import models_api, serve_form, serve_model, transform
 from hxgwd.pipeline.endpoint import Endpoint, Table
 from hxgwd.runtime import Deployment
 
@@ -28,6 +28,11 @@ def _proxied(name: str, upstream: str, kind: str, plan: Any, estimate: Any = inp
     return Endpoint(name=name, paths=("/v1" + upstream, upstream), methods=("POST",), serve=serve_model.proxied,
                     kind=kind, upstream=upstream, model_from="json", plan=plan, estimate=estimate,
                     stores_answers=stores_answers)
+
+
+def _form(name: str, upstream: str) -> Endpoint:
+    return Endpoint(name=name, paths=("/v1" + upstream, upstream), methods=("POST",), serve=serve_form.transcribe,
+                    kind="transcription", upstream=upstream, model_from="multipart")
 
 
 def _admin(name: str, path: str, methods: tuple[str, ...], serve: Any) -> Endpoint:
@@ -51,6 +56,8 @@ ENDPOINTS = (
     Endpoint(name="rerank.v2", paths=("/v2/rerank",), methods=("POST",), serve=serve_model.proxied,
              kind="rerank", upstream="/rerank", model_from="json", plan=transform.plan_json, estimate=input_only),
     _proxied("audio.speech", "/audio/speech", "speech", transform.plan_speech),
+    _form("audio.transcriptions", "/audio/transcriptions"),
+    _form("audio.translations", "/audio/translations"),
     _proxied("images.generations", "/images/generations", "image", transform.plan_json),
     Endpoint(name="unsupported", serve=models_api.not_served, methods=("GET", "POST", "DELETE"),
              paths=tuple(p for api in ("files", "batches", "uploads", "fine_tuning", "assistants", "threads",

@@ -161,7 +161,8 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
     after any wait for the deployment's concurrency gate."""
     transport = transports.get(dep.backend)
     timeouts = dep.backend.timeouts
-    headers = transform.upstream_headers(ex.client_headers, dep, (ex.client_request_id or ex.request_id).encode())
+    headers = transform.upstream_headers(ex.client_headers, dep, (ex.client_request_id or ex.request_id).encode(),
+                                         calls.content_type)
     began = trio.current_time()
     if len(calls.bodies) > 1:
         status, answer_headers, body = await _fan_out(ex, dep, calls, transport, headers, settings, began)

@@ -34,6 +34,7 @@ from hxgwd.errors import BadRequest, PayloadTooLarge, UpstreamError
 from hxgwd.http import Headers
 from hxgwd.offload import OFF_LOOP_BYTES, dumps_in_steps
 from hxgwd.runtime import Deployment
+from hxgwd.upstream import RequestBody
 
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
                         b"te", b"trailer", b"transfer-encoding", b"upgrade", b"proxy-connection"))
@@ -57,8 +58,9 @@ def chat_event_usage(doc: dict[str, Any]) -> Any:
 @attrs.frozen(kw_only=True)
 class CallPlan:
     path: str                        # endpoint below /v1, e.g. "/chat/completions"
-    bodies: tuple[bytes, ...]        # one upstream call each
+    bodies: tuple[RequestBody, ...]  # one upstream call each
     public_model: str
+    content_type: bytes = b"application/json"
     method: str = "POST"
     stream: bool = False
     strip_stream_usage: bool = False   # we asked for the usage chunk; the client did not
@@ -173,11 +175,12 @@ def _request_bytes(body: dict[str, Any], in_steps: bool = False) -> bytes:
                          code="invalid_json") from None
 
 
-def upstream_headers(client: Headers, dep: Deployment, request_id: bytes) -> Headers:
+def upstream_headers(client: Headers, dep: Deployment, request_id: bytes,
+                     content_type: bytes = b"application/json") -> Headers:
     out = [(n, v) for n, v in client if n not in DROP_UPSTREAM and not n.startswith(b"x-hx-")]
     if listed := connection_listed(client):
         out = [(n, v) for n, v in out if n not in listed]
-    out.append((b"content-type", b"application/json"))
+    out.append((b"content-type", content_type))
     out.append((b"x-request-id", request_id))
     backend = dep.backend
     if backend.api_key:

@@ -18,6 +18,9 @@ from hxgwd.config.model import Timeouts
 from hxgwd.errors import Unavailable
 
 Headers = list[tuple[bytes, bytes]]
+# a request body: whole, or in pieces sent one after the other as they are (a large upload is
+# never joined into a second copy)
+RequestBody = bytes | tuple[bytes | bytearray | memoryview, ...]
 
 
 @attrs.frozen(slots=True)
@@ -25,7 +28,7 @@ class UpstreamRequest:
     method: str
     path: str
     headers: Headers      # without host and content-length: the transport sets those
-    body: bytes
+    body: RequestBody
 
 
 class PoolFull(Unavailable):

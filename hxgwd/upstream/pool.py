@@ -220,14 +220,20 @@ class Pool:
     async def _exchange(self, conn: _Conn, req: UpstreamRequest, timeout: float, reused: bool) -> PooledResponse:
         deadline = trio.current_time() + timeout
         try:
+            body = req.body
+            pieces = () if isinstance(body, bytes) else body    # an upload: sent as it is, never joined
             try:
                 data = conn.proto.request(req.method.encode(), req.path.encode(),
-                                          [(b"host", self.origin.host_header), *req.headers], req.body)
+                                          [(b"host", self.origin.host_header), *req.headers],
+                                          body if isinstance(body, bytes) else b"",
+                                          None if isinstance(body, bytes) else sum(map(len, pieces)))
             except BadHeader:
                 raise BadRequest("A header of the request cannot be sent upstream.", code="bad_header") from None
             conn.heard = False
             try:
                 await conn.stream.send_all(data, deadline)
+                for piece in pieces:
+                    await conn.stream.send_all(piece, deadline)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 if reused:
                     raise _StaleConnection() from None
