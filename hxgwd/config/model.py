@@ -45,7 +45,9 @@ class Timeouts:
     connect: float = 5.0
     first_byte: float = 300.0       # request sent -> response headers (non-streamed answers come whole)
     between_chunks: float = 120.0   # two reads of a response body
-    total: float = 900.0            # the whole upstream exchange, stream included
+    # [timeouts]: the whole request, every failover attempt and the stream included; a backend's
+    # own: each attempt at that backend, stream included (and never past the request's)
+    total: float = 900.0
     pool: float = 5.0               # wait for a free connection of a backend's pool -> 503
 
 
