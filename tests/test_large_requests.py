@@ -191,6 +191,13 @@ async def test_a_20_mb_upload_is_held_once(nursery, tmp_path):
                                                      'listen = ["127.0.0.1:0"]\nmax_body_bytes = 33554432\n', 1))
     daemon = DaemonProcess(str(config))
     await daemon.start(nursery)
+    try:
+        await _upload_20_mb(daemon, up)
+    finally:
+        daemon.kill()
+
+
+async def _upload_20_mb(daemon: DaemonProcess, up) -> None:
     pid = daemon.proc.pid
     audio = bytes(range(256)) * (20 * 4096)            # 20 MiB
     boundary = b"hxgwd-test-boundary"
