@@ -1,7 +1,8 @@
 """A small HTTP/1.1 client connection pool on trio: the hot-path upstream transport.
 
 One `Pool` per backend origin. The protocol is `hxgwd.http`'s sans-I/O client connection (llhttp
-or h11, as `[server] http_parser` says); this module does the sockets, TLS and deadlines.
+or h11, as `[server] http_parser` says); this module does the sockets and deadlines, over
+`SocketIO` or, for https, `TLSStream` (the same TLS code as the server's listeners).
 
 By default a pool has no cap on connections, as nginx's upstreams have none: LLM answers stream for
 minutes, so a few hundred concurrent chats need a few hundred connections, and a cap turned them
@@ -21,6 +22,7 @@ pool does one list pop or append per request.
 from __future__ import annotations
 
 import math
+import socket
 import ssl
 
 import trio
@@ -30,6 +32,7 @@ from hxgwd.errors import BadRequest, UpstreamError, UpstreamTimeout
 from hxgwd.http.client import END_OF_MESSAGE, NEED_DATA, ResponseError, ResponseHead, client_protocol
 from hxgwd.http.heads import BadHeader
 from hxgwd.http.sockio import SocketIO
+from hxgwd.http.tls_stream import TLSStream
 from hxgwd.runtime import Origin
 from hxgwd.upstream import Headers, PoolFull, UpstreamRequest
 
@@ -49,7 +52,7 @@ class _StaleConnection(Exception):
 class _Conn:
     __slots__ = ("stream", "proto", "idle_since", "heard")
 
-    def __init__(self, stream: "SocketIO | _TLSStream", parser: str) -> None:
+    def __init__(self, stream: SocketIO | TLSStream, parser: str) -> None:
         self.stream = stream
         self.proto = client_protocol(parser, MAX_RESPONSE_HEAD)
         self.idle_since = 0.0
@@ -80,33 +83,6 @@ class _Conn:
             answering = False
             self.heard = self.heard or bool(data)
             self.proto.feed(data)
-
-
-class _TLSStream:
-    """trio's SSLStream behind the same calls as SocketIO (deadlines as numbers)."""
-
-    __slots__ = ("tls",)
-
-    def __init__(self, tls: trio.SSLStream) -> None:
-        self.tls = tls
-
-    async def send_all(self, data: bytes, deadline: float) -> None:
-        with trio.CancelScope(deadline=deadline) as scope:
-            await self.tls.send_all(data)
-        if scope.cancelled_caught:
-            raise trio.TooSlowError()
-
-    async def receive_some(self, max_bytes: int, deadline: float, *, wait_first: bool = False) -> bytes:
-        with trio.CancelScope(deadline=deadline):   # wait_first: SSLStream knows what it buffered
-            return await self.tls.receive_some(max_bytes)
-        raise trio.TooSlowError()
-
-    def has_pending(self) -> bool:
-        return self.tls.transport_stream.socket.is_readable()
-
-    def close(self) -> None:
-        """Without awaiting, so without the TLS close_notify."""
-        self.tls.transport_stream.socket.close()
 
 
 class PooledResponse:
@@ -266,13 +242,13 @@ class Pool:
         try:
             with trio.fail_after(timeout):
                 tcp = await trio.open_tcp_stream(o.host, o.port)
+                sock = socket.socket(fileno=tcp.socket.detach())
                 if self._ssl is None:
-                    stream: SocketIO | _TLSStream = SocketIO.adopt(tcp)
+                    stream: SocketIO | TLSStream = SocketIO(sock)
                 else:
-                    tls = trio.SSLStream(tcp, self._ssl, server_hostname=o.host, https_compatible=True)
-                    stream = _TLSStream(tls)
+                    stream = TLSStream(sock, self._ssl, server_side=False, server_hostname=o.host)
                     try:
-                        await tls.do_handshake()
+                        await stream.do_handshake()
                     except BaseException:
                         stream.close()
                         raise
