@@ -27,10 +27,10 @@ from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 import trio
 
-from hxgwd.config.model import Server
 from hxgwd.http.listen import IdleConnections
 from hxgwd.http.protocol import (END_OF_BODY, INTERNAL_ERROR, NEED_DATA, PEER_CLOSED, Errors, Headers, HttpError,
                                  PlainErrors, ProtocolError, RequestHead, server_protocol)
+from hxgwd.http.settings import ConnectionSettings
 from hxgwd.http.sockio import SocketIO
 
 RECEIVE_SIZE = 65536
@@ -59,7 +59,7 @@ class Request:
 
     __slots__ = ("head", "peer", "_conn", "_settings", "_received", "_body_due")
 
-    def __init__(self, head: RequestHead, peer: str, conn: "HttpConnection", settings: Server) -> None:
+    def __init__(self, head: RequestHead, peer: str, conn: "HttpConnection", settings: ConnectionSettings) -> None:
         self.head = head
         self.peer = peer
         self._conn = conn
@@ -143,7 +143,7 @@ Handler = Callable[[Request, Response], Awaitable[None]]
 
 
 class HttpConnection:
-    def __init__(self, stream: SocketIO, settings: Callable[[], Server], handler: Handler,
+    def __init__(self, stream: SocketIO, settings: Callable[[], ConnectionSettings], handler: Handler,
                  life: Lifecycle, *, parser: str = "h11", errors: Errors = PlainErrors()) -> None:
         self.stream = stream
         self._settings = settings
@@ -231,7 +231,7 @@ class HttpConnection:
                 return
             self.protocol.start_next_cycle()
 
-    async def _next_request(self, settings: Server) -> RequestHead | None:
+    async def _next_request(self, settings: ConnectionSettings) -> RequestHead | None:
         """The next request's head: waits up to the keep-alive timeout for its first byte, then up
         to the header timeout for the rest (for the first request, up to the header timeout from
         the connect for all of it); None when the client closed or stayed idle."""
@@ -293,7 +293,7 @@ class HttpConnection:
         self.protocol.feed(data)
         return True
 
-    async def _serve_one(self, head: RequestHead, settings: Server) -> None:
+    async def _serve_one(self, head: RequestHead, settings: ConnectionSettings) -> None:
         self.closing = self._life.draining or not head.keep_alive
         response = Response(self, [])
         request = Request(head, self.peer, self, settings)
