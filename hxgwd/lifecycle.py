@@ -215,7 +215,7 @@ async def serve(daemon: Daemon, *, life: Lifecycle | None = None, handle_signals
 async def _serve(daemon: Daemon, life: Lifecycle, services: Services, listeners: list,
                  task_status: trio.TaskStatus[list[str]]) -> None:
     cfg = daemon.holder.current.config
-    idle = IdleWork(life.log_exception)
+    idle = IdleWork(life.log_exception, after_batch=daemon.log.flush)
     gateway = Gateway(daemon.holder, daemon.router, daemon.transports, daemon.gates, services, daemon.log,
                       idle, is_listening=lambda: life.listening,
                       is_cutting_off=lambda: life.connections is not None and life.connections.cancel_called)
