@@ -19,6 +19,10 @@
 #   --no-nginx              leave the nginx reverse proxy out
 #   --no-store              run hxgwd with the usage store off ([database] url = ""); by default it
 #                           is on, SQLite in OUT/state/ (never the system default /var/lib/hxgwd)
+#   --also-rev REV          A/B: also start a second hxgwd as committed at REV (store on, its own
+#                           SQLite file; port HXGWD_BENCH_PORT2, 4012), measured as target
+#                           hxgwd-<short REV> in every part, in the same rounds (issue 15's
+#                           "streamed chat >= 2x the build before it"); not with --also-no-store
 #   --also-no-store         A/B: also start a second hxgwd with the store off (port
 #                           HXGWD_BENCH_PORT2, 4012) and measure it as target hxgwd-nostore in
 #                           the same rounds (main, delay), so the store's cost is not lost in drift
@@ -61,7 +65,7 @@ SHARED="$(cd "$SHARED" && pwd)"
 MODE=full ROUNDS="" DURATION="" WARMUP="" CONNS=64
 PARTS="main stream delay" CASES_MAIN="chat,embeddings"
 FLOOR_MODES="h11 httptools"
-LITELLM=0 NGINX_PROXY=1 STORE=1 AB_NOSTORE=0 FLOOR=0 PROFILE=0 PROFILE_ONLY=0 PROFILE_SECS=20 OUT="" SETUP=0 REV=""
+LITELLM=0 NGINX_PROXY=1 STORE=1 AB_NOSTORE=0 FLOOR=0 PROFILE=0 PROFILE_ONLY=0 PROFILE_SECS=20 OUT="" SETUP=0 REV="" ALSO_REV=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) MODE=quick ;;
@@ -83,7 +87,8 @@ while [[ $# -gt 0 ]]; do
     --out) OUT="$2"; shift ;;
     --setup) SETUP=1 ;;
     --rev) REV="$2"; shift ;;
-    -h|--help) sed -n '2,49p' "$0"; exit 0 ;;
+    --also-rev) ALSO_REV="$2"; shift ;;
+    -h|--help) sed -n '2,53p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -157,7 +162,7 @@ fi
 PYSPY="$(dirname "$PY")/py-spy"; [[ -x "$PYSPY" ]] || PYSPY="$(command -v py-spy || true)"
 
 # --- cleanup: only what we started, by pid ----------------------------------------------------------
-STARTED=() HX_PID="" HX2_PID=""
+STARTED=() HX_PID="" HX2_PID="" HX2_NAME=hxgwd-nostore
 declare -A FLOOR_PIDS=()
 cleanup() {
   local rc=$?
@@ -165,7 +170,7 @@ cleanup() {
     kill -TERM "$HX2_PID" 2>/dev/null || true
     for _ in $(seq 50); do kill -0 "$HX2_PID" 2>/dev/null || break; sleep 0.1; done
     kill -0 "$HX2_PID" 2>/dev/null && kill -KILL "$HX2_PID" 2>/dev/null || true
-    log "hxgwd-nostore stopped (pid $HX2_PID)"
+    log "$HX2_NAME stopped (pid $HX2_PID)"
   fi
   local m fp
   for m in "${!FLOOR_PIDS[@]}"; do
@@ -247,21 +252,30 @@ hwm_kb() { awk '/^VmHWM:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 RSS_START=$(rss_kb "$HX_PID")
 log "hxgwd pid $HX_PID on 127.0.0.1:$PORT ($("$PY" -c 'import sys; print(sys.version.split()[0])'), log $HXLOG), RSS $((RSS_START / 1024)) MiB"
 
-if [[ $AB_NOSTORE == 1 ]]; then
+[[ $AB_NOSTORE == 1 && -n "$ALSO_REV" ]] && { echo "--also-rev and --also-no-store both use the second hxgwd" >&2; exit 2; }
+if [[ $AB_NOSTORE == 1 || -n "$ALSO_REV" ]]; then
   if port_busy "$PORT2"; then echo "port $PORT2 is in use; set HXGWD_BENCH_PORT2" >&2; exit 1; fi
-  CONF2="$OUT/gateway-nostore.toml"
+  SRC2="$SRC" CONF2="$OUT/gateway-nostore.toml"
+  [[ -n "$ALSO_REV" ]] && HX2_NAME="hxgwd-$(git -C "$REPO" rev-parse --short "$ALSO_REV")" \
+    CONF2="$OUT/gateway-also.toml" SRC2="$OUT/src-also"
   sed -e "s/127\.0\.0\.1:$PORT\"/127.0.0.1:$PORT2\"/" "$CONF" >"$CONF2"
-  sed -i "/^\[database\]/,/^\[/ s|^url = .*|url = \"\"|" "$CONF2"
+  if [[ -n "$ALSO_REV" ]]; then
+    [[ -n "$DBURL" ]] && sed -i "/^\[database\]/,/^\[/ s|^url = .*|url = \"sqlite:///$OUT/state/hxgwd-also.db\"|" "$CONF2"
+    rm -rf "$SRC2"; mkdir -p "$SRC2"
+    git -C "$REPO" archive "$ALSO_REV" hxgwd | tar -x -C "$SRC2"
+  else
+    sed -i "/^\[database\]/,/^\[/ s|^url = .*|url = \"\"|" "$CONF2"
+  fi
   chmod 600 "$CONF2"
-  ( cd "$SRC" && exec env PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m hxgwd -c "$CONF2" ) \
-    2>"$OUT/hxgwd-nostore.log" </dev/null &
+  ( cd "$SRC2" && exec env PYTHONPATH="$SRC2${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m hxgwd -c "$CONF2" ) \
+    2>"$OUT/$HX2_NAME.log" </dev/null &
   HX2_PID=$!
   for _ in $(seq 100); do
-    grep -q '"msg":"listening"' "$OUT/hxgwd-nostore.log" 2>/dev/null && break
-    kill -0 "$HX2_PID" 2>/dev/null || { echo "hxgwd-nostore exited at start:" >&2; cat "$OUT/hxgwd-nostore.log" >&2; exit 1; }
+    grep -q '"msg":"listening"' "$OUT/$HX2_NAME.log" 2>/dev/null && break
+    kill -0 "$HX2_PID" 2>/dev/null || { echo "$HX2_NAME exited at start:" >&2; cat "$OUT/$HX2_NAME.log" >&2; exit 1; }
     sleep 0.1
   done
-  log "hxgwd-nostore (store off) pid $HX2_PID on 127.0.0.1:$PORT2"
+  log "$HX2_NAME ($([[ -n "$ALSO_REV" ]] && echo "git archive of $ALSO_REV" || echo "store off")) pid $HX2_PID on 127.0.0.1:$PORT2"
 fi
 if [[ $FLOOR == 1 ]]; then
   for m in $FLOOR_MODES; do
@@ -291,7 +305,7 @@ fi
 
 # --- runs ----------------------------------------------------------------------------------------
 HXT="hxgwd=http://127.0.0.1:$PORT/v1;key=$KEY;pid=$HX_PID"
-HXT2="hxgwd-nostore=http://127.0.0.1:$PORT2/v1;key=$KEY;pid=$HX2_PID"
+HXT2="$HX2_NAME=http://127.0.0.1:$PORT2/v1;key=$KEY;pid=$HX2_PID"
 COMMON=(--rounds "$ROUNDS" --duration "$DURATION" --warmup "$WARMUP" --conns "$CONNS")
 run_part() { # NAME CASES TARGET...
   local name="$1" cases="$2"; shift 2
@@ -315,20 +329,21 @@ for part in $PARTS; do
         done
       fi
       T+=("$HXT")
-      [[ $AB_NOSTORE == 1 ]] && T+=("$HXT2")
+      [[ -n "$HX2_PID" ]] && T+=("$HXT2")
       [[ $LITELLM == 1 ]] && T+=("litellm=http://127.0.0.1:$LL/v1;key=$LLKEY${PROC[litellm]}")
       run_part main "$CASES_MAIN" "${T[@]}" ;;
     stream)
       T=("direct-py=http://127.0.0.1:$PYP/v1${PROC[pyup]}")
       [[ $NGINX_PROXY == 1 ]] && T+=("nginx-py=http://127.0.0.1:$((PX + 1))/v1${PROC[proxy]}")
       T+=("$HXT;model=fake-model-py")
+      [[ -n "$ALSO_REV" ]] && T+=("$HXT2;model=fake-model-py")
       [[ $LITELLM == 1 ]] && T+=("litellm-py=http://127.0.0.1:$LL/v1;key=$LLKEY;model=fake-model-py${PROC[litellm]}")
       run_part stream chat_stream "${T[@]}" ;;
     delay)
       T=("direct-delay=http://127.0.0.1:$PYD/v1${PROC[pyup-delay]}")
       [[ $NGINX_PROXY == 1 ]] && T+=("nginx-delay=http://127.0.0.1:$((PX + 2))/v1${PROC[proxy]}")
       T+=("$HXT;model=fake-model-delay;embed_model=fake-embed-delay")
-      [[ $AB_NOSTORE == 1 ]] && T+=("$HXT2;model=fake-model-delay;embed_model=fake-embed-delay")
+      [[ -n "$HX2_PID" ]] && T+=("$HXT2;model=fake-model-delay;embed_model=fake-embed-delay")
       [[ $LITELLM == 1 ]] && T+=("litellm-delay=http://127.0.0.1:$LL/v1;key=$LLKEY;model=fake-model-delay;embed_model=fake-embed-delay${PROC[litellm]}")
       run_part delay chat,embeddings "${T[@]}" ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
@@ -339,7 +354,7 @@ RSS_END=$(rss_kb "$HX_PID") HWM=$(hwm_kb "$HX_PID")
 kill -0 "$HX_PID" 2>/dev/null || { echo "hxgwd died during the run; see $HXLOG" >&2; exit 1; }
 {
   echo "hxgwd RSS after the runs: $((RSS_END / 1024)) MiB (peak VmHWM $((HWM / 1024)) MiB)"
-  [[ -n "$HX2_PID" ]] && echo "hxgwd-nostore RSS after the runs: $(($(rss_kb "$HX2_PID") / 1024)) MiB"
+  [[ -n "$HX2_PID" ]] && echo "$HX2_NAME RSS after the runs: $(($(rss_kb "$HX2_PID") / 1024)) MiB"
   echo "hxgwd log: $(grep -c '"msg":"request"' "$HXLOG") access-log lines, $(grep -c '"level":"error"' "$HXLOG" || true) error lines, $(grep -c '"level":"warning"' "$HXLOG" || true) warnings"
   echo "loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee -a "$OUT/facts.txt" >&2

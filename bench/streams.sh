@@ -16,7 +16,7 @@
 #               enough for 2,000 streams, two connections each)
 #   hxgwd       `python -m hxgwd` on a config with nothing but [server] listen, one [[keys]], one
 #               [[backends]] (pyup-delay) and one [[models]]: every limit, timeout and pool size at
-#               its default (e.g. [server] max_connections 1024, backend max_connections 256,
+#               its default (e.g. [server] max_connections 1024, backend max_connections 0 (no cap),
 #               model queue_timeout 5 s). The one other line: [database] url points the (default,
 #               on) SQLite usage store into the output dir instead of /var/lib/hxgwd.
 # --set server.K=V / backend.K=V / model.K=V adds `K = V` (TOML value) to that section: to see what

@@ -27,7 +27,7 @@ from hxgwd.pipeline.body import json_document
 from hxgwd.runtime import Principal, Runtime
 
 if TYPE_CHECKING:
-    from hxgwd.http.connection import Request, Response
+    from hxgwd.http.exchange import Request, Response
     from hxgwd.pipeline.context import GatewayContext
     from hxgwd.pipeline.endpoint import Endpoint
     from hxgwd.pipeline.exchange import Exchange

@@ -22,7 +22,7 @@ import trio
 
 from hxgwd import sdnotify
 from hxgwd.config.load import ConfigError
-from hxgwd.config.model import Config
+from hxgwd.config.model import Config, Server
 from hxgwd.errors import HttpErrors
 from hxgwd.http import resolve_parser
 from hxgwd.http.tls import context_for
@@ -30,6 +30,7 @@ from hxgwd.http.tls_stream import TLSStream
 from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
 from hxgwd.http.connection import HttpConnection
+from hxgwd.http.settings import ConnectionSettings
 from hxgwd.pipeline.context import GatewayContext
 from hxgwd.pipeline.handle import Gateway
 from hxgwd.http.listen import IdleConnections, accept_loop, bound_addresses, open_listeners
@@ -170,6 +171,15 @@ class Daemon:
         return True
 
 
+def connection_settings(server: Server) -> ConnectionSettings:
+    """What a client connection needs of `[server]` (hxgwd/http/ knows no config)."""
+    return ConnectionSettings(
+        max_header_bytes=server.max_header_bytes, max_body_bytes=server.max_body_bytes,
+        header_timeout=server.header_timeout, body_timeout=server.body_timeout,
+        body_total_timeout=server.body_total_timeout, keepalive_timeout=server.keepalive_timeout,
+        write_timeout=server.write_timeout)
+
+
 def needs_restart(old: Config, new: Config) -> list[str]:
     changed = [f"server.{name}" for name in ("listen", "backlog", "max_connections", "http_parser")
                if getattr(old.server, name) != getattr(new.server, name)]
@@ -206,14 +216,19 @@ async def serve(daemon: Daemon, *, life: Lifecycle | None = None, handle_signals
 async def _serve(daemon: Daemon, life: Lifecycle, services: Services, listeners: list,
                  task_status: trio.TaskStatus[list[str]]) -> None:
     cfg = daemon.holder.current.config
-    idle = IdleWork(life.log_exception)
+    idle = IdleWork(life.log_exception, after_batch=daemon.log.flush)
     gateway = Gateway(GatewayContext(
         daemon.holder, daemon.router, daemon.transports, daemon.gates, services, daemon.log, idle,
         is_listening=lambda: life.listening,
         is_cutting_off=lambda: life.connections is not None and life.connections.cancel_called))
 
-    def settings():
-        return daemon.holder.current.config.server
+    built: list = [None, None]      # [server] -> its ConnectionSettings, rebuilt after a reload
+
+    def settings() -> ConnectionSettings:
+        server = daemon.holder.current.config.server
+        if server is not built[0]:
+            built[:] = server, connection_settings(server)
+        return built[1]
 
     # the parser is chosen once: the upstream side reads with the same one (needs_restart)
     parser = resolve_parser(cfg.server.http_parser)

@@ -1,6 +1,9 @@
 """JSON lines on stderr: one per request (the access log) and one per operational event.
 
-journald stamps time itself, but files and pipes do not, so every line carries `time`. Nothing
+journald stamps time itself, but files and pipes do not, so every line carries `time`. Access lines
+are held and written together by `flush()`, which the idle work calls after each batch of deferred
+bookkeeping (where they are made): one write() per batch instead of one per request (stderr is
+unbuffered). An operational line is written at once, with any access lines held before it. Nothing
 that could hold a secret is ever passed in: keys are logged by name, and neither headers nor
 bodies are logged. Strings a client chose (its model name, its path) are cut to a fixed length.
 """
@@ -17,6 +20,7 @@ from hxgwd.errors import MAX_ECHOED, capped
 from hxgwd.pipeline.record import RequestRecord, log_line
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+MAX_HELD = 256      # access lines held at most, should nothing call flush() for a while
 
 
 class Logger:
@@ -26,6 +30,7 @@ class Logger:
         self.access_log = access_log
         self.write_errors = 0
         self._stamp = _Stamps()
+        self._held: list[bytes] = []     # access lines not yet written
 
     def configure(self, level: str, access_log: bool) -> None:
         self.level = LEVELS[level]
@@ -59,14 +64,24 @@ class Logger:
                 fields["endpoint"] = capped(record.endpoint)
             if record.model is not None and len(record.model) > MAX_ECHOED:
                 fields["model"] = capped(record.model)
-            self._write(fields)
+            self._held.append(log_line(fields))
+            if len(self._held) >= MAX_HELD:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the access lines held so far."""
+        if self._held:
+            data = b"".join(self._held)
+            self._held.clear()
+            try:
+                self._out.write(data)
+                self._out.flush()
+            except (OSError, ValueError):
+                self.write_errors += 1   # a closed or full stderr must not take requests down
 
     def _write(self, fields: dict[str, Any]) -> None:
-        try:
-            self._out.write(log_line(fields))
-            self._out.flush()
-        except (OSError, ValueError):
-            self.write_errors += 1   # a closed or full stderr must not take requests down
+        self._held.append(log_line(fields))
+        self.flush()
 
 
 class _Stamps:

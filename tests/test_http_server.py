@@ -11,6 +11,7 @@ import trio
 
 from hxgwd.config.model import Server
 from hxgwd.http.connection import LINGER_SECONDS, HttpConnection, Request, Response
+from hxgwd.lifecycle import connection_settings
 from hxgwd.http.listen import IdleConnections, accept_loop, open_listeners
 
 PARSER = "h11"      # set for each test by the `parser` fixture
@@ -52,8 +53,10 @@ async def start(nursery, handler=echo_handler, **settings) -> tuple[int, Life]:
     (listener,) = await open_listeners(server.listen, 16)
     slots = trio.Semaphore(server.max_connections)
 
+    conn_settings = connection_settings(server)
+
     async def serve(stream):
-        await HttpConnection(stream, lambda: server, handler, life, parser=PARSER).run()
+        await HttpConnection(stream, lambda: conn_settings, handler, life, parser=PARSER).run()
 
     nursery.start_soon(accept_loop, listener, slots, life.idle_scopes, nursery, serve, lambda exc: None)
     return listener.socket.getsockname()[1], life

@@ -23,15 +23,16 @@ still sending, is not reset before it read the answer.
 from __future__ import annotations
 
 import math
-from typing import AsyncIterator, Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Protocol
 
 import trio
 
-from hxgwd.config.model import Server
+from hxgwd.http.exchange import ClientGone, Request, Response
 from hxgwd.http.listen import IdleConnections
 from hxgwd.http.parsers import server_protocol
 from hxgwd.http.protocol import (END_OF_BODY, INTERNAL_ERROR, NEED_DATA, PEER_CLOSED, Errors, Headers, HttpError,
                                  PlainErrors, ProtocolError, RequestHead)
+from hxgwd.http.settings import ConnectionSettings
 from hxgwd.http.sockio import SocketIO
 
 RECEIVE_SIZE = 65536
@@ -40,10 +41,6 @@ CLOSE: Headers = [(b"connection", b"close")]
 YIELD_EVERY = 4             # requests served without a wait before the connection yields the loop:
                             # 16 measured p99 67 ms at 64 conns (saturated), 4 gave 60, yielding
                             # every time 41 ms but gave back most of the gain (bench/ab.py)
-
-
-class ClientGone(Exception):
-    """The client closed the connection or stopped reading; nothing more can be sent."""
 
 
 class Lifecycle(Protocol):
@@ -55,96 +52,11 @@ class Lifecycle(Protocol):
     def log_refused(self, peer: str, status: int, code: str | None) -> None: ...
 
 
-class Request:
-    """A request as the handler sees it: the head now, the body when asked for."""
-
-    __slots__ = ("head", "peer", "_conn", "_settings", "_received", "_body_due")
-
-    def __init__(self, head: RequestHead, peer: str, conn: "HttpConnection", settings: Server) -> None:
-        self.head = head
-        self.peer = peer
-        self._conn = conn
-        self._settings = settings
-        self._received = 0
-        self._body_due = math.inf    # set when the body is first asked for
-
-    async def body_chunks(self) -> AsyncIterator[bytes]:
-        """The body piece by piece as it arrives, never more than one piece held."""
-        while (piece := await self._next_piece()) is not None:
-            yield piece
-
-    async def read_body(self) -> bytes:
-        """The whole body (bounded by `max_body_bytes`); a loop, not an async generator, which
-        costs more than the read itself for the usual body that arrived with its head."""
-        parts = []
-        while (piece := await self._next_piece()) is not None:
-            parts.append(piece)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    async def _next_piece(self) -> bytes | None:
-        conn = self._conn
-        limit = self._settings.max_body_bytes
-        if self._received == 0:
-            if self.head.content_length is not None and self.head.content_length > limit:
-                conn.closing = True
-                raise conn.errors.refusal(HttpError(413, f"Request body is larger than {limit} bytes."))
-            if self._body_due == math.inf:
-                self._body_due = trio.current_time() + self._settings.body_total_timeout
-            if conn.protocol.waiting_for_100_continue and self.head.content_length != 0:
-                await conn.send(conn.protocol.response_continue())
-        try:
-            event = await conn.next_event(self._settings.body_timeout, "body", self._body_due)
-        except HttpError as exc:     # timed out, or malformed
-            conn.closing = True      # the rest of the body may still come: no next request after it
-            raise conn.errors.refusal(exc) from None
-        if event is END_OF_BODY:
-            conn.watch_for_hangup()
-            return None
-        if type(event) is not bytes:
-            raise ClientGone()
-        self._received += len(event)
-        if self._received > limit:
-            conn.closing = True
-            raise conn.errors.refusal(HttpError(413, f"Request body is larger than {limit} bytes."))
-        return event
-
-
-class Response:
-    """Sends one response: whole (`send_full`) or streamed (`start`, `send`..., `end`)."""
-
-    __slots__ = ("_conn", "started", "_extra")
-
-    def __init__(self, conn: "HttpConnection", extra_headers: Headers) -> None:
-        self._conn = conn
-        self._extra = extra_headers
-        self.started = False
-
-    def add_header(self, name: bytes, value: bytes) -> None:
-        """A header for whatever response is sent, error answers included."""
-        self._extra.append((name, value))
-
-    async def send_full(self, status: int, headers: Headers, body: bytes) -> None:
-        self.started = True
-        conn = self._conn
-        await conn.send(conn.protocol.response_full(status, headers + self._extra + conn.closing_headers(), body))
-
-    async def start(self, status: int, headers: Headers) -> None:
-        self.started = True
-        conn = self._conn
-        await conn.send(conn.protocol.response_head(status, headers + self._extra + conn.closing_headers()))
-
-    async def send(self, data: bytes) -> None:
-        await self._conn.send(self._conn.protocol.response_body(data))
-
-    async def end(self) -> None:
-        await self._conn.send(self._conn.protocol.response_end())
-
-
 Handler = Callable[[Request, Response], Awaitable[None]]
 
 
 class HttpConnection:
-    def __init__(self, stream: SocketIO, settings: Callable[[], Server], handler: Handler,
+    def __init__(self, stream: SocketIO, settings: Callable[[], ConnectionSettings], handler: Handler,
                  life: Lifecycle, *, parser: str = "h11", errors: Errors = PlainErrors()) -> None:
         self.stream = stream
         self._settings = settings
@@ -232,7 +144,7 @@ class HttpConnection:
                 return
             self.protocol.start_next_cycle()
 
-    async def _next_request(self, settings: Server) -> RequestHead | None:
+    async def _next_request(self, settings: ConnectionSettings) -> RequestHead | None:
         """The next request's head: waits up to the keep-alive timeout for its first byte, then up
         to the header timeout for the rest (for the first request, up to the header timeout from
         the connect for all of it); None when the client closed or stayed idle."""
@@ -294,7 +206,7 @@ class HttpConnection:
         self.protocol.feed(data)
         return True
 
-    async def _serve_one(self, head: RequestHead, settings: Server) -> None:
+    async def _serve_one(self, head: RequestHead, settings: ConnectionSettings) -> None:
         self.closing = self._life.draining or not head.keep_alive
         response = Response(self, [])
         request = Request(head, self.peer, self, settings)

@@ -18,7 +18,7 @@ from hxgwd.pipeline.transform import CallPlan
 from hxgwd.runtime import Deployment
 
 if TYPE_CHECKING:
-    from hxgwd.http.connection import Request, Response
+    from hxgwd.http.exchange import Request, Response
     from hxgwd.pipeline.context import GatewayContext
     from hxgwd.pipeline.exchange import Exchange
     from hxgwd.runtime import Principal, Runtime

@@ -16,7 +16,7 @@ import trio
 
 from hxgwd import memtrim
 from hxgwd.errors import GatewayError, NotFound, ShuttingDown, capped, require_method
-from hxgwd.http.connection import ClientGone, Request, Response
+from hxgwd.http.exchange import ClientGone, Request, Response
 from hxgwd.pipeline import authenticate, cors
 from hxgwd.pipeline.context import GatewayContext
 from hxgwd.pipeline.endpoint import Table

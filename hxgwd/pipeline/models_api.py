@@ -11,7 +11,7 @@ import trio
 
 from hxgwd import __version__
 from hxgwd.errors import NotFound, capped
-from hxgwd.http.connection import Request, Response
+from hxgwd.http.exchange import Request, Response
 from hxgwd.pipeline.context import GatewayContext
 from hxgwd.pipeline.endpoint import Endpoint
 from hxgwd.pipeline.exchange import Exchange

@@ -26,7 +26,7 @@ from hxgwd.offload import Offload
 from hxgwd.pipeline import transform
 from hxgwd.pipeline.exchange import Exchange
 from hxgwd.pipeline.failover import Learn, Verdict, judge_failure, judge_status
-from hxgwd.http.connection import Response
+from hxgwd.http.exchange import Response
 from hxgwd.http import Headers
 from hxgwd.pipeline.route import Outcome, Plan, RequestFeatures, Router
 from hxgwd.runtime import Deployment
@@ -370,19 +370,20 @@ async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan
         while chunk:
             # What has already arrived behind it goes out in the same write: one system call and
             # one chunk for a burst of events, never a wait for more. (None: the rest is still on
-            # its way; b"": the end, which the next receive() reports without waiting.)
+            # its way; b"": the end, which then goes out in the same write too.)
+            more = None
             while len(out) < COALESCE_BYTES and (more := up.receive_ready()):
                 out += relay.feed(more)
+            if more == b"":
+                break
             if out:
                 ex.bytes_out += len(out)
                 await response.send(out)
             chunk = await _next_chunk(up, between_chunks)
             out = relay.feed(chunk) if chunk else b""
-        rest = relay.end()
-        if rest:
-            ex.bytes_out += len(rest)
-            await response.send(rest)
-        await response.end()
+        out += relay.end()
+        ex.bytes_out += len(out)
+        await response.end(out)
     finally:
         ex.usage = relay.usage
         ex.answer_id = relay.answer_id

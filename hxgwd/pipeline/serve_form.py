@@ -12,7 +12,7 @@ from __future__ import annotations
 import trio
 
 from hxgwd.errors import BadRequest, UnsupportedEncoding
-from hxgwd.http.connection import Request, Response
+from hxgwd.http.exchange import Request, Response
 from hxgwd.limits.estimate import estimate
 from hxgwd.pipeline import content_encoding, multipart, proxy, route, transform
 from hxgwd.pipeline.context import GatewayContext

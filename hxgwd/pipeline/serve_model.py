@@ -13,7 +13,7 @@ from typing import Any
 import trio
 
 from hxgwd.errors import BadRequest, NotFound, capped
-from hxgwd.http.connection import Request, Response
+from hxgwd.http.exchange import Request, Response
 from hxgwd.offload import OFF_LOOP_BYTES
 from hxgwd.limits import estimate as limit
 from hxgwd.pipeline import content_encoding, proxy, route, transform
