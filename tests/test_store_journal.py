@@ -5,7 +5,6 @@ mapping; a segment is cut to its data when sealed or closed, and one a killed pr
 from __future__ import annotations
 
 import os
-import types
 
 import pytest
 import trio

@@ -11,6 +11,7 @@ import urllib.parse
 import attrs
 
 from hxgwd.config import model as m
+from hxgwd.http.addresses import parse_listen
 from hxgwd.config.places import entry_path
 from hxgwd.http import httptools_available
 
@@ -369,17 +370,3 @@ def _listens_on_loopback(addr: str) -> bool:
     return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
-def parse_listen(addr: str) -> tuple[str, int]:
-    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (all interfaces) -> (host, port)."""
-    host, sep, port_text = addr.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(f"{addr!r}: expected HOST:PORT")
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"{addr!r}: port must be 0 to 65535")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        ipaddress.IPv6Address(host)
-    elif host and not re.match(r"^[A-Za-z0-9.-]+$", host):
-        raise ValueError(f"{addr!r}: bad host")
-    return host or "0.0.0.0", port

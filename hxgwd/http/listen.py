@@ -21,7 +21,7 @@ from typing import Awaitable, Callable, Iterator
 
 import trio
 
-from hxgwd.config.validate import parse_listen
+from hxgwd.http.addresses import parse_listen
 from hxgwd.http.sockio import SocketIO
 
 # Out of descriptors or memory: back off and retry instead of dying (trio.serve_listeners does the same).

@@ -11,8 +11,19 @@ from __future__ import annotations
 
 import ssl
 import time
+from typing import Protocol
 
-from hxgwd.config.model import Server
+
+class Server(Protocol):
+    """The settings TLS termination reads (the gateway's `[server]` table has them)."""
+
+    @property
+    def tls_cert(self) -> str | None: ...
+    @property
+    def tls_key(self) -> str | None: ...
+    @property
+    def tls_listen(self) -> tuple[str, ...]: ...
+
 
 # Mozilla's "intermediate" configuration (ssl-config.mozilla.org): TLS 1.2 and 1.3, these suites
 # for TLS 1.2, OpenSSL's default suites for TLS 1.3 (which are Mozilla's list), and the client's

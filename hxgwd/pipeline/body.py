@@ -95,9 +95,3 @@ def _array_in_steps(s: str, at: int) -> tuple[list[Any], int]:
 _scan = _STRICT_DECODE.__self__.scan_once        # (text, index) -> (value, end); StopIteration: none
 _scanstring = json.decoder.scanstring
 _space = re.compile(r"[ \t\n\r]*").match      # JSON's whitespace, and only it
-
-
-def _translate(exc: h11.RemoteProtocolError) -> GatewayError:
-    if exc.error_status_hint == 431:
-        return HeadersTooLarge("Request headers are too large.")
-    return BadRequest("Malformed HTTP request.", code="bad_http")
