@@ -325,3 +325,18 @@ async def test_a_transcription_form_that_is_not_one_is_a_clear_400(nursery):
                              files={"file": ("a.wav", b"x")})
     assert r.status_code == 404
     assert not up.requests
+
+
+async def test_uploads_have_their_own_bound(nursery):
+    up = FakeUpstream()
+    await nursery.start(up.serve)
+    gw = await start_gateway(nursery, gateway_config(TRANSCRIBE.format(url=up.url)).replace(
+        'listen = ["127.0.0.1:0"]\n', 'listen = ["127.0.0.1:0"]\nmax_body_bytes = 1000\nmax_upload_bytes = 50000\n', 1))
+    ok = await gw.client.post("/v1/audio/transcriptions", headers=AUTH, data={"model": "stt"},
+                              files={"file": ("a.wav", bytes(20000))})
+    assert ok.status_code == 200                       # past max_body_bytes: an upload's bound is its own
+    big = await gw.client.post("/v1/audio/transcriptions", headers=AUTH, data={"model": "stt"},
+                               files={"file": ("a.wav", bytes(60000))})
+    assert big.status_code == 413 and len(up.requests) == 1
+    r = await gw.post("/v1/chat/completions", {"model": "stt", "input": "x" * 2000})
+    assert r.status_code == 413                        # JSON keeps max_body_bytes

@@ -21,6 +21,7 @@ class Server:
     backlog: int = 1024
     max_header_bytes: int = 16384        # request line + headers; more -> 431
     max_body_bytes: int = 16 * MiB       # request body; more -> 413
+    max_upload_bytes: int = 32 * MiB     # a multipart upload (audio transcriptions: OpenAI takes 25 MB files)
     header_timeout: float = 10.0         # from the first byte of a request to its last header -> 408
     body_timeout: float = 30.0           # between two pieces of a request body -> 408
     body_total_timeout: float = 120.0    # from the first wait for a request body to its end -> 408

@@ -51,7 +51,7 @@ def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list
                      or (host == "0.0.0.0" and any(q == port and ":" not in h for h, q in bound))):
             p.append(f"server.listen[{i}]: {addr!r} overlaps an address listed before it")
         bound[(host, port)] = i
-    for name in ("max_connections", "backlog", "max_header_bytes", "max_body_bytes",
+    for name in ("max_connections", "backlog", "max_header_bytes", "max_body_bytes", "max_upload_bytes",
                  "max_response_bytes", "max_sse_event_bytes"):
         if getattr(s, name) < 1:
             p.append(f"server.{name}: must be at least 1")

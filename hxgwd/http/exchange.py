@@ -24,11 +24,14 @@ class ClientGone(Exception):
 class Request:
     """A request as the handler sees it: the head now, the body when asked for."""
 
-    __slots__ = ("head", "peer", "_conn", "_settings", "_received", "_body_due")
+    __slots__ = ("head", "peer", "max_body_bytes", "_conn", "_settings", "_received", "_body_due")
 
     def __init__(self, head: RequestHead, peer: str, conn: "HttpConnection", settings: ConnectionSettings) -> None:
         self.head = head
         self.peer = peer
+        # the connection's bound, unless the handler sets this request's own before reading
+        # (an upload endpoint may take more than a JSON one)
+        self.max_body_bytes = settings.max_body_bytes
         self._conn = conn
         self._settings = settings
         self._received = 0
@@ -49,7 +52,7 @@ class Request:
 
     async def _next_piece(self) -> bytes | None:
         conn = self._conn
-        limit = self._settings.max_body_bytes
+        limit = self.max_body_bytes
         if self._received == 0:
             if self.head.content_length is not None and self.head.content_length > limit:
                 conn.closing = True

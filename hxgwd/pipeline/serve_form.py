@@ -50,6 +50,7 @@ async def transcribe(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: 
         raise UnsupportedEncoding("A multipart upload is sent as it is: its files are compressed "
                                   "already, if at all.", ())
     form = multipart.FormRewriter(multipart.parse_boundary(head.header(b"content-type")))
+    request.max_body_bytes = rt.config.server.max_upload_bytes
     body = FormBody()
     async for chunk in request.body_chunks():
         body.add(form.feed(chunk))
