@@ -128,3 +128,32 @@ async def test_responses_moderations_speech_images_through_the_sdk(every_kind):
     assert len(image.data) == 2 and base64.b64decode(image.data[0].b64_json)[:8] == b"\x89PNG\r\n\x1a\n"
     records = [r for r in gw.log.requests() if r["endpoint"] == "/v1/responses"]
     assert records and all(r.get("total_tokens", 0) > 0 for r in records)
+
+
+async def test_the_new_endpoints_through_the_sdk_against_the_fake_upstream(nursery):
+    """The same SDK calls, the backend this time a real HTTP server (tests/fakeupstream.py)."""
+    from tests.fakeupstream import FakeUpstream
+    from tests.test_store_gateway import EVERY_KIND
+
+    up = FakeUpstream()
+    await nursery.start(up.serve)
+    gw = await start_gateway(nursery, gateway_config(EVERY_KIND.format(url=up.url)))
+
+    def run():
+        c = client(gw)
+        made = c.responses.create(model="chat", input="hello")
+        with c.responses.stream(model="chat", input="one two") as stream:
+            deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+            final = stream.get_final_response()
+        moderation = c.moderations.create(model="mod", input="hx-flag")
+        audio = c.audio.speech.create(model="tts", input="two words", voice="alloy", response_format="wav")
+        image = c.images.generate(model="img", prompt="a cat")
+        text = c.audio.transcriptions.create(model="stt", file=("a.wav", b"RIFF" + bytes(100), "audio/wav"))
+        return made, deltas, final, moderation, audio.content, image, text
+
+    made, deltas, final, moderation, audio, image, text = await trio.to_thread.run_sync(run)
+    assert made.usage.total_tokens > 0 and deltas and final.usage.total_tokens > 0
+    assert moderation.results[0].flagged
+    assert audio[:4] == b"RIFF" and image.data and text.text
+    assert {r.path for r in up.requests} >= {"/v1/responses", "/v1/moderations", "/v1/audio/speech",
+                                             "/v1/images/generations", "/v1/audio/transcriptions"}

@@ -305,3 +305,85 @@ async def test_a_slow_sqlite_usage_query_is_cut_at_the_database_bound(nursery, t
                    "statement_timeout).", "type": "upstream_error", "param": None, "code": "database_timeout"}
     assert (await gw.get("/admin/keys")).status_code == 200   # the interrupted thread serves again
     await gw.stop()
+
+
+EVERY_KIND = """
+    [[backends]]
+    name = "u"
+    url = "{url}"
+    [[models]]
+    name = "chat"
+    backend = "u"
+    input_cost_per_1k = 1.0
+    output_cost_per_1k = 2.0
+    [[models]]
+    name = "mod"
+    backend = "u"
+    kind = "moderation"
+    [[models]]
+    name = "rr"
+    backend = "u"
+    kind = "rerank"
+    [[models]]
+    name = "tts"
+    backend = "u"
+    kind = "speech"
+    [[models]]
+    name = "img"
+    backend = "u"
+    kind = "image"
+    [[models]]
+    name = "stt"
+    backend = "u"
+    kind = "transcription"
+"""
+
+
+async def test_every_new_endpoint_stores_a_usage_row_with_its_tokens(nursery, tmp_path):
+    """Responses (plain and streamed), moderations, rerank, speech, images and transcriptions,
+    against the fake upstream's own answers: one row each, with the usage the answer carried."""
+    up = FakeUpstream()
+    await nursery.start(up.serve)
+    db = tmp_path / "hxgwd.db"
+    gw = await start_gateway(nursery, gateway_config(EVERY_KIND.format(url=up.url), database=f"sqlite:///{db}"))
+    calls = [("/v1/responses", {"model": "chat", "input": "one two three"}),
+             ("/v1/responses", {"model": "chat", "input": "one two three", "stream": True}),
+             ("/v1/moderations", {"model": "mod", "input": "fine"}),
+             ("/v1/rerank", {"model": "rr", "query": "a b", "documents": ["a", "b c"]}),
+             ("/v1/audio/speech", {"model": "tts", "input": "two words", "voice": "alloy"}),
+             ("/v1/images/generations", {"model": "img", "prompt": "a cat"})]
+    for path, body in calls:
+        r = await gw.post(path, body)
+        assert r.status_code == 200, (path, r.text)
+    r = await gw.client.post("/v1/audio/transcriptions", headers=AUTH, data={"model": "stt"},
+                             files={"file": ("a.wav", b"RIFF" + bytes(1000), "audio/wav")})
+    assert r.status_code == 200, r.text
+    await gw.stop()
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT endpoint, model, status, stream, total_tokens, cost_usd FROM usage"
+                            " ORDER BY ts").fetchall()
+    assert [r[:4] for r in rows] == [
+        ("/v1/responses", "chat", 200, 0), ("/v1/responses", "chat", 200, 1), ("/v1/moderations", "mod", 200, 0),
+        ("/v1/rerank", "rr", 200, 0), ("/v1/audio/speech", "tts", 200, 0),
+        ("/v1/images/generations", "img", 200, 0), ("/v1/audio/transcriptions", "stt", 200, 0)]
+    tokens = {r[0] + ("+stream" if r[3] else ""): r[4] for r in rows}
+    assert tokens["/v1/responses"] > 0 and tokens["/v1/responses+stream"] > 0
+    assert rows[0][5] and rows[0][5] > 0                     # priced: the chat model has costs
+    assert tokens["/v1/rerank"] and tokens["/v1/images/generations"]
+
+
+async def test_limits_apply_to_the_new_endpoints(nursery):
+    up = FakeUpstream()
+    await nursery.start(up.serve)
+    gw = await start_gateway(nursery, gateway_config(EVERY_KIND.format(url=up.url)).replace(
+        'name = "dev"\n', 'name = "dev"\nrpm = 3\n', 1))
+    statuses = []
+    for path, body in [("/v1/moderations", {"model": "mod", "input": "x"}),
+                       ("/v1/rerank", {"model": "rr", "query": "q", "documents": ["a"]}),
+                       ("/v1/responses", {"model": "chat", "input": "x"}),
+                       ("/v1/images/generations", {"model": "img", "prompt": "x"})]:
+        statuses.append((await gw.post(path, body)).status_code)
+    r = await gw.client.post("/v1/audio/transcriptions", headers=AUTH, data={"model": "stt"},
+                             files={"file": ("a.wav", b"x")})
+    assert statuses == [200, 200, 200, 429] and r.status_code == 429
+    assert r.json()["error"]["code"] == "rate_limit_rpm" and len(up.requests) == 3
