@@ -340,3 +340,19 @@ async def test_uploads_have_their_own_bound(nursery):
     assert big.status_code == 413 and len(up.requests) == 1
     r = await gw.post("/v1/chat/completions", {"model": "stt", "input": "x" * 2000})
     assert r.status_code == 413                        # JSON keeps max_body_bytes
+
+
+async def test_a_streamed_transcription_is_relayed_with_its_usage(nursery):
+    up = FakeUpstream()
+    await nursery.start(up.serve)
+    gw = await start_gateway(nursery, gateway_config(TRANSCRIBE.format(url=up.url)))
+    async with gw.client.stream("POST", "/v1/audio/transcriptions", headers=AUTH,
+                                data={"model": "stt", "stream": "true"},
+                                files={"file": ("a.wav", b"RIFF" + bytes(3000), "audio/wav")}) as r:
+        body = b"".join([piece async for piece in r.aiter_bytes()])
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert b"transcript.text.delta" in body and b"transcript.text.done" in body
+    with trio.fail_after(5):
+        while not (recs := [r for r in gw.log.requests() if r["endpoint"] == "/v1/audio/transcriptions"]):
+            await trio.sleep(0.01)
+    assert recs[-1]["stream"] is True and recs[-1].get("total_tokens", 0) > 0
