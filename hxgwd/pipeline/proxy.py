@@ -207,7 +207,7 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
     try:
         await _send_whole(ex, response, status, headers_out, body, dep, upstream_so_far=duration)
     finally:   # after the answer is out, not before (it only feeds the record), but always
-        if status == 200 and len(calls.bodies) == 1:
+        if status == 200 and len(calls.bodies) == 1 and calls.spends_usage:
             ex.usage = transform.usage_from_body(_tail(body))
             if calls.note_answer_id:
                 ex.answer_id = transform.answer_id(body if isinstance(body, bytes) else _head(body))
@@ -385,7 +385,7 @@ async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan
         ex.bytes_out += len(out)
         await response.end(out)
     finally:
-        ex.usage = relay.usage
+        ex.usage = relay.usage if calls.spends_usage else None
         ex.answer_id = relay.answer_id
 
 

@@ -84,6 +84,8 @@ async def stored_response(ctx: GatewayContext, rt: Runtime, ex: Exchange, princi
                        "the ids of responses made through it, for the key that made them).",
                        param="response_id", code="response_not_found")
     ex.model = dep.model
+    # one endpoint in the usage records, not one per id; what lies below it (/input_items) kept
+    ex.endpoint = "/v1/responses/{id}" + rest[len(response_id):]
     ex.reservation = await ctx.services.limiter.admit(principal, NO_TOKENS)
     body = await request.read_body() if head.method == "POST" else b""
     ex.bytes_in = len(body)
@@ -95,7 +97,7 @@ async def stored_response(ctx: GatewayContext, rt: Runtime, ex: Exchange, princi
 
     async def build(dep: Deployment) -> transform.CallPlan:
         return transform.CallPlan(path=path, bodies=(body,), public_model=dep.model, method=head.method,
-                                  stream=stream, event_usage=transform.responses_event_usage)
+                                  stream=stream, event_usage=transform.responses_event_usage, spends_usage=False)
 
     await proxy.forward(ex, plan, build, ctx.router, ctx.transports, ctx.gates, settings_of(ctx, rt, ex),
                         features, response)

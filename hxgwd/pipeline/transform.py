@@ -70,6 +70,8 @@ class CallPlan:
     # a parsed stream event with "usage" in it -> its usage object, if it is the usage of the answer
     event_usage: Callable[[dict[str, Any]], Any] = chat_event_usage
     note_answer_id: bool = False     # the backend keeps the answer: its id is where to fetch it (Responses)
+    # the answer's usage is what this request spent; not so for a stored answer fetched again
+    spends_usage: bool = True
 
 
 # Top-level fields the gateway routes, limits or adapts by. A key that is not one of them but
