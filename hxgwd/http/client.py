@@ -28,7 +28,10 @@ from typing import Protocol, Sequence
 
 import attrs
 
-from hxgwd.http.events import END_OF_MESSAGE, NEED_DATA, Marker
+# re-exported: the client side's events, as the backends and the pool take them
+from hxgwd.http.events import END_OF_MESSAGE as END_OF_MESSAGE
+from hxgwd.http.events import NEED_DATA as NEED_DATA
+from hxgwd.http.events import Marker
 from hxgwd.http.heads import request_head
 
 Headers = list[tuple[bytes, bytes]]
@@ -58,14 +61,15 @@ class ResponseHead:
 
 
 class ClientProtocol(Protocol):
-    reusable: bool
+    @property
+    def reusable(self) -> bool: ...
 
     def request(self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes,
                 body_length: int | None = None) -> bytes: ...
 
     def feed(self, data: bytes) -> None: ...
 
-    def next(self) -> "ResponseHead | bytes | Marker": ...
+    def next(self) -> ResponseHead | bytes | Marker: ...
 
     def start_next(self) -> None: ...
 

@@ -16,6 +16,7 @@ import httptools
 
 from hxgwd.http.client import (END_OF_MESSAGE, NEED_DATA, ResponseError, ResponseHead, body_framing,
                                check_status, request_bytes)
+from hxgwd.http.events import Marker
 
 _NEWLINES = b"\r\n"
 _NOT_IN_REASON = b"\x00\x0b\x0c"
@@ -35,7 +36,7 @@ class LlhttpClient:
         self._parser = httptools.HttpResponseParser(self)
         # h11 takes "2 \r\n" as a chunk size; llhttp only when told (client.STRICTNESS)
         self._parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
-        self._events: deque = deque()
+        self._events: deque[ResponseHead | bytes | Marker] = deque()
         self._error: ResponseError | None = None
         self._closed = False
         self._reset()
@@ -95,8 +96,9 @@ class LlhttpClient:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            # feed_data's callbacks may have set _ended, which mypy took to be False from above
             if self._ended:     # in bytes after the answer (_Stray included)
-                self._stray = True
+                self._stray = True  # type: ignore[unreachable]
             else:
                 cause = exc.__context__
                 self._error = cause if isinstance(cause, ResponseError) else ResponseError(str(exc))
@@ -104,7 +106,7 @@ class LlhttpClient:
         if self._in_head and self._raw > self._max:
             self._error = ResponseError("the response head is too large")
 
-    def next(self) -> ResponseHead | bytes | object:
+    def next(self) -> ResponseHead | bytes | Marker:
         if self._events:
             return self._events.popleft()
         if self._error is not None:

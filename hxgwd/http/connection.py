@@ -23,10 +23,11 @@ still sending, is not reset before it read the answer.
 from __future__ import annotations
 
 import math
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Protocol, Sequence
 
 import trio
 
+from hxgwd.http.events import Marker
 from hxgwd.http.exchange import ClientGone, Request, Response
 from hxgwd.http.listen import IdleConnections
 from hxgwd.http.parsers import server_protocol
@@ -226,11 +227,13 @@ class HttpConnection:
         finally:
             self._handling = False
 
-    def _error_answer(self, exc: Exception, headers: Headers = ()) -> bytes:
+    def _error_answer(self, exc: Exception, headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
         """The answer to `exc`, closing the connection; b"" if a response was begun already."""
         if not self.protocol.can_start_response:
             return b""
-        status, own, body = self.errors.answer(exc) or self.errors.answer(self.errors.refusal(INTERNAL_ERROR))
+        answer = self.errors.answer(exc) or self.errors.answer(self.errors.refusal(INTERNAL_ERROR))
+        assert answer is not None, "Errors.answer() answers its own refusal of INTERNAL_ERROR"
+        status, own, body = answer
         self.closing = True
         return self.protocol.response_full(status, [*own, *headers, *CLOSE], body)
 
@@ -288,7 +291,7 @@ class HttpConnection:
         if not self._receiving:
             self._read_permit.set()
 
-    async def next_event(self, timeout: float, phase: str, due: float = math.inf) -> object:
+    async def next_event(self, timeout: float, phase: str, due: float = math.inf) -> RequestHead | bytes | Marker:
         """The next protocol event, receiving as needed; RequestTimeout after `timeout`, or at
         `due` if sooner."""
         deadline = min(trio.current_time() + timeout, due)

@@ -22,5 +22,6 @@ CHUNK_HEADER = re.compile(rb"(?P<chunk_size>[0-9A-Fa-f]{1,20})[ \t]*(?:(?P<chunk
                           % (_TOKEN, _TOKEN, _QUOTED))
 
 if not isinstance(getattr(h11._readers, "chunk_header_re", None), re.Pattern):   # pragma: no cover
-    raise ImportError(f"h11 {h11.__version__} reads chunk headers otherwise: see hxgwd/http/h11_chunks.py")
+    from h11._version import __version__    # which h11 does not export by name
+    raise ImportError(f"h11 {__version__} reads chunk headers otherwise: see hxgwd/http/h11_chunks.py")
 h11._readers.chunk_header_re = CHUNK_HEADER

@@ -24,8 +24,12 @@ from __future__ import annotations
 from typing import Protocol, Sequence
 
 from hxgwd.http import heads
-from hxgwd.http.events import END_OF_BODY, NEED_DATA, PEER_CLOSED, Marker
-from hxgwd.http.heads import Headers
+# re-exported: the server side's events and header list, as connection.py and the backends take them
+from hxgwd.http.events import END_OF_BODY as END_OF_BODY
+from hxgwd.http.events import NEED_DATA as NEED_DATA
+from hxgwd.http.events import PEER_CLOSED as PEER_CLOSED
+from hxgwd.http.events import Marker
+from hxgwd.http.heads import Headers as Headers
 
 
 class HttpError(Exception):
@@ -217,6 +221,22 @@ class ServerProtocol:
         self._version = head.version
         self._keep_alive = head.keep_alive
         self._expect_continue = head.expects_continue
+
+    # --- input: the backend's ----------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Bytes received from the client; b"" means the client closed its side."""
+        raise NotImplementedError
+
+    def next(self) -> RequestHead | bytes | Marker:
+        """The next event: a head, a body piece, END_OF_BODY, PEER_CLOSED or NEED_DATA; raises
+        ProtocolError for malformed input."""
+        raise NotImplementedError
+
+    @property
+    def has_buffered_data(self) -> bool:
+        """Whether received bytes of the next request wait in the parser."""
+        raise NotImplementedError
 
     # --- output ------------------------------------------------------------------------------
 

@@ -13,9 +13,11 @@ extensions), which httptools would otherwise gather without bound.
 from __future__ import annotations
 
 from collections import deque
+from typing import NoReturn, cast
 
 import httptools
 
+from hxgwd.http.events import Marker
 from hxgwd.http.protocol import (END_OF_BODY, MALFORMED, NEED_DATA, PEER_CLOSED, TOO_LARGE, ProtocolError,
                                  RequestHead, ServerProtocol, request_head)
 
@@ -29,7 +31,7 @@ class LlhttpServerProtocol(ServerProtocol):
     def __init__(self, max_header_bytes: int) -> None:
         super().__init__(max_header_bytes)
         self._parser = _parser(self)
-        self._events: deque = deque()
+        self._events: deque[RequestHead | bytes | Marker | ProtocolError] = deque()
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._in_head = False      # between a message's first byte and the end of its head
@@ -86,7 +88,7 @@ class LlhttpServerProtocol(ServerProtocol):
         self._progress = True
         self._events.append(END_OF_BODY)
 
-    def _fail(self, exc: ProtocolError) -> None:
+    def _fail(self, exc: ProtocolError) -> NoReturn:
         """Stop parsing: `exc` is what next() raises once it reaches it."""
         self._failed = True
         self._events.append(exc)
@@ -145,17 +147,17 @@ class LlhttpServerProtocol(ServerProtocol):
             self._failed = True
             self._events.append(ProtocolError(431, TOO_LARGE))
 
-    def next(self) -> RequestHead | bytes | object:
+    def next(self) -> RequestHead | bytes | Marker:
         events = self._events
         if not events:
             return NEED_DATA
         event = events[0]
-        kind = type(event)
-        if kind is bytes:
+        # `type(event) is`, which mypy narrows `event` by (an alias of the type it does not)
+        if type(event) is bytes:
             events.popleft()
             self._expect_continue = False
             return event
-        if kind is RequestHead:
+        if type(event) is RequestHead:
             if self._state != 0 or self._request_done:
                 return NEED_DATA    # a pipelined request: its turn comes after this one's answer
             events.popleft()
@@ -164,10 +166,10 @@ class LlhttpServerProtocol(ServerProtocol):
         if event is END_OF_BODY:
             events.popleft()
             self._request_done = True
-            return event
+            return END_OF_BODY
         if event is PEER_CLOSED:
-            return event         # and stays
-        raise event             # a ProtocolError, which stays too
+            return PEER_CLOSED   # and stays
+        raise cast(ProtocolError, event)    # which stays too
 
     @property
     def has_buffered_data(self) -> bool:

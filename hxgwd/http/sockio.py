@@ -36,7 +36,7 @@ class SocketIO:
         sock.setblocking(False)
         self.socket = sock
 
-    async def send_all(self, data: bytes, deadline: float = math.inf, *, stall_timeout: float | None = None) -> None:
+    async def send_all(self, data: bytes | bytearray | memoryview, deadline: float = math.inf, *, stall_timeout: float | None = None) -> None:
         """All of `data` by `deadline`; with `stall_timeout`, each time the peer takes some, the
         deadline moves to that long from then: a slow reader that keeps reading is not cut off."""
         sock = self.socket
@@ -111,7 +111,7 @@ def socket_has_pending(sock: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
-def _send_now(sock: socket.socket, data: bytes | memoryview) -> int:
+def _send_now(sock: socket.socket, data: bytes | bytearray | memoryview) -> int:
     """How much send() takes without blocking (0 when it would block)."""
     try:
         return sock.send(data)

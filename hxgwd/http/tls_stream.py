@@ -64,7 +64,7 @@ class TLSStream:
                 await self._receive_more(deadline, wait_first=False)
         await self._flush(deadline)
 
-    async def send_all(self, data: bytes, deadline: float = math.inf, *, stall_timeout: float | None = None) -> None:
+    async def send_all(self, data: bytes | bytearray | memoryview, deadline: float = math.inf, *, stall_timeout: float | None = None) -> None:
         """All of `data` by `deadline`; with `stall_timeout`, each time the socket takes more, the
         deadline moves to that long from then. Encrypted a slice at a time, so that what waits
         for the kernel stays small however large `data` is."""
