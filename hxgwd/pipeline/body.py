@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
+from typing import Any, Callable, cast
 
 
 def json_document(body: bytes) -> Any:
@@ -29,7 +29,8 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-_STRICT_DECODE = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant).decode   # built once
+_DECODER = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant)    # built once
+_STRICT_DECODE = _DECODER.decode
 
 
 def json_document_in_steps(body: bytes) -> Any:
@@ -92,6 +93,9 @@ def _array_in_steps(s: str, at: int) -> tuple[list[Any], int]:
     return items, at + 1
 
 
-_scan = _STRICT_DECODE.__self__.scan_once        # (text, index) -> (value, end); StopIteration: none
-_scanstring = json.decoder.scanstring
-_space = re.compile(r"[ \t\n\r]*").match      # JSON's whitespace, and only it
+# (text, index) -> (value, end); StopIteration: none. Set by JSONDecoder.__init__; typeshed omits it
+_scan: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
+# (text, index after the quote, strict) -> (string, end); json.decoder has it, its stub does not say
+_scanstring: Callable[[str, int, bool], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
+# JSON's whitespace, and only it; `*` matches anywhere, so never None
+_space = cast("Callable[[str, int], re.Match[str]]", re.compile(r"[ \t\n\r]*").match)

@@ -16,6 +16,7 @@ import attrs
 from hxgwd.errors import GatewayError
 from hxgwd.http import Headers
 from hxgwd.limits.estimate import usage_cost
+from hxgwd.limits.reservation import Reservation
 from hxgwd.pipeline.record import STATUS_CLIENT_CLOSED, usage_tokens
 from hxgwd.runtime import Deployment
 
@@ -47,7 +48,7 @@ class Exchange:
     served: Deployment | None = None     # the deployment of the last attempt
     tried: list[str] = attrs.field(factory=list)   # deployment ids, in the order attempted
     answer_id: str | None = None         # the id of what the backend keeps of its answer (Responses)
-    reservation: Any = None              # what the limit stage reserved; settled at the end
+    reservation: Reservation | None = None   # what the limit stage reserved; settled at the end
     fanout_calls: int = 0                # calls of the last attempt's fan-out (embeddings, one per input)
     fanout_left: int = 0                 # ... not finished: their share of the reservation is kept
 
@@ -62,6 +63,8 @@ class Exchange:
         request path. A tuple, not the attrs RequestRecord: that cost ~8 us a request in a
         running daemon (25 frozen fields)."""
         err = self.error
+        error_type: str | None
+        fault: str | None
         if self.client_gone:
             status = STATUS_CLIENT_CLOSED
             error_type, fault = (err.type, err.fault) if err else ("client_closed", "client")
@@ -85,9 +88,9 @@ class Exchange:
         if self.fanout_left:
             res = self.reservation
             left = self.fanout_left / self.fanout_calls
-            if getattr(res, "tokens", None) is not None:
+            if res is not None and res.tokens is not None:
                 tokens = (tokens or 0) + math.ceil(res.tokens * left)
-            if getattr(res, "nano_usd", None) is not None:
+            if res is not None and res.nano_usd is not None:
                 cost = (cost or 0.0) + res.cost_usd * left
         failed = self.status >= 400 or self.status == 0
         return (0 if failed and tokens is None else tokens), (0.0 if failed and cost is None else cost)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import re
 import time
+from typing import Any
 
 import trio
 
 from hxgwd import memtrim
 from hxgwd.errors import GatewayError, NotFound, ShuttingDown, capped, require_method
+from hxgwd.http import Headers
 from hxgwd.http.exchange import ClientGone, Request, Response
 from hxgwd.pipeline import authenticate, cors
 from hxgwd.pipeline.context import GatewayContext
@@ -42,8 +44,9 @@ class Gateway:
         found = self.table.find(path)
         if found is not None and found.endpoint.access == "anyone":   # health checks: no key, no record
             require_method(head.method, *found.endpoint.methods)
-            await found.endpoint.serve(self.ctx, self.ctx.holder.current, None, None, request, response,
-                                       found.endpoint, found.rest)   # type: ignore[arg-type]
+            # no Exchange: an "anyone" endpoint (a health check) is neither recorded nor given one
+            await found.endpoint.serve(self.ctx, self.ctx.holder.current, None,  # type: ignore[arg-type]
+                                       None, request, response, found.endpoint, found.rest)
             return
         ctx = self.ctx
         rt = ctx.holder.current
@@ -115,12 +118,12 @@ class Gateway:
         if values is not None:
             ctx.idle.defer(self._finish, values, segment)
 
-    def _authenticate(self, rt: Runtime, ex: Exchange, headers) -> Principal:
+    def _authenticate(self, rt: Runtime, ex: Exchange, headers: Headers) -> Principal:
         principal, _digest = authenticate.authenticate(headers, self.ctx.services.key_lookups(rt))
         ex.key = principal.key_name
         return principal
 
-    def _finish(self, values: tuple, segment: str | None) -> None:
+    def _finish(self, values: tuple[Any, ...], segment: str | None) -> None:
         """Deferred (idle.py): the RequestRecord of values `journal` wrote, to the usage writer and
         the access log."""
         usage = self.ctx.services.usage

@@ -16,11 +16,12 @@ one event in memory, and a client that hangs up cancels the upstream read at onc
 from __future__ import annotations
 
 import math
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, cast
 
 import attrs
 import trio
 
+from hxgwd.config.model import Timeouts
 from hxgwd.errors import GatewayError, Unavailable, UpstreamError, UpstreamTimeout
 from hxgwd.offload import Offload
 from hxgwd.pipeline import transform
@@ -30,7 +31,7 @@ from hxgwd.http.exchange import Response
 from hxgwd.http import Headers
 from hxgwd.pipeline.route import Outcome, Plan, RequestFeatures, Router
 from hxgwd.runtime import Deployment
-from hxgwd.upstream import PoolFull, UpstreamRequest, UpstreamResponse
+from hxgwd.upstream import PoolFull, Transport, UpstreamRequest, UpstreamResponse
 from hxgwd.upstream.transports import Transports
 from hxgwd.upstream.gates import DeploymentBusy, Gates
 
@@ -164,6 +165,7 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
     headers = transform.upstream_headers(ex.client_headers, dep, (ex.client_request_id or ex.request_id).encode(),
                                          calls.content_type)
     began = trio.current_time()
+    body: bytes | list[bytes]           # a list from a single call (and a fan-out's merge), as read
     if len(calls.bodies) > 1:
         status, answer_headers, body = await _fan_out(ex, dep, calls, transport, headers, settings, began)
     else:
@@ -208,14 +210,14 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
         await _send_whole(ex, response, status, headers_out, body, dep, upstream_so_far=duration)
     finally:   # after the answer is out, not before (it only feeds the record), but always
         if status == 200 and len(calls.bodies) == 1 and calls.spends_usage:
-            ex.usage = transform.usage_from_body(_tail(body))
+            ex.usage = transform.usage_from_body(_tail(cast("list[bytes]", body)))   # one call's, read
             if calls.note_answer_id:
                 ex.answer_id = transform.answer_id(body if isinstance(body, bytes) else _head(body))
     return Outcome(ok=status < 500, status=status, ttfb=ex.ttfb or 0.0, duration=duration,
                    features=features, output_tokens=(ex.usage or {}).get("completion_tokens"), began=started)
 
 
-async def _call(transport, req: UpstreamRequest, timeouts) -> UpstreamResponse:
+async def _call(transport: Transport, req: UpstreamRequest, timeouts: Timeouts) -> UpstreamResponse:
     try:
         return await transport.request(req, timeouts)
     except PoolFull:
@@ -224,7 +226,7 @@ async def _call(transport, req: UpstreamRequest, timeouts) -> UpstreamResponse:
         raise _Retry(exc, None) from None
 
 
-async def _refuse_failures(up: UpstreamResponse, timeouts) -> None:
+async def _refuse_failures(up: UpstreamResponse, timeouts: Timeouts) -> None:
     """_Retry for an answer the next deployment may not give (failover.judge_status)."""
     verdict = judge_status(up.status)
     if not verdict.move_on:
@@ -238,8 +240,9 @@ async def _refuse_failures(up: UpstreamResponse, timeouts) -> None:
     raise _Retry(None, (up.status, transform.downstream_headers(up.headers), error_body))
 
 
-async def _fan_out(ex: Exchange, dep: Deployment, calls: transform.CallPlan, transport, headers: Headers,
-                   settings: ProxySettings, began: float) -> tuple[int, Headers, bytes]:
+async def _fan_out(ex: Exchange, dep: Deployment, calls: transform.CallPlan, transport: Transport,
+                   headers: Headers, settings: ProxySettings,
+                   began: float) -> tuple[int, Headers, bytes | list[bytes]]:
     """One call per body (an embeddings input each), `embeddings_concurrency` at a time, merged
     in order. The first failure ends the others: a retryable one fails the attempt over, a
     caller's 4xx (of any item) is the answer, as is. The usage of each call that finished is in
