@@ -82,12 +82,15 @@ class EchoBackend:
         if self.delay:
             with trio.fail_after(timeouts.first_byte):
                 await trio.sleep(self.delay)
-        if not isinstance(req.body, bytes):     # in pieces (an upload): the echo reads it whole
-            req = attrs.evolve(req, body=b"".join(req.body))
+        data = req.body
+        if not isinstance(data, bytes):     # in pieces (an upload): the echo reads it whole
+            data = b"".join(data)
+            req = attrs.evolve(req, body=data)
         # a large body is parsed and answered in a thread (offload.py), as the gateway parses it
-        return await self._offload.run(len(req.body), self._answer, req)
+        return await self._offload.run(len(data), self._answer, req, data)
 
-    def _answer(self, req: UpstreamRequest) -> EchoResponse:
+    def _answer(self, req: UpstreamRequest, data: bytes) -> EchoResponse:
+        """`data`: req.body, whole."""
         path = req.path.split("?", 1)[0]
         try:
             answer = self._by_path[path]
@@ -100,15 +103,15 @@ class EchoBackend:
             return error_reply(404, f"No echo endpoint at {path}.")
         content_type = next((v.decode("latin-1") for k, v in req.headers if k.lower() == b"content-type"), "")
         body: Body
-        if content_type.lower().startswith("multipart/form-data") or req.body.startswith(b"--"):
+        if content_type.lower().startswith("multipart/form-data") or data.startswith(b"--"):
             try:
-                body = parse_form(req.body, content_type)
+                body = parse_form(data, content_type)
             except ValueError as exc:
                 return error_reply(400, f"The body is not valid multipart/form-data: {exc}.")
             return answer(body, req, self.state)
         try:
-            parsed = ((json.loads if len(req.body) < OFF_LOOP_BYTES else json_document_in_steps)(req.body)
-                      if req.body else {})
+            parsed = ((json.loads if len(data) < OFF_LOOP_BYTES else json_document_in_steps)(data)
+                      if data else {})
             if not isinstance(parsed, dict):
                 raise ValueError
         except ValueError:

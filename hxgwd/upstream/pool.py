@@ -27,11 +27,13 @@ import math
 import os
 import socket
 import ssl
+from typing import TYPE_CHECKING
 
 import trio
 
 from hxgwd.config.model import Timeouts
 from hxgwd.errors import BadRequest, UpstreamError, UpstreamTimeout
+from hxgwd.http.events import Marker
 from hxgwd.http.client import END_OF_MESSAGE, NEED_DATA, ResponseError, ResponseHead
 from hxgwd.http.parsers import client_protocol
 from hxgwd.http.heads import BadHeader
@@ -39,6 +41,9 @@ from hxgwd.http.sockio import SocketIO
 from hxgwd.http.tls_stream import TLSStream
 from hxgwd.runtime import Origin
 from hxgwd.upstream import Headers, PoolFull, UpstreamRequest
+
+if TYPE_CHECKING:
+    from hxgwd.logs import Logger
 
 RECEIVE_SIZE = 65536
 MAX_RESPONSE_HEAD = 65536
@@ -62,14 +67,14 @@ class _Conn:
         self.idle_since = 0.0
         self.heard = False        # any byte received for the current request
 
-    def next_ready(self) -> object:
+    def next_ready(self) -> ResponseHead | bytes | Marker:
         """The next event from the bytes already received, or NEED_DATA."""
         try:
             return self.proto.next()
         except ResponseError:
             raise UpstreamError("The upstream sent a malformed HTTP response.") from None
 
-    async def receive(self, deadline: float, *, answering: bool = False) -> object:
+    async def receive(self, deadline: float, *, answering: bool = False) -> ResponseHead | bytes | Marker:
         """The next event; trio.TooSlowError if it needs bytes that do not come by `deadline`.
         `answering`: the request was just sent, so the upstream cannot have answered yet, and the
         protocol holds nothing (a connection is reused only with nothing left after its last
@@ -114,7 +119,7 @@ class PooledResponse:
         event = self._conn.next_ready()
         return None if event is NEED_DATA else self._piece(event)
 
-    def _piece(self, event: object) -> bytes:
+    def _piece(self, event: ResponseHead | bytes | Marker) -> bytes:
         if type(event) is bytes:
             return event
         if event is END_OF_MESSAGE:
@@ -123,7 +128,8 @@ class PooledResponse:
         raise UpstreamError("The upstream sent a malformed HTTP response.")
 
     async def aclose(self) -> None:
-        conn, self._conn = self._conn, None
+        # None only once closed, after which the response is not read (receive() would fail on it)
+        conn, self._conn = self._conn, None  # type: ignore[assignment]
         if conn is not None:
             self._pool._release(conn, reusable=self._done)
 
@@ -131,7 +137,7 @@ class PooledResponse:
 class Pool:
     def __init__(self, origin: Origin, *, max_connections: int, max_idle: int, idle_timeout: float,
                  ssl_context: ssl.SSLContext | None, parser: str = "h11", name: str = "",
-                 log: object = None) -> None:
+                 log: Logger | None = None) -> None:
         self.origin = origin
         self.name = name or origin.host
         self.max_connections = max_connections        # 0: no cap

@@ -12,13 +12,14 @@ from hxgwd.upstream.echo import EchoBackend
 from hxgwd.upstream.pool import Pool
 
 if TYPE_CHECKING:
+    from hxgwd.logs import Logger
     from hxgwd.runtime import BackendRuntime
 
 
 class Transports:
     """`http_parser`: a `[server] http_parser` setting; `log`: where a pool reports refusals."""
 
-    def __init__(self, http_parser: str = "auto", log: object = None) -> None:
+    def __init__(self, http_parser: str = "auto", log: Logger | None = None) -> None:
         self.http_parser = resolve_parser(http_parser)
         self._log = log
         self._by_key: dict[tuple[object, ...], Transport] = {}   # the settings a transport is made with
