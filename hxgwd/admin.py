@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from hxgwd.pipeline.context import GatewayContext
     from hxgwd.pipeline.endpoint import Endpoint
     from hxgwd.pipeline.exchange import Exchange
+    from hxgwd.store import Store
 
 JSON = (b"content-type", b"application/json")
 READS = ("GET", "HEAD")          # HEAD is answered as GET, without the body (errors.require_method)
@@ -87,7 +88,7 @@ def _params(request: Request) -> dict[str, str]:
 
 
 async def _with_store(ctx: GatewayContext, rt: Runtime, response: Response, what: str,
-                      call: Callable[[Any], Awaitable[tuple[int, Any]]]) -> None:
+                      call: Callable[[Store], Awaitable[tuple[int, Any]]]) -> None:
     """Runs a store call within the database's bounds, its failures as answers."""
     store = ctx.services.store
     if store is None:
@@ -119,7 +120,7 @@ async def _with_store(ctx: GatewayContext, rt: Runtime, response: Response, what
     await _send(response, status, doc)
 
 
-async def _keys(ctx: GatewayContext, store: Any, request: Request) -> tuple[int, Any]:
+async def _keys(ctx: GatewayContext, store: Store, request: Request) -> tuple[int, Any]:
     head = request.head
     now = time.time()
     if head.method in READS:
@@ -131,17 +132,23 @@ async def _keys(ctx: GatewayContext, store: Any, request: Request) -> tuple[int,
     if fields["name"] in config_names:
         raise Conflict(f"A key named {fields['name']!r} is in the config file.")
     made, info = await store.create_key(**fields)
-    await ctx.services.keys.refresh()
+    await _refresh_keys(ctx)
     return 201, {"key": made, **info.as_dict(now)}
 
 
-async def _key(ctx: GatewayContext, store: Any, name: str, request: Request) -> tuple[int, Any]:
+async def _key(ctx: GatewayContext, store: Store, name: str, request: Request) -> tuple[int, Any]:
     now = time.time()
     if request.head.method in READS:
         return 200, (await store.get_key(name)).as_dict(now)
     info = await store.revoke_key(name)
-    await ctx.services.keys.refresh()
+    await _refresh_keys(ctx)
     return 200, info.as_dict(now)
+
+
+async def _refresh_keys(ctx: GatewayContext) -> None:
+    keys = ctx.services.keys
+    assert keys is not None, "the key cache comes with the store"
+    await keys.refresh()
 
 
 def _key_fields(doc: dict[str, Any], rt: Runtime, config_names: set[str]) -> dict[str, Any]:
@@ -174,7 +181,7 @@ def _key_fields(doc: dict[str, Any], rt: Runtime, config_names: set[str]) -> dic
             "budget_period": doc.get("budget_period", "month"), "expires_at": expires}
 
 
-async def _usage(store: Any, params: dict[str, str], tz: str) -> tuple[int, Any]:
+async def _usage(store: Store, params: dict[str, str], tz: str) -> tuple[int, Any]:
 
     now = time.time()
     by = params.get("by", "key")

@@ -33,7 +33,7 @@ from hxgwd.http.connection import HttpConnection
 from hxgwd.http.settings import ConnectionSettings
 from hxgwd.pipeline.context import GatewayContext
 from hxgwd.pipeline.handle import Gateway
-from hxgwd.http.listen import IdleConnections, accept_loop, bound_addresses, open_listeners
+from hxgwd.http.listen import IdleConnections, Listener, accept_loop, bound_addresses, open_listeners
 from hxgwd.pipeline.route import Router
 from hxgwd.services import Services, open_services
 from hxgwd.runtime import Runtime, RuntimeHolder, build_runtime
@@ -137,6 +137,7 @@ class Daemon:
 
         def build() -> Runtime:
             try:
+                assert path is not None, "reload() needs the config file's path"
                 return build_runtime(path, generation)
             finally:
                 self._reader_stuck = False
@@ -213,7 +214,7 @@ async def serve(daemon: Daemon, *, life: Lifecycle | None = None, handle_signals
     return life
 
 
-async def _serve(daemon: Daemon, life: Lifecycle, services: Services, listeners: list,
+async def _serve(daemon: Daemon, life: Lifecycle, services: Services, listeners: list[Listener],
                  task_status: trio.TaskStatus[list[str]]) -> None:
     cfg = daemon.holder.current.config
     idle = IdleWork(life.log_exception, after_batch=daemon.log.flush)
@@ -222,13 +223,15 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services, listeners:
         is_listening=lambda: life.listening,
         is_cutting_off=lambda: life.connections is not None and life.connections.cancel_called))
 
-    built: list = [None, None]      # [server] -> its ConnectionSettings, rebuilt after a reload
+    # [server] -> its ConnectionSettings, rebuilt after a reload
+    built_for, built = cfg.server, connection_settings(cfg.server)
 
     def settings() -> ConnectionSettings:
+        nonlocal built_for, built
         server = daemon.holder.current.config.server
-        if server is not built[0]:
-            built[:] = server, connection_settings(server)
-        return built[1]
+        if server is not built_for:
+            built_for, built = server, connection_settings(server)
+        return built
 
     # the parser is chosen once: the upstream side reads with the same one (needs_restart)
     parser = resolve_parser(cfg.server.http_parser)

@@ -23,7 +23,7 @@ still sending, is not reset before it read the answer.
 from __future__ import annotations
 
 import math
-from typing import Awaitable, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol, Sequence
 
 import trio
 
@@ -35,6 +35,9 @@ from hxgwd.http.protocol import (END_OF_BODY, INTERNAL_ERROR, NEED_DATA, PEER_CL
                                  PlainErrors, ProtocolError, RequestHead)
 from hxgwd.http.settings import ConnectionSettings
 from hxgwd.http.sockio import SocketIO
+
+if TYPE_CHECKING:
+    from hxgwd.http.tls_stream import TLSStream
 
 RECEIVE_SIZE = 65536
 LINGER_SECONDS = 2.0        # longest read-and-drop of a request body before closing under it
@@ -57,7 +60,7 @@ Handler = Callable[[Request, Response], Awaitable[None]]
 
 
 class HttpConnection:
-    def __init__(self, stream: SocketIO, settings: Callable[[], ConnectionSettings], handler: Handler,
+    def __init__(self, stream: SocketIO | TLSStream, settings: Callable[[], ConnectionSettings], handler: Handler,
                  life: Lifecycle, *, parser: str = "h11", errors: Errors = PlainErrors()) -> None:
         self.stream = stream
         self._settings = settings
