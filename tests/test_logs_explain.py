@@ -1,0 +1,142 @@
+"""Issue 17, point 4: logs that explain. Each test is one thing a new operator could not tell from
+the log before: why an upstream failed, that a breaker opened, who sent a request and from where,
+which key a 401 tried, what was answered, and what the daemon started with."""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import httpx
+import trio
+
+from tests.conftest import AUTH, DEV_KEY, gateway_config, start_gateway
+from tests.fakeupstream import FakeUpstream, Raw
+from tests.servers import free_port
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def one_backend(url: str, extra: str = "") -> str:
+    return gateway_config(f"""
+        [[backends]]
+        name = "b"
+        url = "{url}"
+        [[models]]
+        name = "m"
+        backend = "b"
+    """, extra)
+
+
+async def flushed(gw: Any) -> list[dict[str, Any]]:
+    """The access lines once the idle work that writes them has run."""
+    for _ in range(200):
+        await trio.sleep(0.01)
+        gw.daemon.log.flush()
+        if gw.log.requests():
+            return gw.log.requests()
+    return gw.log.requests()
+
+
+async def test_a_refused_connect_says_so(nursery: trio.Nursery) -> None:
+    gw = await start_gateway(nursery, one_backend(f"http://127.0.0.1:{free_port()}"))
+    r = await gw.post("/v1/chat/completions", CHAT)
+    assert r.status_code == 502
+    line = (await flushed(gw))[-1]
+    assert "connect refused" in line["cause"] and "ECONNREFUSED" in line["cause"], line
+    await gw.stop()
+
+
+async def plain_http_server(nursery: trio.Nursery) -> int:
+    """A plain-HTTP server as nginx or uvicorn is one: a TLS hello gets a 400 in clear text."""
+    async def answer(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        await stream.aclose()
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+    return int(listeners[0].socket.getsockname()[1])
+
+
+async def test_https_to_a_plain_http_server_names_the_tls_failure(nursery: trio.Nursery,
+                                                                  upstream: FakeUpstream) -> None:
+    port = await plain_http_server(nursery)
+    gw = await start_gateway(nursery, one_backend(f"https://127.0.0.1:{port}"))
+    r = await gw.post("/v1/chat/completions", CHAT)
+    assert r.status_code == 502
+    line = (await flushed(gw))[-1]
+    assert "tls: wrong version number" in line["cause"], line
+    await gw.stop()
+
+
+async def test_https_to_a_server_that_closes_says_so(nursery: trio.Nursery, upstream: FakeUpstream) -> None:
+    gw = await start_gateway(nursery, one_backend(upstream.url.replace("http://", "https://")))
+    r = await gw.post("/v1/chat/completions", CHAT)
+    assert r.status_code == 502
+    line = (await flushed(gw))[-1]
+    assert "tls: closed during handshake" in line["cause"], line
+    await gw.stop()
+
+
+async def test_a_reset_mid_answer_says_after_how_many_bytes(nursery: trio.Nursery, upstream: FakeUpstream) -> None:
+    upstream.script(Raw(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"a\":",
+                        then="reset"))
+    gw = await start_gateway(nursery, one_backend(upstream.url))
+    r = await gw.post("/v1/chat/completions", CHAT)
+    assert r.status_code == 502
+    line = (await flushed(gw))[-1]
+    assert "reset after" in line["cause"] and "bytes" in line["cause"], line
+    await gw.stop()
+
+
+async def test_access_lines_say_who_and_from_where(nursery: trio.Nursery, upstream: FakeUpstream) -> None:
+    gw = await start_gateway(nursery, one_backend(upstream.url))
+    await gw.post("/v1/chat/completions", CHAT, headers={"User-Agent": "OpenAI/Python 1.2.3",
+                                                        "X-Forwarded-For": "203.0.113.9"})
+    line = (await flushed(gw))[-1]
+    assert line["client"] == "127.0.0.1", line          # not a trusted proxy: its X-Forwarded-For is not believed
+    assert line["user_agent"] == "OpenAI/Python 1.2.3"
+    await gw.stop()
+
+
+async def test_x_forwarded_for_is_honoured_from_a_trusted_proxy(nursery: trio.Nursery,
+                                                               upstream: FakeUpstream) -> None:
+    gw = await start_gateway(nursery, one_backend(upstream.url).replace(
+        "[server]\n", '[server]\ntrusted_proxies = ["127.0.0.0/8"]\n'))
+    await gw.post("/v1/chat/completions", CHAT, headers={"X-Forwarded-For": "198.51.100.7, 203.0.113.9, 127.0.0.2"})
+    line = (await flushed(gw))[-1]
+    assert line["client"] == "203.0.113.9", line     # the nearest address no trusted proxy claims
+    await gw.stop()
+
+
+async def test_a_401_names_the_key_prefix_never_the_key(nursery: trio.Nursery, upstream: FakeUpstream) -> None:
+    gw = await start_gateway(nursery, one_backend(upstream.url))
+    tried = "sk-hx-leaked-0123456789abcdef"
+    r = await gw.get("/v1/models", headers={"Authorization": f"Bearer {tried}"})
+    assert r.status_code == 401
+    line = (await flushed(gw))[-1]
+    assert line["key_prefix"] == tried[:8], line
+    await gw.stop()
+    text = gw.log.getvalue().decode()
+    assert tried not in text and tried[8:] not in text and DEV_KEY not in text
+
+
+async def test_a_short_key_gives_no_prefix(nursery: trio.Nursery, upstream: FakeUpstream) -> None:
+    gw = await start_gateway(nursery, one_backend(upstream.url))
+    r = await gw.get("/v1/models", headers={"Authorization": "Bearer abc123"})
+    assert r.status_code == 401
+    line = (await flushed(gw))[-1]
+    assert "key_prefix" not in line and "abc" not in gw.log.getvalue().decode()
+    await gw.stop()
+
+
+async def test_bytes_out_is_what_was_sent(nursery: trio.Nursery, upstream: FakeUpstream) -> None:
+    gw = await start_gateway(nursery, one_backend(upstream.url))
+    models = await gw.get("/v1/models")
+    refused = await gw.get("/v1/models", headers={"Authorization": "Bearer nope-nope-nope-nope"})
+    for _ in range(100):
+        if len(await flushed(gw)) >= 2:
+            break
+    lines = gw.log.requests()
+    assert [line["bytes_out"] for line in lines] == [len(models.content), len(refused.content)]
+    await gw.stop()
