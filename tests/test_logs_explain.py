@@ -89,6 +89,18 @@ async def test_a_reset_mid_answer_says_after_how_many_bytes(nursery: trio.Nurser
     await gw.stop()
 
 
+async def test_a_breaker_that_opens_is_an_event(nursery: trio.Nursery) -> None:
+    gw = await start_gateway(nursery, one_backend(f"http://127.0.0.1:{free_port()}",
+                                                  "[routing]\nbreaker_failures = 3\n"))
+    for _ in range(5):
+        await gw.post("/v1/chat/completions", CHAT)
+    await gw.stop()
+    events = [line for line in gw.log.lines() if line.get("event") == "breaker_open"]
+    assert len(events) == 1, gw.log.lines()
+    assert events[0]["deployment"].startswith("m") and events[0]["backend"] == "b"
+    assert "connect refused" in events[0]["cause"]
+
+
 async def test_access_lines_say_who_and_from_where(nursery: trio.Nursery, upstream: FakeUpstream) -> None:
     gw = await start_gateway(nursery, one_backend(upstream.url))
     await gw.post("/v1/chat/completions", CHAT, headers={"User-Agent": "OpenAI/Python 1.2.3",
@@ -140,3 +152,21 @@ async def test_bytes_out_is_what_was_sent(nursery: trio.Nursery, upstream: FakeU
     lines = gw.log.requests()
     assert [line["bytes_out"] for line in lines] == [len(models.content), len(refused.content)]
     await gw.stop()
+
+
+async def test_the_startup_line_says_what_is_served(nursery: trio.Nursery, upstream: FakeUpstream,
+                                                    tmp_path: Any) -> None:
+    db = tmp_path / "u.db"
+    gw = await start_gateway(nursery, one_backend(upstream.url, f"""
+        [redis]
+        url = "redis://:hunter2-secret@127.0.0.1:1/0"
+        on_redis_error = "local"
+    """).replace('url = ""', f'url = "sqlite:///{db}"\nspool_dir = "{tmp_path}/spool"', 1))
+    await gw.stop()
+    started = [line for line in gw.log.lines() if line.get("event") == "started"]
+    assert len(started) == 1, gw.log.lines()
+    s = started[0]
+    assert s["generation"] == 1 and s["listen"] and s["http_parser"] in ("httptools", "h11")
+    assert s["models"] == ["m"] and s["backends"] == {"b": upstream.url}
+    assert s["store"].startswith("sqlite:") and s["redis"].startswith("redis://")
+    assert "hunter2" not in gw.log.getvalue().decode()

@@ -95,6 +95,7 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], Awaita
         router.started(dep, began)
         ttfb_before = ex.ttfb
         ex.ttfb = None
+        cause_before = ex.cause
         outcome: Outcome | None = None      # None: the deployment failed (timeout, broken answer)
         # the deployment's own bound on one exchange with it, within the request's
         attempt_deadline = min(settings.deadline, began + dep.backend.timeouts.total)
@@ -142,7 +143,11 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], Awaita
             if outcome is None:
                 outcome = Outcome(ok=False, status=0, ttfb=0.0, duration=now - began, features=features,
                                   began=began)
-            router.finished(dep, outcome, now)
+            # this attempt's cause, if it added one (for the breaker's events)
+            cause = None
+            if ex.cause is not None and ex.cause is not cause_before:
+                cause = ex.cause.rpartition("; ")[2].partition(": ")[2]
+            router.finished(dep, outcome, now, cause)
     if last is None:
         raise UpstreamError("No deployment could take the request.", code="no_deployment_available")
     if last.answer is not None:
