@@ -170,3 +170,69 @@ async def test_the_startup_line_says_what_is_served(nursery: trio.Nursery, upstr
     assert s["models"] == ["m"] and s["backends"] == {"b": upstream.url}
     assert s["store"].startswith("sqlite:") and s["redis"].startswith("redis://")
     assert "hunter2" not in gw.log.getvalue().decode()
+
+
+# --- the breaker's whole cycle, and the events' rate ------------------------------------------
+
+def test_each_change_of_a_breaker_is_told_once_with_why() -> None:
+    from hxgwd.config.model import Routing
+    from hxgwd.routing.breaker import Breaker
+
+    changes: list[tuple[str, str, str]] = []
+    settings = Routing(breaker_failures=2, breaker_cooldown=10.0)
+    b = Breaker(on_change=lambda old, new, why: changes.append((old, new, why)))
+    b.on_failure(0.0, settings)
+    b.on_failure(0.1, settings)                  # opens
+    assert not b.admits(5.0)
+    assert b.admits(10.5)                        # cooldown over: half-open
+    b.on_start(10.5)
+    b.on_failure(10.6, settings)                 # the probe request failed: open again, 20 s
+    b.admits(31.0)
+    b.on_start(31.0)
+    b.on_success(31.1, settings)                 # closed
+    b.on_probe(False, 40.0, settings)            # a health probe failed: open
+    b.on_probe(True, 41.0, settings)             # ... and one succeeded: closed
+    assert changes == [("closed", "open", "2 consecutive failures"), ("open", "half-open", "cooldown over"),
+                       ("half-open", "open", "probe request failed"), ("open", "half-open", "cooldown over"),
+                       ("half-open", "closed", "request succeeded"), ("closed", "open", "health probe failed"),
+                       ("open", "closed", "health probe ok")]
+
+
+def test_a_storm_of_events_is_held_to_a_burst_and_counted() -> None:
+    import io
+
+    from hxgwd import logs
+
+    out = io.BytesIO()
+    log = logs.Logger(out=out)
+    written = sum(log.limited("breaker_open", "warning", "x", deployment=str(i)) for i in range(500))
+    assert written == logs.EVENT_BURST
+    log._buckets["breaker_open"][0] = 1.0        # as after a quiet while
+    assert log.limited("breaker_open", "warning", "x", deployment="late")
+    last = json.loads(out.getvalue().splitlines()[-1])
+    assert last["suppressed"] == 500 - logs.EVENT_BURST and last["event"] == "breaker_open"
+    assert log.limited("breaker_closed", "info", "y")        # another event has a rate of its own
+
+
+async def test_no_secret_reaches_the_log(nursery: trio.Nursery, tmp_path: Any) -> None:
+    """An upstream's api key, the database password and the client's key, through failures."""
+    port = free_port()
+    gw = await start_gateway(nursery, gateway_config(f"""
+        [[backends]]
+        name = "b"
+        url = "https://127.0.0.1:{port}"
+        api_key_env = "UPSTREAM_KEY"
+        [[models]]
+        name = "m"
+        backend = "b"
+    """, database="postgresql://hx:db-pass-s3cret@127.0.0.1:1/hx?password=db-pass-s3cret").replace(
+        "key_refresh = 0.2", f'key_refresh = 0.2\nspool_dir = "{tmp_path}/spool"\nconnect_timeout = 0.2'),
+        environ={"UPSTREAM_KEY": "sk-upstream-s3cret", "HXGWD_DB_PASSWORD": ""})
+    for _ in range(3):
+        await gw.post("/v1/chat/completions", CHAT)
+    await gw.get("/v1/models", headers={"Authorization": "Bearer sk-hx-not-a-key-but-long-enough"})
+    await gw.stop()
+    text = gw.log.getvalue().decode()
+    assert "connect refused" in text
+    for secret in ("sk-upstream-s3cret", "db-pass-s3cret", DEV_KEY, "not-a-key-but-long-enough"):
+        assert secret not in text, secret

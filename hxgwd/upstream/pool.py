@@ -197,7 +197,7 @@ class Pool:
         self._refused_unlogged += 1
         now = trio.current_time()
         if self._log is not None and now - self._full_logged_at >= FULL_LOG_INTERVAL:
-            self._log.warning("requests refused at the gateway's own connection limit for a backend",
+            self._log.warning("requests refused at the gateway's own connection limit for a backend", event="pool_full",
                               backend=self.name, setting="backends[].max_connections",
                               max_connections=self.max_connections, waited_s=waited,
                               refused=self._refused_unlogged)
