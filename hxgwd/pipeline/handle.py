@@ -61,6 +61,8 @@ class Gateway:
             response.add_header(name, value)
         ex = Exchange(request_id=rid, started=trio.current_time(), ts=time.time(), endpoint=path,
                       client_request_id=client_rid, client_headers=head.headers)
+        live = ctx.metrics.live       # in flight, for /metrics
+        live[id(ex)] = ex
         try:
             # Before anything that depends on the path: without a key, which paths exist (404 or
             # 405) is nobody's business.
@@ -94,6 +96,7 @@ class Gateway:
                 ex.client_gone = True
             raise
         finally:
+            del live[id(ex)]
             await self._end(rt, ex)
 
     async def _end(self, rt: Runtime, ex: Exchange) -> None:
@@ -136,6 +139,9 @@ class Gateway:
         if usage is not None:
             usage.hand(segment, rec)
         self.ctx.log.access(rec)
+        found = self.table.find(rec.endpoint)      # the endpoint's name: a path is request data
+        self.ctx.metrics.observe(rec, found.endpoint.name if found is not None else "unknown",
+                                 self.ctx.holder.current)
 
 
 class RequestIds:
