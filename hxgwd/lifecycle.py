@@ -29,6 +29,7 @@ from hxgwd.http.tls import context_for
 from hxgwd.http.tls_stream import TLSStream
 from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
+from hxgwd.metrics.gateway import GatewayMetrics
 from hxgwd.http.connection import HttpConnection
 from hxgwd.http.settings import ConnectionSettings
 from hxgwd.pipeline.context import GatewayContext
@@ -97,6 +98,7 @@ class Daemon:
         lambda self: Transports(self.holder.current.config.server.http_parser, log=self.log), takes_self=True))
     gates: Gates = attrs.field(factory=Gates)
     services: Services | None = None
+    metrics: GatewayMetrics = attrs.field(factory=GatewayMetrics)
     # what restart-only settings are running with: the config at start, whatever reloads came since
     started_with: Config = attrs.field(init=False)
     _reloading: bool = False        # a reload task runs
@@ -131,6 +133,7 @@ class Daemon:
         if self._reader_stuck:
             self.log.error("reload refused: an earlier one is still blocked reading the config",
                            generation=old.generation)
+            self.metrics.reloaded("rejected")
             return False
         sdnotify.reloading()
         path, generation = self.config_path, old.generation + 1
@@ -152,11 +155,13 @@ class Daemon:
             self.log.error("reload rejected, still serving the previous config", event="reload",
                            result="rejected", generation=old.generation, problems=exc.problems)
             sdnotify.ready(f"serving generation {old.generation} (last reload rejected)")
+            self.metrics.reloaded("rejected")
             return False
         except Exception as exc:     # a bug of the config code: still never worth the running daemon
             self.log.exception("reload failed, still serving the previous config", exc)
             self.log.error("reload failed", event="reload", result="failed", generation=old.generation)
             sdnotify.ready(f"serving generation {old.generation} (last reload failed)")
+            self.metrics.reloaded("failed")
             return False
         for setting in needs_restart(self.started_with, new.config):
             self.log.warning("changed setting takes effect only after a restart", setting=setting)
@@ -172,6 +177,7 @@ class Daemon:
                       config=self.config_path, models=len({d.model for d in new.deployments.values()}),
                       backends=len(new.backends))
         sdnotify.ready(f"serving generation {new.generation}")
+        self.metrics.reloaded("ok")
         return True
 
 
@@ -225,7 +231,8 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services, listeners:
     gateway = Gateway(GatewayContext(
         daemon.holder, daemon.router, daemon.transports, daemon.gates, services, daemon.log, idle,
         is_listening=lambda: life.listening,
-        is_cutting_off=lambda: life.connections is not None and life.connections.cancel_called))
+        is_cutting_off=lambda: life.connections is not None and life.connections.cancel_called,
+        metrics=daemon.metrics))
 
     # [server] -> its ConnectionSettings, rebuilt after a reload
     built_for, built = cfg.server, connection_settings(cfg.server)
@@ -260,6 +267,8 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services, listeners:
                 life.connections = connections.cancel_scope
                 with life.accepting:
                     slots = trio.Semaphore(cfg.server.max_connections)
+                    daemon.metrics.connections = lambda: (cfg.server.max_connections - slots.value,
+                                                          len(life.idle_scopes))
                     async with trio.open_nursery() as acceptors:
                         for listener in listeners:
                             acceptors.start_soon(accept_loop, listener, slots, life.idle_scopes, connections,

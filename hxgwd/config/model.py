@@ -174,6 +174,11 @@ class Log:
 
 
 @attrs.frozen(kw_only=True)
+class Metrics:
+    public: bool = False              # GET /metrics without a key; else an admin key (Bearer, or Basic's password)
+
+
+@attrs.frozen(kw_only=True)
 class Config:
     server: Server = Server()
     timeouts: Timeouts = Timeouts()
@@ -182,6 +187,7 @@ class Config:
     database: Database = Database()
     redis: Redis = Redis()
     limits: Limits = Limits()
+    metrics: Metrics = Metrics()
     keys: tuple[Key, ...] = ()
     backends: tuple[Backend, ...] = ()
     models: tuple[Model, ...] = ()

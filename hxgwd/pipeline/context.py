@@ -15,6 +15,7 @@ import attrs
 from hxgwd.idle import IdleWork
 from hxgwd.logs import Logger
 from hxgwd.memtrim import MemoryTrim
+from hxgwd.metrics.gateway import GatewayMetrics
 from hxgwd.offload import Offload
 from hxgwd.pipeline.route import Router
 from hxgwd.runtime import RuntimeHolder
@@ -64,4 +65,5 @@ class GatewayContext:
     offload: Offload = attrs.field(factory=Offload)      # worker threads for large bodies (offload.py)
     memory: MemoryTrim = attrs.field(factory=MemoryTrim)
     response_homes: ResponseHomes = attrs.field(factory=ResponseHomes)
+    metrics: GatewayMetrics = attrs.field(factory=GatewayMetrics)   # /metrics: what is recorded
     models_cache: OrderedDict[tuple[object, ...], bytes] = attrs.field(factory=OrderedDict)   # /v1/models bodies

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 from hxgwd import admin
 from hxgwd.limits import estimate as limit
-from hxgwd.pipeline import models_api, serve_form, serve_model, transform
+from hxgwd.pipeline import metrics_api, models_api, serve_form, serve_model, transform
 from hxgwd.pipeline.endpoint import Endpoint, Table
 from hxgwd.runtime import Deployment
 
@@ -42,6 +42,8 @@ def _admin(name: str, path: str, methods: tuple[str, ...], serve: Any) -> Endpoi
 ENDPOINTS = (
     Endpoint(name="health", paths=("/healthz",), methods=("GET",), serve=models_api.health, access="anyone"),
     Endpoint(name="ready", paths=("/readyz",), methods=("GET",), serve=models_api.ready, access="anyone"),
+    # checks its own credentials (admin key as Bearer or Basic password, or [metrics] public)
+    Endpoint(name="metrics", paths=("/metrics",), methods=("GET",), serve=metrics_api.metrics, access="anyone"),
     Endpoint(name="models", paths=("/v1/models", "/models", "/v1/models/", "/models/"), methods=("GET",),
              serve=models_api.models),
     _proxied("chat.completions", "/chat/completions", "chat", transform.plan_chat, limit.estimate_request),

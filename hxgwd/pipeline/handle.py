@@ -37,6 +37,8 @@ class Gateway:
         self.ctx = ctx
         self.table = table
         self._ids = RequestIds()
+        # endpoint names of exact paths, for /metrics: one dict lookup in idle work, not a find()
+        self._names = {p: ep.name for ep in table.endpoints for p in ep.paths if not p.endswith("/")}
 
     async def __call__(self, request: Request, response: Response) -> None:
         head = request.head
@@ -63,6 +65,8 @@ class Gateway:
                       client_request_id=client_rid, client_headers=head.headers,
                       client=client.client_address(request.peer, head.headers, rt.config.server.trusted_proxies),
                       user_agent=client.user_agent(head.headers))
+        live = ctx.metrics.live       # in flight, for /metrics
+        live[id(ex)] = ex
         try:
             # Before anything that depends on the path: without a key, which paths exist (404 or
             # 405) is nobody's business.
@@ -98,6 +102,7 @@ class Gateway:
                 ex.client_gone = True
             raise
         finally:
+            del live[id(ex)]
             await self._end(rt, ex)
 
     async def _end(self, rt: Runtime, ex: Exchange) -> None:
@@ -144,6 +149,11 @@ class Gateway:
         if usage is not None:
             usage.hand(segment, rec)
         self.ctx.log.access(rec)
+        name = self._names.get(rec.endpoint)       # the endpoint's name: a path is request data
+        if name is None:
+            found = self.table.find(rec.endpoint)
+            name = found.endpoint.name if found is not None else "unknown"
+        self.ctx.metrics.observe(rec, name, self.ctx.holder.current)
 
 
 class RequestIds:

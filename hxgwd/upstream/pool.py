@@ -163,7 +163,8 @@ class Pool:
         return f"<Pool {o.scheme}://{o.host}:{o.port} in_flight={self.in_flight} idle={len(self._idle)}>"
 
     def statistics(self) -> dict[str, int]:
-        return {"in_flight": self.in_flight, "idle": len(self._idle), "opened": self.opened,
+        waiting = self._slots.statistics().tasks_waiting if self._slots is not None else 0
+        return {"in_flight": self.in_flight, "idle": len(self._idle), "waiting": waiting, "opened": self.opened,
                 "max_connections": self.max_connections, "refused": self.refused}
 
     async def request(self, req: UpstreamRequest, timeouts: Timeouts) -> PooledResponse:
