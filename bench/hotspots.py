@@ -83,7 +83,7 @@ HXGWD_GROUPS = [
     ("limits (admit/settle)", r"hxgwd/limits/"),
     ("transform: plan_chat/json/embeddings (JSON re-encode of the body)", r"^plan_(chat|json|embeddings) "),
     ("upstream exchange (Pool.request: h11 client, send, wait for head)", r"^Pool\.request "),
-    ("read upstream body (proxy._read)", r"^_read "),
+    ("read upstream body (answers.read)", r"^read \(hxgwd/pipeline/answers"),
     ("usage_from_body", r"^usage_from_body "),
     ("send the answer to the client (_send_whole)", r"^_send_whole "),
     ("access log (Gateway._record)", r"^Gateway\._record "),

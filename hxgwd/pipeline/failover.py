@@ -17,10 +17,12 @@ client must not be able to open a deployment's breaker for everyone.
 from __future__ import annotations
 
 import enum
+import math
 
 import attrs
 
-from hxgwd.errors import UpstreamError
+from hxgwd.errors import GatewayError, UpstreamError
+from hxgwd.http import Headers
 
 RETRY_STATUSES = frozenset((408, 409, 429))
 REFUSED_CREDENTIALS = frozenset((401, 403))
@@ -56,3 +58,30 @@ def judge_failure(exc: BaseException, *, gateway_limit: bool) -> Verdict:
     if isinstance(exc, UpstreamError):      # UpstreamTimeout included
         return Verdict(move_on=True, learn=Learn.FAILED)
     return Verdict(move_on=False, learn=Learn.NOTHING)
+
+
+class Retry(Exception):
+    """This attempt failed in a way the next deployment may not; carries what to answer if last."""
+
+    def __init__(self, error: GatewayError | None, answer: tuple[int, Headers, bytes] | None) -> None:
+        self.error = error
+        self.answer = answer
+
+    def retry_after(self) -> float | None:
+        """The wait a 429 or 503 asked for: cooling instead of a failure (routing/breaker.py).
+        Only a real wait counts: 0, negative or NaN would let a failing deployment dodge its breaker."""
+        if self.answer is None or self.answer[0] not in (429, 503):
+            return None
+        for name, value in self.answer[1]:
+            if name == b"retry-after":
+                try:
+                    seconds = float(value)
+                except ValueError:
+                    return None     # an HTTP date: rare from model servers; the breaker still applies
+                return seconds if 0 < seconds < math.inf else None
+        return None
+
+    def cause(self) -> str:
+        if self.error is not None:
+            return self.error.cause or self.error.code or "upstream error"
+        return f"status {self.answer[0]}" if self.answer is not None else "upstream error"

@@ -24,7 +24,7 @@ from hxgwd.pipeline.context import GatewayContext
 from hxgwd.pipeline.endpoint import Table
 from hxgwd.pipeline.endpoints import TABLE
 from hxgwd.pipeline.exchange import Exchange
-from hxgwd.pipeline.proxy import route_headers
+from hxgwd.pipeline.answers import route_headers
 from hxgwd.runtime import Principal, Runtime
 from hxgwd.store.schema import record_from_values
 

@@ -15,18 +15,19 @@ one event in memory, and a client that hangs up cancels the upstream read at onc
 
 from __future__ import annotations
 
-import math
 from typing import Awaitable, Callable, cast
 
 import attrs
 import trio
 
 from hxgwd.config.model import Timeouts
-from hxgwd.errors import GatewayError, Unavailable, UpstreamError, UpstreamTimeout
+from hxgwd.errors import Unavailable, UpstreamError, UpstreamTimeout
 from hxgwd.offload import Offload
 from hxgwd.pipeline import transform
 from hxgwd.pipeline.exchange import Exchange
-from hxgwd.pipeline.failover import Learn, Verdict, judge_failure, judge_status
+from hxgwd.pipeline.answers import (head, is_event_stream, read, read_parts, relay_bytes,
+                                    relay_stream, send_whole, tail)
+from hxgwd.pipeline.failover import Learn, Retry, Verdict, judge_failure, judge_status
 from hxgwd.http.exchange import Response
 from hxgwd.http import Headers
 from hxgwd.pipeline.route import Outcome, Plan, RequestFeatures, Router
@@ -35,8 +36,6 @@ from hxgwd.upstream import PoolFull, Transport, UpstreamRequest, UpstreamRespons
 from hxgwd.upstream.transports import Transports
 from hxgwd.upstream.gates import DeploymentBusy, Gates
 
-COALESCE_BYTES = 65536      # most stream bytes gathered into one write to the client
-SEND_IN_PIECES_BYTES = 1 << 20   # a non-streamed answer this large is written piece by piece
 ERROR_BODY_LIMIT = 65536
 
 
@@ -49,40 +48,13 @@ class ProxySettings:
     offload: Offload                     # the gateway's worker threads, for a large answer's merge
 
 
-class _Retry(Exception):
-    """This attempt failed in a way the next deployment may not; carries what to answer if last."""
-
-    def __init__(self, error: GatewayError | None, answer: tuple[int, Headers, bytes] | None) -> None:
-        self.error = error
-        self.answer = answer
-
-    def retry_after(self) -> float | None:
-        """The wait a 429 or 503 asked for: cooling instead of a failure (routing/breaker.py).
-        Only a real wait counts: 0, negative or NaN would let a failing deployment dodge its breaker."""
-        if self.answer is None or self.answer[0] not in (429, 503):
-            return None
-        for name, value in self.answer[1]:
-            if name == b"retry-after":
-                try:
-                    seconds = float(value)
-                except ValueError:
-                    return None     # an HTTP date: rare from model servers; the breaker still applies
-                return seconds if 0 < seconds < math.inf else None
-        return None
-
-    def cause(self) -> str:
-        if self.error is not None:
-            return self.error.cause or self.error.code or "upstream error"
-        return f"status {self.answer[0]}" if self.answer is not None else "upstream error"
-
-
 async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], Awaitable[transform.CallPlan]],
                   router: Router, transports: Transports, gates: Gates, settings: ProxySettings,
                   features: RequestFeatures, response: Response) -> None:
     if not plan.order:
         raise Unavailable("No deployment of this model is available right now.",
                           retry_after=plan.retry_after or 1.0)
-    last: _Retry | None = None
+    last: Retry | None = None
     for dep in plan.order[: settings.max_attempts]:
         calls = await build(dep)     # BadRequest here is the caller's fault: no failover
         ex.attempts += 1
@@ -111,7 +83,7 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], Awaita
                 outcome = None
                 if response.started:
                     raise UpstreamTimeout("The request took longer than its total deadline.")
-                last = _Retry(UpstreamTimeout("The upstream did not answer within the request deadline.",
+                last = Retry(UpstreamTimeout("The upstream did not answer within the request deadline.",
                                               code="upstream_total_timeout"), None)
                 _note(ex, dep, "total timeout")
                 if attempt_deadline >= settings.deadline:
@@ -121,9 +93,9 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], Awaita
         except (DeploymentBusy, PoolFull) as busy:
             verdict = judge_failure(busy, gateway_limit=True)
             _note(ex, dep, busy.cause or busy.code or "busy")
-            last = _Retry(busy, None)
+            last = Retry(busy, None)
             outcome = _learned(verdict, 0, began, features)
-        except _Retry as retry:
+        except Retry as retry:
             last = retry
             _note(ex, dep, retry.cause())
             outcome = Outcome(ok=False, status=retry.answer[0] if retry.answer else 0,
@@ -153,7 +125,7 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], Awaita
     if last.answer is not None:
         status, headers, body = last.answer
         ex.status = status
-        await _send_whole(ex, response, status, headers, body)
+        await send_whole(ex, response, status, headers, body)
         return
     assert last.error is not None
     raise last.error
@@ -198,19 +170,19 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
             await _refuse_failures(up, timeouts)
             relay = None
             if up.status == 200:
-                if calls.stream and _is_event_stream(up.headers):
-                    relay = _relay_stream
+                if calls.stream and is_event_stream(up.headers):
+                    relay = relay_stream
                 elif calls.binary_answer:
-                    relay = _relay_bytes
+                    relay = relay_bytes
             if relay is not None:
-                await relay(ex, dep, calls, up, settings, response, timeouts.between_chunks)
+                await relay(ex, dep, calls, up, settings.max_sse_event_bytes, response, timeouts.between_chunks)
                 return Outcome(ok=True, status=200, ttfb=ex.ttfb or 0.0, duration=trio.current_time() - began,
                                features=features, output_tokens=(ex.usage or {}).get("completion_tokens"),
                                began=started)
             try:
-                body = await _read_parts(up, settings.max_response_bytes, timeouts.between_chunks)
+                body = await read_parts(up, settings.max_response_bytes, timeouts.between_chunks)
             except UpstreamError as exc:
-                raise _Retry(exc, None) from None
+                raise Retry(exc, None) from None
         finally:
             await up.aclose()
         status, answer_headers = up.status, up.headers
@@ -221,19 +193,19 @@ async def _attempt(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
                 try:
                     await settings.offload.run(len(whole), merge.add, 0, whole)
                 except UpstreamError as exc:
-                    raise _Retry(exc, None) from None
+                    raise Retry(exc, None) from None
                 del whole
                 body = merge.answer()
     ex.status = status
     headers_out = transform.downstream_headers(answer_headers)
     duration = trio.current_time() - began
     try:
-        await _send_whole(ex, response, status, headers_out, body, dep, upstream_so_far=duration)
+        await send_whole(ex, response, status, headers_out, body, dep, upstream_so_far=duration)
     finally:   # after the answer is out, not before (it only feeds the record), but always
         if status == 200 and len(calls.bodies) == 1 and calls.spends_usage:
-            ex.usage = transform.usage_from_body(_tail(cast("list[bytes]", body)))   # one call's, read
+            ex.usage = transform.usage_from_body(tail(cast("list[bytes]", body)))   # one call's, read
             if calls.note_answer_id:
-                ex.answer_id = transform.answer_id(body if isinstance(body, bytes) else _head(body))
+                ex.answer_id = transform.answer_id(body if isinstance(body, bytes) else head(body))
     return Outcome(ok=status < 500, status=status, ttfb=ex.ttfb or 0.0, duration=duration,
                    features=features, output_tokens=(ex.usage or {}).get("completion_tokens"), began=started)
 
@@ -244,21 +216,21 @@ async def _call(transport: Transport, req: UpstreamRequest, timeouts: Timeouts) 
     except PoolFull:
         raise                   # the gateway's own limit: not the deployment's failure (forward)
     except UpstreamError as exc:
-        raise _Retry(exc, None) from None
+        raise Retry(exc, None) from None
 
 
 async def _refuse_failures(up: UpstreamResponse, timeouts: Timeouts) -> None:
-    """_Retry for an answer the next deployment may not give (failover.judge_status)."""
+    """Retry for an answer the next deployment may not give (failover.judge_status)."""
     verdict = judge_status(up.status)
     if not verdict.move_on:
         return
     if not verdict.pass_through:
         # The gateway's own key for this backend was refused: the upstream's message may quote
         # the key, so the client gets ours.
-        raise _Retry(UpstreamError(f"The backend refused the gateway's credentials ({up.status}).",
+        raise Retry(UpstreamError(f"The backend refused the gateway's credentials ({up.status}).",
                                    code="upstream_auth_failed", cause=f"credentials refused ({up.status})"), None)
-    error_body = await _read(up, ERROR_BODY_LIMIT, timeouts.between_chunks, tolerate=True)
-    raise _Retry(None, (up.status, transform.downstream_headers(up.headers), error_body))
+    error_body = await read(up, ERROR_BODY_LIMIT, timeouts.between_chunks, tolerate=True)
+    raise Retry(None, (up.status, transform.downstream_headers(up.headers), error_body))
 
 
 async def _fan_out(ex: Exchange, dep: Deployment, calls: transform.CallPlan, transport: Transport,
@@ -290,9 +262,9 @@ async def _fan_out(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
                         ex.ttfb = trio.current_time() - began
                     await _refuse_failures(up, timeouts)
                     try:
-                        answer = await _read(up, settings.max_response_bytes, timeouts.between_chunks)
+                        answer = await read(up, settings.max_response_bytes, timeouts.between_chunks)
                     except UpstreamError as exc:
-                        raise _Retry(exc, None) from None
+                        raise Retry(exc, None) from None
                 finally:
                     await up.aclose()
                 if up.status != 200:
@@ -303,7 +275,7 @@ async def _fan_out(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
                 try:
                     merge.add(i, answer)
                 except UpstreamError as exc:
-                    raise _Retry(exc, None) from None
+                    raise Retry(exc, None) from None
                 ex.usage = merge.usage
                 ex.fanout_left -= 1
         except Exception as exc:
@@ -323,179 +295,3 @@ async def _fan_out(ex: Exchange, dep: Deployment, calls: transform.CallPlan, tra
         raise failure
     assert first_headers is not None
     return 200, first_headers, merge.answer()
-
-
-async def _read(up: UpstreamResponse, limit: int, between_chunks: float, tolerate: bool = False) -> bytes:
-    """The whole body, each piece within `between_chunks` of the last."""
-    return b"".join(await _read_parts(up, limit, between_chunks, tolerate))
-
-
-async def _read_parts(up: UpstreamResponse, limit: int, between_chunks: float,
-                      tolerate: bool = False) -> list[bytes]:
-    """The whole body as it came, in pieces: joined, a 40 MB answer took the loop for ~20 ms
-    and its memory twice over."""
-    parts: list[bytes] = []
-    size = 0
-    try:
-        while True:
-            chunk = await up.receive(trio.current_time() + between_chunks)
-            if not chunk:
-                return parts
-            size += len(chunk)
-            if size > limit:
-                if tolerate:
-                    return parts
-                raise UpstreamError("The upstream answer is larger than the gateway accepts.",
-                                    cause=f"answer over max_response_bytes ({limit})")
-            parts.append(chunk)
-    except UpstreamError:
-        if tolerate:
-            return parts
-        raise
-    except trio.TooSlowError:
-        if tolerate:
-            return parts
-        raise UpstreamTimeout("The upstream stopped sending mid-answer.", code="upstream_read_timeout",
-                              cause=f"read timeout after {size} bytes ({between_chunks:g} s)") from None
-
-
-def _head(parts: list[bytes], at_most: int = 1 << 20) -> bytes:
-    """The start of a body in pieces: the whole of it when small, else its first piece."""
-    return b"".join(parts) if sum(map(len, parts)) <= at_most else parts[0]
-
-
-def _tail(parts: list[bytes], at_least: int = 65536) -> bytes:
-    """The end of a body in pieces: where an answer's `usage` is."""
-    if len(parts) == 1:
-        return parts[0]
-    take, size = len(parts), 0
-    while take and size < at_least:
-        take -= 1
-        size += len(parts[take])
-    return b"".join(parts[take:])
-
-
-async def _relay_stream(ex: Exchange, dep: Deployment, calls: transform.CallPlan, up: UpstreamResponse,
-                        settings: ProxySettings, response: Response, between_chunks: float) -> None:
-    ex.stream = True
-    ex.status = 200
-    relay = transform.SseRelay(calls.strip_stream_usage, settings.max_sse_event_bytes, calls.event_usage)
-    # Nothing reaches the client before the stream's first whole event: a stream that breaks,
-    # stalls, or sends a first event over max_sse_event_bytes before it is still failed over, like
-    # a 5xx. (A stream that ends before any whole event sends what it had, as it came.)
-    out = b""
-    try:
-        while not out and (chunk := await _next_chunk(up, between_chunks)):
-            out = relay.feed(chunk)
-    except UpstreamError as exc:      # UpstreamTimeout included
-        raise _Retry(exc, None) from None
-    headers = transform.downstream_headers(up.headers)
-    headers += [(b"x-accel-buffering", b"no"), *_gateway_headers(ex, dep, trio.current_time() - ex.started)]
-    await response.start(200, headers)
-    try:
-        while chunk:
-            # What has already arrived behind it goes out in the same write: one system call and
-            # one chunk for a burst of events, never a wait for more. (None: the rest is still on
-            # its way; b"": the end, which then goes out in the same write too.)
-            more = None
-            while len(out) < COALESCE_BYTES and (more := up.receive_ready()):
-                out += relay.feed(more)
-            if more == b"":
-                break
-            if out:
-                ex.bytes_out += len(out)
-                await response.send(out)
-            chunk = await _next_chunk(up, between_chunks)
-            out = relay.feed(chunk) if chunk else b""
-        out += relay.end()
-        ex.bytes_out += len(out)
-        await response.end(out)
-    finally:
-        ex.usage = relay.usage if calls.spends_usage else None
-        ex.answer_id = relay.answer_id
-
-
-async def _relay_bytes(ex: Exchange, dep: Deployment, calls: transform.CallPlan, up: UpstreamResponse,
-                       settings: ProxySettings, response: Response, between_chunks: float) -> None:
-    """A binary answer (speech audio) relayed as it arrives, at the client's pace: one piece in
-    memory at a time, however long the audio. Failover ends with its head, as for a stream."""
-    ex.status = 200
-    try:
-        chunk = await _next_chunk(up, between_chunks)
-    except UpstreamError as exc:
-        raise _Retry(exc, None) from None
-    headers = transform.downstream_headers(up.headers)
-    headers += _gateway_headers(ex, dep, trio.current_time() - ex.started)
-    await response.start(200, headers)
-    while chunk:
-        ex.bytes_out += len(chunk)
-        await response.send(chunk)
-        chunk = await _next_chunk(up, between_chunks)
-    await response.end()
-
-
-async def _next_chunk(up: UpstreamResponse, between_chunks: float) -> bytes:
-    try:
-        return await up.receive(trio.current_time() + between_chunks)
-    except trio.TooSlowError:
-        raise UpstreamTimeout("The upstream stream stalled.", code="upstream_read_timeout",
-                              cause=f"stream stalled ({between_chunks:g} s)") from None
-
-
-async def _send_whole(ex: Exchange, response: Response, status: int, headers: Headers,
-                      body: bytes | list[bytes], dep: Deployment | None = None,
-                      upstream_so_far: float | None = None) -> None:
-    """`body`: bytes, or its pieces; pieces of a large body are sent as they are, in writes of
-    COALESCE_BYTES or more, rather than joined into one (a copy of all of it, held to the end)."""
-    spent = ex.upstream_time + (upstream_so_far or 0.0)
-    headers = headers + _gateway_headers(ex, dep, spent)
-    if isinstance(body, list):
-        size = sum(map(len, body))
-        if size > SEND_IN_PIECES_BYTES:
-            ex.bytes_out = size
-            await response.start(status, [*headers, (b"content-length", b"%d" % size)])
-            batch: list[bytes] = []
-            batched = 0
-            for part in body:
-                batch.append(part)
-                batched += len(part)
-                if batched >= COALESCE_BYTES:
-                    await response.send(b"".join(batch))
-                    batch, batched = [], 0
-            await response.send(b"".join(batch))
-            await response.end()
-            return
-        body = b"".join(body)
-    ex.bytes_out = len(body)
-    await response.send_full(status, headers, body)
-
-
-def _gateway_headers(ex: Exchange, dep: Deployment | None, upstream_time: float) -> Headers:
-    """`dep`: the deployment whose answer this is; None when the answer is the request's, after
-    every attempt failed (the last one's answer passed through): then every deployment tried."""
-    overhead_ms = max(0.0, (trio.current_time() - ex.started - upstream_time) * 1000)
-    out = [(b"x-hx-overhead-ms", f"{overhead_ms:.3f}".encode())]
-    if dep is None:
-        return out + route_headers(ex)
-    out.append((b"x-hx-deployment", dep.id.encode()))
-    if ex.route:
-        out.append((b"x-hx-route", ex.route.encode()))
-    return out
-
-
-def route_headers(ex: Exchange) -> Headers:
-    """X-HX-Deployment naming every deployment tried, in order, and X-HX-Route: on the answers of
-    requests that failed, so that a 502/503/504 says where it came from."""
-    out = []
-    if ex.tried:
-        out.append((b"x-hx-deployment", ", ".join(ex.tried).encode()))
-    if ex.route:
-        out.append((b"x-hx-route", ex.route.encode()))
-    return out
-
-
-def _is_event_stream(headers: Headers) -> bool:
-    for name, value in headers:
-        if name == b"content-type":
-            return value.startswith(b"text/event-stream")
-    return False
