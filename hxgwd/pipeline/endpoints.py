@@ -42,6 +42,8 @@ def _admin(name: str, path: str, methods: tuple[str, ...], serve: Any) -> Endpoi
 ENDPOINTS = (
     Endpoint(name="health", paths=("/healthz",), methods=("GET",), serve=models_api.health, access="anyone"),
     Endpoint(name="ready", paths=("/readyz",), methods=("GET",), serve=models_api.ready, access="anyone"),
+    # the document of this table (docs/openapi.yaml): the same for every config, open like the health checks
+    Endpoint(name="openapi", paths=("/openapi.json",), methods=("GET",), serve=models_api.openapi, access="anyone"),
     Endpoint(name="models", paths=("/v1/models", "/models", "/v1/models/", "/models/"), methods=("GET",),
              serve=models_api.models),
     _proxied("chat.completions", "/chat/completions", "chat", transform.plan_chat, limit.estimate_request),
