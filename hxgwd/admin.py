@@ -50,12 +50,12 @@ class DatabaseTimeout(UpstreamTimeout):
 
 async def routing(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Principal | None,
                   request: Request, response: Response, ep: Endpoint, rest: str) -> None:
-    await _send(response, 200, {"generation": rt.generation, "targets": ctx.router.table(rt, trio.current_time())})
+    await _send(response, ex, 200, {"generation": rt.generation, "targets": ctx.router.table(rt, trio.current_time())})
 
 
 async def stats(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Principal | None,
                 request: Request, response: Response, ep: Endpoint, rest: str) -> None:
-    await _send(response, 200, {
+    await _send(response, ex, 200, {
         "generation": rt.generation, **ctx.services.statistics(),
         "concurrency": ctx.gates.statistics(),
         "deferred": ctx.idle.statistics(),
@@ -66,19 +66,19 @@ async def stats(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Princ
 
 async def keys(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Principal | None,
                request: Request, response: Response, ep: Endpoint, rest: str) -> None:
-    await _with_store(ctx, rt, response, "database query", lambda store: _keys(ctx, store, request))
+    await _with_store(ctx, rt, ex, response, "database query", lambda store: _keys(ctx, store, request))
 
 
 async def key(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Principal | None,
               request: Request, response: Response, ep: Endpoint, rest: str) -> None:
     name = urllib.parse.unquote(rest)
-    await _with_store(ctx, rt, response, "database query", lambda store: _key(ctx, store, name, request))
+    await _with_store(ctx, rt, ex, response, "database query", lambda store: _key(ctx, store, name, request))
 
 
 async def usage(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Principal | None,
                 request: Request, response: Response, ep: Endpoint, rest: str) -> None:
     params = _params(request)
-    await _with_store(ctx, rt, response, "usage query",
+    await _with_store(ctx, rt, ex, response, "usage query",
                       lambda store: _usage(store, params, rt.config.limits.timezone))
 
 
@@ -87,7 +87,7 @@ def _params(request: Request) -> dict[str, str]:
     return {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
 
 
-async def _with_store(ctx: GatewayContext, rt: Runtime, response: Response, what: str,
+async def _with_store(ctx: GatewayContext, rt: Runtime, ex: Exchange, response: Response, what: str,
                       call: Callable[[Store], Awaitable[tuple[int, Any]]]) -> None:
     """Runs a store call within the database's bounds, its failures as answers."""
     store = ctx.services.store
@@ -117,7 +117,7 @@ async def _with_store(ctx: GatewayContext, rt: Runtime, response: Response, what
     if status is None:
         raise DatabaseTimeout(f"The {what} timed out: no answer within {limit:g} s "
                               "([database] connect_timeout + statement_timeout).")
-    await _send(response, status, doc)
+    await _send(response, ex, status, doc)
 
 
 async def _keys(ctx: GatewayContext, store: Store, request: Request) -> tuple[int, Any]:
@@ -216,6 +216,8 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return doc
 
 
-async def _send(response: Response, status: int, doc: Any) -> None:
-    await response.send_full(status, [JSON], json.dumps(doc, default=str).encode())
+async def _send(response: Response, ex: Exchange, status: int, doc: Any) -> None:
+    body = json.dumps(doc, default=str).encode()
+    ex.bytes_out = len(body)       # the access line's bytes_out: what was answered
+    await response.send_full(status, [JSON], body)
 

@@ -47,6 +47,9 @@ class GatewayError(Exception):
     type = "server_error"
     code: str | None = None
     fault = "gateway"
+    # why, for the operator only (the access line's `cause`): "connect refused (ECONNREFUSED)";
+    # never in the answer, whose message is a fixed text
+    cause: str | None = None
 
     def __init__(
         self,
@@ -55,6 +58,7 @@ class GatewayError(Exception):
         code: str | None = None,
         param: str | None = None,
         retry_after: float | None = None,
+        cause: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -62,6 +66,8 @@ class GatewayError(Exception):
             self.code = code
         self.param = param
         self.retry_after = retry_after
+        if cause is not None:
+            self.cause = cause
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         if self.retry_after is None:

@@ -20,7 +20,7 @@ from functools import partial
 import attrs
 import trio
 
-from hxgwd import sdnotify
+from hxgwd import events, sdnotify
 from hxgwd.config.load import ConfigError
 from hxgwd.config.model import Config, Server
 from hxgwd.errors import HttpErrors
@@ -149,12 +149,13 @@ class Daemon:
             if waited.cancelled_caught:
                 raise ConfigError([f"reading the config took over {RELOAD_TIMEOUT:g} s (a FIFO, a hung mount?)"])
         except ConfigError as exc:
-            self.log.error("reload rejected, still serving the previous config",
-                           generation=old.generation, problems=exc.problems)
+            self.log.error("reload rejected, still serving the previous config", event="reload",
+                           result="rejected", generation=old.generation, problems=exc.problems)
             sdnotify.ready(f"serving generation {old.generation} (last reload rejected)")
             return False
         except Exception as exc:     # a bug of the config code: still never worth the running daemon
             self.log.exception("reload failed, still serving the previous config", exc)
+            self.log.error("reload failed", event="reload", result="failed", generation=old.generation)
             sdnotify.ready(f"serving generation {old.generation} (last reload failed)")
             return False
         for setting in needs_restart(self.started_with, new.config):
@@ -167,7 +168,9 @@ class Daemon:
         if self.services is not None:
             self.services.configure(new.config)
         self.log.configure(new.config.log.level, new.config.log.access_log)
-        self.log.info("config reloaded", generation=new.generation)
+        self.log.info("config reloaded", event="reload", result="ok", generation=new.generation,
+                      config=self.config_path, models=len({d.model for d in new.deployments.values()}),
+                      backends=len(new.backends))
         sdnotify.ready(f"serving generation {new.generation}")
         return True
 
@@ -196,6 +199,7 @@ async def serve(daemon: Daemon, *, life: Lifecycle | None = None, handle_signals
     life = life or Lifecycle(daemon.log)
     cfg = daemon.holder.current.config
     daemon.router.configure(cfg.routing)
+    daemon.router.on_breaker = events.breaker_logger(daemon.log)
     # Bound before any task starts and before the services make anything (the SQLite file, the
     # spool): a busy port fails plainly (exit 71) and leaves nothing behind.
     listeners = await open_listeners(cfg.server.listen, cfg.server.backlog)
@@ -263,11 +267,11 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services, listeners:
                                                  on_resource_error)
                         life.listening = True
                         runtime = daemon.holder.current
-                        daemon.log.info("listening", addresses=addresses,
-                                        tls=[listener.address for listener in listeners
-                                             if context_for(runtime.tls, runtime.config.server, listener.listen)],
-                                        http_parser=parser,
-                                        generation=daemon.holder.current.generation)
+                        tls = [listener.address for listener in listeners
+                               if context_for(runtime.tls, runtime.config.server, listener.listen)]
+                        # the one startup line: what is served, from which file (events.py)
+                        daemon.log.info("listening", event="started", **events.started_fields(
+                            runtime, daemon.config_path, addresses, tls, parser))
                         sdnotify.ready(f"listening on {', '.join(addresses)}")
                         task_status.started(addresses)
                 life.listening = False

@@ -20,6 +20,11 @@ from hxgwd.errors import MAX_ECHOED, capped
 from hxgwd.pipeline.record import RequestRecord, log_line
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+# Operational events of one name (breaker_open, ...): a burst of this many lines, then one every
+# EVENT_REFILL seconds; the lines held back are counted in the next one (`suppressed`). A storm
+# (a backend of 200 deployments going down at once, a flapping breaker) cannot flood the journal.
+EVENT_BURST = 20
+EVENT_REFILL = 2.0
 MAX_HELD = 256      # access lines held at most, should nothing call flush() for a while
 
 
@@ -31,6 +36,7 @@ class Logger:
         self.write_errors = 0
         self._stamp = _Stamps()
         self._held: list[bytes] = []     # access lines not yet written
+        self._buckets: dict[str, list[float]] = {}   # event name -> [tokens, at, suppressed]
 
     def configure(self, level: str, access_log: bool) -> None:
         self.level = LEVELS[level]
@@ -49,6 +55,25 @@ class Logger:
 
     def error(self, msg: str, **fields: Any) -> None:
         self.event("error", msg, **fields)
+
+    def limited(self, event: str, level: str, msg: str, **fields: Any) -> bool:
+        """An operational event named `event`, within its rate (EVENT_BURST, EVENT_REFILL);
+        False when held back (counted, and said in the next line of that name)."""
+        now = time.monotonic()
+        bucket = self._buckets.get(event)
+        if bucket is None:
+            bucket = self._buckets[event] = [float(EVENT_BURST), now, 0.0]
+        bucket[0] = min(float(EVENT_BURST), bucket[0] + (now - bucket[1]) / EVENT_REFILL)
+        bucket[1] = now
+        if bucket[0] < 1.0:
+            bucket[2] += 1
+            return False
+        bucket[0] -= 1.0
+        if bucket[2]:
+            fields["suppressed"] = int(bucket[2])
+            bucket[2] = 0.0
+        self.event(level, msg, event=event, **fields)
+        return True
 
     def exception(self, msg: str, exc: BaseException) -> None:
         # the traceback goes to the operator's log only; clients get a fixed message

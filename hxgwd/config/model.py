@@ -37,6 +37,7 @@ class Server:
     cors_origins: tuple[str, ...] = ()   # browser origins allowed to call /v1/*, as browsers send them, or ("*",)
     cors_allow_credentials: bool = False # let browsers send cookies / HTTP auth along; never with "*"
     cors_max_age: int = 600              # seconds a browser may reuse a preflight answer
+    trusted_proxies: tuple[str, ...] = ()  # addresses / networks whose X-Forwarded-For is believed
 
 
 @attrs.frozen(kw_only=True)

@@ -72,6 +72,11 @@ def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list
     if s.tls_listen and not s.tls_cert:
         p.append("server.tls_listen: TLS needs tls_cert and tls_key")
     p.extend(_check_cors(s))
+    for i, entry in enumerate(s.trusted_proxies):
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            p.append(f"server.trusted_proxies[{i}]: {entry!r} is not an address or network (10.0.0.0/8, ::1)")
     p.extend(_check_timeouts(c.timeouts, "timeouts"))
     # The example key opens the gateway to whoever read the README: any key (admin or not: it
     # spends the backends' quota and the budgets either way), on any address others can reach.

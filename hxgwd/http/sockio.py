@@ -19,6 +19,7 @@ complete only when the connection ended cleanly.
 
 from __future__ import annotations
 
+import errno
 import math
 import select
 import socket
@@ -134,5 +135,7 @@ def _receive_now(sock: socket.socket, max_bytes: int) -> bytes | None:
 def _broken(sock: socket.socket, exc: OSError) -> Exception:
     if sock.fileno() < 0:
         return trio.ClosedResourceError("the socket was closed")
-    return trio.BrokenResourceError(f"socket error: {exc.strerror or exc}")
+    # the errno's name too (ECONNRESET): the pool's failure causes quote it (upstream/causes.py)
+    name = errno.errorcode.get(exc.errno or 0, "")
+    return trio.BrokenResourceError(f"socket error: {name} {exc.strerror or exc}".replace(":  ", ": "))
 

@@ -322,7 +322,7 @@ class RedisLimiter:
         self._down_since = now
         self._outage_counts = [0, 0]
         self.stats["outages"] += 1
-        self.log.warning("limits: redis unavailable", policy=self.policy, error=type(exc).__name__,
+        self.log.warning("limits: redis unavailable", event="redis_lost", policy=self.policy, error=type(exc).__name__,
                          detail=str(exc)[:200])
         for key, (period, spent) in self._seen.items():
             pending = self._pending.get(key)
@@ -333,5 +333,5 @@ class RedisLimiter:
         down = trio.current_time() - (self._down_since or 0.0)
         self._down_since = None
         fallback, denied = self._outage_counts
-        self.log.info("limits: redis recovered", down_seconds=round(down, 3), policy=self.policy,
+        self.log.info("limits: redis recovered", event="redis_back", down_seconds=round(down, 3), policy=self.policy,
                       fallback_admits=fallback, denied=denied)

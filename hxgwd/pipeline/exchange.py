@@ -51,6 +51,10 @@ class Exchange:
     reservation: Reservation | None = None   # what the limit stage reserved; settled at the end
     fanout_calls: int = 0                # calls of the last attempt's fan-out (embeddings, one per input)
     fanout_left: int = 0                 # ... not finished: their share of the reservation is kept
+    client: str | None = None            # the peer's address (client.py)
+    user_agent: str | None = None
+    key_prefix: str | None = None        # on a 401: what the refused key starts with (authenticate.py)
+    cause: str | None = None             # why attempts failed, one "deployment: cause" each (proxy.py)
 
     def cost(self) -> float | None:
         if self.usage is None or self.served is None:
@@ -78,7 +82,7 @@ class Exchange:
                 self.group, self.deployment, self.backend, status, error_type, fault, self.stream, prompt,
                 completion, total, cost, self.bytes_in, self.bytes_out, (ended - self.started) * 1000,
                 self.upstream_time * 1000, ttfb * 1000 if ttfb is not None else None, self.attempts,
-                self.route, generation)
+                self.route, generation, self.client, self.user_agent, self.key_prefix, self.cause)
 
     def settlement(self, cost: float | None) -> tuple[int | None, float | None]:
         """(tokens, cost) to settle the reservation with. A failed request is charged nothing it

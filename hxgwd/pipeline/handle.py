@@ -16,10 +16,10 @@ from typing import Any
 import trio
 
 from hxgwd import memtrim
-from hxgwd.errors import GatewayError, NotFound, ShuttingDown, capped, require_method
+from hxgwd.errors import GatewayError, NotFound, ShuttingDown, Unauthorized, capped, require_method
 from hxgwd.http import Headers
 from hxgwd.http.exchange import ClientGone, Request, Response
-from hxgwd.pipeline import authenticate, cors
+from hxgwd.pipeline import authenticate, client, cors
 from hxgwd.pipeline.context import GatewayContext
 from hxgwd.pipeline.endpoint import Table
 from hxgwd.pipeline.endpoints import TABLE
@@ -60,7 +60,9 @@ class Gateway:
         for name, value in cors.answer_headers(rt.config.server, head, api):
             response.add_header(name, value)
         ex = Exchange(request_id=rid, started=trio.current_time(), ts=time.time(), endpoint=path,
-                      client_request_id=client_rid, client_headers=head.headers)
+                      client_request_id=client_rid, client_headers=head.headers,
+                      client=client.client_address(request.peer, head.headers, rt.config.server.trusted_proxies),
+                      user_agent=client.user_agent(head.headers))
         try:
             # Before anything that depends on the path: without a key, which paths exist (404 or
             # 405) is nobody's business.
@@ -79,7 +81,9 @@ class Gateway:
             ex.error, ex.status = exc, exc.status
             if response.started:
                 raise
-            await response.send_full(exc.status, [JSON, *exc.headers(), *route_headers(ex)], exc.body())
+            body = exc.body()
+            ex.bytes_out = len(body)
+            await response.send_full(exc.status, [JSON, *exc.headers(), *route_headers(ex)], body)
         except ClientGone:
             ex.client_gone = True
             raise
@@ -119,7 +123,11 @@ class Gateway:
             ctx.idle.defer(self._finish, values, segment)
 
     def _authenticate(self, rt: Runtime, ex: Exchange, headers: Headers) -> Principal:
-        principal, _digest = authenticate.authenticate(headers, self.ctx.services.key_lookups(rt))
+        try:
+            principal, _digest = authenticate.authenticate(headers, self.ctx.services.key_lookups(rt))
+        except Unauthorized:   # which key was tried, by its first characters only (client.py)
+            ex.key_prefix = client.key_prefix(authenticate.presented_key(headers))
+            raise
         ex.key = principal.key_name
         return principal
 

@@ -72,7 +72,7 @@ async def models(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Prin
             if len(cache) > MODELS_CACHE_SIZE:
                 cache.popitem(last=False)
         body = cached
-    ex.status = 200
+    ex.status, ex.bytes_out = 200, len(body)
     await response.send_full(200, [JSON], body)
 
 

@@ -70,6 +70,11 @@ class _Retry(Exception):
                 return seconds if 0 < seconds < math.inf else None
         return None
 
+    def cause(self) -> str:
+        if self.error is not None:
+            return self.error.cause or self.error.code or "upstream error"
+        return f"status {self.answer[0]}" if self.answer is not None else "upstream error"
+
 
 async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], Awaitable[transform.CallPlan]],
                   router: Router, transports: Transports, gates: Gates, settings: ProxySettings,
@@ -90,6 +95,7 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], Awaita
         router.started(dep, began)
         ttfb_before = ex.ttfb
         ex.ttfb = None
+        cause_before = ex.cause
         outcome: Outcome | None = None      # None: the deployment failed (timeout, broken answer)
         # the deployment's own bound on one exchange with it, within the request's
         attempt_deadline = min(settings.deadline, began + dep.backend.timeouts.total)
@@ -107,20 +113,24 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], Awaita
                     raise UpstreamTimeout("The request took longer than its total deadline.")
                 last = _Retry(UpstreamTimeout("The upstream did not answer within the request deadline.",
                                               code="upstream_total_timeout"), None)
+                _note(ex, dep, "total timeout")
                 if attempt_deadline >= settings.deadline:
                     break            # the request's own deadline: no time left for another attempt
                 continue
             return
         except (DeploymentBusy, PoolFull) as busy:
             verdict = judge_failure(busy, gateway_limit=True)
+            _note(ex, dep, busy.cause or busy.code or "busy")
             last = _Retry(busy, None)
             outcome = _learned(verdict, 0, began, features)
         except _Retry as retry:
             last = retry
+            _note(ex, dep, retry.cause())
             outcome = Outcome(ok=False, status=retry.answer[0] if retry.answer else 0,
                               ttfb=0.0, duration=trio.current_time() - began, features=features,
                               retry_after=retry.retry_after(), began=began)
-        except UpstreamError:     # mid-answer, after the response began: the deployment's failure
+        except UpstreamError as exc:     # mid-answer, after the response began: the deployment's failure
+            _note(ex, dep, exc.cause or exc.code or "upstream error")
             raise
         except BaseException as exc:
             outcome = _learned(judge_failure(exc, gateway_limit=False), 0, began, features)
@@ -133,7 +143,11 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], Awaita
             if outcome is None:
                 outcome = Outcome(ok=False, status=0, ttfb=0.0, duration=now - began, features=features,
                                   began=began)
-            router.finished(dep, outcome, now)
+            # this attempt's cause, if it added one (for the breaker's events)
+            cause = None
+            if ex.cause is not None and ex.cause is not cause_before:
+                cause = ex.cause.rpartition("; ")[2].partition(": ")[2]
+            router.finished(dep, outcome, now, cause)
     if last is None:
         raise UpstreamError("No deployment could take the request.", code="no_deployment_available")
     if last.answer is not None:
@@ -143,6 +157,13 @@ async def forward(ex: Exchange, plan: Plan, build: Callable[[Deployment], Awaita
         return
     assert last.error is not None
     raise last.error
+
+
+def _note(ex: Exchange, dep: Deployment, cause: str) -> None:
+    """Why an attempt failed, for the access line: "deployment: cause", one per failed attempt.
+    Only on failures: nothing is built for a request that went well the first time."""
+    text = f"{dep.id}: {cause}"
+    ex.cause = text if ex.cause is None else f"{ex.cause}; {text}"
 
 
 def _learned(verdict: Verdict, status: int, began: float, features: RequestFeatures) -> Outcome:
@@ -235,7 +256,7 @@ async def _refuse_failures(up: UpstreamResponse, timeouts: Timeouts) -> None:
         # The gateway's own key for this backend was refused: the upstream's message may quote
         # the key, so the client gets ours.
         raise _Retry(UpstreamError(f"The backend refused the gateway's credentials ({up.status}).",
-                                   code="upstream_auth_failed"), None)
+                                   code="upstream_auth_failed", cause=f"credentials refused ({up.status})"), None)
     error_body = await _read(up, ERROR_BODY_LIMIT, timeouts.between_chunks, tolerate=True)
     raise _Retry(None, (up.status, transform.downstream_headers(up.headers), error_body))
 
@@ -324,7 +345,8 @@ async def _read_parts(up: UpstreamResponse, limit: int, between_chunks: float,
             if size > limit:
                 if tolerate:
                     return parts
-                raise UpstreamError("The upstream answer is larger than the gateway accepts.")
+                raise UpstreamError("The upstream answer is larger than the gateway accepts.",
+                                    cause=f"answer over max_response_bytes ({limit})")
             parts.append(chunk)
     except UpstreamError:
         if tolerate:
@@ -333,7 +355,8 @@ async def _read_parts(up: UpstreamResponse, limit: int, between_chunks: float,
     except trio.TooSlowError:
         if tolerate:
             return parts
-        raise UpstreamTimeout("The upstream stopped sending mid-answer.", code="upstream_read_timeout") from None
+        raise UpstreamTimeout("The upstream stopped sending mid-answer.", code="upstream_read_timeout",
+                              cause=f"read timeout after {size} bytes ({between_chunks:g} s)") from None
 
 
 def _head(parts: list[bytes], at_most: int = 1 << 20) -> bytes:
@@ -415,7 +438,8 @@ async def _next_chunk(up: UpstreamResponse, between_chunks: float) -> bytes:
     try:
         return await up.receive(trio.current_time() + between_chunks)
     except trio.TooSlowError:
-        raise UpstreamTimeout("The upstream stream stalled.", code="upstream_read_timeout") from None
+        raise UpstreamTimeout("The upstream stream stalled.", code="upstream_read_timeout",
+                              cause=f"stream stalled ({between_chunks:g} s)") from None
 
 
 async def _send_whole(ex: Exchange, response: Response, status: int, headers: Headers,

@@ -41,6 +41,11 @@ class RequestRecord:
     attempts: int = 0
     route: str | None = None
     generation: int = 0
+    # who sent it (issue 17): a leaked key's use is traced by these, in the log and the usage table
+    client: str | None = None        # the peer's address, or X-Forwarded-For's from a trusted proxy
+    user_agent: str | None = None
+    key_prefix: str | None = None    # a refused key's first characters (401s only), never the key
+    cause: str | None = None         # why upstream attempts failed: "m@b: connect refused (ECONNREFUSED)"
 
     @property
     def overhead_ms(self) -> float:

@@ -13,7 +13,7 @@ routing simulation (bench/routing) drive this very code on a virtual clock with 
 from __future__ import annotations
 
 import random
-from typing import Iterable
+from typing import Callable, Iterable
 
 import attrs
 
@@ -66,6 +66,18 @@ class Outcome:
 
 
 @attrs.frozen
+class BreakerChange:
+    """A deployment's breaker changed state: what the log's breaker_* events say."""
+
+    deployment: str
+    backend: str
+    old: str
+    new: str
+    why: str                 # "5 consecutive failures", "cooldown over", "health probe ok", ...
+    cause: str | None        # the failure that tipped it, when a request's: "connect refused (...)"
+
+
+@attrs.frozen
 class Plan:
     strategy: str
     order: tuple[Deployment, ...]                 # empty: nothing usable now
@@ -96,6 +108,8 @@ class Router:
         self.typical: dict[str, _Typical] = {}          # by target name
         self.probed: dict[str, bool] = {}               # backend name -> last active probe verdict
         self._keep: set[str] | None = None              # ids the last reload kept
+        self.on_breaker: Callable[[BreakerChange], None] | None = None   # the daemon logs these
+        self._cause: str | None = None                  # the cause of the attempt being finished
 
     def configure(self, settings: Routing) -> None:
         """A reload's [routing] settings; learned state is kept."""
@@ -106,6 +120,7 @@ class Router:
         st = self.states.get(dep_id)
         if st is None:
             st = self.states[dep_id] = DeploymentState()
+            st.breaker.on_change = lambda old, new, why: self._breaker_moved(dep_id, st, old, new, why)
             if not isinstance(dep, str):
                 st.backend = dep.backend.name
                 st.cap, st.queue_timeout = dep.config.max_concurrency, dep.config.queue_timeout
@@ -156,16 +171,23 @@ class Router:
     def started(self, dep: Deployment, now: float) -> None:
         self.state(dep, now).start(now)
 
-    def finished(self, dep: Deployment, outcome: Outcome, now: float) -> None:
+    def finished(self, dep: Deployment, outcome: Outcome, now: float, cause: str | None = None) -> None:
+        """`cause`: why the attempt failed, if it did (for the breaker's events)."""
         st = self.state(dep, now)
+        self._cause = cause
         f = outcome.features
         st.finish(outcome.ok, outcome.status, outcome.ttfb, outcome.duration, began=outcome.began,
                   prompt_bytes=f.prompt_bytes if f else None, max_tokens=f.max_tokens if f else 0,
                   stream=f.stream if f else False, output_tokens=outcome.output_tokens,
                   cancelled=outcome.cancelled, retry_after=outcome.retry_after,
                   lengths=self._lengths(dep.model), now=now, settings=self.settings)
+        self._cause = None
         if self._keep is not None and dep.id not in self._keep and st.in_flight == 0:
             del self.states[dep.id]     # gone in a reload; its last request is done
+
+    def _breaker_moved(self, dep_id: str, st: DeploymentState, old: str, new: str, why: str) -> None:
+        if self.on_breaker is not None:
+            self.on_breaker(BreakerChange(dep_id, st.backend, old, new, why, self._cause))
 
     def probe_result(self, backend: str, ok: bool, now: float) -> None:
         """An active health probe of a backend answered (ok) or not: every deployment on it."""

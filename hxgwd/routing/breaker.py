@@ -23,6 +23,7 @@ The error-rate window is a ring of time buckets, so memory stays constant at any
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 
 import attrs
 
@@ -44,6 +45,8 @@ class Breaker:
     opened_by_probe: bool = False
     cool_until: float = 0.0
     opened: int = 0                  # times it opened, for the table
+    # told of every change of state: (old, new, why); the router logs it (pipeline/route.py)
+    on_change: Callable[[str, str, str], None] | None = attrs.field(default=None, eq=False, repr=False)
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -52,6 +55,7 @@ class Breaker:
         if self.state == OPEN and now >= self.reopen_at:
             self.state = HALF_OPEN
             self.probing = False
+            self._moved(OPEN, "cooldown over")
         return self.state
 
     def admits(self, now: float) -> bool:
@@ -96,7 +100,7 @@ class Breaker:
         self._record(now, settings, failed=False)
         self.consecutive = 0
         if self.state != CLOSED:
-            self._close()
+            self._close("request succeeded")
 
     def on_failure(self, now: float, settings: Routing, retry_after: float | None = None) -> None:
         if retry_after is not None:
@@ -108,9 +112,9 @@ class Breaker:
         self.consecutive += 1
         state = self.current(now)
         if state == HALF_OPEN:
-            self._open(now, settings, self.backoff * 2)
-        elif state == CLOSED and self._tripped(now, settings):
-            self._open(now, settings, 1)
+            self._open(now, settings, self.backoff * 2, "probe request failed")
+        elif state == CLOSED and (why := self._tripped(now, settings)):
+            self._open(now, settings, 1, why)
 
     def on_probe(self, ok: bool, now: float, settings: Routing) -> None:
         state = self.current(now)
@@ -118,37 +122,49 @@ class Breaker:
             if state == OPEN:
                 self.reopen_at = max(self.reopen_at, now + settings.breaker_cooldown)
             else:
-                self._open(now, settings, self.backoff if state == HALF_OPEN else 1)
+                self._open(now, settings, self.backoff if state == HALF_OPEN else 1, "health probe failed")
             self.opened_by_probe = True
         elif state != CLOSED:
             if self.opened_by_probe:
-                self._close()
+                self._close("health probe ok")
             elif state == OPEN:
                 self.state, self.probing = HALF_OPEN, False
+                self._moved(OPEN, "health probe ok")
 
     # --- inside ---------------------------------------------------------------------------------
 
-    def _tripped(self, now: float, settings: Routing) -> bool:
+    def _tripped(self, now: float, settings: Routing) -> str:
+        """Why the breaker opens now, or "" (it does not)."""
         if self.consecutive >= max(1, settings.breaker_failures):
-            return True
+            return f"{self.consecutive} consecutive failures"
         rate, n = self.error_rate(now, settings)
-        return n >= settings.breaker_min_requests and rate >= settings.breaker_error_rate
+        if n >= settings.breaker_min_requests and rate >= settings.breaker_error_rate:
+            return f"error rate {rate:.2f} over {n} requests"
+        return ""
 
-    def _open(self, now: float, settings: Routing, backoff: int) -> None:
+    def _moved(self, old: str, why: str) -> None:
+        if self.on_change is not None and old != self.state:
+            self.on_change(old, self.state, why)
+
+    def _open(self, now: float, settings: Routing, backoff: int, why: str) -> None:
+        old = self.state
         self.backoff = min(max(1, backoff), MAX_BACKOFF)
         self.state = OPEN
         self.probing = False
         self.opened_by_probe = False
         self.reopen_at = now + settings.breaker_cooldown * self.backoff
         self.opened += 1
+        self._moved(old, why)
 
-    def _close(self) -> None:
+    def _close(self, why: str) -> None:
+        old = self.state
         self.state = CLOSED
         self.probing = False
         self.opened_by_probe = False
         self.backoff = 1
         self.consecutive = 0
         self.window.clear()
+        self._moved(old, why)
 
     def _record(self, now: float, settings: Routing, failed: bool) -> None:
         self._expire(now, settings)

@@ -219,7 +219,8 @@ def read_password(database: Database, environ: Mapping[str, str] | None = None) 
 
 
 def redact_url(url: str, mask: str = "***") -> str:
-    """postgresql://user:secret@host/db -> postgresql://user:***@host/db."""
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db; a password in the
+    query string (libpq takes `?password=`) masked too: the store's errors quote the URL."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
@@ -227,7 +228,11 @@ def redact_url(url: str, mask: str = "***") -> str:
     userinfo, at, hostpart = netloc.rpartition("@")
     if at and ":" in userinfo:
         userinfo = userinfo.split(":", 1)[0] + ":" + mask
-    return f"{scheme}://{userinfo}{at}{hostpart}{slash}{path}"
+    path, question, query = path.partition("?")
+    if question:
+        params = [p.partition("=") for p in query.split("&")]
+        query = "&".join(f"{k}={mask}" if eq and "pass" in k.lower() else f"{k}{eq}{v}" for k, eq, v in params)
+    return f"{scheme}://{userinfo}{at}{hostpart}{slash}{path}{question}{query}"
 
 
 def schema_problem(current: int, expected: int) -> str:

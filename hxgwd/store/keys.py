@@ -69,7 +69,7 @@ class KeyCache:
         table = {p.digest: p for p in principals}
         old = self._table
         if self.failures:
-            self._log.info("key store readable again", keys=len(table), failed_reads=self.failures)
+            self._log.info("key store readable again", event="key_store_back", keys=len(table), failed_reads=self.failures)
         elif self.loaded_at is None or table.keys() != old.keys():
             added = sorted(p.key_name for d, p in table.items() if d not in old)
             removed = sorted(p.key_name for d, p in old.items() if d not in table)
@@ -84,7 +84,7 @@ class KeyCache:
         self.failures += 1
         self.last_error = error
         if self.failures == 1:
-            self._log.warning("cannot read keys from the store; using the last keys read",
+            self._log.warning("cannot read keys from the store; using the last keys read", event="key_store_lost",
                               error=error, keys=len(self._table), loaded_at=self.loaded_at)
 
     def statistics(self) -> dict[str, Any]:

@@ -59,7 +59,7 @@ class Replay:
             self._spool.remove(self._path)
             self._path = None
             if not self._spool.replay_waiting():
-                self._log.info("usage spool replayed into the store", replayed_total=self.replayed)
+                self._log.info("usage spool replayed into the store", event="spool_replayed", replayed_total=self.replayed)
 
     async def _next_segment(self) -> bool:
         """Load the oldest sealed segment's lines (sealing the active one if it is the only one

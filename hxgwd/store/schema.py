@@ -57,6 +57,10 @@ USAGE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("route", "route", "text"),
     ("generation", "generation", "int8"),
     ("client_request_id", "client_request_id", "text"),
+    ("client", "client", "text"),
+    ("user_agent", "user_agent", "text"),
+    ("key_prefix", "key_prefix", "text"),
+    ("cause", "cause", "text"),
 )
 COLUMN_NAMES = tuple(c for c, _, _ in USAGE_COLUMNS)
 RECORD_FIELDS = tuple(f.name for f in attrs.fields(RequestRecord))
@@ -111,7 +115,7 @@ LINE_FORMAT = 2
 LINE_FIELDS = ("ts", "request_id", "client_request_id", "key", "endpoint", "model", "group", "deployment",
                "backend", "status", "error_type", "fault", "stream", "prompt_tokens", "completion_tokens",
                "total_tokens", "cost_usd", "bytes_in", "bytes_out", "total_ms", "upstream_ms", "ttfb_ms",
-               "attempts", "route", "generation")
+               "attempts", "route", "generation", "client", "user_agent", "key_prefix", "cause")
 assert sorted(LINE_FIELDS) == sorted(RECORD_FIELDS), "a RequestRecord field is not in the spool's lines"
 _LINE_VALUES = operator.attrgetter(*LINE_FIELDS)
 _ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode   # one encoder: json.dumps makes one per call
@@ -249,6 +253,14 @@ MIGRATIONS: dict[str, list[tuple[str, list[str]]]] = {
         ]),
         # request_id became the gateway's own id; the client's X-Request-ID is kept beside it
         ("usage.client_request_id", ["ALTER TABLE usage ADD COLUMN client_request_id TEXT"]),
+        # who sent a request and why it failed (issue 17): "which addresses used key X" is a query
+        # of the table, not a search of rotated logs; key_prefix: a revoked key still being tried
+        ("usage.client, user_agent, key_prefix, cause", [
+            "ALTER TABLE usage ADD COLUMN client TEXT",
+            "ALTER TABLE usage ADD COLUMN user_agent TEXT",
+            "ALTER TABLE usage ADD COLUMN key_prefix TEXT",
+            "ALTER TABLE usage ADD COLUMN cause TEXT",
+        ]),
     ],
     "postgresql": [
         ("keys and usage", [
@@ -298,6 +310,12 @@ MIGRATIONS: dict[str, list[tuple[str, list[str]]]] = {
             "CREATE INDEX usage_key_ts ON usage (key, ts)",
         ]),
         ("usage.client_request_id", ["ALTER TABLE usage ADD COLUMN client_request_id text"]),
+        ("usage.client, user_agent, key_prefix, cause", [
+            "ALTER TABLE usage ADD COLUMN client text",
+            "ALTER TABLE usage ADD COLUMN user_agent text",
+            "ALTER TABLE usage ADD COLUMN key_prefix text",
+            "ALTER TABLE usage ADD COLUMN cause text",
+        ]),
     ],
 }
 

@@ -376,8 +376,9 @@ class UsageSink:
         self.last_error = error
         if self._healthy:
             self._healthy = False
-            self._log.warning("usage store unavailable; spooling usage records to disk",
-                              error=error, directory=self._spool.directory)
+            # the spool starts taking the records here: one event says both
+            self._log.warning("usage store unavailable; spooling usage records to disk", event="store_lost",
+                              spooling=True, error=error, directory=self._spool.directory)
         self._retry_at = trio.current_time() + self._backoff
         self._backoff = min(self._backoff * 2, self._retry_max)
 
@@ -385,7 +386,7 @@ class UsageSink:
         self.last_error = None    # /admin/stats tells what is wrong now, not what once was
         if not self._healthy:
             self._healthy = True
-            self._log.info("usage store available again", spool_bytes=self._spool.bytes)
+            self._log.info("usage store available again", event="store_back", spool_bytes=self._spool.bytes)
         self._backoff = self._retry_min
 
     async def _syncer(self) -> None:

@@ -41,6 +41,7 @@ from hxgwd.http.sockio import SocketIO
 from hxgwd.http.tls_stream import TLSStream
 from hxgwd.runtime import Origin
 from hxgwd.upstream import Headers, PoolFull, UpstreamRequest
+from hxgwd.upstream.causes import broken_detail, connect_cause, reset_cause
 
 if TYPE_CHECKING:
     from hxgwd.logs import Logger
@@ -59,20 +60,21 @@ class _StaleConnection(Exception):
 
 
 class _Conn:
-    __slots__ = ("stream", "proto", "idle_since", "heard")
+    __slots__ = ("stream", "proto", "idle_since", "received")
 
     def __init__(self, stream: SocketIO | TLSStream, parser: str) -> None:
         self.stream = stream
         self.proto = client_protocol(parser, MAX_RESPONSE_HEAD)
         self.idle_since = 0.0
-        self.heard = False        # any byte received for the current request
+        self.received = 0         # bytes received for the current request ("reset after N bytes")
 
     def next_ready(self) -> ResponseHead | bytes | Marker:
         """The next event from the bytes already received, or NEED_DATA."""
         try:
             return self.proto.next()
-        except ResponseError:
-            raise UpstreamError("The upstream sent a malformed HTTP response.") from None
+        except ResponseError as exc:
+            raise UpstreamError("The upstream sent a malformed HTTP response.",
+                                cause=f"malformed response ({exc})") from None
 
     async def receive(self, deadline: float, *, answering: bool = False) -> ResponseHead | bytes | Marker:
         """The next event; trio.TooSlowError if it needs bytes that do not come by `deadline`.
@@ -86,11 +88,12 @@ class _Conn:
                     return event
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE, deadline, wait_first=answering)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 # a reset, not an end: a body delimited by the close would pass for complete
-                raise UpstreamError("The upstream connection was reset.") from None
+                raise UpstreamError("The upstream connection was reset.",
+                                    cause=reset_cause(self.received, exc)) from None
             answering = False
-            self.heard = self.heard or bool(data)
+            self.received += len(data)
             self.proto.feed(data)
 
 
@@ -125,7 +128,7 @@ class PooledResponse:
         if event is END_OF_MESSAGE:
             self._done = True
             return b""
-        raise UpstreamError("The upstream sent a malformed HTTP response.")
+        raise UpstreamError("The upstream sent a malformed HTTP response.", cause="malformed response")
 
     async def aclose(self) -> None:
         # None only once closed, after which the response is not read (receive() would fail on it)
@@ -194,14 +197,14 @@ class Pool:
         self._refused_unlogged += 1
         now = trio.current_time()
         if self._log is not None and now - self._full_logged_at >= FULL_LOG_INTERVAL:
-            self._log.warning("requests refused at the gateway's own connection limit for a backend",
+            self._log.warning("requests refused at the gateway's own connection limit for a backend", event="pool_full",
                               backend=self.name, setting="backends[].max_connections",
                               max_connections=self.max_connections, waited_s=waited,
                               refused=self._refused_unlogged)
             self._full_logged_at, self._refused_unlogged = now, 0
         return PoolFull(f"The gateway's own limit of {self.max_connections} connections to backend "
                         f"'{self.name}' (backends[].max_connections) is reached, and none freed up "
-                        f"within {waited:g} s.", retry_after=1)
+                        f"within {waited:g} s.", retry_after=1, cause="pool full")
 
     async def _exchange(self, conn: _Conn, req: UpstreamRequest, timeout: float, reused: bool) -> PooledResponse:
         deadline = trio.current_time() + timeout
@@ -215,33 +218,36 @@ class Pool:
                                           None if isinstance(body, bytes) else sum(map(len, pieces)))
             except BadHeader:
                 raise BadRequest("A header of the request cannot be sent upstream.", code="bad_header") from None
-            conn.heard = False
+            conn.received = 0
             try:
                 await conn.stream.send_all(data, deadline)
                 for piece in pieces:
                     await conn.stream.send_all(piece, deadline)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 if reused:
                     raise _StaleConnection() from None
-                raise UpstreamError("The upstream connection broke while sending.") from None
+                detail = broken_detail(exc)
+                raise UpstreamError("The upstream connection broke while sending.",
+                                    cause="reset while sending" + (f" ({detail})" if detail else "")) from None
             sent = trio.current_time()
             try:
                 event = await conn.receive(deadline, answering=True)   # 1xx are skipped by the protocol
             except UpstreamError:
                 # closed while idle in the pool, and only noticed now: nothing was processed
-                if reused and not conn.heard and trio.current_time() - sent < STALE_WINDOW:
+                if reused and not conn.received and trio.current_time() - sent < STALE_WINDOW:
                     raise _StaleConnection() from None
                 raise
         except trio.TooSlowError:
             _close_now(conn)
-            raise UpstreamTimeout("The upstream did not answer in time.", code="upstream_first_byte_timeout") from None
+            raise UpstreamTimeout("The upstream did not answer in time.", code="upstream_first_byte_timeout",
+                                  cause=f"first byte timeout ({timeout:g} s)") from None
         except BaseException:
             _close_now(conn)
             raise
         if type(event) is ResponseHead:
             return PooledResponse(self, conn, event.status, event.headers)
         _close_now(conn)
-        raise UpstreamError("The upstream sent a malformed HTTP response.")
+        raise UpstreamError("The upstream sent a malformed HTTP response.", cause="malformed response")
 
     def _take_idle(self) -> _Conn | None:
         now = trio.current_time()
@@ -269,9 +275,11 @@ class Pool:
                         stream.close()
                         raise
         except trio.TooSlowError:
-            raise UpstreamTimeout("Connecting to the upstream timed out.", code="upstream_connect_timeout") from None
-        except (OSError, trio.BrokenResourceError, ssl.SSLError):
-            raise UpstreamError("Cannot connect to the upstream.", code="upstream_connect_failed") from None
+            raise UpstreamTimeout("Connecting to the upstream timed out.", code="upstream_connect_timeout",
+                                  cause=f"connect timeout ({timeout:g} s)") from None
+        except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
+            raise UpstreamError("Cannot connect to the upstream.", code="upstream_connect_failed",
+                                cause=connect_cause(exc)) from None
         self.opened += 1
         return _Conn(stream, self.parser)
 
