@@ -64,6 +64,7 @@ rm -rf "$PYI"
     --collect-submodules psycopg --collect-submodules psycopg_pool \
     --hidden-import psycopg_binary.pq --hidden-import psycopg_binary._psycopg \
     --collect-submodules coredis "${HIDDEN[@]}" \
+    --add-data "$PWD/hxgwd/openapi.json:hxgwd" \
     packaging/entry.py
 BIN=$PYI/dist/hxgwd
 # The bootloader's .comment (compiler version) is not needed (lintian: binary-has-unneeded-section).
@@ -88,13 +89,17 @@ install -D -m 0640 packaging/hxgwd.toml     "$ROOT/etc/hxgwd/hxgwd.toml"
 install -D -m 0644 packaging/hxgwd.service  "$ROOT/lib/systemd/system/hxgwd.service"
 install -D -m 0644 debian/copyright         "$ROOT/usr/share/doc/hxgwd/copyright"
 install -D -m 0644 debian/lintian-overrides "$ROOT/usr/share/lintian/overrides/hxgwd"
-install -d -m 0755 "$ROOT/usr/share/man/man8" "$ROOT/DEBIAN"
+install -d -m 0755 "$ROOT/usr/share/man/man8" "$ROOT/usr/share/man/man5" "$ROOT/DEBIAN"
 gzip -9n < debian/changelog  > "$ROOT/usr/share/doc/hxgwd/changelog.gz"
-# the man page's header shows this version and the date of its changelog entry
+# the man pages' headers show this version and the date of its changelog entry; hxgwd.toml.5 is
+# made from hxgwd.toml.example by docs/build.py (tests/test_man_pages.py checks it is up to date)
 MANDATE=$(date -u -d "@$(dpkg-parsechangelog -l debian/changelog -S Timestamp)" +%Y-%m-%d)
 sed -e "s/^\.TH HXGWD 8 .*/.TH HXGWD 8 \"$MANDATE\" \"hxgwd $VERSION\" \"System Administration\"/" \
     packaging/hxgwd.8 | gzip -9n > "$ROOT/usr/share/man/man8/hxgwd.8.gz"
-chmod 0644 "$ROOT/usr/share/doc/hxgwd/changelog.gz" "$ROOT/usr/share/man/man8/hxgwd.8.gz"
+sed -e "s/^\.TH HXGWD\.TOML 5 .*/.TH HXGWD.TOML 5 \"$MANDATE\" \"hxgwd $VERSION\" \"File Formats\"/" \
+    packaging/hxgwd.toml.5 | gzip -9n > "$ROOT/usr/share/man/man5/hxgwd.toml.5.gz"
+chmod 0644 "$ROOT/usr/share/doc/hxgwd/changelog.gz" "$ROOT/usr/share/man/man8/hxgwd.8.gz" \
+    "$ROOT/usr/share/man/man5/hxgwd.toml.5.gz"
 install -m 0644 debian/conffiles "$ROOT/DEBIAN/conffiles"
 install -m 0755 debian/postinst debian/prerm debian/postrm "$ROOT/DEBIAN/"
 

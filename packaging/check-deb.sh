@@ -171,6 +171,9 @@ ok "GET /healthz: $health"
 grep '"msg":"listening"' "$LOG" | grep -q '"http_parser":"httptools"' \
     || fail "the daemon does not run httptools: $(grep '"msg":"listening"' "$LOG")"
 ok "the daemon listens with http_parser httptools (llhttp, bundled)"
+doc=$(curl -sS --max-time 5 "$URL/openapi.json") || fail "GET /openapi.json"
+[ "$(json 'd["info"]["version"]' <<<"$doc")" = "$VERSION" ] || fail "/openapi.json: $(head -c 200 <<<"$doc")"
+ok "GET /openapi.json without a key: the OpenAPI document of $VERSION (bundled package data)"
 code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$URL/v1/models")
 [ "$code" = 401 ] || fail "GET /v1/models without a key: HTTP $code, want 401"
 ok "GET /v1/models without a key: 401"
@@ -233,7 +236,7 @@ dpkg_retry dpkg -P hxgwd
 for path in /etc/hxgwd /usr/bin/hxgwd /var/lib/hxgwd $UNIT \
             /etc/systemd/system/multi-user.target.wants/hxgwd.service \
             /var/lib/systemd/deb-systemd-helper-enabled/hxgwd.service.dsh-also \
-            /usr/share/doc/hxgwd /usr/share/man/man8/hxgwd.8.gz; do
+            /usr/share/doc/hxgwd /usr/share/man/man8/hxgwd.8.gz /usr/share/man/man5/hxgwd.toml.5.gz; do
     [ ! -e "$path" ] && [ ! -L "$path" ] || fail "purge left $path"
 done
 dpkg-statoverride --list "$CONFIG" >/dev/null && fail "purge left the statoverride of $CONFIG"

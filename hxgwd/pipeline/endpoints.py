@@ -44,6 +44,8 @@ ENDPOINTS = (
     Endpoint(name="ready", paths=("/readyz",), methods=("GET",), serve=models_api.ready, access="anyone"),
     # checks its own credentials (admin key as Bearer or Basic password, or [metrics] public)
     Endpoint(name="metrics", paths=("/metrics",), methods=("GET",), serve=metrics_api.metrics, access="anyone"),
+    # the document of this table (docs/openapi.yaml): the same for every config, open like the health checks
+    Endpoint(name="openapi", paths=("/openapi.json",), methods=("GET",), serve=models_api.openapi, access="anyone"),
     Endpoint(name="models", paths=("/v1/models", "/models", "/v1/models/", "/models/"), methods=("GET",),
              serve=models_api.models),
     _proxied("chat.completions", "/chat/completions", "chat", transform.plan_chat, limit.estimate_request),

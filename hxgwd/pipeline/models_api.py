@@ -1,8 +1,9 @@
-"""Endpoints the gateway answers itself: health, readiness, the model list, and the clear 404 of
-the OpenAI APIs it does not serve."""
+"""Endpoints the gateway answers itself: health, readiness, the model list, its OpenAPI document,
+and the clear 404 of the OpenAI APIs it does not serve."""
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import urllib.parse
 from typing import Any
@@ -21,6 +22,8 @@ from hxgwd.runtime import Principal, Runtime
 JSON = (b"content-type", b"application/json")
 NO_TOKENS = Estimate(tokens=0, cost_usd=0.0)   # counts toward rpm only
 MODELS_CACHE_SIZE = 256
+# GET /openapi.json: package data made from docs/openapi.yaml by docs/build.py, read once, at import
+OPENAPI_JSON = importlib.resources.files("hxgwd").joinpath("openapi.json").read_bytes()
 
 
 async def health(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Principal | None,
@@ -41,6 +44,12 @@ async def ready(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Princ
     if reason:
         body["reason"] = reason
     await response.send_full(200 if reason is None else 503, [JSON], json.dumps(body).encode())
+
+
+async def openapi(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Principal | None,
+                  request: Request, response: Response, ep: Endpoint, rest: str) -> None:
+    """The OpenAPI document of this gateway's surface: the same for every config, so open to anyone."""
+    await response.send_full(200, [JSON], OPENAPI_JSON)
 
 
 async def models(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Principal | None,
