@@ -144,6 +144,7 @@ class Gateway:
         if usage is not None:
             usage.hand(segment, rec)
         self.ctx.log.access(rec)
+        self.ctx.failures.add(rec)
 
 
 class RequestIds:
