@@ -144,6 +144,17 @@ def pct(value: object) -> str | None:
 
 
 BREAKER_LEVEL = {"closed": "ok", "half-open": "warn", "open": "bad"}
+REDIS_LEVEL = {"ok": "ok", "down": "bad"}
+
+
+def redis_state(limits: dict[str, Any]) -> str:
+    """The limiter's view: down since a call failed; ok once one succeeded; else not called yet
+    (only keys with limits call it)."""
+    if limits.get("backend") != "redis":
+        return "none"
+    if limits.get("down"):
+        return "down"
+    return "ok" if limits.get("calls") else "not called yet"
 
 
 # --- the page -------------------------------------------------------------------------------------
@@ -193,7 +204,7 @@ def _summary(ctx: GatewayContext, rt: Runtime, stats: dict[str, Any], deployment
     usage = stats.get("usage")
     store = ("none" if usage is None else "ok" if usage["store_ok"] else "down")
     limits = stats["limits"]
-    redis = "none" if limits.get("backend") != "redis" else "down" if limits.get("down") else "ok"
+    redis = redis_state(limits)
     last = ctx.holder.last_reload
     serving = "serving" if ctx.is_listening() else "not listening (starting or draining)"
     items = [
@@ -204,7 +215,7 @@ def _summary(ctx: GatewayContext, rt: Runtime, stats: dict[str, Any], deployment
         ("failed requests", Html(f"{esc(ctx.failures.total)} since start "
                                  f"<a href=\"#failures\">(last {esc(len(ctx.failures.latest()))})</a>")),
         ("store", badge(store, {"ok": "ok", "down": "bad"}.get(store, "muted"))),
-        ("Redis", badge(redis, {"ok": "ok", "down": "bad"}.get(redis, "muted"))),
+        ("Redis", badge(redis, REDIS_LEVEL.get(redis, "muted"))),
         ("config", f"generation {rt.generation}"),
         ("last reload", badge("none since start", "muted") if last is None else
          badge(f"{last.result}, {ago(wall - last.at)} ago", "ok" if last.result == "ok" else "bad")),
@@ -340,7 +351,7 @@ def _limits(rt: Runtime, stats: dict[str, Any]) -> Html:
     items: list[tuple[str, object]] = []
     if limits.get("backend") == "redis":
         items += [
-            ("Redis", join((badge("down" if limits["down"] else "ok", "bad" if limits["down"] else "ok"),
+            ("Redis", join((badge(redis_state(limits), REDIS_LEVEL.get(redis_state(limits), "muted")),
                             f" {redact(rt.config.redis.url) or ''}"))),
             ("when down", limits.get("policy")),
             ("outages", limits.get("outages")), ("errors", limits.get("errors")),

@@ -269,3 +269,18 @@ async def test_in_headless_chromium(nursery, tmp_path):
     common[-1] = "--window-size=390,1400"
     await chromium(f"--screenshot={phone}")
     shutil.copyfile(phone, os.path.join(ROOT, "test-artifacts", "status-phone.png"))
+
+
+async def test_store_and_redis_are_shown_without_their_passwords(nursery, upstream, tmp_path):
+    text = config([upstream]).replace('url = ""', f'url = "sqlite:///{tmp_path}/usage.db?password=hunter2-db"', 1)
+    text += '\n[redis]\nurl = "redis://:hunter2-redis@127.0.0.1:1/0"\n'
+    gw = await start_gateway(nursery, text)
+    r = await gw.post("/v1/chat/completions", CHAT, headers={"X-HX-Model-Group": "g"})
+    assert r.status_code == 200
+    page = (await gw.client.get("/status", headers=basic(ADMIN_KEY))).text
+    assert "hunter2" not in page
+    usage = page.split('id="usage"')[1].split("</section>")[0]
+    assert "sqlite" in usage and "spool" in usage and "store keys cached" in usage
+    limits = page.split('id="limits"')[1].split("</section>")[0]
+    assert "redis://***@127.0.0.1:1/0" in limits and "not called yet" in limits     # no key has limits
+    await gw.stop()
