@@ -134,6 +134,7 @@ class Daemon:
             self.log.error("reload refused: an earlier one is still blocked reading the config",
                            generation=old.generation)
             self.metrics.reloaded("rejected")
+            self.holder.reloaded("rejected", ["an earlier reload is still blocked reading the config"])
             return False
         sdnotify.reloading()
         path, generation = self.config_path, old.generation + 1
@@ -156,12 +157,14 @@ class Daemon:
                            result="rejected", generation=old.generation, problems=exc.problems)
             sdnotify.ready(f"serving generation {old.generation} (last reload rejected)")
             self.metrics.reloaded("rejected")
+            self.holder.reloaded("rejected", exc.problems)
             return False
         except Exception as exc:     # a bug of the config code: still never worth the running daemon
             self.log.exception("reload failed, still serving the previous config", exc)
             self.log.error("reload failed", event="reload", result="failed", generation=old.generation)
             sdnotify.ready(f"serving generation {old.generation} (last reload failed)")
             self.metrics.reloaded("failed")
+            self.holder.reloaded("failed", [f"{type(exc).__name__} (see the log)"])
             return False
         for setting in needs_restart(self.started_with, new.config):
             self.log.warning("changed setting takes effect only after a restart", setting=setting)
@@ -178,6 +181,7 @@ class Daemon:
                       backends=len(new.backends))
         sdnotify.ready(f"serving generation {new.generation}")
         self.metrics.reloaded("ok")
+        self.holder.reloaded("ok")
         return True
 
 

@@ -115,14 +115,28 @@ class Runtime:
     tls: ssl.SSLContext | None = attrs.field(default=None, repr=False, eq=False)   # [server] tls_cert, tls_key
 
 
+@attrs.frozen
+class ReloadResult:
+    """The last SIGHUP's outcome, for /status: "ok", "rejected" (a bad file) or "failed" (a bug)."""
+
+    result: str
+    at: float                        # unix time
+    generation: int                  # the generation serving after it
+    problems: tuple[str, ...] = ()
+
+
 class RuntimeHolder:
     """Holds the current snapshot; the lifecycle owns it and passes it to what needs it."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.current = runtime
+        self.last_reload: ReloadResult | None = None    # none since the start
 
     def swap(self, runtime: Runtime) -> None:
         self.current = runtime
+
+    def reloaded(self, result: str, problems: tuple[str, ...] | list[str] = ()) -> None:
+        self.last_reload = ReloadResult(result, time.time(), self.current.generation, tuple(problems))
 
 
 def build_runtime(path: str, generation: int, environ: Mapping[str, str] | None = None) -> Runtime:

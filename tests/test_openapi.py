@@ -25,11 +25,8 @@ METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
 # endpoints that exist only to refuse: listed in the document's x-hxgwd-not-served, with their code
 REFUSALS = {models_api.not_served: "unsupported_endpoint", models_api.unknown: "unknown_url"}
 
-# TEMPORARY (issue 17): documented here, served by the branch that adds them (h17-metrics). Once
-# endpoints.py has an entry for one, this test fails until it is removed from this set: then the
-# set is empty, and should be deleted with its two uses below.
-NOT_YET_SERVED = {"/status"}
-# "anyone" entries of the table that check an admin key themselves (Bearer, or Basic's password)
+# entries that take an admin key as Bearer or as Basic's password: /metrics checks it itself
+# ("anyone" in the table, for [metrics] public), /status is "monitor"
 OWN_CREDENTIALS = {"/metrics", "/status"}
 
 
@@ -99,9 +96,6 @@ def test_every_route_served_is_documented_with_its_methods():
 def test_every_documented_path_is_served():
     for path, methods in documented().items():
         found = TABLE.find(re.sub(r"\{[^}]+\}", "x", path))
-        if path in NOT_YET_SERVED:
-            assert found is None, f"{path} is served now: remove it from NOT_YET_SERVED in {__file__}"
-            continue
         assert found is not None, f"{path} is documented but not served"
         ep = found.endpoint
         assert ep.serve not in REFUSALS, f"{path} is documented, but {ep.name} only refuses it"
@@ -132,10 +126,6 @@ def test_each_operation_asks_for_the_credentials_its_endpoint_needs():
                 assert schemes == {"bearer", "apiKey", "xApiKey"}, path
             if access != "anyone":
                 assert "401" in op["responses"], f"{method} {path}"
-
-
-def test_the_not_yet_served_allow_list_holds_only_documented_paths():
-    assert NOT_YET_SERVED <= set(DOC["paths"])
 
 
 # --- the document against real answers ----------------------------------------------------------

@@ -7,7 +7,8 @@ model, the pools, the usage writer); the config is never here: each request read
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from typing import Callable
 
 import attrs
@@ -17,6 +18,7 @@ from hxgwd.logs import Logger
 from hxgwd.memtrim import MemoryTrim
 from hxgwd.metrics.gateway import GatewayMetrics
 from hxgwd.offload import Offload
+from hxgwd.pipeline.record import RequestRecord
 from hxgwd.pipeline.route import Router
 from hxgwd.runtime import RuntimeHolder
 from hxgwd.services import Services
@@ -51,6 +53,43 @@ class ResponseHomes:
         return len(self._homes)
 
 
+@attrs.frozen
+class Failure:
+    """A failed request as /status shows it: no key, no client, nothing the client sent but the
+    model name (capped when shown)."""
+
+    ts: float                 # unix time the request started
+    request_id: str
+    endpoint: str
+    model: str | None
+    deployment: str | None    # the last attempt's
+    status: int
+    error_type: str | None
+    cause: str | None         # "m@b: connect refused (ECONNREFUSED); ..."
+
+
+class RecentFailures:
+    """The last `capacity` requests that failed on the gateway's or an upstream's side, newest
+    last: answered 5xx, or with attempts that failed (a failover that then succeeded included).
+    A caller's own errors (401, 404, 400, our 429s) and hang-ups without a cause are left out: a
+    scan of keys would push every upstream failure out. Fed from idle work (handle.py)."""
+
+    def __init__(self, capacity: int = 50) -> None:
+        self._items: deque[Failure] = deque(maxlen=capacity)
+        self.total = 0            # since the start, kept or not
+
+    def add(self, rec: RequestRecord) -> None:
+        if rec.cause is None and rec.status < 500:
+            return
+        self.total += 1
+        self._items.append(Failure(rec.ts, rec.request_id, rec.endpoint, rec.model, rec.deployment,
+                                   rec.status, rec.error_type, rec.cause))
+
+    def latest(self) -> list[Failure]:
+        """Newest first."""
+        return list(reversed(self._items))
+
+
 @attrs.frozen(eq=False)
 class GatewayContext:
     holder: RuntimeHolder
@@ -67,3 +106,5 @@ class GatewayContext:
     response_homes: ResponseHomes = attrs.field(factory=ResponseHomes)
     metrics: GatewayMetrics = attrs.field(factory=GatewayMetrics)   # /metrics: what is recorded
     models_cache: OrderedDict[tuple[object, ...], bytes] = attrs.field(factory=OrderedDict)   # /v1/models bodies
+    failures: RecentFailures = attrs.field(factory=RecentFailures)      # /status: the last failed requests
+    started_at: float = attrs.field(factory=time.time)                  # unix time: /status's uptime

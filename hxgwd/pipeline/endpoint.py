@@ -32,7 +32,11 @@ Planner = Callable[[str, dict[str, Any], Deployment, str, bool], CallPlan]
 # (model kind, parsed body, body bytes, deployments that may serve it) -> admission estimate
 Estimator = Callable[[str, dict[str, Any], int, Iterable[Deployment]], Estimate]
 
-Access = Literal["anyone", "key", "admin"]
+# "anyone": no key (health checks); "key": any client key; "admin": an admin key; "monitor": an
+# admin key, as a Bearer token or as HTTP Basic's password (a browser's prompt, Prometheus'
+# basic_auth), for read-only pages only (authenticate.py says why). "anyone" and "monitor"
+# requests are not API requests: no usage record, no access line, no CORS (handle.py).
+Access = Literal["anyone", "key", "admin", "monitor"]
 ModelFrom = Literal["json", "multipart", "none"]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from hxgwd import admin
+from hxgwd import admin, status_page
 from hxgwd.limits import estimate as limit
 from hxgwd.pipeline import metrics_api, models_api, serve_form, serve_model, transform
 from hxgwd.pipeline.endpoint import Endpoint, Table
@@ -46,6 +46,8 @@ ENDPOINTS = (
     Endpoint(name="metrics", paths=("/metrics",), methods=("GET",), serve=metrics_api.metrics, access="anyone"),
     # the document of this table (docs/openapi.yaml): the same for every config, open like the health checks
     Endpoint(name="openapi", paths=("/openapi.json",), methods=("GET",), serve=models_api.openapi, access="anyone"),
+    # for the person on call, in a browser: an admin key as Basic's password too (endpoint.py)
+    Endpoint(name="status", paths=("/status",), methods=("GET",), serve=status_page.status, access="monitor"),
     Endpoint(name="models", paths=("/v1/models", "/models", "/v1/models/", "/models/"), methods=("GET",),
              serve=models_api.models),
     _proxied("chat.completions", "/chat/completions", "chat", transform.plan_chat, limit.estimate_request),

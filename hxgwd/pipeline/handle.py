@@ -21,7 +21,7 @@ from hxgwd.http import Headers
 from hxgwd.http.exchange import ClientGone, Request, Response
 from hxgwd.pipeline import authenticate, client, cors
 from hxgwd.pipeline.context import GatewayContext
-from hxgwd.pipeline.endpoint import Table
+from hxgwd.pipeline.endpoint import Match, Table
 from hxgwd.pipeline.endpoints import TABLE
 from hxgwd.pipeline.exchange import Exchange
 from hxgwd.pipeline.answers import route_headers
@@ -30,6 +30,7 @@ from hxgwd.store.schema import record_from_values
 
 JSON = (b"content-type", b"application/json")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+UNRECORDED = frozenset(("anyone", "monitor"))     # endpoint.py's access kinds served without an Exchange
 
 
 class Gateway:
@@ -44,11 +45,8 @@ class Gateway:
         head = request.head
         path = head.path
         found = self.table.find(path)
-        if found is not None and found.endpoint.access == "anyone":   # health checks: no key, no record
-            require_method(head.method, *found.endpoint.methods)
-            # no Exchange: an "anyone" endpoint (a health check) is neither recorded nor given one
-            await found.endpoint.serve(self.ctx, self.ctx.holder.current, None,  # type: ignore[arg-type]
-                                       None, request, response, found.endpoint, found.rest)
+        if found is not None and found.endpoint.access in UNRECORDED:
+            await self._unrecorded(found, request, response)
             return
         ctx = self.ctx
         rt = ctx.holder.current
@@ -105,6 +103,30 @@ class Gateway:
             del live[id(ex)]
             await self._end(rt, ex)
 
+    async def _unrecorded(self, found: Match, request: Request, response: Response) -> None:
+        """Health checks ("anyone") and monitoring pages ("monitor"): no Exchange, no usage record,
+        no access line, no CORS. A page refreshing itself every few seconds is not an API request;
+        a refused key on a monitoring page is logged (rate-limited), a missing one is not: it is
+        how a browser begins, before its password prompt."""
+        ctx, ep, head = self.ctx, found.endpoint, request.head
+        rt = ctx.holder.current
+        principal = None
+        if ep.access == "monitor":
+            try:
+                principal = authenticate.authenticate_monitor(head.headers, ctx.services.key_lookups(rt))
+            except GatewayError as exc:
+                if exc.code != "missing_api_key":
+                    key = authenticate.basic_password(head.headers) or authenticate.presented_key(head.headers)
+                    ctx.log.limited("monitor_refused", "warning", "monitoring page refused", endpoint=ep.name,
+                                    status=exc.status, code=exc.code, key_prefix=client.key_prefix(key),
+                                    client=client.client_address(request.peer, head.headers,
+                                                                 rt.config.server.trusted_proxies))
+                await response.send_full(exc.status, [JSON, *exc.headers()], exc.body())
+                return
+        require_method(head.method, *ep.methods)
+        # no Exchange: these are neither recorded nor given one
+        await ep.serve(ctx, rt, None, principal, request, response, ep, found.rest)  # type: ignore[arg-type]
+
     async def _end(self, rt: Runtime, ex: Exchange) -> None:
         ctx = self.ctx
         ended = trio.current_time()
@@ -154,6 +176,7 @@ class Gateway:
             found = self.table.find(rec.endpoint)
             name = found.endpoint.name if found is not None else "unknown"
         self.ctx.metrics.observe(rec, name, self.ctx.holder.current)
+        self.ctx.failures.add(rec)
 
 
 class RequestIds:

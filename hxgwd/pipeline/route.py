@@ -110,6 +110,7 @@ class Router:
         self._keep: set[str] | None = None              # ids the last reload kept
         self.on_breaker: Callable[[BreakerChange], None] | None = None   # the daemon logs these
         self._cause: str | None = None                  # the cause of the attempt being finished
+        self.last_change: dict[str, BreakerChange] = {}  # deployment id -> its breaker's (/status: why open)
 
     def configure(self, settings: Routing) -> None:
         """A reload's [routing] settings; learned state is kept."""
@@ -186,8 +187,10 @@ class Router:
             del self.states[dep.id]     # gone in a reload; its last request is done
 
     def _breaker_moved(self, dep_id: str, st: DeploymentState, old: str, new: str, why: str) -> None:
+        change = BreakerChange(dep_id, st.backend, old, new, why, self._cause)
+        self.last_change[dep_id] = change
         if self.on_breaker is not None:
-            self.on_breaker(BreakerChange(dep_id, st.backend, old, new, why, self._cause))
+            self.on_breaker(change)
 
     def probe_result(self, backend: str, ok: bool, now: float) -> None:
         """An active health probe of a backend answered (ok) or not: every deployment on it."""
@@ -248,6 +251,9 @@ class Router:
         for dep_id in list(self.states):
             if dep_id not in self._keep and self.states[dep_id].in_flight == 0:
                 del self.states[dep_id]
+        for dep_id in list(self.last_change):
+            if dep_id not in self._keep:
+                del self.last_change[dep_id]
 
     def _lengths(self, model: str) -> OutputLength:
         lengths = self.lengths.get(model)
