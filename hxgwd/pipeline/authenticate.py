@@ -73,11 +73,16 @@ def authenticate(headers: Headers, lookups: Iterable[KeyLookup]) -> tuple[Princi
     return _lookup(key, lookups, Unauthorized)
 
 
+def monitor_key(headers: Headers) -> str | None:
+    """The key a monitoring page is sent: Basic's password, or as `authenticate` takes one."""
+    return basic_password(headers) or presented_key(headers)
+
+
 def authenticate_monitor(headers: Headers, lookups: Iterable[KeyLookup]) -> Principal:
     """For `access = "monitor"` endpoints: the admin principal of a key sent as Basic's password,
     or as `authenticate` takes one. BasicUnauthorized (401 with a Basic challenge) without a key
     or with an unknown one; Forbidden for a key that is not an admin's."""
-    key = basic_password(headers) or presented_key(headers)
+    key = monitor_key(headers)
     if key is None:
         raise BasicUnauthorized("Send an admin key as the password of HTTP Basic auth (any user name) or as "
                                 "'Authorization: Bearer <key>'.", code="missing_api_key")

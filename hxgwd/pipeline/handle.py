@@ -116,7 +116,7 @@ class Gateway:
                 principal = authenticate.authenticate_monitor(head.headers, ctx.services.key_lookups(rt))
             except GatewayError as exc:
                 if exc.code != "missing_api_key":
-                    key = authenticate.basic_password(head.headers) or authenticate.presented_key(head.headers)
+                    key = authenticate.monitor_key(head.headers)
                     ctx.log.limited("monitor_refused", "warning", "monitoring page refused", endpoint=ep.name,
                                     status=exc.status, code=exc.code, key_prefix=client.key_prefix(key),
                                     client=client.client_address(request.peer, head.headers,
