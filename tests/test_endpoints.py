@@ -306,10 +306,7 @@ async def test_a_transcription_form_goes_upstream_with_the_upstream_model_and_th
         assert sent.form["model"] == "whisper-large-v3" and sent.form["language"] == "en"
         assert sent.form["file"].data == audio and sent.form["file"].filename == "a.wav"
         assert sent.headers["content-type"].startswith("multipart/form-data; boundary=")
-    with trio.fail_after(5):
-        while not (recs := [r for r in gw.log.requests() if r["endpoint"] == "/v1/audio/transcriptions"]):
-            await trio.sleep(0.01)
-    rec = recs[-1]
+    rec = await last_record(gw, endpoint="/v1/audio/transcriptions")
     assert (rec["model"], rec["prompt_tokens"], rec["completion_tokens"]) == ("stt", 9, 2)
 
 
@@ -352,7 +349,5 @@ async def test_a_streamed_transcription_is_relayed_with_its_usage(nursery):
         body = b"".join([piece async for piece in r.aiter_bytes()])
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     assert b"transcript.text.delta" in body and b"transcript.text.done" in body
-    with trio.fail_after(5):
-        while not (recs := [r for r in gw.log.requests() if r["endpoint"] == "/v1/audio/transcriptions"]):
-            await trio.sleep(0.01)
-    assert recs[-1]["stream"] is True and recs[-1].get("total_tokens", 0) > 0
+    rec = await last_record(gw, endpoint="/v1/audio/transcriptions")
+    assert rec["stream"] is True and rec.get("total_tokens", 0) > 0

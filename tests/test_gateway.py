@@ -79,12 +79,13 @@ async def two(nursery, **kw):
 CHAT = {"messages": [{"role": "user", "content": "Return exactly the text: HX-OK"}], "max_tokens": 10}
 
 
-async def last_record(gw, status: int | None = None) -> dict:
-    """The newest access-log record; the line is written at the loop's first quiet moment after
-    the last byte is sent (hxgwd/idle.py)."""
+async def last_record(gw, status: int | None = None, endpoint: str | None = None) -> dict:
+    """The newest access-log record (of that status, of that endpoint); the line is written at the
+    loop's first quiet moment after the last byte is sent (hxgwd/idle.py)."""
     with trio.fail_after(5):
         while True:
-            recs = [r for r in gw.log.requests() if status is None or r["status"] == status]
+            recs = [r for r in gw.log.requests() if (status is None or r["status"] == status)
+                    and (endpoint is None or r["endpoint"] == endpoint)]
             if recs:
                 return recs[-1]
             await trio.sleep(0.01)
