@@ -6,7 +6,8 @@
     POST   /admin/keys                 {"name", "models", "rpm", "tpm", "budget_usd", "budget_period",
                                         "expires_at", "admin"} -> 201 with the key, shown this once
     GET    /admin/keys/NAME
-    DELETE /admin/keys/NAME            revoke; applied on this host at once, on others within key_refresh
+    DELETE /admin/keys/NAME            revoke; applied on this host (every worker) before the answer,
+                                       on other hosts within key_refresh
     GET    /admin/usage?since=&until=&by=key|model|deployment|day&key=
                                        since/until: unix seconds, ISO dates, or "24h" / "30d" ago
 """
@@ -50,18 +51,38 @@ class DatabaseTimeout(UpstreamTimeout):
 
 async def routing(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Principal | None,
                   request: Request, response: Response, ep: Endpoint, rest: str) -> None:
-    await _send(response, ex, 200, {"generation": rt.generation, "targets": ctx.router.table(rt, trio.current_time())})
+    await _send(response, ex, 200, await _host_or_local(ctx, "routing", local_routing(ctx, rt)))
 
 
 async def stats(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Principal | None,
                 request: Request, response: Response, ep: Endpoint, rest: str) -> None:
-    await _send(response, ex, 200, {
+    await _send(response, ex, 200, await _host_or_local(ctx, "stats", local_stats(ctx, rt)))
+
+
+def local_routing(ctx: GatewayContext, rt: Runtime) -> dict[str, Any]:
+    return {"generation": rt.generation, "targets": ctx.router.table(rt, trio.current_time())}
+
+
+def local_stats(ctx: GatewayContext, rt: Runtime) -> dict[str, Any]:
+    return {
         "generation": rt.generation, **ctx.services.statistics(),
         "concurrency": ctx.gates.statistics(),
         "deferred": ctx.idle.statistics(),
         "stored_responses": len(ctx.response_homes),
         "pools": {f"{p.origin.scheme}://{p.origin.host}:{p.origin.port}": p.statistics()
-                  for p in ctx.transports.pools()}})
+                  for p in ctx.transports.pools()}}
+
+
+async def _host_or_local(ctx: GatewayContext, what: str, local: dict[str, Any]) -> Any:
+    """With workers, the host's view (every worker's, merged); a 503 if the supervisor cannot
+    gather it in time. A single process: its own."""
+    if ctx.host is None:
+        return local
+    try:
+        return await ctx.host.view(what)
+    except Exception as exc:       # the channel's PeerGone, RemoteError or a timeout
+        raise Unavailable("The other workers of this host did not answer in time; try again.",
+                          code="workers_unavailable") from exc
 
 
 async def keys(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Principal | None,
@@ -146,9 +167,18 @@ async def _key(ctx: GatewayContext, store: Store, name: str, request: Request) -
 
 
 async def _refresh_keys(ctx: GatewayContext) -> None:
+    """After a key was made or revoked: this worker's key cache, and every other worker's, are
+    reloaded before the answer goes out, so that the key works, or is refused, wherever the
+    client's next request lands."""
     keys = ctx.services.keys
     assert keys is not None, "the key cache comes with the store"
     await keys.refresh()
+    if ctx.host is not None:
+        try:
+            await ctx.host.keys_changed()
+        except Exception as exc:      # stored already: the others read it within key_refresh
+            ctx.log.warning("the other workers did not confirm the key change",
+                            error=f"{type(exc).__name__}: {exc}"[:200])
 
 
 def _key_fields(doc: dict[str, Any], rt: Runtime, config_names: set[str]) -> dict[str, Any]:

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="validate the config, print a summary, exit 0 (valid) or 1 (errors)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the effective config (defaults filled in, secrets redacted)")
+    # how a supervisor starts its workers (workers/supervisor.py): INDEX:CONTROL_FD
+    parser.add_argument("--worker", metavar="INDEX:FD", help=argparse.SUPPRESS)
     from hxgwd.http import resolve_parser
     parser.add_argument("--version", action="version",
                         version=f"hxgwd {__version__} (http parser: {resolve_parser('auto')})")
@@ -68,6 +70,9 @@ def main(argv: list[str]) -> int:
         return cmd_check_config(config_path(args))
     if args.print_config:
         return cmd_print_config(config_path(args))
+    if args.worker:
+        index, _, fd = args.worker.partition(":")
+        return cmd_worker(int(index), int(fd))
     return cmd_run(config_path(args))
 
 
@@ -151,9 +156,13 @@ def cmd_run(path: str) -> int:
 
     for warning in warnings(path, runtime.config):   # not only for who runs --check-config
         log.warning("config warning", warning=warning)
-    daemon = Daemon(RuntimeHolder(runtime), log, config_path=path)
     from hxgwd.store import SchemaError
     from hxgwd.store.spool import SpoolError
+
+    count = worker_count(runtime.config.server.workers)
+    if count > 1:
+        return _run_supervisor(runtime, log, path, count)
+    daemon = Daemon(RuntimeHolder(runtime), log, config_path=path)
 
     # What is loaded by now (modules, the config snapshot) lives as long as the process: out of
     # the collector's sight, a full collection under load took 4.6 ms instead of 28. Frozen
@@ -173,6 +182,70 @@ def cmd_run(path: str) -> int:
         if isinstance(cause, OSError):   # listeners are bound before any task starts
             log.error("cannot listen", error=cause.strerror or str(cause), addresses=list(runtime.config.server.listen))
             return EXIT_LISTEN
+        raise
+    return EXIT_FORCED if life.forced else 0
+
+
+def worker_count(setting: int | str) -> int:
+    """[server] workers: "auto" is one per CPU this process may run on (its affinity, which
+    systemd's CPUAffinity= and containers' cpusets set), not every CPU of the machine."""
+    if setting == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    return int(setting)
+
+
+def _run_supervisor(runtime: object, log: object, path: str, count: int) -> int:
+    import trio
+
+    from hxgwd.store import SchemaError
+    from hxgwd.workers.supervisor import StartFailed, Supervisor
+
+    supervisor = Supervisor(runtime, log, path, count)  # type: ignore[arg-type]
+    gc.collect()
+    gc.freeze()
+    try:
+        trio.run(supervisor.run)
+    except Exception as raised:
+        cause = _sole_cause(raised)
+        if isinstance(cause, StartFailed):
+            return cause.status
+        if isinstance(cause, SchemaError):
+            supervisor.log.error("cannot start: database schema", error=str(cause))
+            return EXIT_CONFIG
+        if isinstance(cause, OSError):
+            supervisor.log.error("cannot listen", error=cause.strerror or str(cause),
+                                 addresses=list(supervisor.holder.current.config.server.listen))
+            return EXIT_LISTEN
+        raise
+    return EXIT_FORCED if supervisor.forced else 0
+
+
+def cmd_worker(index: int, control_fd: int) -> int:
+    """A worker of a supervisor (workers/worker.py); its exit status is the supervisor's to report."""
+    import signal
+
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)     # reloads come from the supervisor
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import trio
+
+    from hxgwd.logs import Logger
+    from hxgwd.store import SchemaError
+    from hxgwd.store.spool import SpoolError
+    from hxgwd.workers import worker
+
+    log = Logger()
+    gc.collect()
+    gc.freeze()
+    try:
+        life = trio.run(worker.run, index, control_fd, log)
+    except Exception as raised:
+        cause = _sole_cause(raised)
+        if isinstance(cause, SchemaError):
+            log.error("cannot start: database schema", error=str(cause))
+            return EXIT_CONFIG
+        if isinstance(cause, SpoolError):
+            log.error("cannot start: usage spool", error=str(cause))
+            return EXIT_CANTCREAT
         raise
     return EXIT_FORCED if life.forced else 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import signal
 from functools import partial
+from typing import Any, Callable, Protocol
 
 import attrs
 import trio
@@ -32,7 +33,7 @@ from hxgwd.logs import Logger
 from hxgwd.metrics.gateway import GatewayMetrics
 from hxgwd.http.connection import HttpConnection
 from hxgwd.http.settings import ConnectionSettings
-from hxgwd.pipeline.context import GatewayContext
+from hxgwd.pipeline.context import GatewayContext, Host
 from hxgwd.pipeline.handle import Gateway
 from hxgwd.http.listen import IdleConnections, Listener, accept_loop, bound_addresses, open_listeners
 from hxgwd.pipeline.route import Router
@@ -86,13 +87,28 @@ class Lifecycle:
         return {"draining": self.draining, "listening": self.listening, "idle_connections": len(self.idle_scopes)}
 
 
+class Announce(Protocol):
+    """Where the daemon says it is ready, reloading or stopping: systemd (sdnotify), or, in a
+    worker, its supervisor (workers/worker.py), which speaks to systemd for the host."""
+
+    def ready(self, status: str) -> object: ...
+    def reloading(self) -> object: ...
+    def stopping(self, status: str = ...) -> object: ...
+
+
 @attrs.define
 class Daemon:
     """What lives for the whole process, across reloads."""
 
     holder: RuntimeHolder
     log: Logger
-    config_path: str | None = None
+    config_path: str | None = None          # None: SIGHUP does nothing (a worker: its supervisor reloads)
+    announce: Announce = sdnotify
+    # keyword arguments for open_services: what this process keeps of the host's services
+    services_options: dict[str, Any] = attrs.field(factory=dict)
+    # a worker's link to the host (workers/worker.py); None for a single process
+    host: Host | None = None
+    context: GatewayContext | None = None     # while serving
     router: Router = attrs.field(factory=Router)
     transports: Transports = attrs.field(default=attrs.Factory(
         lambda self: Transports(self.holder.current.config.server.http_parser, log=self.log), takes_self=True))
@@ -136,7 +152,7 @@ class Daemon:
             self.metrics.reloaded("rejected")
             self.holder.reloaded("rejected", ["an earlier reload is still blocked reading the config"])
             return False
-        sdnotify.reloading()
+        self.announce.reloading()
         path, generation = self.config_path, old.generation + 1
 
         def build() -> Runtime:
@@ -155,18 +171,24 @@ class Daemon:
         except ConfigError as exc:
             self.log.error("reload rejected, still serving the previous config", event="reload",
                            result="rejected", generation=old.generation, problems=exc.problems)
-            sdnotify.ready(f"serving generation {old.generation} (last reload rejected)")
+            self.announce.ready(f"serving generation {old.generation} (last reload rejected)")
             self.metrics.reloaded("rejected")
             self.holder.reloaded("rejected", exc.problems)
             return False
         except Exception as exc:     # a bug of the config code: still never worth the running daemon
             self.log.exception("reload failed, still serving the previous config", exc)
             self.log.error("reload failed", event="reload", result="failed", generation=old.generation)
-            sdnotify.ready(f"serving generation {old.generation} (last reload failed)")
+            self.announce.ready(f"serving generation {old.generation} (last reload failed)")
             self.metrics.reloaded("failed")
             self.holder.reloaded("failed", [f"{type(exc).__name__} (see the log)"])
             return False
-        for setting in needs_restart(self.started_with, new.config):
+        self.apply(new)
+        self.announce.ready(f"serving generation {new.generation}")
+        return True
+
+    def apply(self, new: Runtime, warn: bool = True) -> None:
+        """Swap `new` in, with what depends on it: one step, no await."""
+        for setting in needs_restart(self.started_with, new.config) if warn else ():
             self.log.warning("changed setting takes effect only after a restart", setting=setting)
         self.holder.swap(new)
         self.router.configure(new.config.routing)
@@ -179,10 +201,8 @@ class Daemon:
         self.log.info("config reloaded", event="reload", result="ok", generation=new.generation,
                       config=self.config_path, models=len({d.model for d in new.deployments.values()}),
                       backends=len(new.backends))
-        sdnotify.ready(f"serving generation {new.generation}")
         self.metrics.reloaded("ok")
         self.holder.reloaded("ok")
-        return True
 
 
 def connection_settings(server: Server) -> ConnectionSettings:
@@ -195,7 +215,7 @@ def connection_settings(server: Server) -> ConnectionSettings:
 
 
 def needs_restart(old: Config, new: Config) -> list[str]:
-    changed = [f"server.{name}" for name in ("listen", "backlog", "max_connections", "http_parser")
+    changed = [f"server.{name}" for name in ("listen", "backlog", "max_connections", "http_parser", "workers")
                if getattr(old.server, name) != getattr(new.server, name)]
     changed += [f"redis.{name}" for name in ("url", "password_env", "password_file")
                 if getattr(old.redis, name) != getattr(new.redis, name)]
@@ -205,19 +225,22 @@ def needs_restart(old: Config, new: Config) -> list[str]:
 
 
 async def serve(daemon: Daemon, *, life: Lifecycle | None = None, handle_signals: bool = True,
+                listeners: list[Listener] | None = None,
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> Lifecycle:
+    """`listeners`: bound already (a worker's, inherited from its supervisor); else bound here."""
     life = life or Lifecycle(daemon.log)
     cfg = daemon.holder.current.config
     daemon.router.configure(cfg.routing)
     daemon.router.on_breaker = events.breaker_logger(daemon.log)
     # Bound before any task starts and before the services make anything (the SQLite file, the
     # spool): a busy port fails plainly (exit 71) and leaves nothing behind.
-    listeners = await open_listeners(cfg.server.listen, cfg.server.backlog)
+    if listeners is None:
+        listeners = await open_listeners(cfg.server.listen, cfg.server.backlog)
     try:
         async with trio.open_nursery() as outer:
             if handle_signals:   # up to the very end: a second signal also cuts the flush of usage records
                 await outer.start(signal_loop, daemon, life)
-            async with open_services(daemon.holder.current, daemon.log) as services:
+            async with open_services(daemon.holder.current, daemon.log, **daemon.services_options) as services:
                 daemon.services = services
                 await _serve(daemon, life, services, listeners, task_status)
             outer.cancel_scope.cancel()
@@ -232,11 +255,12 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services, listeners:
                  task_status: trio.TaskStatus[list[str]]) -> None:
     cfg = daemon.holder.current.config
     idle = IdleWork(life.log_exception, after_batch=daemon.log.flush)
-    gateway = Gateway(GatewayContext(
+    daemon.context = GatewayContext(
         daemon.holder, daemon.router, daemon.transports, daemon.gates, services, daemon.log, idle,
         is_listening=lambda: life.listening,
         is_cutting_off=lambda: life.connections is not None and life.connections.cancel_called,
-        metrics=daemon.metrics))
+        metrics=daemon.metrics, host=daemon.host)
+    gateway = Gateway(daemon.context)
 
     # [server] -> its ConnectionSettings, rebuilt after a reload
     built_for, built = cfg.server, connection_settings(cfg.server)
@@ -284,8 +308,8 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services, listeners:
                                if context_for(runtime.tls, runtime.config.server, listener.listen)]
                         # the one startup line: what is served, from which file (events.py)
                         daemon.log.info("listening", event="started", **events.started_fields(
-                            runtime, daemon.config_path, addresses, tls, parser))
-                        sdnotify.ready(f"listening on {', '.join(addresses)}")
+                            runtime, daemon.config_path or runtime.source, addresses, tls, parser))
+                        daemon.announce.ready(f"listening on {', '.join(addresses)}")
                         task_status.started(addresses)
                 life.listening = False
                 for listener in listeners:
@@ -317,7 +341,7 @@ async def signal_loop(daemon: Daemon, life: Lifecycle,
                 last = (signum, now)
                 daemon.log.info("shutdown requested" if not life.draining else "forced shutdown",
                                 signal=signal.Signals(signum).name)
-                sdnotify.stopping()
+                daemon.announce.stopping()
                 life.begin_shutdown(daemon.services)
 
 

@@ -37,6 +37,7 @@ class Logger:
         self._stamp = _Stamps()
         self._held: list[bytes] = []     # access lines not yet written
         self._buckets: dict[str, list[float]] = {}   # event name -> [tokens, at, suppressed]
+        self.tags: dict[str, Any] = {}   # in every line: a worker's {"worker": 1}
 
     def configure(self, level: str, access_log: bool) -> None:
         self.level = LEVELS[level]
@@ -45,7 +46,7 @@ class Logger:
     def event(self, level: str, msg: str, **fields: Any) -> None:
         if LEVELS[level] < self.level:
             return
-        self._write({"time": self._stamp(time.time()), "level": level, "msg": msg, **fields})
+        self._write({"time": self._stamp(time.time()), "level": level, "msg": msg, **self.tags, **fields})
 
     def info(self, msg: str, **fields: Any) -> None:
         self.event("info", msg, **fields)
@@ -82,7 +83,7 @@ class Logger:
 
     def access(self, record: RequestRecord) -> None:
         if self.access_log:
-            fields = record.log_fields({"time": self._stamp(record.ts), "level": "info", "msg": "request"})
+            fields = record.log_fields({"time": self._stamp(record.ts), "level": "info", "msg": "request", **self.tags})
             # The path and the model (body or X-HX-Model-Group) are as long as the client made them;
             # the request id is checked to 128 characters, the other strings come from the config.
             if len(record.endpoint) > MAX_ECHOED:

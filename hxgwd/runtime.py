@@ -8,6 +8,7 @@ keeps that snapshot to its end, so a reload never changes a request halfway.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import ssl
@@ -113,6 +114,7 @@ class Runtime:
     db_password: str | None = attrs.field(default=None, repr=False)
     redis_password: str | None = attrs.field(default=None, repr=False)
     tls: ssl.SSLContext | None = attrs.field(default=None, repr=False, eq=False)   # [server] tls_cert, tls_key
+    read: ConfigRead | None = attrs.field(default=None, repr=False, eq=False)   # None: not from a file
 
 
 @attrs.frozen
@@ -139,18 +141,44 @@ class RuntimeHolder:
         self.last_reload = ReloadResult(result, time.time(), self.current.generation, tuple(problems))
 
 
-def build_runtime(path: str, generation: int, environ: Mapping[str, str] | None = None) -> Runtime:
-    """Read, validate and compile a config file; raise ConfigError listing every problem."""
-    draft = load.draft_file(path)
+@attrs.frozen
+class ConfigRead:
+    """What a config was compiled from: the file's text and the secret files it named, as read
+    once. Workers compile the supervisor's read (workers/), so that all serve the same generation
+    even if a file changes meanwhile."""
+
+    path: str
+    text: str
+    files: Mapping[str, str] = attrs.field(repr=False)      # key_file, api_key_file, password_file
+
+
+def build_runtime(path: str, generation: int, environ: Mapping[str, str] | None = None,
+                  read: ConfigRead | None = None) -> Runtime:
+    """Read, validate and compile a config file (or what `read` holds of it); raise ConfigError
+    listing every problem."""
+    text = read.text if read is not None else load.read_text(path)
+    files: dict[str, str] = {}
+
+    def read_secret(name: str) -> str:
+        if read is not None:
+            if name not in read.files:
+                raise FileNotFoundError(errno.ENOENT, "not read by the supervisor", name)
+            return read.files[name]
+        files[name] = value = _read_secret(name)
+        return value
+
+    draft = load.draft_text(text, path)
     if draft.problems:
         # the secrets' sources are checked too, so that one run reports every problem of the file
-        found = read_secrets(draft.config, environ, entry_path=draft.entry_path).problems if draft.config else []
+        found = read_secrets(draft.config, environ, read_secret, entry_path=draft.entry_path).problems \
+            if draft.config else []
         raise ConfigError(draft.in_file_order(draft.problems + found))
     assert draft.config is not None          # None only with problems
     try:
-        return compile_config(draft.config, generation, path, environ)
+        runtime = compile_config(draft.config, generation, path, environ, read_secret)
     except ConfigError as exc:
         raise ConfigError(draft.in_file_order(exc.problems)) from None
+    return attrs.evolve(runtime, read=read or ConfigRead(path, text, files))
 
 
 @attrs.frozen

@@ -35,7 +35,8 @@ USAGE_FLUSH_TIMEOUT = 10.0   # at shutdown, after the drain: memory to the store
 @attrs.define
 class Services:
     limiter: Limiter
-    # all four, or none without a database
+    # with a database: the store; the usage sink and key cache where requests are served; the
+    # pruner where the host's duties are done (a single process does both)
     store: Store | None = None
     usage: UsageSink | None = None
     keys: KeyCache | None = None
@@ -54,17 +55,25 @@ class Services:
 
     def statistics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"limits": self.limiter.statistics()}
-        if self.usage is not None and self.keys is not None and self.pruner is not None:
+        if self.usage is not None:
             out["usage"] = self.usage.statistics()
+        if self.keys is not None:
             out["keys"] = self.keys.statistics()
+        if self.pruner is not None:
             out["retention"] = self.pruner.statistics()
         return out
 
 
 @asynccontextmanager
-async def open_services(rt: Runtime, log: Logger) -> AsyncIterator[Services]:
+async def open_services(rt: Runtime, log: Logger, *, limiter: Limiter | None = None, serving: bool = True,
+                        host_duties: bool = True, spool_dir: str | None = None,
+                        adopt: tuple[str, ...] = ()) -> AsyncIterator[Services]:
+    """`limiter`: one made by the caller (a worker's, kept by its supervisor), else opened here.
+    `serving`: requests are served here (usage sink, key cache). `host_duties`: this process prunes
+    old usage and seeds the limiter's budgets (with Redis, every server seeds: its marker keys make
+    that once per period). `spool_dir` and `adopt`: the usage spool's, when not the default."""
     cfg = rt.config
-    async with open_limiter(cfg, log, rt.redis_password) as limiter:
+    async with _limiter(cfg, log, rt.redis_password, limiter) as limiter:
         if not cfg.database.url:
             yield Services(limiter)
             return
@@ -76,33 +85,48 @@ async def open_services(rt: Runtime, log: Logger) -> AsyncIterator[Services]:
         store = open_store(cfg.database, rt.db_password)
         try:
             answered = True
-            usage = UsageSink(store, cfg.database, log)
+            usage = UsageSink(store, cfg.database, log, spool_dir=spool_dir, adopt=adopt) if serving else None
             # the spool's lock first: a start it refuses (exit 73) must not leave a new SQLite file
-            await usage.open()
+            if usage is not None:
+                await usage.open()
             try:
                 await store.ensure_schema()
             except StoreUnavailable as exc:
                 answered = False
                 log.error("database unreachable at start: usage goes to the spool, store keys wait",
                           database=redact_url(cfg.database.url), error=str(exc))
+            timeout = cfg.database.connect_timeout + cfg.database.statement_timeout
             keys = KeyCache(store, log, refresh=cfg.database.key_refresh,
-                            load_timeout=cfg.database.connect_timeout)
-            pruner = Pruner(store, log, cfg.database.retention_days,
-                            timeout=cfg.database.connect_timeout + cfg.database.statement_timeout)
+                            load_timeout=cfg.database.connect_timeout) if serving else None
+            pruner = Pruner(store, log, cfg.database.retention_days, timeout=timeout) if host_duties else None
             async with trio.open_nursery() as nursery:
-                await nursery.start(usage.run)
+                if usage is not None:
+                    await nursery.start(usage.run)
                 # after the usage writer has started: records it replays at start are counted
-                seeder = BudgetSeeder(limiter, store, log, cfg.database.connect_timeout + cfg.database.statement_timeout)
-                await nursery.start(seeder.run, answered)
-                await nursery.start(keys.run)
-                nursery.start_soon(pruner.run)
+                if host_duties or cfg.redis.url:
+                    await nursery.start(BudgetSeeder(limiter, store, log, timeout).run, answered)
+                if keys is not None:
+                    await nursery.start(keys.run)
+                if pruner is not None:
+                    nursery.start_soon(pruner.run)
                 services = Services(limiter, store, usage, keys, pruner)
                 try:
                     yield services
                 finally:
-                    with services.flush:
-                        await usage.aclose(timeout=USAGE_FLUSH_TIMEOUT)
+                    if usage is not None:
+                        with services.flush:
+                            await usage.aclose(timeout=USAGE_FLUSH_TIMEOUT)
                     nursery.cancel_scope.cancel()
         finally:
             with trio.move_on_after(5, shield=True):
                 await store.aclose()
+
+
+@asynccontextmanager
+async def _limiter(config: m.Config, log: Logger, password: str | None,
+                   given: Limiter | None) -> AsyncIterator[Limiter]:
+    if given is not None:
+        yield given
+        return
+    async with open_limiter(config, log, password) as limiter:
+        yield limiter

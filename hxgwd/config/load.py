@@ -69,6 +69,15 @@ def _loaded(d: Draft) -> m.Config:
 
 def draft_file(path: str) -> Draft:
     """Raises ConfigError only if there is no TOML document to draft from."""
+    return draft_text(read_text(path), path)
+
+
+def draft_text(text: str, path: str) -> Draft:
+    return draft(_parse(text, source=path))
+
+
+def read_text(path: str) -> str:
+    """The config file's text; ConfigError if it cannot be read or is not UTF-8."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -80,7 +89,7 @@ def draft_file(path: str) -> Draft:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 (byte {exc.start}); TOML files are UTF-8"]) from None
-    return draft(_parse(text, source=path))
+    return text
 
 
 def _parse(text: str, source: str) -> dict[str, Any]:
@@ -159,8 +168,16 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str],
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, path, problems)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:     # int | Literal["auto"]: the kind of the value picks the branch
+            literal = next(a for a in inner if typing.get_origin(a) is Literal)
+            if isinstance(value, str):
+                return _convert(literal, value, path, problems)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            problems.append(f"{path}: expected an integer or {' or '.join(repr(a) for a in typing.get_args(literal))}")
+            return INVALID
+        return _convert(inner[0], value, path, problems)
     if origin is Literal:
         if value not in args:
             problems.append(f"{path}: must be one of {', '.join(repr(a) for a in args)}")

@@ -38,6 +38,7 @@ class Server:
     cors_allow_credentials: bool = False # let browsers send cookies / HTTP auth along; never with "*"
     cors_max_age: int = 600              # seconds a browser may reuse a preflight answer
     trusted_proxies: tuple[str, ...] = ()  # addresses / networks whose X-Forwarded-For is believed
+    workers: int | Literal["auto"] = 1   # serving processes; "auto": one per CPU this process may use
 
 
 @attrs.frozen(kw_only=True)

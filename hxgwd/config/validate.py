@@ -21,6 +21,7 @@ HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")        # RFC 9110 token
 VALUE_RE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")           # no CR, LF or other controls
 # sha256 of sk-hx-dev-1234, the key of hxgwd.toml.example and the README's quick start: anyone has it
+MAX_WORKERS = 256                 # [server] workers
 EXAMPLE_KEY_SHA256 = "8d170aee995d48e15c108cbb5e9f5210c8054eaa4ea7e3c74a8dbde384b5b76a"
 # Paths of the OpenAI API under its base (longest first where one ends another): hxgwd adds them
 # to a backend's url itself, so a url that already ends in one would get it twice. All of the
@@ -64,6 +65,8 @@ def validate(c: m.Config, positions: dict[str, list[int]] | None = None) -> list
     for name in ("header_timeout", "body_timeout", "body_total_timeout", "keepalive_timeout", "write_timeout", "shutdown_grace"):
         if getattr(s, name) <= 0:
             p.append(f"server.{name}: must be greater than 0")
+    if isinstance(s.workers, int) and not 1 <= s.workers <= MAX_WORKERS:
+        p.append(f"server.workers: must be \"auto\" or 1 to {MAX_WORKERS}")
     if bool(s.tls_cert) != bool(s.tls_key):
         p.append("server: set both tls_cert and tls_key, or neither")
     for i, addr in enumerate(s.tls_listen):

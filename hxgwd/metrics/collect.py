@@ -107,9 +107,10 @@ def _pools(ctx: GatewayContext) -> list[Family]:
     return [conns, waiting, opened, refused]
 
 
-def _services(ctx: GatewayContext, rt: Runtime) -> list[Family]:
-    services = ctx.services
-    limits = services.limiter.statistics()
+def limiter_families(limits: dict[str, Any]) -> list[Family]:
+    """The limiter's: a worker's limiter has none of its own (its supervisor keeps the counters)."""
+    if limits.get("backend") == "host":
+        return []
     refused = dict(limits.get("refused", {}))
     for reason, n in limits.get("local", {}).get("refused", {}).items():   # Redis down, "local" policy
         refused[reason] = refused.get(reason, 0) + n
@@ -118,6 +119,12 @@ def _services(ctx: GatewayContext, rt: Runtime) -> list[Family]:
     if limits.get("backend") == "redis":
         fams.append(Gauge("hxgwd_redis_up", "1 when Redis answers the limiter, else 0",
                           values=[((), 0.0 if limits.get("down") else 1.0)]))
+    return fams
+
+
+def _services(ctx: GatewayContext, rt: Runtime) -> list[Family]:
+    services = ctx.services
+    fams = limiter_families(services.limiter.statistics())
     usage, keys = services.usage, services.keys
     if usage is None or keys is None:
         return fams

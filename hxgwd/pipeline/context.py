@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import attrs
 
@@ -24,6 +24,22 @@ from hxgwd.runtime import RuntimeHolder
 from hxgwd.services import Services
 from hxgwd.upstream.transports import Transports
 from hxgwd.upstream.gates import Gates
+
+
+class Host(Protocol):
+    """A worker's view of the other workers of its host, through the supervisor (workers/)."""
+
+    index: int                      # this worker's, 0-based
+    count: int                      # workers of the host
+
+    async def view(self, what: str) -> Any:
+        """The host's "stats", "routing", "metrics" or "status": every worker's, merged."""
+
+    async def keys_changed(self) -> None:
+        """Store keys were added or revoked here: every worker reloads them before this returns."""
+
+    async def find_response(self, response_id: str, key: str | None) -> str | None:
+        """The deployment that made a stored response, asked of the other workers."""
 
 
 class ResponseHomes:
@@ -108,3 +124,4 @@ class GatewayContext:
     models_cache: OrderedDict[tuple[object, ...], bytes] = attrs.field(factory=OrderedDict)   # /v1/models bodies
     failures: RecentFailures = attrs.field(factory=RecentFailures)      # /status: the last failed requests
     started_at: float = attrs.field(factory=time.time)                  # unix time: /status's uptime
+    host: Host | None = None         # a worker's other workers; None in a single process

@@ -9,7 +9,7 @@ of both), and it counts in none of the request series.
 
 from __future__ import annotations
 
-from hxgwd.errors import GatewayError
+from hxgwd.errors import GatewayError, Unavailable
 from hxgwd.http.exchange import Request, Response
 from hxgwd.metrics import exposition
 from hxgwd.metrics.collect import collect
@@ -33,7 +33,16 @@ async def metrics(ctx: GatewayContext, rt: Runtime, ex: Exchange | None, princip
             await response.send_full(exc.status, [JSON, *exc.headers()], exc.body())
             return
     openmetrics = exposition.wants_openmetrics(head.header(b"accept"))
-    families = ctx.metrics.families() + collect(ctx, rt)
+    if ctx.host is None:
+        families = ctx.metrics.families() + collect(ctx, rt)
+    else:
+        try:
+            families = await ctx.host.view("metrics")     # every worker's, summed (workers/merge.py)
+        except Exception:
+            refused = Unavailable("The other workers of this host did not answer in time; try again.",
+                                  code="workers_unavailable")
+            await response.send_full(refused.status, [JSON, *refused.headers()], refused.body())
+            return
     body = exposition.render(families, openmetrics)
     await response.send_full(200, [(b"content-type", exposition.OPENMETRICS if openmetrics else exposition.TEXT),
                                    (b"cache-control", b"no-store")], body)

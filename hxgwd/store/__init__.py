@@ -30,14 +30,14 @@ from typing import TYPE_CHECKING
 from hxgwd.store.base import (
     BY, DEFAULT_STATE_DIR, KeyExists, KeyInfo, KeyNotFound, NoDatabase, RecordRejected,
     SchemaError, Store, StoreError, StoreTimeout, StoreUnavailable, default_spool_dir, iso_time,
-    legacy_spool_dir, read_password, redact_url, schema_problem, sqlite_path)
+    legacy_spool_dir, read_password, worker_spool_dir, adopted_spool_dirs, redact_url, schema_problem, sqlite_path)
 
 if TYPE_CHECKING:
     from hxgwd.config.model import Database
 
 __all__ = ["BY", "DEFAULT_STATE_DIR", "KeyExists", "KeyInfo", "KeyNotFound", "NoDatabase", "RecordRejected",
            "SchemaError", "Store", "StoreError", "StoreTimeout", "StoreUnavailable", "default_spool_dir",
-           "iso_time", "legacy_spool_dir", "read_password", "redact_url", "schema_problem", "sqlite_path",
+           "iso_time", "legacy_spool_dir", "worker_spool_dir", "adopted_spool_dirs", "read_password", "redact_url", "schema_problem", "sqlite_path",
            "open_store"]
 
 

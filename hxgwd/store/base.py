@@ -197,6 +197,28 @@ def legacy_spool_dir(database: Database) -> str | None:
     return os.path.join(os.path.dirname(os.path.abspath(sqlite_path(database.url))), "spool")
 
 
+def worker_spool_dir(database: Database, index: int) -> str:
+    """Worker `index`'s spool, beside the single process's: each journals its own records."""
+    return os.path.join(default_spool_dir(database), f"worker-{index}")
+
+
+def adopted_spool_dirs(database: Database, index: int | None = None, count: int = 1) -> tuple[str, ...]:
+    """The spools no process uses any more whose segments a process takes over at start, so that
+    a change of [server] workers strands no record: a single process (index None) takes every
+    worker's and the pre-14 one; worker 0 the single process's; worker i those of workers i + k *
+    count that no longer exist. A directory still locked by a live process is left alone."""
+    base = default_spool_dir(database)
+    if index is None:
+        legacy = legacy_spool_dir(database)
+        found = sorted(os.listdir(base)) if os.path.isdir(base) else []
+        return (*([legacy] if legacy else []),
+                *(os.path.join(base, n) for n in found if n.startswith("worker-") and n[7:].isdigit()))
+    found = sorted(os.listdir(base)) if os.path.isdir(base) else []
+    gone = [os.path.join(base, n) for n in found if n.startswith("worker-") and n[7:].isdigit()
+            and int(n[7:]) >= count and int(n[7:]) % count == index]
+    return ((base,) if index == 0 else ()) + tuple(gone)
+
+
 def read_password(database: Database, environ: Mapping[str, str] | None = None) -> str | None:
     """The PostgreSQL password from password_env or password_file; None if neither is set.
     Raises StoreError naming what is missing (never the password)."""

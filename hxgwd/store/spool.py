@@ -60,9 +60,9 @@ class SpoolError(Exception):
 
 class Spool:
     def __init__(self, directory: str, max_bytes: int, log: Logger, segment_bytes: int | None = None,
-                 adopt: str | None = None) -> None:
+                 adopt: tuple[str, ...] = ()) -> None:
         self.directory = directory
-        self.adopt = adopt         # an old default spool directory whose segments become ours at open
+        self.adopt = adopt         # spool directories no process uses any more, whose segments become ours at open
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes or min(16 * 1024 * 1024, max(64 * 1024, max_bytes // 16))
         self.log = log
@@ -114,8 +114,9 @@ class Spool:
                 self._sizes[path] = _cut_to_data(path)
                 self._replay.add(path)   # an earlier run's: replayed whole (the store skips what it has)
                 self._seq = max(self._seq, int(match.group(1)))
-        if self.adopt and os.path.isdir(self.adopt) and os.path.abspath(self.adopt) != os.path.abspath(self.directory):
-            self._adopt(self.adopt)
+        for old in self.adopt:
+            if os.path.isdir(old) and os.path.abspath(old) != os.path.abspath(self.directory):
+                self._adopt(old)
         self.bytes = sum(self._sizes.values())
         self._check_level(0)
 

@@ -52,7 +52,7 @@ import trio
 
 from hxgwd.config.model import Database
 from hxgwd.pipeline.record import RequestRecord
-from hxgwd.store import RecordRejected, Store, StoreUnavailable, default_spool_dir, legacy_spool_dir
+from hxgwd.store import RecordRejected, Store, StoreUnavailable, adopted_spool_dirs, default_spool_dir
 from hxgwd.store.replay import Replay
 from hxgwd.store.schema import record_document, record_line, values_line
 from hxgwd.store.spool import Spool
@@ -76,7 +76,7 @@ Item = tuple["str | None", RequestRecord]
 
 class UsageSink:
     def __init__(self, store: Store, database: Database, log: Logger, *, spool_dir: str | None = None,
-                 retry_min: float = RETRY_MIN, retry_max: float = RETRY_MAX) -> None:
+                 adopt: tuple[str, ...] = (), retry_min: float = RETRY_MIN, retry_max: float = RETRY_MAX) -> None:
         self._store = store
         self._log = log
         self._batch_size = database.batch_size
@@ -84,7 +84,7 @@ class UsageSink:
         self._attempt_timeout = database.connect_timeout + database.statement_timeout
         self._send, self._recv = trio.open_memory_channel[Item](database.queue_size)
         self._spool = Spool(spool_dir or default_spool_dir(database), database.spool_max_bytes, log,
-                            adopt=None if spool_dir else legacy_spool_dir(database))
+                            adopt=adopt if spool_dir else adopted_spool_dirs(database))
         self._retry_min, self._retry_max = retry_min, retry_max
         self._backoff = retry_min
         self._retry_at = -math.inf

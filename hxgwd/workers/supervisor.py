@@ -1,0 +1,399 @@
+"""The supervisor: with `[server] workers` above 1, the process systemd and the operator see. It
+binds the listeners once (workers inherit them and accept on the same sockets: the kernel queues
+connections while a worker restarts, and no worker's death closes a listener), starts the
+workers, and speaks for the host:
+
+    supervise()
+    ├── signal_loop      SIGHUP -> reload (all workers or none); SIGTERM/SIGINT -> drain; again -> force
+    ├── services         the host's limiter counters, budget seeding, usage retention (no serving)
+    └── keep_running     one per worker slot: start, watch, log its end, restart with backoff
+
+READY=1 goes to systemd when every worker serves. A reload is read and checked here, once; then
+every worker compiles what was read ("prepare") and all switch ("commit"), or none does
+("abort"): a bad file is logged once, here. SIGTERM closes the listeners and drains every
+worker; each writes its usage records and exits, then the supervisor exits 0 (3 when forced).
+A worker that dies is logged with its exit status or signal and restarted after a backoff (0.5 s
+doubling to 30 s, back to 0.5 s after a minute of serving); CRASH_LOOP deaths in CRASH_WINDOW
+are reported as a crash loop, in the log and systemd's status line. A worker that dies before
+the host first served stops the start: the daemon exits with the worker's status.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from functools import partial
+from typing import Any, Callable
+
+import attrs
+import trio
+
+from hxgwd import sdnotify
+from hxgwd.config.load import ConfigError
+from hxgwd.http.listen import Listener, bound_addresses, open_listeners
+from hxgwd.lifecycle import RELOAD_TIMEOUT, SIGNAL_ECHO_WINDOW, needs_restart
+from hxgwd.limits.limiter import HostLimiter
+from hxgwd.logs import Logger
+from hxgwd.runtime import Runtime, RuntimeHolder, build_runtime
+from hxgwd.services import USAGE_FLUSH_TIMEOUT, Services, open_services
+from hxgwd.workers import limits, views
+from hxgwd.workers.channel import Peer, PeerGone, RemoteError, answer_all
+
+RESTART_MIN = 0.5
+RESTART_MAX = 30.0
+STABLE_AFTER = 60.0        # a worker that served this long starts the backoff over
+CRASH_LOOP = 5             # deaths within CRASH_WINDOW seconds: a crash loop
+CRASH_WINDOW = 60.0
+CALL_TIMEOUT = 5.0
+EXIT_MARGIN = 5.0          # past shutdown_grace + the usage flush: a worker still running is killed
+
+
+@attrs.define(eq=False)
+class Slot:
+    index: int
+    pid: int | None = None
+    peer: Peer | None = None
+    generation: int = 0
+    serving: bool = False
+    serving_since: float = 0.0
+    restarts: int = 0
+    last_exit: str | None = None
+    backoff: float = RESTART_MIN
+    deaths: deque[float] = attrs.field(factory=lambda: deque(maxlen=CRASH_LOOP))
+    looping: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        return {"worker": self.index, "pid": self.pid, "serving": self.serving, "generation": self.generation,
+                "restarts": self.restarts, "last_exit": self.last_exit, "crash_loop": self.looping}
+
+
+class StartFailed(Exception):
+    def __init__(self, index: int, status: int) -> None:
+        super().__init__(f"worker {index} exited with status {status} before serving")
+        self.status = status
+
+
+class Supervisor:
+    def __init__(self, runtime: Runtime, log: Logger, config_path: str, count: int) -> None:
+        self.holder = RuntimeHolder(runtime)
+        self.log = log
+        self.config_path = config_path
+        self.slots = [Slot(i) for i in range(count)]
+        self.limiter = HostLimiter(runtime.config.limits)
+        self.started_with = runtime.config
+        self.listeners: list[Listener] = []
+        self.services: Services | None = None
+        self.draining = False
+        self.forced = False
+        self.ever_ready = False
+        self.started_at = time.time()
+        self._stop = trio.Event()            # set when draining: backoff sleeps end
+        self._reloading = False
+        self._reload_again = False
+        self._task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+        self._nursery: trio.Nursery | None = None     # for catch-ups
+
+    # --- the process tree ------------------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.holder.current.config
+        self.listeners = await open_listeners(cfg.server.listen, cfg.server.backlog)
+        self._task_status = task_status
+        try:
+            async with trio.open_nursery() as outer:
+                self._nursery = outer
+                await outer.start(self._signal_loop)
+                async with open_services(self.holder.current, self.log, limiter=self.limiter, serving=False,
+                                         host_duties=True) as services:
+                    self.services = services
+                    async with trio.open_nursery() as workers:
+                        for slot in self.slots:
+                            workers.start_soon(self._keep_running, slot)
+                outer.cancel_scope.cancel()
+        finally:
+            self._close_listeners()
+        self.log.info("stopped", forced=self.forced)
+
+    def stopping(self) -> bool:
+        return self.draining
+
+    async def _keep_running(self, slot: Slot) -> None:
+        while not self.draining:
+            status = await self._run_once(slot)
+            if self.stopping():
+                return
+            cause = describe_exit(status)
+            slot.last_exit, slot.serving = cause, False
+            if not self.ever_ready:
+                self.log.error("worker failed at start: stopping", worker=slot.index, exit=cause)
+                raise StartFailed(slot.index, status if status > 0 else 128 - status)
+            now = time.monotonic()
+            if now - slot.serving_since >= STABLE_AFTER and slot.serving_since:
+                slot.backoff = RESTART_MIN
+            slot.deaths.append(now)
+            slot.looping = len(slot.deaths) == CRASH_LOOP and now - slot.deaths[0] <= CRASH_WINDOW
+            slot.restarts += 1
+            if slot.looping:
+                self.log.error("worker crash loop: restarting with backoff", worker=slot.index, exit=cause,
+                               deaths=len(slot.deaths), within_s=round(now - slot.deaths[0], 1),
+                               backoff_s=slot.backoff)
+                sdnotify.notify(f"STATUS=worker {slot.index} is crash-looping ({cause})")
+            else:
+                self.log.error("worker died: restarting", worker=slot.index, exit=cause, backoff_s=slot.backoff)
+            with trio.move_on_after(slot.backoff):
+                await self._stop.wait()
+            slot.backoff = min(RESTART_MAX, slot.backoff * 2)
+
+    async def _run_once(self, slot: Slot) -> int:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            fds = [child.fileno()] + [listener.socket.fileno() for listener in self.listeners]
+            env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}   # systemd hears the supervisor
+            # a session of its own: a terminal's Ctrl-C reaches the supervisor, which drains the workers
+            process = await trio.lowlevel.open_process(
+                worker_command(self.config_path, slot.index, child.fileno()), pass_fds=fds, env=env,
+                start_new_session=True)
+        finally:
+            child.close()
+        slot.pid, slot.generation = process.pid, 0
+        peer = Peer(trio.SocketStream(trio.socket.from_stdlib_socket(parent)), self._handlers(slot),
+                    on_error=lambda what, exc: self.log.error("control channel: " + what, worker=slot.index,
+                                                               error=f"{type(exc).__name__}: {exc}"[:300]))
+        slot.peer = peer
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(peer.run)
+                if self.draining:      # started while the drain began: it has nothing to serve
+                    nursery.start_soon(self._drain_one, slot)
+                status = await process.wait()
+                with trio.move_on_after(1):
+                    await peer.closed.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            slot.peer, slot.serving = None, False
+            if process.returncode is None:     # the supervisor itself is failing: no worker outlives it
+                process.kill()
+        return status
+
+    # --- what workers ask ------------------------------------------------------------------------
+
+    def _handlers(self, slot: Slot) -> dict[str, Callable[[Any], Any]]:
+        return {"hello": partial(self._hello, slot), "ready": partial(self._ready, slot),
+                "stopping": lambda args: None, "gather": self._gather, "keys_changed": self._keys_changed,
+                "find_response": self._find_response, **limits.handlers(self.limiter)}
+
+    def _hello(self, slot: Slot, args: dict[str, Any]) -> dict[str, Any]:
+        rt = self.holder.current
+        assert rt.read is not None
+        return {"count": len(self.slots), "generation": rt.generation, "path": rt.read.path, "text": rt.read.text,
+                "files": dict(rt.read.files),
+                "listeners": [[listener.listen, listener.socket.fileno()] for listener in self.listeners]}
+
+    def _ready(self, slot: Slot, args: dict[str, Any]) -> None:
+        first = not slot.serving
+        slot.serving, slot.generation = True, args["generation"]
+        if first:
+            slot.serving_since = time.monotonic()
+            self.log.info("worker serving", worker=slot.index, pid=slot.pid, generation=slot.generation)
+        if slot.generation != self.holder.current.generation and not self._reloading:
+            self._start(self._catch_up, slot)
+        if not self.ever_ready and all(s.serving for s in self.slots):
+            self.ever_ready = True
+            addresses = bound_addresses(self.listeners)
+            self.log.info("all workers serving", workers=len(self.slots), addresses=addresses,
+                          generation=self.holder.current.generation)
+            sdnotify.ready(f"listening on {', '.join(addresses)} with {len(self.slots)} workers")
+            self._task_status.started(addresses)
+        elif self.ever_ready and first and all(s.serving for s in self.slots):
+            sdnotify.notify(f"STATUS=serving generation {self.holder.current.generation} with {len(self.slots)} workers")
+
+    async def _gather(self, args: dict[str, Any]) -> dict[str, Any]:
+        what = args["what"]
+        serving = [s for s in self.slots if s.serving and s.peer is not None]
+        docs = await answer_all([partial(s.peer.call, "view", {"what": what}, CALL_TIMEOUT - 1)  # type: ignore[union-attr]
+                                 for s in serving])
+        by_index = {s.index: d for s, d in zip(serving, docs)}
+        workers = []
+        for slot in self.slots:
+            doc = by_index.get(slot.index)
+            workers.append({**slot.summary(), "doc": None if isinstance(doc, Exception) else doc})
+        return {"workers": workers, "host": views.host_view(what, self)}
+
+    async def _keys_changed(self, args: Any) -> None:
+        serving = [s for s in self.slots if s.serving and s.peer is not None]
+        await answer_all([partial(s.peer.call, "refresh_keys", None, CALL_TIMEOUT * 2)  # type: ignore[union-attr]
+                          for s in serving])
+
+    async def _find_response(self, args: dict[str, Any]) -> str | None:
+        serving = [s for s in self.slots if s.serving and s.peer is not None]
+        found = await answer_all([partial(s.peer.call, "response_home", args, CALL_TIMEOUT - 1)  # type: ignore[union-attr]
+                                  for s in serving])
+        return next((f for f in found if isinstance(f, str)), None)
+
+    # --- reload ----------------------------------------------------------------------------------
+
+    def request_reload(self, nursery: trio.Nursery) -> None:
+        if self._reloading:
+            self._reload_again = True
+            return
+        self._reloading = True
+        nursery.start_soon(self._reload_while_asked)
+
+    async def _reload_while_asked(self) -> None:
+        try:
+            while True:
+                self._reload_again = False
+                await self.reload()
+                if not self._reload_again:
+                    break
+        finally:
+            self._reloading = False
+        for slot in self.slots:        # a worker that came up during the reload
+            if slot.serving and slot.generation != self.holder.current.generation:
+                self._start(self._catch_up, slot)
+
+    async def reload(self) -> bool:
+        old = self.holder.current
+        sdnotify.reloading()
+        path, generation = self.config_path, old.generation + 1
+        try:
+            with trio.move_on_after(RELOAD_TIMEOUT) as waited:
+                new: Runtime = await trio.to_thread.run_sync(build_runtime, path, generation, abandon_on_cancel=True)
+            if waited.cancelled_caught:
+                raise ConfigError([f"reading the config took over {RELOAD_TIMEOUT:g} s (a FIFO, a hung mount?)"])
+        except ConfigError as exc:
+            return await self._reload_refused("rejected", exc.problems, old)
+        except Exception as exc:
+            self.log.exception("reload failed, still serving the previous config", exc)
+            return await self._reload_refused("failed", [f"{type(exc).__name__} (see the log)"], old)
+        serving = [s for s in self.slots if s.serving and s.peer is not None]
+        assert new.read is not None
+        offer = {"generation": generation, "path": new.read.path, "text": new.read.text, "files": dict(new.read.files)}
+        answers = await answer_all([partial(s.peer.call, "prepare", offer, RELOAD_TIMEOUT + CALL_TIMEOUT)  # type: ignore[union-attr]
+                                    for s in serving])
+        problems = [f"worker {s.index}: " + ("; ".join(a["problems"]) if isinstance(a, dict) else describe_error(a))
+                    for s, a in zip(serving, answers) if not isinstance(a, dict) or a["problems"]]
+        if problems:
+            return await self._reload_refused("failed", problems, old)
+        for setting in needs_restart(self.started_with, new.config):
+            self.log.warning("changed setting takes effect only after a restart", setting=setting)
+        self.holder.swap(new)
+        self.limiter.configure(new.config)
+        if self.services is not None:
+            self.services.configure(new.config)
+        self.log.configure(new.config.log.level, new.config.log.access_log)
+        committed = await answer_all([partial(s.peer.call, "commit", {"generation": generation}, CALL_TIMEOUT)  # type: ignore[union-attr]
+                                      for s in serving])
+        for slot, result in zip(serving, committed):
+            if isinstance(result, int):
+                slot.generation = result
+            else:     # it died meanwhile: it restarts on the new generation
+                self.log.warning("a worker did not confirm the reload", worker=slot.index, error=describe_error(result))
+        self.holder.reloaded("ok")
+        self.log.info("config reloaded", event="reload", result="ok", generation=generation, config=path,
+                      workers=[s.index for s, r in zip(serving, committed) if isinstance(r, int)])
+        sdnotify.ready(f"serving generation {generation} with {len(self.slots)} workers")
+        return True
+
+    async def _reload_refused(self, result: str, problems: list[str], old: Runtime) -> bool:
+        self.log.error("reload " + result + ", every worker still serves the previous config", event="reload",
+                       result=result, generation=old.generation, problems=problems)
+        self.holder.reloaded(result, problems)
+        serving = [s for s in self.slots if s.serving and s.peer is not None]
+        await answer_all([partial(s.peer.call, "abort", {"result": result, "problems": problems}, CALL_TIMEOUT)  # type: ignore[union-attr]
+                          for s in serving])
+        sdnotify.ready(f"serving generation {old.generation} (last reload {result})")
+        return False
+
+    def _start(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)
+
+    async def _catch_up(self, slot: Slot) -> None:
+        """A worker that started on an older generation than the host's takes the current one."""
+        rt, peer = self.holder.current, slot.peer
+        if peer is None or rt.read is None:
+            return
+        offer = {"generation": rt.generation, "path": rt.read.path, "text": rt.read.text, "files": dict(rt.read.files)}
+        try:
+            answer = await peer.call("prepare", offer, RELOAD_TIMEOUT + CALL_TIMEOUT)
+            if not answer["problems"]:
+                slot.generation = await peer.call("commit", {"generation": rt.generation}, CALL_TIMEOUT)
+        except (PeerGone, RemoteError, trio.TooSlowError):
+            pass
+
+    # --- stop ------------------------------------------------------------------------------------
+
+    async def _signal_loop(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as tasks:
+                task_status.started()
+                last: tuple[int, float] | None = None
+                async for signum in signals:
+                    now = trio.current_time()
+                    if signum == signal.SIGHUP:
+                        self.request_reload(tasks)
+                        continue
+                    if last is not None and last[0] == signum and now - last[1] < SIGNAL_ECHO_WINDOW:
+                        continue
+                    last = (signum, now)
+                    self.log.info("shutdown requested" if not self.draining else "forced shutdown",
+                                  signal=signal.Signals(signum).name)
+                    sdnotify.stopping()
+                    if self.draining:
+                        self.forced = True
+                    self.draining = True
+                    self._stop.set()
+                    self._close_listeners()
+                    for slot in self.slots:
+                        tasks.start_soon(self._drain_one, slot)
+
+    async def _drain_one(self, slot: Slot) -> None:
+        peer, pid = slot.peer, slot.pid
+        if peer is None:
+            return
+        try:
+            await peer.call("drain", {"force": self.forced}, CALL_TIMEOUT)
+        except (PeerGone, RemoteError, trio.TooSlowError):
+            pass
+        server = self.holder.current.config.server
+        with trio.move_on_after(server.shutdown_grace + USAGE_FLUSH_TIMEOUT + EXIT_MARGIN):
+            await peer.closed.wait()
+            return
+        if slot.peer is peer and pid is not None:
+            self.log.error("worker did not stop in time: killed", worker=slot.index, pid=pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _close_listeners(self) -> None:
+        for listener in self.listeners:
+            listener.close()
+
+
+def worker_command(config_path: str, index: int, control_fd: int) -> list[str]:
+    """The same program as this one (the PyInstaller binary, or this Python with -m hxgwd)."""
+    program = [sys.executable] if getattr(sys, "frozen", False) else [sys.executable, "-m", "hxgwd"]
+    return program + ["--config", config_path, "--worker", f"{index}:{control_fd}"]
+
+
+def describe_exit(status: int) -> str:
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exit status {status}"
+
+
+def describe_error(exc: Any) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "no answer in time"
+    if isinstance(exc, PeerGone):
+        return "it stopped"
+    return f"{type(exc).__name__}: {exc}"[:300]
