@@ -153,9 +153,10 @@ class ConfigRead:
 
 
 def build_runtime(path: str, generation: int, environ: Mapping[str, str] | None = None,
-                  read: ConfigRead | None = None) -> Runtime:
+                  read: ConfigRead | None = None, adjust: Callable[[m.Config], m.Config] | None = None) -> Runtime:
     """Read, validate and compile a config file (or what `read` holds of it); raise ConfigError
-    listing every problem."""
+    listing every problem. `adjust`: applied to the checked config before it is compiled (a
+    worker takes its share of the caps, workers/worker.py)."""
     text = read.text if read is not None else load.read_text(path)
     files: dict[str, str] = {}
 
@@ -175,7 +176,8 @@ def build_runtime(path: str, generation: int, environ: Mapping[str, str] | None 
         raise ConfigError(draft.in_file_order(draft.problems + found))
     assert draft.config is not None          # None only with problems
     try:
-        runtime = compile_config(draft.config, generation, path, environ, read_secret)
+        config = adjust(draft.config) if adjust is not None else draft.config
+        runtime = compile_config(config, generation, path, environ, read_secret)
     except ConfigError as exc:
         raise ConfigError(draft.in_file_order(exc.problems)) from None
     return attrs.evolve(runtime, read=read or ConfigRead(path, text, files))

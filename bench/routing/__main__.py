@@ -29,6 +29,7 @@ from bench.routing.sim import Result, run
 from hxgwd.config import load
 from hxgwd.pipeline.route import Router
 from hxgwd.runtime import compile_config
+from hxgwd.workers.worker import shares
 
 STRATEGIES = ("scored", "least-latency", "least-busy", "weighted", "priority")
 RIVALS = ("least-latency", "least-busy", "weighted")
@@ -49,11 +50,21 @@ def config_text(scenario: Scenario, strategy: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replay(scenario: Scenario, strategy: str, seed: int) -> list[Result]:
-    runtime = compile_config(load.loads(config_text(scenario, strategy)), 1, environ={})
-    router = Router(rng=random.Random(seed), settings=runtime.config.routing)
+def replay(scenario: Scenario, strategy: str, seed: int, workers: int = 1) -> list[Result]:
+    """`workers` > 1: one router per worker, each with its share of the caps (workers.worker.shares)."""
+    config = load.loads(config_text(scenario, strategy))
     requests = workload(scenario.rate, scenario.seconds, seed)
-    return run(router, runtime.targets["g"], scenario.upstreams(), requests, scenario.timeouts,
+    runtime = compile_config(config, 1, environ={})
+    if workers == 1:
+        router = Router(rng=random.Random(seed), settings=runtime.config.routing)
+        return run(router, runtime.targets["g"], scenario.upstreams(), requests, scenario.timeouts,
+                   runtime.config.routing.max_attempts, seed)
+    per_worker = []
+    for i in range(workers):
+        share = compile_config(shares(i, workers)(config), 1, environ={})
+        per_worker.append((Router(rng=random.Random(seed * 1000 + i), settings=share.config.routing),
+                           share.targets["g"]))
+    return run(per_worker, runtime.targets["g"], scenario.upstreams(), requests, scenario.timeouts,
                runtime.config.routing.max_attempts, seed)
 
 

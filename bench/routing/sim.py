@@ -248,7 +248,7 @@ def request(loop: Loop, router: Router, target: Target, ups: dict[str, Upstream]
         router.started(dep, loop.now)
         gate = gates.get(dep.id)
         if gate is not None:
-            if gate.free <= 0 and gate.waiting >= up.max_queue:
+            if gate.free <= 0 and gate.waiting >= dep.config.max_queue:
                 router.finished(dep, _busy(features), loop.now)
                 result.trail.append(f"{dep.model}:queue-full")
                 continue
@@ -285,18 +285,25 @@ def deployment_map(target: Target, ups: list[Upstream]) -> dict[str, Upstream]:
     return {d.id: by_model[d.model] for d in target.deployments}
 
 
-def run(router: Router, target: Target, ups: list[Upstream], requests: list[Request],
+def run(router: Router | list[tuple[Router, Target]], target: Target, ups: list[Upstream], requests: list[Request],
         timeouts: Timeouts, max_attempts: int, seed: int) -> list[Result]:
+    """With a list of (router, target) pairs, each is a worker process of one host
+    (hxgwd/workers/): a request goes to one picked at random (as the kernel hands connections to
+    whichever worker accepts), which learns only from its own requests and routes with its own
+    target, compiled with its share of each max_concurrency and max_queue."""
     loop = Loop()
     rng = random.Random(seed)
+    workers = router if isinstance(router, list) else [(router, target)]
     by_id = deployment_map(target, ups)
-    gates = {d.id: Semaphore(by_id[d.id].max_concurrency) for d in target.deployments
-             if by_id[d.id].max_concurrency > 0}
+    gates = [{d.id: Semaphore(d.config.max_concurrency) for d in t.deployments if d.config.max_concurrency > 0}
+             for _, t in workers]
+    pick = random.Random(seed + 7919)
     results = []
     for req in requests:
         res = Result(req.arrival, size=req.prompt_bytes)
         results.append(res)
-        loop.spawn(request(loop, router, target, by_id, gates, req, timeouts, max_attempts, rng, res),
+        k = pick.randrange(len(workers))
+        loop.spawn(request(loop, workers[k][0], workers[k][1], by_id, gates[k], req, timeouts, max_attempts, rng, res),
                    at=req.arrival)
     loop.run()
     return results

@@ -28,7 +28,9 @@ OPENAPI_JSON = importlib.resources.files("hxgwd").joinpath("openapi.json").read_
 
 async def health(ctx: GatewayContext, rt: Runtime, ex: Exchange, principal: Principal | None,
                  request: Request, response: Response, ep: Endpoint, rest: str) -> None:
-    body = {"ok": True, "version": __version__, "generation": ctx.holder.current.generation}
+    body: dict[str, Any] = {"ok": True, "version": __version__, "generation": ctx.holder.current.generation}
+    if ctx.host is not None:     # which worker answered, and its generation: a reload shows per worker
+        body["worker"] = ctx.host.index
     await response.send_full(200, [JSON], json.dumps(body).encode())
 
 

@@ -77,7 +77,12 @@ async def stored_response(ctx: GatewayContext, rt: Runtime, ex: Exchange, princi
     assert principal is not None
     head = request.head
     response_id = rest.partition("/")[0]
-    home = ctx.response_homes.get(response_id, principal.key_name) if RESPONSE_ID.match(response_id) else None
+    known = RESPONSE_ID.match(response_id) is not None
+    home = ctx.response_homes.get(response_id, principal.key_name) if known else None
+    if home is None and known and ctx.host is not None:    # made through another worker of this host
+        home = await ctx.host.find_response(response_id, principal.key_name)
+        if home is not None:
+            ctx.response_homes.add(response_id, home, principal.key_name)
     dep = rt.deployments.get(home) if home is not None else None
     if dep is None:
         raise NotFound(f"No response with id '{capped(response_id)}' is known to this gateway (it keeps "

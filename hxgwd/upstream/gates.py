@@ -9,7 +9,7 @@ what the gateway holds is bounded by config, not by how many clients keep trying
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable, Iterable
+from typing import AsyncIterator, Iterable
 
 import trio
 
@@ -60,9 +60,8 @@ class Gate:
 class Gates:
     """Gates by deployment id; a reload that changes a cap starts a new gate for new requests."""
 
-    def __init__(self, share: Callable[[int], int] = lambda n: n) -> None:
+    def __init__(self) -> None:
         self._gates: dict[tuple[str, int, int], Gate] = {}
-        self._share = share      # a worker's part of a host-wide cap (workers/worker.py: worker_share)
 
     def get(self, dep: Deployment) -> Gate | None:
         """The deployment's gate, or None when it has no cap (the common, free case)."""
@@ -72,7 +71,7 @@ class Gates:
         key = (dep.id, cfg.max_concurrency, cfg.max_queue)
         gate = self._gates.get(key)
         if gate is None:
-            gate = self._gates[key] = Gate(self._share(cfg.max_concurrency), self._share(cfg.max_queue))
+            gate = self._gates[key] = Gate(cfg.max_concurrency, cfg.max_queue)
         return gate
 
     def statistics(self) -> dict[str, dict[str, int]]:

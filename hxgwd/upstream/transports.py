@@ -4,7 +4,7 @@ settings and HTTP parser are unchanged keeps its pool and its warm connections."
 from __future__ import annotations
 
 import ssl
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from hxgwd.http import resolve_parser
 from hxgwd.upstream import Transport
@@ -19,11 +19,9 @@ if TYPE_CHECKING:
 class Transports:
     """`http_parser`: a `[server] http_parser` setting; `log`: where a pool reports refusals."""
 
-    def __init__(self, http_parser: str = "auto", log: Logger | None = None,
-                 share: Callable[[int], int] = lambda n: n) -> None:
+    def __init__(self, http_parser: str = "auto", log: Logger | None = None) -> None:
         self.http_parser = resolve_parser(http_parser)
         self._log = log
-        self._share = share      # a worker's part of a backend's max_connections (0, no cap, stays 0)
         self._by_key: dict[tuple[object, ...], Transport] = {}   # the settings a transport is made with
         # per snapshot object: the hot path looks a backend up by identity, not by its settings
         self._by_backend: dict[int, tuple[BackendRuntime, Transport]] = {}
@@ -50,8 +48,8 @@ class Transports:
             else:
                 assert backend.origin is not None            # an http backend has a url
                 ctx = _ssl_context(cfg.tls_verify, cfg.ca_file) if backend.origin.tls else None
-                transport = Pool(backend.origin, max_connections=self._share(cfg.max_connections),
-                                 max_idle=self._share(cfg.max_idle_connections), idle_timeout=cfg.idle_timeout,
+                transport = Pool(backend.origin, max_connections=cfg.max_connections,
+                                 max_idle=cfg.max_idle_connections, idle_timeout=cfg.idle_timeout,
                                  ssl_context=ctx, parser=self.http_parser, name=backend.name, log=self._log)
             self._by_key[key] = transport
         return transport

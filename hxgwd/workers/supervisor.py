@@ -66,6 +66,17 @@ class Slot:
     deaths: deque[float] = attrs.field(factory=lambda: deque(maxlen=CRASH_LOOP))
     looping: bool = False
 
+    def died(self, cause: str, now: float) -> float:
+        """Count a death at `now` (monotonic seconds); -> how long to wait before the restart."""
+        self.last_exit, self.serving = cause, False
+        if self.serving_since and now - self.serving_since >= STABLE_AFTER:
+            self.backoff = RESTART_MIN
+        self.deaths.append(now)
+        self.looping = len(self.deaths) == CRASH_LOOP and now - self.deaths[0] <= CRASH_WINDOW
+        self.restarts += 1
+        wait, self.backoff = self.backoff, min(RESTART_MAX, self.backoff * 2)
+        return wait
+
     def summary(self) -> dict[str, Any]:
         return {"worker": self.index, "pid": self.pid, "serving": self.serving, "generation": self.generation,
                 "restarts": self.restarts, "last_exit": self.last_exit, "crash_loop": self.looping}
@@ -127,26 +138,19 @@ class Supervisor:
             if self.stopping():
                 return
             cause = describe_exit(status)
-            slot.last_exit, slot.serving = cause, False
             if not self.ever_ready:
                 self.log.error("worker failed at start: stopping", worker=slot.index, exit=cause)
                 raise StartFailed(slot.index, status if status > 0 else 128 - status)
-            now = time.monotonic()
-            if now - slot.serving_since >= STABLE_AFTER and slot.serving_since:
-                slot.backoff = RESTART_MIN
-            slot.deaths.append(now)
-            slot.looping = len(slot.deaths) == CRASH_LOOP and now - slot.deaths[0] <= CRASH_WINDOW
-            slot.restarts += 1
+            wait = slot.died(cause, time.monotonic())
             if slot.looping:
                 self.log.error("worker crash loop: restarting with backoff", worker=slot.index, exit=cause,
-                               deaths=len(slot.deaths), within_s=round(now - slot.deaths[0], 1),
-                               backoff_s=slot.backoff)
+                               deaths=len(slot.deaths), within_s=round(slot.deaths[-1] - slot.deaths[0], 1),
+                               backoff_s=wait)
                 sdnotify.notify(f"STATUS=worker {slot.index} is crash-looping ({cause})")
             else:
-                self.log.error("worker died: restarting", worker=slot.index, exit=cause, backoff_s=slot.backoff)
-            with trio.move_on_after(slot.backoff):
+                self.log.error("worker died: restarting", worker=slot.index, exit=cause, backoff_s=wait)
+            with trio.move_on_after(wait):
                 await self._stop.wait()
-            slot.backoff = min(RESTART_MAX, slot.backoff * 2)
 
     async def _run_once(self, slot: Slot) -> int:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -159,7 +163,7 @@ class Supervisor:
                 start_new_session=True)
         finally:
             child.close()
-        slot.pid, slot.generation = process.pid, 0
+        slot.pid, slot.generation, slot.serving_since = process.pid, 0, 0.0
         peer = Peer(trio.SocketStream(trio.socket.from_stdlib_socket(parent)), self._handlers(slot),
                     on_error=lambda what, exc: self.log.error("control channel: " + what, worker=slot.index,
                                                                error=f"{type(exc).__name__}: {exc}"[:300]))
