@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import signal
 from functools import partial
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import attrs
 import trio

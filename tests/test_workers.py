@@ -8,8 +8,10 @@ where every worker's line carries `"worker": N`. Usage goes to a SQLite file in 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
+import subprocess
 from collections import Counter
 from typing import Any
 
@@ -148,6 +150,10 @@ async def test_both_workers_serve_and_the_host_answers_as_one(start, tmp_path):
         text = (await admin.get("/metrics")).text
         assert 'hxgwd_requests_total{endpoint="chat.completions",model="m",deployment="m@echo",status_class="2xx"} 200' in text
         assert 'hxgwd_workers{state="serving"} 2' in text
+        assert 'hxgwd_worker_restarts_total{worker="1"} 0' in text
+        if shutil.which("promtool"):      # the merged scrape is as clean as one process's
+            done = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True)
+            assert done.returncode == 0, done.stdout + done.stderr
         health = (await admin.get("/healthz")).json()
         assert health["generation"] == 1 and health["worker"] in (0, 1)
     assert await stop(daemon) == 0
