@@ -20,7 +20,13 @@ import gc
 import os
 import sys
 
+from typing import TYPE_CHECKING
+
 from hxgwd.commandline import EXIT_CANTCREAT, EXIT_CONFIG, EXIT_FORCED, EXIT_LISTEN, EXIT_USAGE
+
+if TYPE_CHECKING:
+    from hxgwd.logs import Logger
+    from hxgwd.runtime import Runtime
 
 DEFAULT_CONFIG = "/etc/hxgwd/hxgwd.toml"
 
@@ -159,6 +165,8 @@ def cmd_run(path: str) -> int:
     from hxgwd.store import SchemaError
     from hxgwd.store.spool import SpoolError
 
+    from hxgwd.workers import worker_count
+
     count = worker_count(runtime.config.server.workers)
     if count > 1:
         return _run_supervisor(runtime, log, path, count)
@@ -186,21 +194,13 @@ def cmd_run(path: str) -> int:
     return EXIT_FORCED if life.forced else 0
 
 
-def worker_count(setting: int | str) -> int:
-    """[server] workers: "auto" is one per CPU this process may run on (its affinity, which
-    systemd's CPUAffinity= and containers' cpusets set), not every CPU of the machine."""
-    if setting == "auto":
-        return max(1, len(os.sched_getaffinity(0)))
-    return int(setting)
-
-
-def _run_supervisor(runtime: object, log: object, path: str, count: int) -> int:
+def _run_supervisor(runtime: Runtime, log: Logger, path: str, count: int) -> int:
     import trio
 
     from hxgwd.store import SchemaError
     from hxgwd.workers.supervisor import StartFailed, Supervisor
 
-    supervisor = Supervisor(runtime, log, path, count)  # type: ignore[arg-type]
+    supervisor = Supervisor(runtime, log, path, count)
     gc.collect()
     gc.freeze()
     try:

@@ -10,7 +10,6 @@ from collections import Counter
 import pytest
 import trio
 
-from hxgwd.cli import worker_count
 from hxgwd.config import load
 from hxgwd.config.load import ConfigError
 from hxgwd.config.model import Database, Limits
@@ -21,7 +20,7 @@ from hxgwd.limits.redis import LimitsUnavailable
 from hxgwd.metrics.registry import Counter as MetricCounter, Gauge, Histogram
 from hxgwd.runtime import Principal
 from hxgwd.store import adopted_spool_dirs
-from hxgwd.workers import limits
+from hxgwd.workers import limits, worker_count
 from hxgwd.workers.channel import MAX_FRAME, FrameError, Frames, Peer, PeerGone, RemoteError, encode
 from hxgwd.workers.merge import family_doc, merge_docs, merge_families
 from hxgwd.workers.supervisor import CRASH_LOOP, RESTART_MAX, RESTART_MIN, STABLE_AFTER, Slot

@@ -10,11 +10,15 @@ from hxgwd.config import model as m
 from hxgwd.config.validate import EXAMPLE_KEY_SHA256
 from hxgwd.http.tls import certificate_dates, expiry_warnings
 from hxgwd.runtime import Runtime
+from hxgwd.workers import worker_count
 
 
 def summary(rt: Runtime) -> str:
     c = rt.config
     lines = [f"listen:   {', '.join(c.server.listen)}"]
+    if c.server.workers != 1:
+        count = worker_count(c.server.workers)
+        lines.append(f"workers:  {count}" + (" (auto: the CPUs this process may use)" if c.server.workers == "auto" else ""))
     if rt.tls is not None and c.server.tls_cert is not None:     # the one implies the other
         dates = certificate_dates(c.server.tls_cert)
         lines.append(f"tls:      {', '.join(c.server.tls_listen) or 'every listen address'}; {c.server.tls_cert}"
