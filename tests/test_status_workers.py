@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import textwrap
+import time
 import types
 
 import httpx
@@ -182,6 +183,17 @@ async def test_the_status_view_through_the_supervisor_and_back():
     assert merged["started_at"] == 50.0 and merged["config"]["deployments"] == 2
     assert merged["stats"]["limits"]["backend"] == "local"
     assert "workers" in render(merged, 0, 100.0)
+
+
+def test_a_worker_that_crash_looped_then_served_a_minute_is_no_longer_shown_as_crash_looping():
+    from hxgwd.workers.supervisor import STABLE_AFTER, Slot
+
+    slot = Slot(0, serving=True, serving_since=time.monotonic() - 1, looping=True)
+    assert slot.summary()["crash_loop"]
+    slot.serving_since = time.monotonic() - STABLE_AFTER - 1
+    assert not slot.summary()["crash_loop"]
+    slot.serving = False               # died again: what the next death works out holds until then
+    assert slot.summary()["crash_loop"]
 
 
 # --- a real daemon with two workers ---------------------------------------------------------------

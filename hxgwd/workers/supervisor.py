@@ -66,9 +66,14 @@ class Slot:
     deaths: deque[float] = attrs.field(factory=lambda: deque(maxlen=CRASH_LOOP))
     looping: bool = False
 
+    def crash_looping(self) -> bool:
+        """From CRASH_LOOP deaths within CRASH_WINDOW until it has served STABLE_AFTER again
+        (`looping` is only worked out when it dies)."""
+        return self.looping and not (self.serving and time.monotonic() - self.serving_since >= STABLE_AFTER)
+
     def summary(self) -> dict[str, Any]:
         return {"worker": self.index, "pid": self.pid, "serving": self.serving, "generation": self.generation,
-                "restarts": self.restarts, "last_exit": self.last_exit, "crash_loop": self.looping}
+                "restarts": self.restarts, "last_exit": self.last_exit, "crash_loop": self.crash_looping()}
 
 
 class StartFailed(Exception):

@@ -57,7 +57,7 @@ def supervisor_families(sup: Supervisor) -> list[Family]:
     states = {"serving": 0, "starting": 0, "crash_loop": 0}
     restarts = CounterSnapshot("hxgwd_worker_restarts", "Times a worker died and was restarted", ("worker",))
     for slot in sup.slots:
-        states["crash_loop" if slot.looping else "serving" if slot.serving else "starting"] += 1
+        states["crash_loop" if slot.crash_looping() else "serving" if slot.serving else "starting"] += 1
         restarts.values[(str(slot.index),)] = slot.restarts
     return [Gauge("hxgwd_workers", "Worker processes of this host by state (serving, starting, crash_loop)",
                   ("state",), [((k,), float(v)) for k, v in states.items()]),
