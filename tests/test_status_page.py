@@ -185,6 +185,7 @@ def test_every_value_is_escaped():
     """What reaches the page from outside the config: a failed request's model and endpoint (the
     client's), causes and store errors (an upstream's or a database's words), reload problems."""
     import io
+    import json
 
     from hxgwd.config import load
     from hxgwd.idle import IdleWork
@@ -194,6 +195,7 @@ def test_every_value_is_escaped():
     from hxgwd.pipeline.route import BreakerChange
     from hxgwd.runtime import RuntimeHolder, compile_config
     from hxgwd.services import Services
+    from hxgwd.status_document import status_document
     from hxgwd.status_page import render
     from hxgwd.upstream.gates import Gates
     from hxgwd.upstream.transports import Transports
@@ -210,7 +212,8 @@ def test_every_value_is_escaped():
                                    error_type="upstream_error", cause="m@b: " + hostile))
     ctx.router.last_change["m-a@a"] = BreakerChange("m-a@a", "a", "closed", "open", hostile, hostile)
     holder.reloaded("rejected", [hostile])
-    page = render(ctx, rt, 5, 0.0, 100.0)
+    doc = status_document(ctx, rt, 0.0, 100.0)
+    page = render(json.loads(json.dumps(doc)), 5, 100.0)        # as it crosses the control channel
     assert "<script" not in page and "<img" not in page
     assert page.count("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;") == 6   # model, endpoint, cause; why, cause; problem
 

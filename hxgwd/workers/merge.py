@@ -19,7 +19,10 @@ from hxgwd.metrics.registry import CounterSnapshot, Family, Gauge, Histogram
 MEAN = frozenset({"error_rate", "throttle_rate", "window_error_rate", "latency", "first_byte", "mean_duration_s",
                   "predicted_s", "uncertainty_s", "failure_p", "impact_s", "score", "typical_request"})
 LATEST = frozenset({"cooling_s", "reopens_in_s", "loaded_at", "at", "started_at"})
-SAME = frozenset({"generation", "strategy", "group", "model", "backend", "deployment", "days", "backend_kind"})
+# "keys": the store keys every worker's cache holds. (A deployment's max_concurrency and a gate's
+# limit are a worker's share of the host's cap, workers.worker.shares: they add up to it.)
+SAME = frozenset({"generation", "strategy", "group", "model", "backend", "deployment", "days", "backend_kind",
+                  "keys"})
 ALL = frozenset({"store_ok"})           # true only if true in every worker
 BREAKER_ORDER = {"closed": 0, "half-open": 1, "open": 2}
 
@@ -35,8 +38,12 @@ def merge_docs(docs: list[Any], key: str = "") -> Any:
         for d in present:
             if isinstance(d, dict):
                 keys.update(dict.fromkeys(d))
-        out = {k: merge_docs([d.get(k) if isinstance(d, dict) else None for d in present], k) for k in keys}
-        if key == "" or "breaker" not in out:
+        # a learned model's parameters are averaged as the model is ("latency": {"intercept_s": ...});
+        # only a dict of numbers: a model may be named "latency" too
+        mean = key in MEAN and all(_is_number(v) for d in present if isinstance(d, dict) for v in d.values())
+        out = {k: merge_docs([d.get(k) if isinstance(d, dict) else None for d in present], key if mean else k)
+               for k in keys}
+        if key == "" or not isinstance(out.get("breaker"), str):      # a model named "breaker" is no row
             return out
         out["breakers"] = [d.get("breaker") for d in present if isinstance(d, dict)]
         return out
@@ -48,7 +55,7 @@ def merge_docs(docs: list[Any], key: str = "") -> Any:
         return [item for d in present if isinstance(d, list) for item in d]
     if isinstance(first, bool):
         return all(present) if key in ALL else any(present)
-    if isinstance(first, (int, float)) and all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in present):
+    if all(_is_number(d) for d in present):
         if key in SAME:
             return first if all(d == first for d in present) else sorted(set(present))
         if key in MEAN:
@@ -62,6 +69,19 @@ def merge_docs(docs: list[Any], key: str = "") -> Any:
     if all(d == first for d in present):
         return first
     return sorted({str(d) for d in present})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def merge_limits(host: dict[str, Any], workers: Any) -> Any:
+    """The host's limiter: without Redis the supervisor's counters, every worker admitting on them
+    (a worker's own "host" limiter only counts its calls, kept beside); with Redis each worker's
+    own limiter, merged (the supervisor's then counts nothing)."""
+    if isinstance(workers, dict) and workers.get("backend") == "redis":
+        return workers
+    return {**host, "workers": workers}
 
 
 def _merge_rows(lists: list[list[Any]]) -> list[Any]:

@@ -77,9 +77,14 @@ class Slot:
         wait, self.backoff = self.backoff, min(RESTART_MAX, self.backoff * 2)
         return wait
 
+    def crash_looping(self) -> bool:
+        """From CRASH_LOOP deaths within CRASH_WINDOW until it has served STABLE_AFTER again
+        (`looping` is only worked out when it dies)."""
+        return self.looping and not (self.serving and time.monotonic() - self.serving_since >= STABLE_AFTER)
+
     def summary(self) -> dict[str, Any]:
         return {"worker": self.index, "pid": self.pid, "serving": self.serving, "generation": self.generation,
-                "restarts": self.restarts, "last_exit": self.last_exit, "crash_loop": self.looping}
+                "restarts": self.restarts, "last_exit": self.last_exit, "crash_loop": self.crash_looping()}
 
 
 class StartFailed(Exception):
