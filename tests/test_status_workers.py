@@ -30,6 +30,7 @@ from hxgwd.status_document import FAILURES_KEPT, merge_status, status_document
 from hxgwd.status_page import render
 from hxgwd.upstream.gates import Gates
 from hxgwd.upstream.transports import Transports
+from hxgwd.workers.worker import shares
 from hxgwd.workers import views
 from tests.daemon import DaemonProcess
 
@@ -55,8 +56,9 @@ CONFIG = """
 """
 
 
-def context() -> GatewayContext:
-    rt = compile_config(load.loads(textwrap.dedent(CONFIG)), 1, environ={})
+def context(index: int = 0, count: int = 1) -> GatewayContext:
+    """Worker `index` of `count`'s, compiled with its share of the caps, as a worker does."""
+    rt = compile_config(shares(index, count)(load.loads(textwrap.dedent(CONFIG))), 1, environ={})
     return GatewayContext(RuntimeHolder(rt), Router(), Transports(), Gates(), Services(HostLimiter(rt.config.limits)),
                           Logger(out=io.BytesIO()), IdleWork(lambda where, exc: None))
 
@@ -75,7 +77,7 @@ def two_workers() -> list[dict]:
     """Two workers' documents, as they come over the control channel (JSON)."""
     docs = []
     for index in range(2):
-        ctx = context()
+        ctx = context(index, 2)
         for n in range(40):                           # 80 failures in all: more than one page keeps
             ctx.failures.add(failure(1000.0 + 2 * n + index, f"w{index}-{n}"))
         if index == 1:                                # worker 1's breaker of m-a@a opened; worker 0's closed again
@@ -112,7 +114,7 @@ def test_two_workers_documents_merge_into_the_hosts():
         assert r["requests"] == 30 and r["in_flight"] == 3                 # counts add up
         assert r["error_rate"] == pytest.approx(0.15)                       # rates are averaged...
         assert r["latency"]["intercept_s"] == pytest.approx(0.3)           # ...and so is the learned latency
-        assert r["max_concurrency"] == 8                                     # a setting, the same in both
+        assert r["max_concurrency"] == 8           # each worker's share (4) adds up to the host's cap
         assert r["breaker"] == "open" and r["breakers"] == ["closed", "open"]
     assert merged["gates"]["m-a@a"] == {"limit": 8, "in_use": 1, "waiting": 0, "rejected": 0}   # shares add up
     # the failures: every worker's, newest first, as many as one process keeps
@@ -162,10 +164,9 @@ def test_a_worker_that_did_not_answer_is_shown_and_its_numbers_are_not_counted()
 def test_workers_that_disagree_on_a_setting_show_both_values():
     docs = two_workers()
     docs[1]["generation"] = 2
-    row(docs[1], "m-a", "m-a@a")["max_concurrency"] = 16
+    row(docs[1], "m-a", "m-a@a")["strategy"] = "scored"
     page = render(merge_status(docs, HOST, WORKERS), 5, 2000.0)
     assert "generation 1 or 2 (the workers differ)" in page
-    assert "3 / 8 or 16 (the workers differ)" in page
 
 
 async def test_the_status_view_through_the_supervisor_and_back():

@@ -28,7 +28,7 @@ import trio
 
 from hxgwd.config import model as m
 from hxgwd.config.load import ConfigError
-from hxgwd.http.listen import Listener
+from hxgwd.http.listen import SHARED_ACCEPT_BURST, Listener
 from hxgwd.lifecycle import RELOAD_TIMEOUT, Daemon, Lifecycle, serve
 from hxgwd.logs import Logger
 from hxgwd.runtime import ConfigRead, Runtime, RuntimeHolder, build_runtime
@@ -216,7 +216,7 @@ async def run(index: int, control_fd: int, log: Logger) -> Lifecycle:
             options["adopt"] = adopted_spool_dirs(db, index, count)
         daemon = worker.daemon = Daemon(
             holder, log, announce=SupervisorAnnounce(peer, holder), services_options=options,
-            host=WorkerHost(peer, index, count))
+            host=WorkerHost(peer, index, count), accept_burst=SHARED_ACCEPT_BURST)
 
         async def orphaned() -> None:
             await peer.closed.wait()
