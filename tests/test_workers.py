@@ -319,7 +319,7 @@ async def test_with_redis_the_workers_share_its_counters(start, tmp_path, redis_
             statuses += await burst(client, 10, concurrency=10)
     assert Counter(statuses) == {200: 20, 429: 30}
     async with fresh(daemon.url, ADMIN) as admin:
-        assert (await admin.get("/admin/stats")).json()["limits"]["workers"]["backend"] == "redis"
+        assert (await admin.get("/admin/stats")).json()["limits"]["backend"] == "redis"
     assert await stop(daemon) == 0
 
 
