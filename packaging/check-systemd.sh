@@ -1,7 +1,9 @@
 #!/bin/bash
 # Check the hxgwd .deb under a real systemd: boot a minimal Debian bookworm with systemd-nspawn,
 # install the package, then start / reload (good and bad config) / stop it and check the unit's
-# states (packaging/check-systemd-inside.sh does that part, inside the container).
+# states, with [server] workers = 2: the process tree, kill -9 of a worker (restarted by the
+# supervisor) and of the supervisor (systemd kills the rest and restarts the unit)
+# (packaging/check-systemd-inside.sh does that part, inside the container).
 #
 # Usage: packaging/check-systemd.sh dist/hxgwd_<version>_<arch>.deb   (as root; make
 # deb-systemd-check). Works without systemd on the host (--register=no --keep-unit, nsenter).
