@@ -10,6 +10,7 @@ Exit codes:
     3   forced stop: a second SIGTERM/SIGINT cut the drain short
     71  cannot listen (address in use, no permission)
     73  the usage spool directory cannot be created, or another hxgwd uses it
+    75  with workers: the program file was replaced (an upgrade); systemd starts the new one
     78  the config is invalid at start, or the PostgreSQL schema needs `hxgwd db migrate` (EX_CONFIG)
 """
 
@@ -217,7 +218,7 @@ def _run_supervisor(runtime: Runtime, log: Logger, path: str, count: int) -> int
                                  addresses=list(supervisor.holder.current.config.server.listen))
             return EXIT_LISTEN
         raise
-    return EXIT_FORCED if supervisor.forced else 0
+    return EXIT_FORCED if supervisor.forced else supervisor.exit_status
 
 
 def cmd_worker(index: int, control_fd: int) -> int:

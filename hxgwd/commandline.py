@@ -10,6 +10,7 @@ EXIT_USAGE = 2            # as argparse exits on a bad command line
 EXIT_FORCED = 3
 EXIT_LISTEN = 71
 EXIT_CANTCREAT = 73
+EXIT_TEMPFAIL = 75         # workers: the program file changed under the supervisor (an upgrade)
 EXIT_CONFIG = 78
 
 WHEN_FORMS = "YYYY-MM-DD (midnight in [limits] timezone), an ISO 8601 time (that zone unless it has an offset)"

@@ -187,9 +187,10 @@ class Daemon:
         self.announce.ready(f"serving generation {new.generation}")
         return True
 
-    def apply(self, new: Runtime, warn: bool = True) -> None:
-        """Swap `new` in, with what depends on it: one step, no await."""
-        for setting in needs_restart(self.started_with, new.config) if warn else ():
+    def apply(self, new: Runtime, worker: bool = False) -> None:
+        """Swap `new` in, with what depends on it: one step, no await. A `worker`'s supervisor
+        logs the reload (and warns of restart-only settings) once for the host."""
+        for setting in needs_restart(self.started_with, new.config) if not worker else ():
             self.log.warning("changed setting takes effect only after a restart", setting=setting)
         self.holder.swap(new)
         self.router.configure(new.config.routing)
@@ -199,9 +200,12 @@ class Daemon:
         if self.services is not None:
             self.services.configure(new.config)
         self.log.configure(new.config.log.level, new.config.log.access_log)
-        self.log.info("config reloaded", event="reload", result="ok", generation=new.generation,
-                      config=self.config_path, models=len({d.model for d in new.deployments.values()}),
-                      backends=len(new.backends))
+        if worker:
+            self.log.info("worker on a new generation", generation=new.generation)
+        else:
+            self.log.info("config reloaded", event="reload", result="ok", generation=new.generation,
+                          config=self.config_path, models=len({d.model for d in new.deployments.values()}),
+                          backends=len(new.backends))
         self.metrics.reloaded("ok")
         self.holder.reloaded("ok")
 

@@ -13,8 +13,9 @@ import trio
 
 
 class DaemonProcess:
-    def __init__(self, config_path: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: str, env: dict[str, str] | None = None, program: str = sys.executable) -> None:
         self.config_path = config_path
+        self.program = program
         self.env = {**os.environ, **(env or {})}
         self.proc: trio.Process | None = None
         self.lines: list[dict[str, Any]] = []
@@ -23,7 +24,7 @@ class DaemonProcess:
 
     async def start(self, nursery: trio.Nursery, *, wait_listening: bool = True) -> None:
         self.proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "hxgwd", "-c", self.config_path], stderr=subprocess.PIPE,
+            [self.program, "-m", "hxgwd", "-c", self.config_path], stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL, env=self.env)
         nursery.start_soon(self._read)
         if wait_listening:

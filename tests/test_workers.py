@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import site
 import sqlite3
 import subprocess
+import sys
 from collections import Counter
 from typing import Any
 
@@ -183,13 +185,11 @@ async def test_sighup_under_load_fails_nothing_and_a_bad_file_changes_no_worker(
             daemon.signal(signal.SIGHUP)
             await daemon.wait_for("reload rejected, every worker still serves the previous config", after=bad)
         reloads = [line for line in daemon.lines[mark:] if line.get("event") == "reload"]
-        # the supervisor's line for each; each worker logs the generation it switched to; the
-        # rejection is logged once, by the supervisor
-        host = [line for line in reloads if "worker" not in line]
-        assert [line["result"] for line in host] == ["ok", "rejected"]
-        assert sorted(host[0]["workers"]) == [0, 1]
-        assert sorted((line["worker"], line["result"], line["generation"]) for line in reloads
-                      if "worker" in line) == [(0, "ok", 2), (1, "ok", 2)]
+        # one line for each, from the supervisor; each worker logs the generation it switched to
+        assert [(line["result"], line.get("worker")) for line in reloads] == [("ok", None), ("rejected", None)]
+        assert sorted(reloads[0]["workers"]) == [0, 1]
+        assert sorted((line["worker"], line["generation"]) for line in daemon.lines[mark:]
+                      if line.get("msg") == "worker on a new generation") == [(0, 2), (1, 2)]
         assert statuses == [200] * 240
         # every worker serves generation 2, and m2
         assert (await client.post("/v1/chat/completions", json={**CHAT, "model": "m2"})).status_code == 200
@@ -367,3 +367,42 @@ def alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:          # a zombie is dead
         return f.read().split(") ", 1)[1][0] != "Z"
+
+
+async def test_sigterm_to_one_worker_recycles_it(start, tmp_path):
+    daemon = await start(workers_config(tmp_path))
+    old = daemon.worker_pids()[1]
+    mark = len(daemon.lines)
+    os.kill(old, signal.SIGTERM)
+    line = await daemon.wait_for("worker stopped on its own: starting a new one", after=mark)
+    assert line["worker"] == 1 and line["level"] == "info"
+    back = await daemon.wait_for("worker serving", after=mark)
+    assert back["worker"] == 1 and back["pid"] != old
+    async with fresh(daemon.url) as client:
+        assert await burst(client, 20) == [200] * 20
+    assert await stop(daemon) == 0
+    assert not [line for line in daemon.lines if line.get("level") == "error"]
+
+
+async def test_a_replaced_program_file_restarts_the_daemon_whole(nursery, tmp_path):
+    """An upgrade replaces the binary under a running supervisor: a worker it would start now runs
+    the new file. It drains and exits 75 instead, for systemd to start the new version whole."""
+    program = tmp_path / "python3"
+    shutil.copy(os.path.realpath(sys.executable), program)
+    path = tmp_path / "hxgwd.toml"
+    path.write_text(workers_config(tmp_path))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pythonpath = os.pathsep.join([repo, *site.getsitepackages()])
+    daemon = Workers(str(path), env={"TEST_ADMIN_KEY": ADMIN_KEY, "TEST_LIMITED_KEY": LIMITED_KEY,
+                                     "PYTHONPATH": pythonpath}, program=str(program))
+    try:
+        await daemon.start(nursery)
+        replacement = tmp_path / "python3.new"
+        shutil.copy(program, replacement)
+        os.replace(replacement, program)          # as dpkg unpacks: a new file renamed over the old
+        mark = len(daemon.lines)
+        os.kill(daemon.worker_pids()[0], signal.SIGKILL)
+        await daemon.wait_for("the program file changed (an upgrade?): stopping to be restarted whole", after=mark)
+        assert await daemon.wait(timeout=40) == 75
+    finally:
+        daemon.kill()

@@ -105,6 +105,11 @@ GAUGE_RULES = {
 }
 
 
+# Counters of host events that every worker counts once each: the host's count is one worker's
+# (a worker started since counts less: the largest is the host's).
+COUNTER_RULES = {"hxgwd_reloads": "max"}
+
+
 def family_doc(family: Family) -> dict[str, Any]:
     """A family as JSON, to cross the control channel."""
     doc: dict[str, Any] = {"name": family.name, "help": family.help, "labels": list(family.labels),
@@ -139,7 +144,7 @@ def merge_families(per_worker: Iterable[list[dict[str, Any]]]) -> list[Family]:
                     for i, n in enumerate(counts):
                         have[i] += n
                 continue
-            rule = GAUGE_RULES.get(name, "sum") if doc["kind"] == "gauge" else "sum"
+            rule = GAUGE_RULES.get(name, "sum") if doc["kind"] == "gauge" else COUNTER_RULES.get(name, "sum")
             values: dict[tuple[str, ...], float] = fam.values     # type: ignore[attr-defined]
             for key_list, value in doc["values"]:
                 key = tuple(key_list)

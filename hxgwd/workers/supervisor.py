@@ -35,6 +35,7 @@ import trio
 from hxgwd import sdnotify
 from hxgwd.config.load import ConfigError
 from hxgwd.http.listen import Listener, bound_addresses, open_listeners
+from hxgwd.commandline import EXIT_TEMPFAIL
 from hxgwd.lifecycle import RELOAD_TIMEOUT, SIGNAL_ECHO_WINDOW, needs_restart
 from hxgwd.limits.limiter import HostLimiter
 from hxgwd.logs import Logger
@@ -107,6 +108,9 @@ class Supervisor:
         self.forced = False
         self.ever_ready = False
         self.started_at = time.time()
+        self.exit_status = 0               # 3 when forced or a worker had to be killed; 75 after an upgrade
+        st = os.stat(sys.executable)
+        self.program: tuple[int, int] | None = (st.st_dev, st.st_ino)
         self._stop = trio.Event()            # set when draining: backoff sleeps end
         self._reloading = False
         self._reload_again = False
@@ -137,6 +141,24 @@ class Supervisor:
     def stopping(self) -> bool:
         return self.draining
 
+    def program_replaced(self) -> bool:
+        """The program file is not the one this supervisor runs (a package upgrade replaced it): a
+        worker started now would run the new file's code on this process's unpacked libraries.
+        The daemon drains and exits 75 instead (EX_TEMPFAIL): systemd restarts it whole."""
+        try:
+            st = os.stat(sys.executable)
+            now = (st.st_dev, st.st_ino)
+        except OSError:
+            now = None
+        if now == self.program:
+            return False
+        if not self.draining:
+            self.log.error("the program file changed (an upgrade?): stopping to be restarted whole",
+                           program=sys.executable)
+            self.exit_status = EXIT_TEMPFAIL
+            self._begin_drain()
+        return True
+
     async def _keep_running(self, slot: Slot) -> None:
         while not self.draining:
             status = await self._run_once(slot)
@@ -146,6 +168,12 @@ class Supervisor:
             if not self.ever_ready:
                 self.log.error("worker failed at start: stopping", worker=slot.index, exit=cause)
                 raise StartFailed(slot.index, status if status > 0 else 128 - status)
+            if self.program_replaced():
+                return
+            if status == 0:     # drained by a SIGTERM of its own: an operator recycling it
+                slot.last_exit, slot.serving, slot.restarts = cause, False, slot.restarts + 1
+                self.log.info("worker stopped on its own: starting a new one", worker=slot.index)
+                continue
             wait = slot.died(cause, time.monotonic())
             if slot.looping:
                 self.log.error("worker crash loop: restarting with backoff", worker=slot.index, exit=cause,
@@ -352,28 +380,32 @@ class Supervisor:
                     last = (signum, now)
                     self.log.info("shutdown requested" if not self.draining else "forced shutdown",
                                   signal=signal.Signals(signum).name)
-                    sdnotify.stopping()
                     if self.draining:
                         self.forced = True
-                    self.draining = True
-                    self._stop.set()
-                    self._close_listeners()
-                    for slot in self.slots:
-                        tasks.start_soon(self._drain_one, slot)
+                    self._begin_drain()
+
+    def _begin_drain(self) -> None:
+        sdnotify.stopping()
+        self.draining = True
+        self._stop.set()
+        self._close_listeners()
+        for slot in self.slots:
+            self._start(self._drain_one, slot)
 
     async def _drain_one(self, slot: Slot) -> None:
         peer, pid = slot.peer, slot.pid
         if peer is None:
             return
-        try:
-            await peer.call("drain", {"force": self.forced}, CALL_TIMEOUT)
-        except (PeerGone, RemoteError, trio.TooSlowError):
-            pass
         server = self.holder.current.config.server
         with trio.move_on_after(server.shutdown_grace + USAGE_FLUSH_TIMEOUT + EXIT_MARGIN):
+            try:
+                await peer.call("drain", {"force": self.forced}, CALL_TIMEOUT)
+            except (PeerGone, RemoteError, trio.TooSlowError):
+                pass
             await peer.closed.wait()
             return
         if slot.peer is peer and pid is not None:
+            self.forced = True
             self.log.error("worker did not stop in time: killed", worker=slot.index, pid=pid)
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -144,9 +144,7 @@ class Worker:
         daemon = self._daemon()
         new = self.pending.pop(args["generation"])
         self.pending.clear()
-        daemon.apply(new, warn=False)      # the supervisor warns of restart-only settings, once
-        daemon.metrics.reloaded("ok")
-        daemon.holder.reloaded("ok")
+        daemon.apply(new, worker=True)
         return new.generation
 
     def abort(self, args: dict[str, Any]) -> None:
