@@ -199,7 +199,8 @@ def _run_supervisor(runtime: Runtime, log: Logger, path: str, count: int) -> int
     import trio
 
     from hxgwd.store import SchemaError
-    from hxgwd.workers.supervisor import StartFailed, Supervisor
+    from hxgwd.workers.slot import StartFailed
+    from hxgwd.workers.supervisor import Supervisor
 
     supervisor = Supervisor(runtime, log, path, count)
     gc.collect()

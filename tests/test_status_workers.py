@@ -187,7 +187,7 @@ async def test_the_status_view_through_the_supervisor_and_back():
 
 
 def test_a_worker_that_crash_looped_then_served_a_minute_is_no_longer_shown_as_crash_looping():
-    from hxgwd.workers.supervisor import STABLE_AFTER, Slot
+    from hxgwd.workers.slot import STABLE_AFTER, Slot
 
     slot = Slot(0, serving=True, serving_since=time.monotonic() - 1, looping=True)
     assert slot.summary()["crash_loop"]

@@ -23,7 +23,7 @@ from hxgwd.store import adopted_spool_dirs
 from hxgwd.workers import limits, worker_count
 from hxgwd.workers.channel import MAX_FRAME, FrameError, Frames, Peer, PeerGone, RemoteError, encode
 from hxgwd.workers.merge import family_doc, merge_docs, merge_families
-from hxgwd.workers.supervisor import CRASH_LOOP, RESTART_MAX, RESTART_MIN, STABLE_AFTER, Slot
+from hxgwd.workers.slot import CRASH_LOOP, RESTART_MAX, RESTART_MIN, STABLE_AFTER, Slot
 from hxgwd.workers.worker import worker_share
 
 

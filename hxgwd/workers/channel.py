@@ -140,6 +140,8 @@ class Peer:
                 nursery.cancel_scope.cancel()
         finally:
             self._close()
+            with trio.CancelScope(shield=True):
+                await self._stream.aclose()
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         frames = Frames()
