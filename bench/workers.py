@@ -17,8 +17,9 @@ the supervisor over the control channel (workers/limits.py). Then, in --rounds a
 Per run: req/s, p50/p99, and the CPU seconds (utime + stime from /proc/PID/stat, before and after)
 of the gateway's processes (the supervisor and every worker, each also on its own), of the
 upstream (nginx master + worker) and of wrk (its rusage from wait4), and the box's busy time and
-its interrupt + softirq part (/proc/stat), so the CPU split says who had the 2 cores ("other" is
-the rest: other processes, e.g. another session's tests, and the idle gateway). Per worker: the
+its interrupt + softirq part (/proc/stat; here that time is also inside the processes' stime), so
+the CPU split says who had the 2 cores ("other" is the rest: other processes, e.g. another
+session's tests, and the idle gateway). Per worker: the
 client connections it held halfway through the run (ss) and the requests it served (its
 access-log lines carry `"worker": N`). Finally bench/listen_balance.py (inherited socket against
 SO_REUSEPORT, bare trio processes).
@@ -92,7 +93,7 @@ def cpu_of(pids: list[int]) -> dict[int, float]:
 
 def box_times() -> tuple[float, float]:
     """CPU seconds the whole box spent busy (all cores) and, of that, in interrupts and softirqs
-    (loopback TCP's receive path runs there; it is no process's utime or stime), from /proc/stat."""
+    (loopback TCP's receive path), from /proc/stat."""
     fields = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
     busy = sum(fields) - fields[3] - fields[4]          # minus idle and iowait
     return busy / CLK, (fields[5] + fields[6]) / CLK
@@ -252,8 +253,10 @@ def measure(target: str, conns: int, seconds: float, gw: Gateway | None, key: st
         served = gw.take_log()
         row["worker_requests"] = [served.get(str(i), 0) for i in range(gw.workers)] if gw.workers > 1 \
             else [sum(served.values())]
-    # the rest: other processes (another session's tests, the idle gateway) and unattributed kernel time
-    row["other_cpu_s"] = busy - irq - wrk_cpu - row["upstream_cpu_s"] - row.get("gw_cpu_s", 0.0)
+    # the rest: other processes (another session's tests, the idle gateway). Not minus irq: on this
+    # kernel the softirq time of loopback TCP is also in the stime of the process it ran in
+    # (subtracting it made "other" negative on a quiet box)
+    row["other_cpu_s"] = busy - wrk_cpu - row["upstream_cpu_s"] - row.get("gw_cpu_s", 0.0)
     return row
 
 
@@ -327,9 +330,10 @@ def report(rows: list[dict], rounds: int) -> str:
       f"the limited key on w2 +{mean(added['w2-limited']):.3f} ms")
     w(f"- **host limiter, w2, 64 conns: ×{mean(lim_ratio):.2f} req/s** with the `rpm` key (see below)\n")
 
-    w("### 64 connections (means of the rounds; CPU in cores of the 2, over the run)\n")
+    w("### 64 connections (means of the rounds; CPU in cores of the 2, over the run; irq+softirq is "
+      "also inside the processes' numbers)\n")
     w("| target | req/s | p50 ms | p99 ms | gateway µs/req | supervisor µs/req | gateway cores | wrk | upstream "
-      "| irq+softirq | other | box busy | workers' connections (mid-run, per round) |")
+      "| (irq+softirq) | other | box busy | workers' connections (mid-run, per round) |")
     w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for target in TARGETS64:
         if by[(target, 64)]:
