@@ -409,12 +409,13 @@ def main() -> int:
     for port in (GW_PORT, UP_PORT, W1_PORT, BALANCE_PORT):
         if port_in_use(port):
             raise SystemExit(f"port {port} is in use (BENCH_GATEWAY_PORT / BENCH_UPSTREAM_PORT)")
+    template = open(os.path.join(ab.SHARED, "bodies", "chat.json")).read()
     work = tempfile.mkdtemp(prefix="hxgwd-workers-")
     servers_env = dict(os.environ, BENCH_RUN_DIR=os.path.join(work, "servers"), BENCH_UPSTREAM_PORT=str(UP_PORT))
-    gateways = {"w1": Gateway("w1", 1, W1_PORT, work), "w2": Gateway("w2", 2, GW_PORT, work)}
+    gateways: dict[str, Gateway] = {}
     body = os.path.join(work, "chat.json")
     with open(body, "w") as f:
-        f.write(open(os.path.join(ab.SHARED, "bodies", "chat.json")).read().replace("@CHAT_MODEL@", "fake-model"))
+        f.write(template.replace("@CHAT_MODEL@", "fake-model"))
     facts = [f"date: {stamp}", f"rev: {subprocess.run(['git', '-C', REPO, 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}"
              f"{' (+ uncommitted changes)' if subprocess.run(['git', '-C', REPO, 'status', '--porcelain', 'hxgwd'], capture_output=True, text=True).stdout else ''}",
              f"cpus: {os.cpu_count()}, kernel {os.uname().release}", f"python: {PYTHON}",
@@ -422,6 +423,7 @@ def main() -> int:
              f"ports: w2 {GW_PORT}, w1 {W1_PORT}, upstream {UP_PORT}, balance {BALANCE_PORT}"]
     rows: list[dict] = []
     try:
+        gateways = {"w1": Gateway("w1", 1, W1_PORT, work), "w2": Gateway("w2", 2, GW_PORT, work)}
         subprocess.run(["bash", os.path.join(ab.SHARED, "servers.sh"), "start", "upstream"], env=servers_env,
                        check=True, stdout=subprocess.DEVNULL, timeout=60)
         nginx = int(open(os.path.join(work, "servers", "upstream.pid")).read())
