@@ -31,7 +31,22 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-SHARED = os.environ.get("SHARED_BENCH", os.path.join(REPO, "..", "shared", "bench"))
+
+
+def _shared_bench() -> str:
+    """$SHARED_BENCH, else ../shared/bench beside the repository, or beside the main checkout when
+    this is a git worktree (as run.sh finds it)."""
+    if "SHARED_BENCH" in os.environ:
+        return os.environ["SHARED_BENCH"]
+    beside = os.path.join(REPO, "..", "shared", "bench")
+    if os.path.exists(os.path.join(beside, "run.py")):
+        return beside
+    common = subprocess.run(["git", "-C", REPO, "rev-parse", "--path-format=absolute", "--git-common-dir"],
+                            capture_output=True, text=True).stdout.strip()
+    return os.path.join(os.path.dirname(common), "..", "shared", "bench") if common else beside
+
+
+SHARED = os.path.normpath(_shared_bench())
 PORT = int(os.environ.get("BENCH_GATEWAY_PORT", "4310"))   # another, when two A/Bs share the machine
 UP_PORT = int(os.environ.get("BENCH_UPSTREAM_PORT", "18280"))
 
@@ -49,11 +64,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wrk(conns: int, seconds: int, body: str) -> dict:
-    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-s", os.path.join(SHARED, "wrk", "openai.lua"),
-                          f"http://127.0.0.1:{PORT}/v1/chat/completions", "--", "POST", body, "sk-hx-bench"],
-                         capture_output=True, text=True, check=True).stdout
+def wrk_command(conns: int, seconds: float, body: str, url: str, key: str = "sk-hx-bench") -> list[str]:
+    """wrk -t1 POSTing `body` to `url` with the shared openai.lua (which prints a WRKJSON line)."""
+    return ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-s", os.path.join(SHARED, "wrk", "openai.lua"),
+            url, "--", "POST", body, key]
+
+
+def parse_wrk(out: str) -> dict:
     return json.loads(next(line for line in out.splitlines() if line.startswith("WRKJSON "))[8:])
+
+
+def wrk(conns: int, seconds: int, body: str) -> dict:
+    url = f"http://127.0.0.1:{PORT}/v1/chat/completions"
+    return parse_wrk(subprocess.run(wrk_command(conns, seconds, body, url), capture_output=True, text=True,
+                                    check=True).stdout)
+
+
+def gateway_config(port: int, up_port: int, store: str) -> str:
+    """bench/gateway.toml listening on `port`, its static backend on `up_port`, the usage store at
+    `store` ("" = off): never the default [database], which is a system path."""
+    config = open(os.path.join(HERE, "gateway.toml")).read()
+    config = config.replace("127.0.0.1:4010", f"127.0.0.1:{port}").replace(":18080", f":{up_port}")
+    config, n = re.subn(r'(?m)^url = "sqlite:[^"]*"', f'url = "{store}"', config)
+    assert n == 1, "bench/gateway.toml: the [database] url line moved"
+    return config
 
 
 def source(rev: str, into: str) -> str:
@@ -83,10 +117,7 @@ def main() -> int:
         subprocess.run(["bash", os.path.join(SHARED, "servers.sh"), "start", "upstream"], env=env, check=True)
         started_upstream = True
     try:
-        config = open(os.path.join(HERE, "gateway.toml")).read()
-        config = config.replace("127.0.0.1:4010", f"127.0.0.1:{PORT}").replace(":18080", f":{UP_PORT}")
-        store = "" if a.no_store else f"sqlite:///{work}/hxgwd.db"
-        config = re.sub(r'(?m)^url = "sqlite:[^"]*"', f'url = "{store}"', config)
+        config = gateway_config(PORT, UP_PORT, "" if a.no_store else f"sqlite:///{work}/hxgwd.db")
         if a.no_log:
             config = config.replace("access_log = true", "access_log = false")
         config_path = os.path.join(work, "gateway.toml")
