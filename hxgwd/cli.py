@@ -236,10 +236,8 @@ def cmd_worker(index: int, control_fd: int) -> int:
     from hxgwd.workers import worker
 
     log = Logger()
-    gc.collect()
-    gc.freeze()
     try:
-        life = trio.run(worker.run, index, control_fd, log)
+        life = trio.run(worker.run, index, control_fd, log)     # it freezes the collector once built
     except Exception as raised:
         cause = _sole_cause(raised)
         if isinstance(cause, SchemaError):

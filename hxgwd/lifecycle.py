@@ -35,7 +35,7 @@ from hxgwd.http.connection import HttpConnection
 from hxgwd.http.settings import ConnectionSettings
 from hxgwd.pipeline.context import GatewayContext, Host
 from hxgwd.pipeline.handle import Gateway
-from hxgwd.http.listen import ACCEPT_BURST, IdleConnections, Listener, accept_loop, bound_addresses, open_listeners
+from hxgwd.http.listen import ACCEPT_BURST, AcceptBalance, IdleConnections, Listener, accept_loop, bound_addresses, open_listeners
 from hxgwd.pipeline.route import Router
 from hxgwd.services import Services, open_services
 from hxgwd.runtime import Runtime, RuntimeHolder, build_runtime
@@ -110,6 +110,7 @@ class Daemon:
     host: Host | None = None
     context: GatewayContext | None = None     # while serving
     accept_burst: int = ACCEPT_BURST          # a worker shares its listeners: SHARED_ACCEPT_BURST
+    accept_balance: AcceptBalance | None = None   # ... and says how many connections it holds
     router: Router = attrs.field(factory=Router)
     transports: Transports = attrs.field(default=attrs.Factory(
         lambda self: Transports(self.holder.current.config.server.http_parser, log=self.log), takes_self=True))
@@ -306,7 +307,7 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services, listeners:
                         for listener in listeners:
                             acceptors.start_soon(accept_loop, listener, slots, life.idle_scopes, connections,
                                                  partial(serve_connection, listen=listener.listen),
-                                                 on_resource_error, daemon.accept_burst)
+                                                 on_resource_error, daemon.accept_burst, daemon.accept_balance)
                         life.listening = True
                         runtime = daemon.holder.current
                         tls = [listener.address for listener in listeners

@@ -11,7 +11,6 @@ import re
 import signal
 import textwrap
 import time
-import types
 
 import httpx
 import pytest
@@ -32,6 +31,7 @@ from hxgwd.upstream.gates import Gates
 from hxgwd.upstream.transports import Transports
 from hxgwd.workers.worker import shares
 from hxgwd.workers import views
+from hxgwd.workers.supervisor import Supervisor
 from tests.daemon import DaemonProcess
 
 CONFIG = """
@@ -172,13 +172,14 @@ def test_workers_that_disagree_on_a_setting_show_both_values():
 async def test_the_status_view_through_the_supervisor_and_back():
     """views.host_view and merge_view, as supervisor._gather and WorkerHost.view call them."""
     ctx = context()
-    supervisor = types.SimpleNamespace(
-        slots=[types.SimpleNamespace(summary=lambda i=i: dict(WORKERS[i])) for i in range(2)],
-        limiter=HostLimiter(ctx.holder.current.config.limits), services=None, started_at=50.0, holder=ctx.holder)
+    supervisor = Supervisor(ctx.holder.current, Logger(out=io.BytesIO()), "hxgwd.toml", 2)   # not started
+    supervisor.holder, supervisor.started_at = ctx.holder, 50.0
+    for slot in supervisor.slots:
+        slot.serving, slot.pid, slot.generation = True, 4000 + slot.index, 1
     ctx.holder.reloaded("rejected", ["server.listen: bad"])
     docs = [views.local_view("status", ctx, ctx.holder.current), None]
-    gathered = {"workers": [{**w, "doc": d} for w, d in zip(WORKERS, docs)],
-                "host": views.host_view("status", supervisor)}            # type: ignore[arg-type]
+    gathered = {"workers": [{**w, "doc": d} for w, d in zip(supervisor.summaries(), docs)],
+                "host": views.host_view("status", supervisor)}
     merged = views.merge_view("status", json.loads(json.dumps(gathered)))
     assert merged["last_reload"]["result"] == "rejected" and merged["last_reload"]["problems"] == ["server.listen: bad"]
     assert merged["started_at"] == 50.0 and merged["config"]["deployments"] == 2

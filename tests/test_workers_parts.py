@@ -21,6 +21,7 @@ from hxgwd.metrics.registry import Counter as MetricCounter, Gauge, Histogram
 from hxgwd.runtime import Principal
 from hxgwd.store import adopted_spool_dirs
 from hxgwd.workers import limits, worker_count
+from hxgwd.workers.balance import GONE, ConnectionCounts
 from hxgwd.workers.channel import MAX_FRAME, FrameError, Frames, Peer, PeerGone, RemoteError, encode
 from hxgwd.workers.merge import family_doc, merge_docs, merge_families
 from hxgwd.workers.slot import CRASH_LOOP, RESTART_MAX, RESTART_MIN, STABLE_AFTER, Slot
@@ -230,3 +231,29 @@ def test_spools_of_workers_that_are_gone_are_taken_over(tmp_path):
     assert adopted_spool_dirs(db, 1, 2) == (f"{base}/worker-3",)
     single = adopted_spool_dirs(db)
     assert [d for d in single if "worker-" in d] == [f"{base}/worker-{n}" for n in range(5)]
+
+
+def test_a_worker_ahead_of_the_others_lets_them_accept_first():
+    counts, fd = ConnectionCounts.create(3)
+    try:
+        w0, w1 = counts.of(0), counts.of(1)        # worker 2 is not serving: GONE, never deferred to
+        assert not w0.ahead() and not w1.ahead()
+        for _ in range(2):
+            w0.opened()
+        assert w0.ahead() and not w1.ahead()       # 2 against 0
+        for _ in range(16):
+            w1.opened()
+        for _ in range(16):
+            w0.opened()
+        assert not w0.ahead()                      # 18 against 16: within 1/8
+        w0.opened()
+        w0.opened()
+        w0.opened()
+        assert w0.ahead()                          # 21 against 16
+        w0.closed()
+        w0.closed()
+        w0.closed()
+        assert (counts.get(0), counts.get(1), counts.get(2)) == (18, 16, GONE)
+        assert not counts.of(0).ahead() and counts.get(0) == 0     # a new worker in the slot starts at 0
+    finally:
+        os.close(fd)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import Awaitable, Callable, Iterator
+from typing import Awaitable, Callable, Iterator, Protocol
 
 import trio
 
@@ -36,6 +36,20 @@ ACCEPT_BURST = 64
 # whole burst of new connections. Measured with 64 connections opened at once to 2 workers, the
 # split was 42/22, 44/20, 57/7 with 64; 36/28, 42/22, 34/30 with 4 (1: 37/27, 33/31, 40/24).
 SHARED_ACCEPT_BURST = 4
+# How long a process that holds more connections than the others lets them take new ones first.
+BALANCE_DEFER = 0.002
+
+
+class AcceptBalance(Protocol):
+    """Processes accepting on one listener, each told how many connections the others hold: the
+    kernel wakes them all for a new connection and the first to run takes it, which left 64 of 64
+    keep-alive connections on one of two workers in a benchmark round. One that is ahead waits
+    BALANCE_DEFER before it accepts, so that the others take them first (and it still does, should
+    they be busy or gone)."""
+
+    def ahead(self) -> bool: ...
+    def opened(self) -> None: ...
+    def closed(self) -> None: ...
 
 
 class IdleConnections:
@@ -138,7 +152,8 @@ def bound_addresses(listeners: list[Listener]) -> list[str]:
 
 async def accept_loop(listener: Listener, slots: trio.Semaphore, idle: IdleConnections, nursery: trio.Nursery,
                       serve: Callable[[SocketIO], Awaitable[None]],
-                      on_resource_error: Callable[[OSError], None], burst: int = ACCEPT_BURST) -> None:
+                      on_resource_error: Callable[[OSError], None], burst: int = ACCEPT_BURST,
+                      balance: AcceptBalance | None = None) -> None:
     """Accept until cancelled; `serve` runs in `nursery`, each connection holding one of `slots`,
     and registering in `idle` while it waits for a request; at most `burst` per readiness wait."""
 
@@ -148,6 +163,8 @@ async def accept_loop(listener: Listener, slots: trio.Semaphore, idle: IdleConne
         finally:
             slots.release()
             idle.notify()
+            if balance is not None:
+                balance.closed()
 
     sock = listener.socket
     while True:
@@ -157,6 +174,8 @@ async def accept_loop(listener: Listener, slots: trio.Semaphore, idle: IdleConne
             return
         try:
             await trio.lowlevel.wait_readable(sock)
+            if balance is not None and balance.ahead():
+                await trio.sleep(BALANCE_DEFER)
         except trio.ClosedResourceError:
             slots.release()
             return
@@ -180,6 +199,8 @@ async def accept_loop(listener: Listener, slots: trio.Semaphore, idle: IdleConne
                 break
             if conn.family != socket.AF_UNIX:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if balance is not None:
+                balance.opened()
             nursery.start_soon(run, SocketIO(conn))
             if taken + 1 == burst:
                 break

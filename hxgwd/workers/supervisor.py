@@ -40,6 +40,7 @@ from hxgwd.logs import Logger
 from hxgwd.runtime import Runtime, RuntimeHolder, build_runtime
 from hxgwd.services import USAGE_FLUSH_TIMEOUT, Services, open_services
 from hxgwd.workers import limits, views
+from hxgwd.workers.balance import GONE, ConnectionCounts
 from hxgwd.workers.channel import Peer, PeerGone, RemoteError, answer_all
 from hxgwd.workers.slot import Slot, StartFailed, describe_error, describe_exit, worker_command
 
@@ -70,6 +71,7 @@ class Supervisor:
         self._reload_again = False
         self._task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
         self._nursery: trio.Nursery | None = None     # for catch-ups
+        self.connections, self._connections_fd = ConnectionCounts.create(count)
 
     # --- the process tree ------------------------------------------------------------------------
 
@@ -91,6 +93,11 @@ class Supervisor:
         finally:
             self._close_listeners()
         self.log.info("stopped", forced=self.forced)
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """Each worker as /admin/stats and /status show it, with the connections it holds."""
+        return [{**slot.summary(), "connections": self.connections.get(slot.index) if slot.serving else None}
+                for slot in self.slots]
 
     def stopping(self) -> bool:
         return self.draining
@@ -142,7 +149,7 @@ class Supervisor:
     async def _run_once(self, slot: Slot) -> int:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            fds = [child.fileno()] + [listener.socket.fileno() for listener in self.listeners]
+            fds = [child.fileno(), self._connections_fd] + [listener.socket.fileno() for listener in self.listeners]
             env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}   # systemd hears the supervisor
             # a session of its own: a terminal's Ctrl-C reaches the supervisor, which drains the workers
             process = await trio.lowlevel.open_process(
@@ -170,6 +177,7 @@ class Supervisor:
                 nursery.cancel_scope.cancel()
         finally:
             slot.peer, slot.serving = None, False
+            self.connections.set(slot.index, GONE)
             if process.returncode is None:     # the supervisor itself is failing: no worker outlives it
                 process.kill()
         return status
@@ -184,7 +192,7 @@ class Supervisor:
     def _hello(self, slot: Slot, args: dict[str, Any]) -> dict[str, Any]:
         rt = self.holder.current
         assert rt.read is not None
-        return {"count": len(self.slots), "generation": rt.generation, "path": rt.read.path, "text": rt.read.text,
+        return {"count": len(self.slots), "connections_fd": self._connections_fd, "generation": rt.generation, "path": rt.read.path, "text": rt.read.text,
                 "files": dict(rt.read.files),
                 "listeners": [[listener.listen, listener.socket.fileno()] for listener in self.listeners]}
 
@@ -213,9 +221,9 @@ class Supervisor:
                                  for s in serving])
         by_index = {s.index: d for s, d in zip(serving, docs)}
         workers = []
-        for slot in self.slots:
+        for slot, summary in zip(self.slots, self.summaries()):
             doc = by_index.get(slot.index)
-            workers.append({**slot.summary(), "doc": None if isinstance(doc, Exception) else doc})
+            workers.append({**summary, "doc": None if isinstance(doc, Exception) else doc})
         return {"workers": workers, "host": views.host_view(what, self)}
 
     async def _keys_changed(self, args: Any) -> None:

@@ -39,7 +39,7 @@ def local_view(what: str, ctx: GatewayContext, rt: Runtime) -> Any:
 
 
 def host_view(what: str, sup: Supervisor) -> Any:
-    workers = [s.summary() for s in sup.slots]
+    workers = sup.summaries()
     if what == "metrics":
         return [family_doc(f) for f in supervisor_families(sup)]
     doc: dict[str, Any] = {"workers": workers}

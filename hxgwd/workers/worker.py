@@ -18,6 +18,7 @@ counters (limits.py), the budgets' seeding and the usage retention.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import time
@@ -33,6 +34,7 @@ from hxgwd.lifecycle import RELOAD_TIMEOUT, Daemon, Lifecycle, serve
 from hxgwd.logs import Logger
 from hxgwd.runtime import ConfigRead, Runtime, RuntimeHolder, build_runtime
 from hxgwd.workers import views
+from hxgwd.workers.balance import ConnectionCounts
 from hxgwd.workers.channel import Peer, PeerGone, RemoteError
 from hxgwd.workers.limits import WorkerLimiter
 
@@ -214,7 +216,11 @@ async def run(index: int, control_fd: int, log: Logger) -> Lifecycle:
             options["adopt"] = adopted_spool_dirs(db, index, count)
         daemon = worker.daemon = Daemon(
             holder, log, announce=SupervisorAnnounce(peer, holder), services_options=options,
-            host=WorkerHost(peer, index, count), accept_burst=SHARED_ACCEPT_BURST)
+            host=WorkerHost(peer, index, count), accept_burst=SHARED_ACCEPT_BURST,
+            accept_balance=ConnectionCounts(hello["connections_fd"], count).of(index))
+
+        gc.collect()    # as cli.cmd_run does: what is built by now lives as long as the process
+        gc.freeze()
 
         async def orphaned() -> None:
             await peer.closed.wait()
