@@ -28,10 +28,8 @@ from hxgwd.workers.slot import CRASH_LOOP, RESTART_MAX, RESTART_MIN, STABLE_AFTE
 from hxgwd.workers.worker import worker_share
 
 
-def pair() -> tuple[trio.SocketStream, trio.SocketStream]:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    return (trio.SocketStream(trio.socket.from_stdlib_socket(a)),
-            trio.SocketStream(trio.socket.from_stdlib_socket(b)))
+def pair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
 
 # --- the channel ------------------------------------------------------------------------------------
@@ -87,7 +85,8 @@ async def test_calls_both_ways_errors_timeouts_and_a_closed_peer(nursery):
         for i in range(200):
             calls.start_soon(one, i)
     assert results == {i: 2 * i for i in range(200)}
-    await right_stream.aclose()
+    trio.lowlevel.notify_closing(right_stream)
+    right_stream.close()
     with trio.fail_after(2):
         await left.closed.wait()
     with pytest.raises(PeerGone):
@@ -98,16 +97,18 @@ async def test_calls_both_ways_errors_timeouts_and_a_closed_peer(nursery):
 # --- the host limiter over the channel -------------------------------------------------------------
 
 async def host_and_worker(nursery):
+    """The supervisor's counters behind a real socket pair; -> them, the worker's limiter, and the
+    supervisor's end of the pair."""
     supervisor_side, worker_side = pair()
     host = HostLimiter(Limits())
     await nursery.start(Peer(supervisor_side, limits.handlers(host)).run)
     peer = Peer(worker_side, {})
     await nursery.start(peer.run)
-    return host, limits.WorkerLimiter(peer, Limits())
+    return host, limits.WorkerLimiter(peer, Limits()), supervisor_side
 
 
 async def test_fifty_concurrent_admits_through_the_supervisor_never_overrun(nursery):
-    host, worker = await host_and_worker(nursery)
+    host, worker, _ = await host_and_worker(nursery)
     key = Principal("k", None, rpm=20)
     outcomes: list[str] = []
 
@@ -127,7 +128,7 @@ async def test_fifty_concurrent_admits_through_the_supervisor_never_overrun(nurs
 
 
 async def test_settle_corrects_the_hosts_tokens_and_a_key_without_limits_stays_home(nursery):
-    host, worker = await host_and_worker(nursery)
+    host, worker, _ = await host_and_worker(nursery)
     key = Principal("k", None, tpm=1000, budget_usd=1.0, budget_period="day")
     res = await worker.admit(key, Estimate(600, 0.5))
     assert res is not None and res.tokens == 600
@@ -140,8 +141,9 @@ async def test_settle_corrects_the_hosts_tokens_and_a_key_without_limits_stays_h
 
 
 async def test_no_supervisor_means_503_not_a_free_pass(nursery):
-    _host, worker = await host_and_worker(nursery)
-    await worker.peer._stream.aclose()
+    _host, worker, supervisor_end = await host_and_worker(nursery)
+    trio.lowlevel.notify_closing(supervisor_end)      # the supervisor goes away
+    supervisor_end.close()
     with trio.fail_after(2):
         await worker.peer.closed.wait()
     with pytest.raises(LimitsUnavailable):

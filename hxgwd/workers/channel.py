@@ -5,10 +5,10 @@ supervisor (the worker's end is inherited), carrying length-prefixed JSON frames
     {"id": 7, "result": ...} or {"id": 7, "error": "..."}
     {"call": "settle", "args": {...}}            a notification: no id, no answer
 
-Frames are encoded and decoded by `Frames` (sans-I/O). A `Peer` runs one reader and one writer
-task: whatever is queued when the writer wakes goes out in one send, so under load the admits and
-settles of many requests share a system call. The outgoing queue is bounded (MAX_QUEUED frames,
-then senders wait) and so is a frame (MAX_FRAME). Every call has a deadline; a reply that comes
+Frames are encoded and decoded by `Frames` (sans-I/O). A `Peer` sends a frame at once when the
+socket takes it and nothing waits before it; the rest queues for its writer task, which sends
+whatever is queued when it wakes in one system call. The queue is bounded (MAX_QUEUED_BYTES; then
+calls wait, and notifications without waiting are refused) and so is a frame (MAX_FRAME). Every call has a deadline; a reply that comes
 after it is dropped. The channel closing (the other process died or closed it) fails the calls
 in flight with `PeerGone` and sets `closed`.
 
@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import inspect
 import json
+import socket
 import struct
+from collections import deque
 from typing import Any, Awaitable, Callable, Mapping
 
 import trio
 
 MAX_FRAME = 32 * 1024 * 1024     # a /metrics or /status gather of many deployments stays far below
-MAX_QUEUED = 4096                # frames waiting for the writer
+MAX_QUEUED_BYTES = 8 * 1024 * 1024   # frames waiting for the writer (a slow reader on the other side)
 HEADER = struct.Struct("!I")
 
 Handler = Callable[[Any], Any]   # sync (answered inline, in order) or async (answered from a task)
@@ -77,13 +79,19 @@ class Frames:
 
 
 class Peer:
-    def __init__(self, stream: trio.abc.Stream, handlers: Mapping[str, Handler],
+    def __init__(self, sock: socket.socket, handlers: Mapping[str, Handler],
                  on_error: Callable[[str, BaseException], None] | None = None) -> None:
-        self._stream = stream
+        sock.setblocking(False)
+        self._sock = sock
+        self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         self._handlers = dict(handlers)
         self._async = {name for name, fn in handlers.items() if inspect.iscoroutinefunction(fn)}
         self._on_error = on_error
-        self._send, self._queue = trio.open_memory_channel[bytes](MAX_QUEUED)
+        self._out: deque[bytes] = deque()    # what the socket did not take at once, in order
+        self._out_bytes = 0
+        self._writing = False                # the writer task is in a send: frames queue behind it
+        self._more = trio.Event()            # the writer has something to send
+        self._room = trio.Event()            # the writer sent what was queued
         self._waiting: dict[int, list[Any]] = {}     # id -> [event, reply]
         self._next_id = 0
         self.closed = trio.Event()
@@ -102,7 +110,7 @@ class Peer:
         self.calls += 1
         try:
             with trio.fail_after(timeout):
-                await self._send.send(encode({"id": ident, "call": name, "args": args}))
+                await self._send(encode({"id": ident, "call": name, "args": args}), name)
                 await slot[0].wait()
         finally:
             self._waiting.pop(ident, None)
@@ -114,18 +122,47 @@ class Peer:
         return reply.get("result")
 
     async def notify(self, name: str, args: Any = None) -> None:
-        if self.closed.is_set():
-            raise PeerGone(name)
-        await self._send.send(encode({"call": name, "args": args}))
+        await self._send(encode({"call": name, "args": args}), name)
 
     def notify_nowait(self, name: str, args: Any = None) -> bool:
         """For callers that cannot wait: False when the channel is closed or its queue is full."""
+        return self._emit(encode({"call": name, "args": args}))
+
+    def _over(self, frame: bytes) -> bool:
+        """A frame queued after others may not take the queue past its bound (alone, it may)."""
+        return self._out_bytes > 0 and self._out_bytes + len(frame) > MAX_QUEUED_BYTES
+
+    async def _send(self, frame: bytes, name: str) -> None:
+        while not self._emit(frame):     # the queue is full: wait for the writer to empty it
+            if self.closed.is_set():
+                raise PeerGone(name)
+            await self._room.wait()
+
+    def _emit(self, frame: bytes) -> bool:
+        """Send `frame` at once when nothing waits before it and the socket takes it whole (no task
+        switch: half the cost of a round trip was the writer task's wake-ups); else queue it, or
+        its rest, for the writer. False when closed, or when the queue is over MAX_QUEUED_BYTES."""
         if self.closed.is_set():
             return False
-        try:
-            self._send.send_nowait(encode({"call": name, "args": args}))
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+        if not self._out and not self._writing:
+            try:
+                sent = self._sock.send(frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._close()
+                return False
+            if sent == len(frame):
+                return True
+            if sent:                     # a frame begun is finished, whatever the bound
+                frame = frame[sent:]
+            elif self._over(frame):
+                return False
+        elif self._over(frame):
             return False
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        self._more.set()
         return True
 
     # --- the tasks ------------------------------------------------------------------------------
@@ -202,23 +239,26 @@ class Peer:
             frame = encode(reply)
         except FrameError as exc:
             frame = encode({"id": reply.get("id"), "error": str(exc)})
-        try:
-            self._send.send_nowait(frame)
-        except trio.WouldBlock:        # the other side stopped reading: it will time the call out
+        if not self._emit(frame) and not self.closed.is_set():
+            # the other side stopped reading: it will time the call out
             self._report("the channel's queue is full, a reply was dropped", RuntimeError("queue full"))
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
 
     async def _write_loop(self) -> None:
         try:
-            async for frame in self._queue:
-                batch = [frame]
-                while len(batch) < 256:
+            while not self.closed.is_set():
+                await self._more.wait()
+                self._more = trio.Event()
+                while self._out:
+                    data = b"".join(self._out)
+                    self._out.clear()
+                    self._out_bytes = 0
+                    self._writing = True
                     try:
-                        batch.append(self._queue.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                await self._stream.send_all(b"".join(batch))
+                        await self._stream.send_all(data)
+                    finally:
+                        self._writing = False
+                    self._room.set()
+                    self._room = trio.Event()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -228,7 +268,8 @@ class Peer:
         if self.closed.is_set():
             return
         self.closed.set()
-        self._send.close()
+        self._more.set()
+        self._room.set()
         for slot in self._waiting.values():
             slot[0].set()          # reply None: PeerGone
 

@@ -162,7 +162,7 @@ class Supervisor:
         finally:
             child.close()
         slot.pid, slot.generation, slot.serving_since = process.pid, 0, 0.0
-        peer = Peer(trio.SocketStream(trio.socket.from_stdlib_socket(parent)), self._handlers(slot),
+        peer = Peer(parent, self._handlers(slot),
                     on_error=lambda what, exc: self.log.error("control channel: " + what, worker=slot.index,
                                                                error=f"{type(exc).__name__}: {exc}"[:300]))
         slot.peer = peer

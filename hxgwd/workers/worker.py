@@ -189,8 +189,7 @@ class Worker:
 async def run(index: int, control_fd: int, log: Logger) -> Lifecycle:
     log.tags["worker"] = index
     worker = Worker(index, log)
-    stream = trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=control_fd)))
-    peer = Peer(stream, worker.handlers(), on_error=lambda what, exc: log.error(
+    peer = Peer(socket.socket(fileno=control_fd), worker.handlers(), on_error=lambda what, exc: log.error(
         "control channel: " + what, error=f"{type(exc).__name__}: {exc}"[:300]))
     async with trio.open_nursery() as nursery:
         await nursery.start(peer.run)
