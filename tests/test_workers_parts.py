@@ -259,3 +259,21 @@ def test_a_worker_ahead_of_the_others_lets_them_accept_first():
         assert not counts.of(0).ahead() and counts.get(0) == 0     # a new worker in the slot starts at 0
     finally:
         os.close(fd)
+
+
+def test_more_workers_than_cpus_is_a_warning(tmp_path):
+    from hxgwd.config.check import warnings
+    base = '[[backends]]\nname = "e"\nkind = "echo"\n[[models]]\nname = "m"\nbackend = "e"\n[database]\nurl = ""\n'
+    cpus = len(os.sched_getaffinity(0))
+    many = load.loads(f"[server]\nworkers = {cpus + 1}\n" + base)
+    assert any(f"more than the {cpus} CPUs" in w for w in warnings(str(tmp_path / "none.toml"), many))
+    assert not any("CPUs" in w for w in warnings(str(tmp_path / "none.toml"), load.loads('[server]\nworkers = "auto"\n' + base)))
+
+
+def test_the_fullest_workers_spool_is_the_hosts():
+    def worker(spooled):
+        return [family_doc(Gauge("hxgwd_usage_spool_bytes", "b", values=[((), spooled)])),
+                family_doc(Gauge("hxgwd_usage_spool_max_bytes", "m", values=[((), 100.0)]))]
+
+    fams = {f.name: f for f in merge_families([worker(90.0), worker(0.0)])}
+    assert fams["hxgwd_usage_spool_bytes"].values[()] / fams["hxgwd_usage_spool_max_bytes"].values[()] == 0.9

@@ -65,4 +65,8 @@ def warnings(path: str, config: m.Config) -> list[str]:
             continue
         if mode & stat.S_IROTH:
             out.append(f"{what} {file} is readable by other users (chmod o-r)")
+    workers = config.server.workers
+    if isinstance(workers, int) and workers > (cpus := len(os.sched_getaffinity(0))):
+        out.append(f"server.workers = {workers} is more than the {cpus} CPUs this process may use: the workers "
+                   "take turns on them (\"auto\" runs one per CPU)")
     return out + expiry_warnings(config.server)

@@ -102,6 +102,8 @@ GAUGE_RULES = {
     "hxgwd_deployment_up": "min", "hxgwd_deployment_breaker_state": "max",
     "hxgwd_deployment_predicted_latency_seconds": "mean", "hxgwd_store_up": "min", "hxgwd_redis_up": "min",
     "hxgwd_tls_certificate_expiry_timestamp_seconds": "min",
+    # each worker's spool fills, and drops records, on its own: the fullest one is the host's
+    "hxgwd_usage_spool_bytes": "max", "hxgwd_usage_spool_max_bytes": "max",
 }
 
 
