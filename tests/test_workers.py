@@ -154,6 +154,7 @@ async def test_both_workers_serve_and_the_host_answers_as_one(start, tmp_path):
         assert 'hxgwd_requests_total{endpoint="chat.completions",model="m",deployment="m@echo",status_class="2xx"} 200' in text
         assert 'hxgwd_workers{state="serving"} 2' in text
         assert 'hxgwd_worker_restarts_total{worker="1"} 0' in text
+        assert 'hxgwd_worker_connections{worker="0"}' in text and 'hxgwd_worker_connections{worker="1"}' in text
         if shutil.which("promtool"):      # the merged scrape is as clean as one process's
             done = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True)
             assert done.returncode == 0, done.stdout + done.stderr
@@ -439,4 +440,20 @@ async def test_connections_opened_at_once_are_spread_over_the_workers(start, tmp
         for stream in held:
             await stream.aclose()
         await trio.sleep(0.2)
+    assert await stop(daemon) == 0
+
+
+async def test_a_stuck_worker_is_killed_and_restarted(start, tmp_path):
+    daemon = await start(workers_config(tmp_path))
+    stuck = daemon.worker_pids()[1]
+    mark = len(daemon.lines)
+    os.kill(stuck, signal.SIGSTOP)            # its loop runs no more: no accept, no answer, no ping
+    line = await daemon.wait_for("worker stuck: no answer to pings, killing it", after=mark, timeout=20)
+    assert line["worker"] == 1 and line["pid"] == stuck
+    died = await daemon.wait_for("worker died: restarting", after=mark)
+    assert died["exit"] == "killed by SIGKILL"
+    back = await daemon.wait_for("worker serving", after=mark, timeout=20)
+    assert back["worker"] == 1 and back["pid"] != stuck
+    async with fresh(daemon.url) as client:
+        assert await burst(client, 20) == [200] * 20
     assert await stop(daemon) == 0

@@ -47,6 +47,8 @@ from hxgwd.workers.slot import Slot, StartFailed, describe_error, describe_exit,
 CALL_TIMEOUT = 5.0
 EXIT_MARGIN = 5.0          # past shutdown_grace + the usage flush: a worker still running is killed
 CANNOT_START = 127         # the "exit status" of a worker that could not be started (as shells say it)
+HEARTBEAT = 2.0            # seconds between pings of a serving worker
+STUCK_AFTER = 10.0         # a serving worker that answers no ping this long is killed, and restarted
 
 
 class Supervisor:
@@ -169,6 +171,7 @@ class Supervisor:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(peer.run)
+                nursery.start_soon(self._watch, slot, peer, process)
                 if self.draining:      # started while the drain began: it has nothing to serve
                     nursery.start_soon(self._drain_one, slot)
                 status = await process.wait()
@@ -181,6 +184,26 @@ class Supervisor:
             if process.returncode is None:     # the supervisor itself is failing: no worker outlives it
                 process.kill()
         return status
+
+    async def _watch(self, slot: Slot, peer: Peer, process: trio.Process) -> None:
+        """A worker whose loop is stuck (a bug spinning, a blocking call) serves nobody and holds
+        its connections: one that answers no ping for STUCK_AFTER seconds is killed, and its
+        death restarts it. The drain has its own deadline (_drain_one)."""
+        while True:
+            await trio.sleep(HEARTBEAT)
+            if not slot.serving or self.draining:
+                continue
+            try:
+                await peer.call("ping", None, STUCK_AFTER)
+            except trio.TooSlowError:
+                if self.stopping():        # it was draining meanwhile: _drain_one has it
+                    continue
+                self.log.error("worker stuck: no answer to pings, killing it", worker=slot.index, pid=process.pid,
+                               waited_s=STUCK_AFTER)
+                process.kill()
+                return
+            except (PeerGone, RemoteError):
+                return
 
     # --- what workers ask ------------------------------------------------------------------------
 

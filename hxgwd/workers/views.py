@@ -56,12 +56,16 @@ def host_view(what: str, sup: Supervisor) -> Any:
 def supervisor_families(sup: Supervisor) -> list[Family]:
     states = {"serving": 0, "starting": 0, "crash_loop": 0}
     restarts = CounterSnapshot("hxgwd_worker_restarts", "Times a worker died and was restarted", ("worker",))
+    connections = Gauge("hxgwd_worker_connections", "Client connections each serving worker holds (the "
+                        "balance of the shared listener)", ("worker",))
     for slot in sup.slots:
         states["crash_loop" if slot.crash_looping() else "serving" if slot.serving else "starting"] += 1
         restarts.values[(str(slot.index),)] = slot.restarts
+        if slot.serving:
+            connections.set((str(slot.index),), float(sup.connections.get(slot.index)))
     return [Gauge("hxgwd_workers", "Worker processes of this host by state (serving, starting, crash_loop)",
                   ("state",), [((k,), float(v)) for k, v in states.items()]),
-            restarts, *limiter_families(sup.limiter.statistics())]
+            restarts, connections, *limiter_families(sup.limiter.statistics())]
 
 
 def merge_view(what: str, gathered: dict[str, Any]) -> Any:

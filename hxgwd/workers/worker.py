@@ -124,7 +124,8 @@ class Worker:
         self.adjust: Callable[[m.Config], m.Config] | None = None    # its shares, once it knows its place
 
     def handlers(self) -> dict[str, Callable[[Any], Any]]:
-        return {"prepare": self.prepare, "commit": self.commit, "abort": self.abort, "drain": self.drain,
+        return {"ping": lambda args: None, "prepare": self.prepare, "commit": self.commit, "abort": self.abort,
+                "drain": self.drain,
                 "view": self.view, "refresh_keys": self.refresh_keys, "response_home": self.response_home}
 
     async def prepare(self, args: dict[str, Any]) -> dict[str, Any]:
