@@ -305,9 +305,16 @@ backend = "up"
         assert made.status_code == 200
         rid = made.json()["id"]
         mark = len(daemon.lines)
-        for _ in range(40):
-            got = await client.get(f"/v1/responses/{rid}")
-            assert got.status_code == 200 and got.json()["id"] == rid
+        limiter = trio.CapacityLimiter(16)        # connections at once: the workers share them out
+
+        async def fetch() -> None:
+            async with limiter:
+                got = await client.get(f"/v1/responses/{rid}")
+                assert got.status_code == 200 and got.json()["id"] == rid
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(48):
+                nursery.start_soon(fetch)
         await trio.sleep(0.3)
         assert len(daemon.served_by(mark)) == 2          # both workers answered it
     assert await stop(daemon) == 0
