@@ -20,7 +20,6 @@ import argparse
 import gc
 import os
 import sys
-
 from typing import TYPE_CHECKING
 
 from hxgwd.commandline import EXIT_CANTCREAT, EXIT_CONFIG, EXIT_FORCED, EXIT_LISTEN, EXIT_USAGE

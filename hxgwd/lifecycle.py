@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import signal
 from functools import partial
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 import trio
@@ -35,9 +35,10 @@ from hxgwd.http.connection import HttpConnection
 from hxgwd.http.settings import ConnectionSettings
 from hxgwd.pipeline.context import GatewayContext, Host
 from hxgwd.pipeline.handle import Gateway
-from hxgwd.http.listen import ACCEPT_BURST, AcceptBalance, IdleConnections, Listener, accept_loop, bound_addresses, open_listeners
+from hxgwd.http.listen import (ACCEPT_BURST, AcceptBalance, IdleConnections, Listener, accept_loop,
+                               bound_addresses, open_listeners)
 from hxgwd.pipeline.route import Router
-from hxgwd.services import Services, open_services
+from hxgwd.services import Role, Services, open_services
 from hxgwd.runtime import Runtime, RuntimeHolder, build_runtime
 from hxgwd.http.sockio import SocketIO
 from hxgwd.upstream.transports import Transports
@@ -104,8 +105,7 @@ class Daemon:
     log: Logger
     config_path: str | None = None          # None: SIGHUP does nothing (a worker: its supervisor reloads)
     announce: Announce = sdnotify
-    # keyword arguments for open_services: what this process keeps of the host's services
-    services_options: dict[str, Any] = attrs.field(factory=dict)
+    role: Role = Role()                       # what this process keeps of the host's services
     # a worker's link to the host (workers/worker.py); None for a single process
     host: Host | None = None
     context: GatewayContext | None = None     # while serving
@@ -246,7 +246,7 @@ async def serve(daemon: Daemon, *, life: Lifecycle | None = None, handle_signals
         async with trio.open_nursery() as outer:
             if handle_signals:   # up to the very end: a second signal also cuts the flush of usage records
                 await outer.start(signal_loop, daemon, life)
-            async with open_services(daemon.holder.current, daemon.log, **daemon.services_options) as services:
+            async with open_services(daemon.holder.current, daemon.log, daemon.role) as services:
                 daemon.services = services
                 await _serve(daemon, life, services, listeners, task_status)
             outer.cancel_scope.cancel()

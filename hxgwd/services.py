@@ -64,16 +64,27 @@ class Services:
         return out
 
 
+@attrs.frozen
+class Role:
+    """What a process keeps of the host's services: a single process, everything (the default).
+    `limiter`: one made by the caller (a worker's, whose counters its supervisor keeps), else
+    opened here. `serving`: requests are served here (usage sink, key cache). `host_duties`: this
+    process prunes old usage and seeds the limiter's budgets (with Redis, every server seeds: its
+    marker keys make that once per period). `spool_dir` and `adopt`: the usage spool's, when not
+    the default."""
+
+    limiter: Limiter | None = None
+    serving: bool = True
+    host_duties: bool = True
+    spool_dir: str | None = None
+    adopt: tuple[str, ...] = ()
+
+
 @asynccontextmanager
-async def open_services(rt: Runtime, log: Logger, *, limiter: Limiter | None = None, serving: bool = True,
-                        host_duties: bool = True, spool_dir: str | None = None,
-                        adopt: tuple[str, ...] = ()) -> AsyncIterator[Services]:
-    """`limiter`: one made by the caller (a worker's, kept by its supervisor), else opened here.
-    `serving`: requests are served here (usage sink, key cache). `host_duties`: this process prunes
-    old usage and seeds the limiter's budgets (with Redis, every server seeds: its marker keys make
-    that once per period). `spool_dir` and `adopt`: the usage spool's, when not the default."""
+async def open_services(rt: Runtime, log: Logger, role: Role = Role()) -> AsyncIterator[Services]:
     cfg = rt.config
-    async with _limiter(cfg, log, rt.redis_password, limiter) as limiter:
+    serving, host_duties, spool_dir, adopt = role.serving, role.host_duties, role.spool_dir, role.adopt
+    async with _limiter(cfg, log, rt.redis_password, role.limiter) as limiter:
         if not cfg.database.url:
             yield Services(limiter)
             return

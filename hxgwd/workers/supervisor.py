@@ -38,7 +38,7 @@ from hxgwd.lifecycle import RELOAD_TIMEOUT, SIGNAL_ECHO_WINDOW, needs_restart
 from hxgwd.limits.limiter import HostLimiter
 from hxgwd.logs import Logger
 from hxgwd.runtime import Runtime, RuntimeHolder, build_runtime
-from hxgwd.services import USAGE_FLUSH_TIMEOUT, Services, open_services
+from hxgwd.services import USAGE_FLUSH_TIMEOUT, Role, Services, open_services
 from hxgwd.workers import limits, views
 from hxgwd.workers.balance import GONE, ConnectionCounts
 from hxgwd.workers.channel import Peer, PeerGone, RemoteError, answer_all
@@ -85,8 +85,8 @@ class Supervisor:
             async with trio.open_nursery() as outer:
                 self._nursery = outer
                 await outer.start(self._signal_loop)
-                async with open_services(self.holder.current, self.log, limiter=self.limiter, serving=False,
-                                         host_duties=True) as services:
+                async with open_services(self.holder.current, self.log,
+                                         Role(limiter=self.limiter, serving=False)) as services:
                     self.services = services
                     async with trio.open_nursery() as workers:
                         for slot in self.slots:

@@ -33,6 +33,7 @@ from hxgwd.http.listen import SHARED_ACCEPT_BURST, Listener
 from hxgwd.lifecycle import RELOAD_TIMEOUT, Daemon, Lifecycle, serve
 from hxgwd.logs import Logger
 from hxgwd.runtime import ConfigRead, Runtime, RuntimeHolder, build_runtime
+from hxgwd.services import Role
 from hxgwd.workers import views
 from hxgwd.workers.balance import ConnectionCounts
 from hxgwd.workers.channel import Peer, PeerGone, RemoteError
@@ -207,15 +208,14 @@ async def run(index: int, control_fd: int, log: Logger) -> Lifecycle:
         holder = RuntimeHolder(runtime)
 
         db = runtime.config.database
-        options: dict[str, Any] = {"host_duties": False}
-        if not runtime.config.redis.url:
-            options["limiter"] = WorkerLimiter(peer, runtime.config.limits)
+        # its own usage spool, the host's limiter counters (unless Redis keeps them), no host duty
+        role = Role(limiter=None if runtime.config.redis.url else WorkerLimiter(peer, runtime.config.limits),
+                    host_duties=False)
         if db.url:
             from hxgwd.store import adopted_spool_dirs, worker_spool_dir
-            options["spool_dir"] = worker_spool_dir(db, index)
-            options["adopt"] = adopted_spool_dirs(db, index, count)
+            role = attrs.evolve(role, spool_dir=worker_spool_dir(db, index), adopt=adopted_spool_dirs(db, index, count))
         daemon = worker.daemon = Daemon(
-            holder, log, announce=SupervisorAnnounce(peer, holder), services_options=options,
+            holder, log, announce=SupervisorAnnounce(peer, holder), role=role,
             host=WorkerHost(peer, index, count), accept_burst=SHARED_ACCEPT_BURST,
             accept_balance=ConnectionCounts(hello["connections_fd"], count).of(index))
 
