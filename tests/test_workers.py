@@ -464,3 +464,27 @@ async def test_a_stuck_worker_is_killed_and_restarted(start, tmp_path):
     async with fresh(daemon.url) as client:
         assert await burst(client, 20) == [200] * 20
     assert await stop(daemon) == 0
+
+
+async def test_every_worker_serves_tls_and_a_reload_rotates_the_certificate(start, tmp_path):
+    from tests.test_tls_server import client_context, make_cert
+
+    first, key = make_cert(tmp_path, "first", days=30)
+    text = workers_config(tmp_path).replace("[server]\n", f'[server]\ntls_cert = "{first}"\ntls_key = "{key}"\n', 1)
+    daemon = await start(text)
+    url = daemon.url.replace("http:", "https:")
+    mark = len(daemon.lines)
+    async with httpx.AsyncClient(base_url=url, headers=AUTH, verify=client_context(first), timeout=30,
+                                 limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        assert await burst(client, 40) == [200] * 40
+    await trio.sleep(0.3)
+    assert len(daemon.served_by(mark)) == 2              # both workers did the handshake
+    second, second_key = make_cert(tmp_path, "second", days=30)
+    (tmp_path / "hxgwd.toml").write_text(text.replace(first, second).replace(key, second_key))
+    mark = len(daemon.lines)
+    daemon.signal(signal.SIGHUP)
+    await daemon.wait_for("config reloaded", after=mark)
+    async with httpx.AsyncClient(base_url=url, headers=AUTH, verify=client_context(second), timeout=30,
+                                 limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        assert await burst(client, 40) == [200] * 40     # new connections, whichever worker: the new one
+    assert await stop(daemon) == 0
