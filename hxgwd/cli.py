@@ -162,9 +162,6 @@ def cmd_run(path: str) -> int:
 
     for warning in warnings(path, runtime.config):   # not only for who runs --check-config
         log.warning("config warning", warning=warning)
-    from hxgwd.store import SchemaError
-    from hxgwd.store.spool import SpoolError
-
     from hxgwd.workers import worker_count
 
     count = worker_count(runtime.config.server.workers)
@@ -180,24 +177,16 @@ def cmd_run(path: str) -> int:
     try:
         life = trio.run(serve, daemon)
     except Exception as raised:
-        cause = _sole_cause(raised)   # a failure at start may come wrapped by the nursery it ran in
-        if isinstance(cause, SchemaError):
-            log.error("cannot start: database schema", error=str(cause))
-            return EXIT_CONFIG
-        if isinstance(cause, SpoolError):
-            log.error("cannot start: usage spool", error=str(cause))
-            return EXIT_CANTCREAT
-        if isinstance(cause, OSError):   # listeners are bound before any task starts
-            log.error("cannot listen", error=cause.strerror or str(cause), addresses=list(runtime.config.server.listen))
-            return EXIT_LISTEN
-        raise
+        status = _start_failure(raised, log, runtime.config.server.listen)
+        if status is None:
+            raise
+        return status
     return EXIT_FORCED if life.forced else 0
 
 
 def _run_supervisor(runtime: Runtime, log: Logger, path: str, count: int) -> int:
     import trio
 
-    from hxgwd.store import SchemaError
     from hxgwd.workers.slot import StartFailed
     from hxgwd.workers.supervisor import Supervisor
 
@@ -208,16 +197,12 @@ def _run_supervisor(runtime: Runtime, log: Logger, path: str, count: int) -> int
         trio.run(supervisor.run)
     except Exception as raised:
         cause = _sole_cause(raised)
-        if isinstance(cause, StartFailed):
+        if isinstance(cause, StartFailed):     # logged by the supervisor, with the worker's status
             return cause.status
-        if isinstance(cause, SchemaError):
-            supervisor.log.error("cannot start: database schema", error=str(cause))
-            return EXIT_CONFIG
-        if isinstance(cause, OSError):
-            supervisor.log.error("cannot listen", error=cause.strerror or str(cause),
-                                 addresses=list(supervisor.holder.current.config.server.listen))
-            return EXIT_LISTEN
-        raise
+        status = _start_failure(raised, log, runtime.config.server.listen)
+        if status is None:
+            raise
+        return status
     return EXIT_FORCED if supervisor.forced else supervisor.exit_status
 
 
@@ -230,23 +215,36 @@ def cmd_worker(index: int, control_fd: int) -> int:
     import trio
 
     from hxgwd.logs import Logger
-    from hxgwd.store import SchemaError
-    from hxgwd.store.spool import SpoolError
     from hxgwd.workers import worker
 
     log = Logger()
     try:
         life = trio.run(worker.run, index, control_fd, log)     # it freezes the collector once built
     except Exception as raised:
-        cause = _sole_cause(raised)
-        if isinstance(cause, SchemaError):
-            log.error("cannot start: database schema", error=str(cause))
-            return EXIT_CONFIG
-        if isinstance(cause, SpoolError):
-            log.error("cannot start: usage spool", error=str(cause))
-            return EXIT_CANTCREAT
-        raise
+        status = _start_failure(raised, log, None)
+        if status is None:
+            raise
+        return status
     return EXIT_FORCED if life.forced else 0
+
+
+def _start_failure(raised: Exception, log: Logger, listen: tuple[str, ...] | None) -> int | None:
+    """The exit status of a failure at start, logged; None for anything else (a bug: re-raised).
+    `listen`: the addresses, where this process binds them."""
+    from hxgwd.store import SchemaError
+    from hxgwd.store.spool import SpoolError
+
+    cause = _sole_cause(raised)   # a failure at start may come wrapped by the nursery it ran in
+    if isinstance(cause, SchemaError):
+        log.error("cannot start: database schema", error=str(cause))
+        return EXIT_CONFIG
+    if isinstance(cause, SpoolError):
+        log.error("cannot start: usage spool", error=str(cause))
+        return EXIT_CANTCREAT
+    if isinstance(cause, OSError) and listen is not None:   # listeners are bound before any task starts
+        log.error("cannot listen", error=cause.strerror or str(cause), addresses=list(listen))
+        return EXIT_LISTEN
+    return None
 
 
 def _sole_cause(exc: BaseException) -> BaseException:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import signal
 from functools import partial
-from typing import Protocol
+from typing import Awaitable, Callable, Protocol
 
 import attrs
 import trio
@@ -88,6 +88,55 @@ class Lifecycle:
         return {"draining": self.draining, "listening": self.listening, "idle_connections": len(self.idle_scopes)}
 
 
+class Reloads:
+    """SIGHUP to reloads, for a single process (Daemon) and for a supervisor: each reload runs in a
+    task of its own, so that the signal loop keeps taking SIGTERM while a file is read; SIGHUPs
+    during a reload make one more after it, not one each. `read` reads and compiles the file off
+    the event loop, bounded by RELOAD_TIMEOUT; a read that hangs (a FIFO, a hung mount) is given
+    up, and no other starts while it has not returned."""
+
+    def __init__(self, reload: Callable[[], Awaitable[object]]) -> None:
+        self._reload = reload
+        self.running = False            # a reload task runs
+        self._again = False             # a SIGHUP came during it: the file may have changed since it was read
+        self.stuck = False              # a reload gave up on a read that has not returned yet
+
+    def request(self, nursery: trio.Nursery) -> None:
+        if self.running:
+            self._again = True
+            return
+        self.running = True
+        nursery.start_soon(self._while_asked)
+
+    async def _while_asked(self) -> None:
+        try:
+            while True:
+                self._again = False
+                await self._reload()
+                if not self._again:
+                    return
+        finally:
+            self.running = False
+
+    async def read(self, path: str, generation: int) -> Runtime:
+        """The file compiled as `generation`; ConfigError if it is bad, or could not be read in time."""
+        if self.stuck:
+            raise ConfigError(["an earlier reload is still blocked reading the config"])
+
+        def build() -> Runtime:
+            try:
+                return build_runtime(path, generation)
+            finally:
+                self.stuck = False
+
+        self.stuck = True         # until the read returns, even after we stopped waiting
+        with trio.move_on_after(RELOAD_TIMEOUT) as waited:
+            new: Runtime = await trio.to_thread.run_sync(build, abandon_on_cancel=True)
+        if waited.cancelled_caught:
+            raise ConfigError([f"reading the config took over {RELOAD_TIMEOUT:g} s (a FIFO, a hung mount?)"])
+        return new
+
+
 class Announce(Protocol):
     """Where the daemon says it is ready, reloading or stopping: systemd (sdnotify), or, in a
     worker, its supervisor (workers/worker.py), which speaks to systemd for the host."""
@@ -119,57 +168,25 @@ class Daemon:
     metrics: GatewayMetrics = attrs.field(factory=GatewayMetrics)
     # what restart-only settings are running with: the config at start, whatever reloads came since
     started_with: Config = attrs.field(init=False)
-    _reloading: bool = False        # a reload task runs
-    _reload_again: bool = False     # a SIGHUP came during it: the file may have changed since it was read
-    _reader_stuck: bool = False     # a reload gave up on a read that has not returned yet
+    reloads: Reloads = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.started_with = self.holder.current.config
-
-    def request_reload(self, nursery: trio.Nursery) -> None:
-        """A SIGHUP: reload in a task of its own, so that the signal loop keeps taking SIGTERM while
-        a file is read. SIGHUPs during a reload make one more reload after it, not one each."""
-        if self._reloading:
-            self._reload_again = True
-            return
-        self._reloading = True
-        nursery.start_soon(self._reload_while_asked)
-
-    async def _reload_while_asked(self) -> None:
-        try:
-            while True:
-                self._reload_again = False
-                await self.reload()
-                if not self._reload_again:
-                    return
-        finally:
-            self._reloading = False
+        self.reloads = Reloads(self.reload)
 
     async def reload(self) -> bool:
         """Read, check and compile the config off the event loop; swap it in, or keep the old one."""
         old = self.holder.current
-        if self._reader_stuck:
+        if self.reloads.stuck:
             self.log.error("reload refused: an earlier one is still blocked reading the config",
                            generation=old.generation)
             self.metrics.reloaded("rejected")
             self.holder.reloaded("rejected", ["an earlier reload is still blocked reading the config"])
             return False
         self.announce.reloading()
-        path, generation = self.config_path, old.generation + 1
-
-        def build() -> Runtime:
-            try:
-                assert path is not None, "reload() needs the config file's path"
-                return build_runtime(path, generation)
-            finally:
-                self._reader_stuck = False
-
-        self._reader_stuck = True         # until the read returns, even after we stopped waiting
+        assert self.config_path is not None, "reload() needs the config file's path"
         try:
-            with trio.move_on_after(RELOAD_TIMEOUT) as waited:
-                new: Runtime = await trio.to_thread.run_sync(build, abandon_on_cancel=True)
-            if waited.cancelled_caught:
-                raise ConfigError([f"reading the config took over {RELOAD_TIMEOUT:g} s (a FIFO, a hung mount?)"])
+            new = await self.reloads.read(self.config_path, old.generation + 1)
         except ConfigError as exc:
             self.log.error("reload rejected, still serving the previous config", event="reload",
                            result="rejected", generation=old.generation, problems=exc.problems)
@@ -332,6 +349,20 @@ async def _serve(daemon: Daemon, life: Lifecycle, services: Services, listeners:
 
 async def signal_loop(daemon: Daemon, life: Lifecycle,
                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    def stop(signum: int) -> None:
+        daemon.log.info("shutdown requested" if not life.draining else "forced shutdown",
+                        signal=signal.Signals(signum).name)
+        daemon.announce.stopping()
+        life.begin_shutdown(daemon.services)
+
+    await take_signals(daemon.reloads.request if daemon.config_path else None, stop, task_status=task_status)
+
+
+async def take_signals(reload: Callable[[trio.Nursery], None] | None, stop: Callable[[int], None], *,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """SIGHUP -> `reload` (given a nursery for its task; None: ignored); SIGTERM/SIGINT -> `stop`,
+    the first to drain, another to force; the same signal again within SIGNAL_ECHO_WINDOW is the
+    PyInstaller bootloader's echo of a Ctrl-C, not an operator insisting."""
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as reloads:
             task_status.started()
@@ -339,16 +370,13 @@ async def signal_loop(daemon: Daemon, life: Lifecycle,
             async for signum in signals:
                 now = trio.current_time()
                 if signum == signal.SIGHUP:
-                    if daemon.config_path:
-                        daemon.request_reload(reloads)
+                    if reload is not None:
+                        reload(reloads)
                     continue
                 if last is not None and last[0] == signum and now - last[1] < SIGNAL_ECHO_WINDOW:
                     continue
                 last = (signum, now)
-                daemon.log.info("shutdown requested" if not life.draining else "forced shutdown",
-                                signal=signal.Signals(signum).name)
-                daemon.announce.stopping()
-                life.begin_shutdown(daemon.services)
+                stop(signum)
 
 
 async def maintenance(transports: Transports, interval: float = 5.0) -> None:

@@ -234,7 +234,7 @@ async def test_a_reload_gives_up_on_a_read_that_never_returns(tmp_path, autojump
     os.write(writer, text.encode())
     os.close(writer)
     with trio.fail_after(RELOAD_TIMEOUT * 2):
-        while daemon._reader_stuck:
+        while daemon.reloads.stuck:
             await trio.sleep(0.01)
     assert daemon.holder.current.generation == 1
 

@@ -34,10 +34,10 @@ from hxgwd import sdnotify
 from hxgwd.config.load import ConfigError
 from hxgwd.http.listen import Listener, bound_addresses, open_listeners
 from hxgwd.commandline import EXIT_TEMPFAIL
-from hxgwd.lifecycle import RELOAD_TIMEOUT, SIGNAL_ECHO_WINDOW, needs_restart
+from hxgwd.lifecycle import RELOAD_TIMEOUT, Reloads, needs_restart, take_signals
 from hxgwd.limits.limiter import HostLimiter
 from hxgwd.logs import Logger
-from hxgwd.runtime import Runtime, RuntimeHolder, build_runtime
+from hxgwd.runtime import Runtime, RuntimeHolder
 from hxgwd.services import USAGE_FLUSH_TIMEOUT, Role, Services, open_services
 from hxgwd.workers import limits, views
 from hxgwd.workers.balance import GONE, ConnectionCounts
@@ -69,8 +69,7 @@ class Supervisor:
         st = os.stat(sys.executable)
         self.program: tuple[int, int] | None = (st.st_dev, st.st_ino)
         self._stop = trio.Event()            # set when draining: backoff sleeps end
-        self._reloading = False
-        self._reload_again = False
+        self.reloads = Reloads(self.reload)
         self._task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
         self._nursery: trio.Nursery | None = None     # for catch-ups
         self.connections, self._connections_fd = ConnectionCounts.create(count)
@@ -225,7 +224,7 @@ class Supervisor:
         if first:
             slot.serving_since = time.monotonic()
             self.log.info("worker serving", worker=slot.index, pid=slot.pid, generation=slot.generation)
-        if slot.generation != self.holder.current.generation and not self._reloading:
+        if slot.generation != self.holder.current.generation and not self.reloads.running:
             self._start(self._catch_up, slot)
         if not self.ever_ready and all(s.serving for s in self.slots):
             self.ever_ready = True
@@ -262,35 +261,20 @@ class Supervisor:
 
     # --- reload ----------------------------------------------------------------------------------
 
-    def request_reload(self, nursery: trio.Nursery) -> None:
-        if self._reloading:
-            self._reload_again = True
-            return
-        self._reloading = True
-        nursery.start_soon(self._reload_while_asked)
-
-    async def _reload_while_asked(self) -> None:
-        try:
-            while True:
-                self._reload_again = False
-                await self.reload()
-                if not self._reload_again:
-                    break
-        finally:
-            self._reloading = False
-        for slot in self.slots:        # a worker that came up during the reload
-            if slot.serving and slot.generation != self.holder.current.generation:
-                self._start(self._catch_up, slot)
-
     async def reload(self) -> bool:
+        try:
+            return await self._reload()
+        finally:
+            for slot in self.slots:        # a worker that came up during the reload
+                if slot.serving and slot.generation != self.holder.current.generation:
+                    self._start(self._catch_up, slot)
+
+    async def _reload(self) -> bool:
         old = self.holder.current
         sdnotify.reloading()
         path, generation = self.config_path, old.generation + 1
         try:
-            with trio.move_on_after(RELOAD_TIMEOUT) as waited:
-                new: Runtime = await trio.to_thread.run_sync(build_runtime, path, generation, abandon_on_cancel=True)
-            if waited.cancelled_caught:
-                raise ConfigError([f"reading the config took over {RELOAD_TIMEOUT:g} s (a FIFO, a hung mount?)"])
+            new = await self.reloads.read(path, generation)
         except ConfigError as exc:
             return await self._reload_refused("rejected", exc.problems, old)
         except Exception as exc:
@@ -355,23 +339,14 @@ class Supervisor:
     # --- stop ------------------------------------------------------------------------------------
 
     async def _signal_loop(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as tasks:
-                task_status.started()
-                last: tuple[int, float] | None = None
-                async for signum in signals:
-                    now = trio.current_time()
-                    if signum == signal.SIGHUP:
-                        self.request_reload(tasks)
-                        continue
-                    if last is not None and last[0] == signum and now - last[1] < SIGNAL_ECHO_WINDOW:
-                        continue
-                    last = (signum, now)
-                    self.log.info("shutdown requested" if not self.draining else "forced shutdown",
-                                  signal=signal.Signals(signum).name)
-                    if self.draining:
-                        self.forced = True
-                    self._begin_drain()
+        def stop(signum: int) -> None:
+            self.log.info("shutdown requested" if not self.draining else "forced shutdown",
+                          signal=signal.Signals(signum).name)
+            if self.draining:
+                self.forced = True
+            self._begin_drain()
+
+        await take_signals(self.reloads.request, stop, task_status=task_status)
 
     def _begin_drain(self) -> None:
         sdnotify.stopping()
