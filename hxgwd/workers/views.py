@@ -23,8 +23,6 @@ if TYPE_CHECKING:
     from hxgwd.runtime import Runtime
     from hxgwd.workers.supervisor import Supervisor
 
-VIEWS = ("stats", "routing", "metrics", "status")
-
 
 def local_view(what: str, ctx: GatewayContext, rt: Runtime) -> Any:
     if what == "stats":
