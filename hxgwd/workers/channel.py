@@ -45,7 +45,7 @@ class RemoteError(Exception):
 
 
 class FrameError(Exception):
-    pass
+    """A frame over MAX_FRAME, or a length prefix that says so: the channel is closed."""
 
 
 def encode(message: Any) -> bytes:
@@ -276,7 +276,7 @@ class Peer:
                     self._room.set()
                     self._room = trio.Event()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            return             # the other process went away: `closed` says so (finally)
         finally:
             self._close()
 

@@ -20,6 +20,7 @@ the host first served stops the start: the daemon exits with the worker's status
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -212,10 +213,7 @@ class Supervisor:
                 "find_response": self._find_response, **limits.handlers(self.limiter)}
 
     def _hello(self, slot: Slot, args: dict[str, Any]) -> dict[str, Any]:
-        rt = self.holder.current
-        assert rt.read is not None
-        return {"count": len(self.slots), "connections_fd": self._connections_fd, "generation": rt.generation, "path": rt.read.path, "text": rt.read.text,
-                "files": dict(rt.read.files),
+        return {"count": len(self.slots), "connections_fd": self._connections_fd, **what_was_read(self.holder.current),
                 "listeners": [[listener.listen, listener.socket.fileno()] for listener in self.listeners]}
 
     def _ready(self, slot: Slot, args: dict[str, Any]) -> None:
@@ -281,8 +279,7 @@ class Supervisor:
             self.log.exception("reload failed, still serving the previous config", exc)
             return await self._reload_refused("failed", [f"{type(exc).__name__} (see the log)"], old)
         serving = [s for s in self.slots if s.serving and s.peer is not None]
-        assert new.read is not None
-        offer = {"generation": generation, "path": new.read.path, "text": new.read.text, "files": dict(new.read.files)}
+        offer = what_was_read(new)
         answers = await answer_all([partial(s.peer.call, "prepare", offer, RELOAD_TIMEOUT + CALL_TIMEOUT)  # type: ignore[union-attr]
                                     for s in serving])
         problems = [f"worker {s.index}: " + ("; ".join(a["problems"]) if isinstance(a, dict) else describe_error(a))
@@ -328,13 +325,17 @@ class Supervisor:
         rt, peer = self.holder.current, slot.peer
         if peer is None or rt.read is None:
             return
-        offer = {"generation": rt.generation, "path": rt.read.path, "text": rt.read.text, "files": dict(rt.read.files)}
+        offer = what_was_read(rt)
         try:
             answer = await peer.call("prepare", offer, RELOAD_TIMEOUT + CALL_TIMEOUT)
             if not answer["problems"]:
                 slot.generation = await peer.call("commit", {"generation": rt.generation}, CALL_TIMEOUT)
-        except (PeerGone, RemoteError, trio.TooSlowError):
-            pass
+                return
+            error = "; ".join(answer["problems"])
+        except (PeerGone, RemoteError, trio.TooSlowError) as exc:
+            error = describe_error(exc)
+        self.log.warning("a worker could not take the current generation", worker=slot.index,
+                         generation=rt.generation, error=error[:300])
 
     # --- stop ------------------------------------------------------------------------------------
 
@@ -362,20 +363,22 @@ class Supervisor:
             return
         server = self.holder.current.config.server
         with trio.move_on_after(server.shutdown_grace + USAGE_FLUSH_TIMEOUT + EXIT_MARGIN):
-            try:
+            with contextlib.suppress(PeerGone, RemoteError, trio.TooSlowError):   # the deadline still holds
                 await peer.call("drain", {"force": self.forced}, CALL_TIMEOUT)
-            except (PeerGone, RemoteError, trio.TooSlowError):
-                pass
             await peer.closed.wait()
             return
         if slot.peer is peer and pid is not None:
             self.forced = True
             self.log.error("worker did not stop in time: killed", worker=slot.index, pid=pid)
-            try:
+            with contextlib.suppress(ProcessLookupError):     # it ended meanwhile
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def _close_listeners(self) -> None:
         for listener in self.listeners:
             listener.close()
+
+
+def what_was_read(rt: Runtime) -> dict[str, Any]:
+    """A generation as workers compile it: what the supervisor read (runtime.ConfigRead)."""
+    assert rt.read is not None, "a supervisor's runtimes are read from its file"
+    return {"generation": rt.generation, "path": rt.read.path, "text": rt.read.text, "files": dict(rt.read.files)}
