@@ -102,6 +102,7 @@ class Supervisor:
                 for slot in self.slots]
 
     def stopping(self) -> bool:
+        """`draining`, read anew after an await (a signal may have set it meanwhile)."""
         return self.draining
 
     def program_replaced(self) -> bool:

@@ -37,10 +37,9 @@ def local_view(what: str, ctx: GatewayContext, rt: Runtime) -> Any:
 
 
 def host_view(what: str, sup: Supervisor) -> Any:
-    workers = sup.summaries()
     if what == "metrics":
         return [family_doc(f) for f in supervisor_families(sup)]
-    doc: dict[str, Any] = {"workers": workers}
+    doc: dict[str, Any] = {"workers": sup.summaries()}
     if what in ("stats", "status"):
         doc["limits"] = sup.limiter.statistics()
         if sup.services is not None and sup.services.pruner is not None:
